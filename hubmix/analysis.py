@@ -1,0 +1,134 @@
+"""Dry-run statistics: how similar the inputs are, per component and per UNet block, before a long merge.
+
+For every input x other than the first (a): cosine similarity to a, relative L2 distance |x - a| / |a|, and the
+least-squares scale <a,x>/<x,x> that best maps x onto a (the alpha/beta users of lossless otherwise guess). For
+selection methods (lossless, maxdiff): the share of elements each candidate would supply. Sums run per chunk
+through the same engine as a merge, so a dry run reads each input once and writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import engine
+from .engine import Job
+from .plan import Task
+
+
+@dataclass
+class _Acc:
+    aa: float = 0.0
+    numel: int = 0
+    dot: dict[int, float] = field(default_factory=dict)  # input index -> <a, x>
+    xx: dict[int, float] = field(default_factory=dict)
+    dd: dict[int, float] = field(default_factory=dict)  # |x - a|^2
+    first: int = 0  # elements a selection method takes from its first candidate
+    selection: tuple[int, int] | None = None
+
+    def add(self, other: "_Acc") -> None:
+        self.aa += other.aa
+        self.numel += other.numel
+        self.first += other.first
+        self.selection = self.selection or other.selection
+        for d_self, d_other in ((self.dot, other.dot), (self.xx, other.xx), (self.dd, other.dd)):
+            for k, v in d_other.items():
+                d_self[k] = d_self.get(k, 0.0) + v
+
+
+class Stats:
+    """Accumulates per (component, block) sums; thread-safe."""
+
+    def __init__(self, names: dict[str, list[str]]):
+        self.names = names  # component -> model names in method order
+        self.groups: dict[tuple[str, str | None], _Acc] = {}
+        self._lock = threading.Lock()
+
+    def consume(self, job: Job) -> None:
+        task = job.task
+        xs = [v.float().reshape(-1) if task.channels is None else v.float().narrow(1, 0, task.channels).reshape(-1)
+              for v in engine.load_views(job)]
+        acc = _Acc(numel=xs[0].numel())
+        a = xs[0]
+        acc.aa = float(torch.dot(a, a))
+        for i, x in enumerate(xs[1:], start=1):
+            d = x - a
+            acc.dot[i] = float(torch.dot(a, x))
+            acc.xx[i] = float(torch.dot(x, x))
+            acc.dd[i] = float(torch.dot(d, d))
+        m = task.method
+        if m is not None and m.choose is not None:
+            acc.first = int(m.choose(xs, **task.params).sum())
+            acc.selection = m.candidate_names(len(xs)) if m.candidate_names else (1, 2)
+        with self._lock:
+            self.groups.setdefault((task.component, task.block), _Acc()).add(acc)
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for comp in dict.fromkeys(c for c, _ in self.groups):
+            total = _Acc()
+            blocks = {}
+            for (c, block), acc in sorted(self.groups.items(), key=lambda kv: _block_order(kv[0][1])):
+                if c != comp:
+                    continue
+                total.add(acc)
+                if block is not None:
+                    blocks[block] = self._row(comp, acc)
+            out[comp] = {"total": self._row(comp, total), "blocks": blocks}
+        return out
+
+    def _row(self, comp: str, acc: _Acc) -> dict[str, Any]:
+        names = self.names[comp]
+        row: dict[str, Any] = {"elements": acc.numel, "inputs": {}}
+        for i in sorted(acc.dot):
+            xx, dot, dd = acc.xx[i], acc.dot[i], acc.dd[i]
+            row["inputs"][names[i]] = {
+                "cosine": dot / math.sqrt(acc.aa * xx) if acc.aa > 0 and xx > 0 else None,
+                "rel_l2": math.sqrt(dd / acc.aa) if acc.aa > 0 else None,
+                "ls_scale": dot / xx if xx > 0 else None,
+            }
+        if acc.selection is not None and acc.numel:
+            x, y = acc.selection
+            row["share"] = {names[x]: acc.first / acc.numel, names[y]: 1 - acc.first / acc.numel}
+        return row
+
+
+def _block_order(label: str | None) -> tuple[int, int]:
+    if label is None:
+        return (9, 0)
+    for rank, prefix in enumerate(("BASE", "IN", "M", "OUT")):
+        if label.startswith(prefix):
+            digits = label[len(prefix):]
+            return (rank, int(digits) if digits.isdigit() else 0)
+    return (8, 0)
+
+
+def analyze(tasks: list[Task], names: dict[str, list[str]], *, quiet: bool = False,
+            workers: int | None = None) -> dict[str, Any]:
+    stats = Stats(names)
+    merged = [t for t in tasks if t.method is not None]
+    engine.run(engine.split_jobs(merged), stats.consume, workers=workers, desc="analyzing", quiet=quiet)
+    return stats.report()
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.4f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"{'component':<15}{'block':<7}{'input':<8}{'cosine':>9}{'rel L2':>9}{'ls scale':>10}  share"]
+    for comp, data in report.items():
+        rows = [("all", data["total"])] + list(data["blocks"].items())
+        for block, row in rows:
+            share = ", ".join(f"{n} {_fmt(v, True)}" for n, v in (row.get("share") or {}).items())
+            for j, (name, s) in enumerate(row["inputs"].items()):
+                lines.append(f"{comp if block == 'all' and j == 0 else '':<15}{block if j == 0 else '':<7}{name:<8}"
+                             f"{_fmt(s['cosine']):>9}{_fmt(s['rel_l2']):>9}{_fmt(s['ls_scale']):>10}  "
+                             f"{share if j == 0 else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""The `hubmix` command: click argument parsing only; every command calls one library function."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import HubmixError, RecipeError
+from .methods import methods
+from .recipe import DTYPES, LAYOUTS, ComponentRecipe, Recipe, letter
+from .refs import REF_RULE
+
+
+def _param_options():
+    """One option per parameter name across the registry, with help assembled from every method that has it."""
+    by_name: dict[str, list[str]] = {}
+    for m in methods().values():
+        for p in m.params:
+            by_name.setdefault(p.name, []).append(f"{m.name}: {p.help} (default {p.default:g})")
+    opts = []
+    for name, helps in by_name.items():
+        opts.append(click.option(f"--{name.replace('_', '-')}", name, type=float, default=None,
+                                 help="; ".join(helps)))
+    return opts
+
+
+def _apply(options):
+    def deco(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+    return deco
+
+
+def _methods_help() -> str:
+    return "; ".join(f"{m.name} ({'/'.join(map(str, m.models))} models): {m.formula}" for m in methods().values())
+
+
+class _Ctx:
+    debug = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="hubmix")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """Merge diffusion models (SD1.x, SD2.x, SDXL) from the Hub or local files, component by component."""
+    _Ctx.debug = debug
+
+
+@cli.command(help=f"Merge MODELS (a, b, c, ... in order) with --method.\n\nModel references: {REF_RULE}\n\n"
+                  f"Methods: {_methods_help()}")
+@click.argument("models", nargs=-1)
+@click.option("--method", "-m", type=click.Choice(sorted(methods())), help="Merge method.")
+@_apply(_param_options())
+@click.option("--components", help="Comma-separated components to merge (default: all of unet, text_encoder(s), "
+                                   "vae); the others are copied from model a.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Output dtype (default: model a's).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Output folder, or a .safetensors file.")
+@click.option("--layout", type=click.Choice(LAYOUTS),
+              help="Output layout (default: single-file when --out ends in .safetensors, else diffusers).")
+@click.option("--variant", help="Read this weight variant of diffusers inputs (e.g. fp16) and name outputs so.")
+@click.option("--ema", is_flag=True, help="Use the EMA weights of single-file inputs that have them.")
+@click.option("--config-from", help="Diffusers folder or Hub repo for configs and tokenizers of single-file inputs.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]),
+              help="Prediction type of the output's scheduler (SD2.x single files cannot tell).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--dry", is_flag=True, help="Write nothing: report similarity per component and block.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry, print the report as JSON; else the summary.")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="Read the whole merge from a YAML "
+                                                                                "recipe.")
+@click.option("--save-recipe", type=click.Path(path_type=Path), help="Also write this merge's recipe to a file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--workers", type=click.IntRange(1, 64), help="Worker threads (default: CPU count, at most 4).")
+def merge(models, method, components, dtype, out, layout, variant, ema, config_from, prediction_type, overwrite,
+          dry, as_json, recipe_file, save_recipe, quiet, workers, **params):
+    from .merging import merge as run_merge
+
+    params = {k: v for k, v in params.items() if v is not None}
+    if recipe_file is not None:
+        given = [n for n, v in (("MODELS", models), ("--method", method), ("--components", components),
+                                ("--dtype", dtype), ("--variant", variant), ("--ema", ema),
+                                ("--config-from", config_from), ("--prediction-type", prediction_type)) if v]
+        given += [f"--{k.replace('_', '-')}" for k in params]
+        if given:
+            raise RecipeError(f"{recipe_file}: the recipe says the whole merge; drop {', '.join(given)} "
+                              "(--out, --layout and --overwrite may still be given)")
+        recipe = Recipe.load(recipe_file)
+        if layout:
+            recipe.layout = layout
+    else:
+        if not models or not method:
+            raise click.UsageError("give MODELS and --method, or --recipe FILE")
+        comps: dict[str, ComponentRecipe] = {}
+        if components:
+            from .families import all_component_names
+
+            wanted = [c.strip() for c in components.split(",") if c.strip()]
+            known = list(all_component_names())
+            bad = [c for c in wanted if c not in known]
+            if bad:
+                raise RecipeError(f"--components: unknown {', '.join(bad)} (known: {', '.join(known)})")
+            comps = {c: ComponentRecipe(from_="a") for c in known if c not in wanted}
+        recipe = Recipe(models=list(models), method=method, params=params, components=comps, dtype=dtype,
+                        layout=layout, variant=variant, ema=ema, config_from=config_from,
+                        prediction_type=prediction_type, output=str(out) if out else None)
+        recipe.validate()
+    if save_recipe:
+        save_recipe.write_text(recipe.to_yaml())
+    result = run_merge(recipe, out=out, overwrite=overwrite, dry=dry, quiet=quiet, workers=workers)
+    if dry:
+        from .analysis import render
+
+        if as_json:
+            click.echo(json.dumps({"family": result.family.id, "models": _legend(recipe), "report": result.report,
+                                   "summary": result.summary.to_dict()}, indent=2))
+        else:
+            click.echo("\n".join(f"{k}: {v}" for k, v in _legend(recipe).items()))
+            click.echo(render(result.report or {}))
+            if not quiet:
+                click.echo(result.summary.render(), err=True)
+        return
+    if as_json:
+        click.echo(json.dumps({"output": str(result.output), "layout": result.layout,
+                               "recipe_sha256": result.recipe_sha256, "files": [str(f) for f in result.files],
+                               "summary": result.summary.to_dict()}, indent=2))
+    elif not quiet:
+        click.echo(result.summary.render(), err=True)
+        click.echo(f"wrote {result.output} ({result.layout}, {result.family.name})", err=True)
+
+
+def _legend(recipe: Recipe) -> dict[str, str]:
+    return {letter(i): str(m["ref"] if isinstance(m, dict) else m) for i, m in enumerate(recipe.models)}
+
+
+@cli.command(name="methods")
+def list_methods() -> None:
+    """List the merge methods with their parameters, formula and reference."""
+    for m in methods().values():
+        click.echo(f"{m.name} ({' or '.join(map(str, m.models))} models): {m.summary}")
+        click.echo(f"  formula:   {m.formula}")
+        for p in m.params:
+            rng = "" if p.min is None and p.max is None else f", range [{p.min}, {p.max}]"
+            only = f", only with {'/'.join(map(str, p.only_with))} models" if p.only_with else ""
+            click.echo(f"  --{p.name.replace('_', '-')}: {p.help} (default {p.default:g}{rng}{only})")
+        click.echo(f"  reference: {m.reference}")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: one-line errors and a non-zero exit for every HubmixError (tracebacks with --debug)."""
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        return cli.main(args=argv, prog_name="hubmix", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; the target was left as it was", err=True)
+        sys.exit(130)
+    except HubmixError as e:
+        if _Ctx.debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Component configs inferred from a single-file checkpoint's shapes.
+
+The structure (block counts, layers per block, widths, which blocks have attention, projection kinds) is read off
+the shapes exactly, so key maps built from it are exact. What shapes cannot tell (attention heads, norm groups,
+activation, VAE scaling factor, prediction type) comes from the family's defaults and is listed in the notes, so a
+user knows to supply a real config (`--config-from`) when it matters.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from .families import Family
+
+Shapes = dict[str, tuple[int, ...]]
+
+# Inferred config fields that come from family defaults, not from shapes: a borrowed real config overrides these.
+DEFAULT_DERIVED = {"attention_head_dim", "sample_size", "scaling_factor", "force_upcast", "num_attention_heads",
+                   "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def _indices(shapes: Shapes, pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
+
+
+def _heads(channels: int, head_dim: int) -> int:
+    return max(1, channels // head_dim)
+
+
+def infer_unet(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    notes = []
+    conv_in = s["input_blocks.0.0.weight"]
+    blocks: list[dict[str, Any]] = []  # per down block: layers, attention, channels, transformer depth
+    current: dict[str, Any] = {"layers": 0, "attn": False, "ch": conv_in[0], "depth": 1}
+    for i in _indices(s, r"input_blocks\.(\d+)\.")[1:]:
+        if f"input_blocks.{i}.0.op.weight" in s:
+            blocks.append(current)
+            current = {"layers": 0, "attn": False, "ch": current["ch"], "depth": 1}
+            continue
+        current["layers"] += 1
+        current["ch"] = s[f"input_blocks.{i}.0.out_layers.3.weight"][0]
+        depth = _indices(s, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.")
+        if depth:
+            current["attn"] = True
+            current["depth"] = len(depth)
+    blocks.append(current)
+    layers = [b["layers"] for b in blocks]
+    up_attn = []
+    i = 0
+    for b in reversed(blocks):
+        n = b["layers"] + 1
+        up_attn.append(any(f"output_blocks.{j}.1.norm.weight" in s for j in range(i, i + n)))
+        i += n
+    proj = next((v for k, v in s.items() if k.endswith(".proj_in.weight")), None)
+    to_k = next((v for k, v in s.items() if k.endswith("attn2.to_k.weight")), None)
+    channels = [b["ch"] for b in blocks]
+    cfg: dict[str, Any] = {
+        "in_channels": conv_in[1],
+        "out_channels": s["out.2.weight"][0],
+        "block_out_channels": channels,
+        "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
+        "down_block_types": ["CrossAttnDownBlock2D" if b["attn"] else "DownBlock2D" for b in blocks],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if "middle_block.1.norm.weight" in s else "UNetMidBlock2D",
+        "cross_attention_dim": to_k[1] if to_k else channels[-1],
+        "use_linear_projection": bool(proj is not None and len(proj) == 2),
+        "sample_size": defaults.get("sample_size", 64),
+    }
+    depths = [b["depth"] for b in blocks]
+    cfg["transformer_layers_per_block"] = depths if len(set(depths)) > 1 else depths[0]
+    time_dim = s["time_embed.0.weight"][0]
+    cfg["time_embedding_dim"] = None if time_dim == channels[0] * 4 else time_dim
+    if "attention_head_dim" in defaults:
+        cfg["attention_head_dim"] = defaults["attention_head_dim"]
+        notes.append(f"unet attention heads: family default attention_head_dim={defaults['attention_head_dim']}")
+    else:
+        cfg["attention_head_dim"] = [_heads(c, defaults["head_dim"]) for c in channels]
+        notes.append(f"unet attention heads: family default head size {defaults['head_dim']}")
+    notes.append("unet norm groups: default 32")
+    if "label_emb.0.0.weight" in s:
+        in_dim = s["label_emb.0.0.weight"][1]
+        time_dim = defaults.get("addition_time_embed_dim", 256)
+        te2 = others.get("text_encoder_2", {})
+        if "text_projection" in te2:  # in_dim = pooled text width + 6 micro-conditioning embeddings
+            time_dim = (in_dim - te2["text_projection"][1]) // 6
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                   projection_class_embeddings_input_dim=in_dim)
+    return cfg, notes
+
+
+def infer_vae(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    downs = _indices(s, r"encoder\.down\.(\d+)\.")
+    layers = len(_indices(s, r"encoder\.down\.0\.block\.(\d+)\."))
+    channels = [s[f"encoder.down.{i}.block.{layers - 1}.conv2.weight"][0] for i in downs]
+    cfg = {
+        "in_channels": s["encoder.conv_in.weight"][1],
+        "out_channels": s["decoder.conv_out.weight"][0],
+        "latent_channels": s["post_quant_conv.weight"][0],
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "down_block_types": ["DownEncoderBlock2D"] * len(downs),
+        "up_block_types": ["UpDecoderBlock2D"] * len(downs),
+        "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in s,
+    }
+    cfg.update({k: v for k, v in defaults.items() if k in ("scaling_factor", "sample_size", "force_upcast")})
+    notes = [f"vae scaling_factor: family default {defaults.get('scaling_factor')}", "vae norm groups: default 32"]
+    return cfg, notes
+
+
+def _text_config(vocab: int, width: int, positions: int, layers: int, inner: int, defaults: dict[str, Any]):
+    cfg = {
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "max_position_embeddings": positions,
+        "num_hidden_layers": layers,
+        "intermediate_size": inner,
+        "num_attention_heads": _heads(width, defaults.get("head_dim", 64)),
+        "hidden_act": defaults.get("hidden_act", "quick_gelu"),
+    }
+    cfg.update({k: defaults[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in defaults})
+    return cfg
+
+
+def infer_clip(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    vocab, width = s["text_model.embeddings.token_embedding.weight"]
+    layers = len(_indices(s, r"text_model\.encoder\.layers\.(\d+)\."))
+    inner = s["text_model.encoder.layers.0.mlp.fc1.weight"][0]
+    positions = s["text_model.embeddings.position_embedding.weight"][0]
+    cfg = _text_config(vocab, width, positions, layers, inner, defaults)
+    return cfg, [f"text encoder heads and activation: family defaults ({cfg['num_attention_heads']}, "
+                 f"{cfg['hidden_act']})"]
+
+
+def infer_openclip(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    vocab, width = s["token_embedding.weight"]
+    layers = len(_indices(s, r"transformer\.resblocks\.(\d+)\.")) - defaults.get("drop_last_layers", 0)
+    inner = s["transformer.resblocks.0.mlp.c_fc.weight"][0]
+    cfg = _text_config(vocab, width, s["positional_embedding"][0], layers, inner, defaults)
+    if "text_projection" in s:
+        cfg["projection_dim"] = s["text_projection"][1]
+    notes = [f"text encoder heads and activation: family defaults ({cfg['num_attention_heads']}, {cfg['hidden_act']})"]
+    if defaults.get("drop_last_layers"):
+        notes.append(f"text encoder uses {layers} of the file's {layers + defaults['drop_last_layers']} layers "
+                     "(the family conditions on the penultimate layer)")
+    return cfg, notes
+
+
+INFER: dict[str, Callable[[Shapes, dict[str, Any], dict[str, Shapes]], tuple[dict[str, Any], list[str]]]] = {
+    "ldm_unet": infer_unet,
+    "ldm_vae": infer_vae,
+    "clip": infer_clip,
+    "openclip": infer_openclip,
+}
+
+
+def infer_component_configs(family: Family, shapes: dict[str, Shapes]
+                            ) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Configs, and what was assumed for each, for every component in `shapes` (component -> relative key -> shape)."""
+    configs, notes = {}, {}
+    for name, spec in family.components.items():
+        if name not in shapes:
+            continue
+        try:
+            cfg, n = INFER[spec.layout](shapes[name], family.defaults.get(name, {}), shapes)
+        except (KeyError, IndexError, StopIteration) as e:
+            from .errors import FamilyError
+
+            raise FamilyError(f"{name}: cannot infer its config from the checkpoint's shapes (missing {e})") from None
+        configs[name] = cfg
+        notes[name] = n
+    return configs, notes

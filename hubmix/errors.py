@@ -1,0 +1,28 @@
+"""Every error hubmix raises on purpose is a HubmixError whose message names the file, key or repo at fault.
+
+The CLI prints these as one line and exits non-zero; anything else is a bug and shows a traceback with --debug.
+"""
+
+
+class HubmixError(Exception):
+    """Base class: a problem with the user's inputs or environment, explained in the message."""
+
+
+class InputError(HubmixError):
+    """A model reference, file or folder that cannot be used (missing, truncated, not a model, unsafe)."""
+
+
+class FamilyError(HubmixError):
+    """A model whose family or layout cannot be determined, or inputs of different families."""
+
+
+class RecipeError(HubmixError):
+    """A recipe (YAML or CLI arguments) that does not validate."""
+
+
+class OutputError(HubmixError):
+    """The output path cannot be written (exists without --overwrite, not writable)."""
+
+
+class HubError(HubmixError):
+    """A Hub operation failed: repo, revision or file not found, gated, offline, upload refused."""

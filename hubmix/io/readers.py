@@ -1,0 +1,233 @@
+"""Zero-copy readers for weight files: safetensors (memory-mapped) and torch pickles (weights_only, mmap).
+
+A reader parses only the header when opened; `tensor(key)` returns a view into the mapped file, so the page cache
+holds the data and nothing is copied until a merge converts a chunk to float32.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+# safetensors dtype names <-> torch dtypes (the format's own spelling).
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class WeightFile:
+    """A lazily read file of named tensors."""
+
+    path: Path
+    format: str
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._info
+
+    def info(self, key: str) -> TensorInfo:
+        return self._info[key]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    def tensor(self, key: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self._info)} tensors)"
+
+
+class SafetensorsFile(WeightFile):
+    format = "safetensors"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot open ({e.strerror})") from None
+        try:
+            self._parse_header()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._mm: mmap.mmap | None = None
+
+    def _parse_header(self) -> None:
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise InputError(f"{self.path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise InputError(
+                f"{self.path}: not a safetensors file or truncated (header of {n} bytes, file of {size} bytes)"
+            )
+        try:
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{self.path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise InputError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self._metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        self._data_start = 8 + n
+        self._info: dict[str, TensorInfo] = {}
+        self._offsets: dict[str, int] = {}
+        end = 0
+        for key, entry in header.items():
+            try:
+                dtype = ST_DTYPES[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+                start, stop = (int(x) for x in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise InputError(f"{self.path}: corrupt safetensors header entry for {key!r}: {entry!r}") from None
+            info = TensorInfo(dtype, shape)
+            if stop - start != info.nbytes or start < 0:
+                raise InputError(f"{self.path}: corrupt safetensors header: {key!r} has {stop - start} bytes for "
+                                 f"shape {list(shape)} {entry['dtype']}")
+            self._info[key] = info
+            self._offsets[key] = self._data_start + start
+            end = max(end, stop)
+        if self._data_start + end > size:
+            raise InputError(
+                f"{self.path}: truncated safetensors file: the header describes {self._data_start + end} bytes, "
+                f"the file has {size}"
+            )
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self._metadata
+
+    def offset(self, key: str) -> int:
+        """Absolute byte offset of the tensor's data in the file."""
+        return self._offsets[key]
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            # ACCESS_COPY = MAP_PRIVATE: pages we only read stay shared with the page cache (no anonymous memory),
+            # and the buffer is writable, which torch.frombuffer wants.
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+        return self._mm
+
+    def tensor(self, key: str) -> torch.Tensor:
+        info = self._info[key]
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        offset = self._offsets[key]
+        if offset % info.dtype.itemsize:
+            # Misaligned data (a writer that did not pad its header): copy rather than hand out a bad view.
+            raw = torch.frombuffer(self._map(), dtype=torch.uint8, count=info.nbytes, offset=offset)
+            return raw.clone().view(info.dtype).reshape(info.shape)
+        t = torch.frombuffer(self._map(), dtype=info.dtype, count=info.numel, offset=offset)
+        return t.reshape(info.shape)
+
+    def close(self) -> None:
+        # Views handed out keep the mapping alive through their own reference; closing the fd is always safe.
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class TorchPickleFile(WeightFile):
+    """`.ckpt` / `.bin` / `.pt`: loaded with weights_only=True, so a pickle never runs code; mmap where possible."""
+
+    format = "pickle"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such file")
+        obj = self._load()
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise InputError(f"{self.path}: the pickle holds a {type(obj).__name__}, not a dict of tensors")
+        self._tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        self._info = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in self._tensors.items()}
+
+    def _load(self):
+        how = ("Convert it with the tool that made it (for example with safetensors in an environment you trust) "
+               "and pass the .safetensors file instead.")
+        for use_mmap in (True, False):
+            try:
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=use_mmap)
+            except pickle.UnpicklingError as e:
+                first = str(e).strip().splitlines()
+                reason = next((ln for ln in first if "Unsupported" in ln or "global" in ln.lower()), first[0] if first
+                              else "unsupported content")
+                raise InputError(
+                    f"{self.path}: refused to unpickle: it needs more than plain tensors to load ({reason.strip()}); "
+                    f"hubmix never executes pickled code. {how}"
+                ) from None
+            except RuntimeError as e:
+                if use_mmap and "mmap" in str(e):
+                    continue  # legacy (non-zip) format cannot be memory-mapped: load it normally
+                raise InputError(f"{self.path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+                raise InputError(f"{self.path}: not a readable torch checkpoint, corrupt or truncated ({e})") from None
+        raise AssertionError("unreachable")
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+def open_weight_file(path: str | os.PathLike) -> WeightFile:
+    """Open a weight file by its suffix: `.safetensors`, or a torch pickle loaded without executing code."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.suffix == ".safetensors":
+        return SafetensorsFile(p)
+    if p.suffix in PICKLE_SUFFIXES:
+        return TorchPickleFile(p)
+    raise InputError(f"{p}: unknown weight file type (expected .safetensors, .ckpt, .bin, .pt or .pth)")

@@ -1,0 +1,295 @@
+"""The mapping engine: turns a family's layout data (families/layouts.yaml) plus a component's config into an exact
+two-way map between diffusers keys (hubmix's canonical keys) and original single-file keys, with shape transforms.
+
+Every canonical tensor is found in the original layout as a `Placement`: an original key, optionally one row-block
+of a tensor fused along dim 0 (OpenCLIP's q/k/v `in_proj`), optionally a shape transform (`conv1x1`: the VAE's
+attention projections stored as 1x1 convolutions; `transpose`: OpenCLIP's `text_projection`). Row-blocks and
+reshapes are contiguous byte ranges, so readers and writers never copy or buffer for them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .families import ComponentSpec, layouts
+
+
+@dataclass(frozen=True)
+class Placement:
+    key: str  # full original key, component prefix included
+    transform: str | None = None  # None, "conv1x1" or "transpose"
+    part: tuple[int, int] | None = None  # (index, count) of equal row-blocks of a fused tensor
+
+
+def to_canonical_shape(transform: str | None, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if transform == "conv1x1":
+        return shape[:2] if len(shape) == 4 else shape
+    if transform == "transpose":
+        return tuple(reversed(shape))
+    return shape
+
+
+def to_original_shape(transform: str | None, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if transform == "conv1x1":
+        return (*shape, 1, 1) if len(shape) == 2 else shape
+    if transform == "transpose":
+        return tuple(reversed(shape))
+    return shape
+
+
+def apply_to_canonical(transform: str | None, t: torch.Tensor) -> torch.Tensor:
+    if transform == "conv1x1":
+        return t.reshape(t.shape[:2]) if t.dim() == 4 else t
+    if transform == "transpose":
+        return t.t()
+    return t
+
+
+def apply_to_original(transform: str | None, t: torch.Tensor) -> torch.Tensor:
+    if transform == "conv1x1":
+        return t.reshape(*t.shape, 1, 1) if t.dim() == 2 else t
+    if transform == "transpose":
+        return t.t().contiguous()
+    return t
+
+
+# ---- structure walkers: (diffusers prefix, original prefix, module kind) from a component config ----------------
+
+Rule = tuple[str, str, str | None]
+
+
+def _unet2d(cfg: dict[str, Any]) -> list[Rule]:
+    down = list(cfg["down_block_types"])
+    up = list(cfg["up_block_types"])
+    lpb = cfg.get("layers_per_block", 2)
+    lpb = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * len(down)
+    rules: list[Rule] = []
+    i = 1  # input_blocks.0 is conv_in
+    for b, kind in enumerate(down):
+        attn = "Attn" in kind
+        for layer in range(lpb[b]):
+            rules.append((f"down_blocks.{b}.resnets.{layer}", f"input_blocks.{i}.0", "resnet"))
+            if attn:
+                rules.append((f"down_blocks.{b}.attentions.{layer}", f"input_blocks.{i}.1", "transformer"))
+            i += 1
+        if b < len(down) - 1:
+            rules.append((f"down_blocks.{b}.downsamplers.0", f"input_blocks.{i}.0", "downsampler"))
+            i += 1
+    mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid is not None:
+        parts = ["resnets.0", "attentions.0", "resnets.1"] if "Attn" in mid else ["resnets.0", "resnets.1"]
+        for j, name in enumerate(parts):
+            rules.append((f"mid_block.{name}", f"middle_block.{j}", "transformer" if "attn" in name else "resnet"))
+    i = 0
+    for b, kind in enumerate(up):
+        attn = "Attn" in kind
+        n = list(reversed(lpb))[b] + 1
+        for layer in range(n):
+            rules.append((f"up_blocks.{b}.resnets.{layer}", f"output_blocks.{i}.0", "resnet"))
+            if attn:
+                rules.append((f"up_blocks.{b}.attentions.{layer}", f"output_blocks.{i}.1", "transformer"))
+            if layer == n - 1 and b < len(up) - 1:
+                rules.append((f"up_blocks.{b}.upsamplers.0", f"output_blocks.{i}.{2 if attn else 1}", "upsampler"))
+            i += 1
+    return rules
+
+
+def _vae(cfg: dict[str, Any]) -> list[Rule]:
+    n = len(cfg["block_out_channels"])
+    lpb = cfg.get("layers_per_block", 2)
+    rules: list[Rule] = []
+    for i in range(n):
+        for j in range(lpb):
+            rules.append((f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", "resnet"))
+        if i < n - 1:
+            rules.append((f"encoder.down_blocks.{i}.downsamplers.0", f"encoder.down.{i}.downsample", "sampler"))
+    for side in ("encoder", "decoder"):
+        rules.append((f"{side}.mid_block.resnets.0", f"{side}.mid.block_1", "resnet"))
+        rules.append((f"{side}.mid_block.resnets.1", f"{side}.mid.block_2", "resnet"))
+        if cfg.get("mid_block_add_attention", True):
+            rules.append((f"{side}.mid_block.attentions.0", f"{side}.mid.attn_1", "attention"))
+    for i in range(n):
+        o = n - 1 - i  # the original numbers decoder blocks from the bottom up
+        for j in range(lpb + 1):
+            rules.append((f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{o}.block.{j}", "resnet"))
+        if i < n - 1:
+            rules.append((f"decoder.up_blocks.{i}.upsamplers.0", f"decoder.up.{o}.upsample", "sampler"))
+    return rules
+
+
+def _openclip(cfg: dict[str, Any]) -> list[Rule]:
+    return [(f"text_model.encoder.layers.{i}", f"transformer.resblocks.{i}", "layer")
+            for i in range(cfg["num_hidden_layers"])]
+
+
+STRUCTURES: dict[str, Callable[[dict[str, Any]], list[Rule]]] = {
+    "unet2d": _unet2d,
+    "vae": _vae,
+    "openclip": _openclip,
+    "none": lambda cfg: [],
+}
+
+
+# ---- the map ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Leaf:
+    name: str
+    transform: str | None = None
+    part: tuple[int, int] | None = None
+
+
+def _leaf(value: str | dict[str, Any]) -> _Leaf:
+    if isinstance(value, str):
+        return _Leaf(value)
+    part = (value["part"], value["of"]) if "part" in value else None
+    return _Leaf(value["name"], value.get("transform"), part)
+
+
+def _split(key: str, prefix: str) -> str | None:
+    """The rest of `key` after `prefix` at a dot boundary ('' for an exact match), or None."""
+    if key == prefix:
+        return ""
+    if not prefix:
+        return key
+    if key.startswith(prefix) and key[len(prefix)] == ".":
+        return key[len(prefix) + 1:]
+    return None
+
+
+def _longest(key: str, prefixes: list[str]) -> tuple[str, str] | None:
+    best = None
+    for p in prefixes:
+        rest = _split(key, p)
+        if rest is not None and (best is None or len(p) > len(best[0])):
+            best = (p, rest)
+    return best
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+class KeyMap:
+    """Canonical (diffusers) keys <-> original single-file keys for one component of one family and config."""
+
+    def __init__(self, spec: ComponentSpec, config: dict[str, Any]):
+        data = layouts()[spec.layout]
+        self.spec = spec
+        self.prefix = spec.prefix
+        self.config = config
+        # static rules may carry a leaf spec (exact-key transforms); structure rules name a module kind
+        self._d2o: dict[str, tuple[str, str | None, _Leaf | None]] = {}
+        for d, o in (data.get("static") or {}).items():
+            leaf = _leaf(o)
+            self._d2o[d] = (leaf.name, None, leaf if leaf.transform else None)
+        for d, o, kind in STRUCTURES[data.get("structure", "none")](config):
+            self._d2o[d] = (o, kind, None)
+        self._o2d = {o: (d, kind, leaf) for d, (o, kind, leaf) in self._d2o.items()}
+        self._modules = {kind: {k: _leaf(v) for k, v in (m or {}).items()}
+                         for kind, m in (data.get("modules") or {}).items()}
+        self._modules_inv: dict[str, dict[str, list[tuple[str, _Leaf]]]] = {}
+        for kind, m in self._modules.items():
+            inv: dict[str, list[tuple[str, _Leaf]]] = {}
+            for d_name, leaf in m.items():
+                inv.setdefault(leaf.name, []).append((d_name, leaf))
+            self._modules_inv[kind] = inv
+        self._aliases = [(re.compile(a["match"]), a["replace"]) for a in data.get("aliases") or []]
+        self.dropped: dict[str, str] = {**(data.get("dropped") or {}), **spec.dropped}
+        self.generated: dict[str, str] = dict(data.get("generated") or {})
+        self._blocks = [(re.compile(b["match"]), b["label"]) for b in data.get("blocks") or []]
+        self.ema = data.get("ema")
+
+    # diffusers side ------------------------------------------------------------------------------------------
+    def normalize(self, key: str) -> str:
+        """Older diffusers/transformers spellings of a diffusers-layout key -> the canonical spelling."""
+        for pattern, repl in self._aliases:
+            new, n = pattern.subn(repl, key, count=1)
+            if n:
+                return new
+        return key
+
+    def to_original(self, key: str) -> Placement | None:
+        hit = _longest(key, list(self._d2o))
+        if hit is None:
+            return None
+        d_prefix, rest = hit
+        o_prefix, kind, leaf = self._d2o[d_prefix]
+        if leaf is not None:  # an exact-key rule with a transform
+            return Placement(self.prefix + o_prefix, leaf.transform) if rest == "" else None
+        if kind is None or not rest:
+            return Placement(self.prefix + _join(o_prefix, rest))
+        mod = self._modules.get(kind, {})
+        sub = _longest(rest, list(mod))
+        if sub is None:
+            return Placement(self.prefix + _join(o_prefix, rest))
+        m_name, tail = sub
+        lf = mod[m_name]
+        if lf.part is not None:
+            return Placement(self.prefix + _join(o_prefix, lf.name), part=lf.part) if tail == "" else None
+        transform = lf.transform if tail == "weight" else None
+        return Placement(self.prefix + _join(o_prefix, lf.name, tail), transform)
+
+    # original side -------------------------------------------------------------------------------------------
+    def from_original(self, key: str) -> list[tuple[str, Placement]] | None:
+        """Canonical keys stored in original key `key` (several for a fused tensor), or None if it has none."""
+        if not key.startswith(self.prefix):
+            return None
+        rel = key[len(self.prefix):]
+        hit = _longest(rel, list(self._o2d))
+        if hit is None:
+            return None
+        o_prefix, rest = hit
+        d_prefix, kind, leaf = self._o2d[o_prefix]
+        if leaf is not None:
+            return [(d_prefix, Placement(key, leaf.transform))] if rest == "" else None
+        if kind is None or not rest:
+            return [(_join(d_prefix, rest), Placement(key))]
+        inv = self._modules_inv.get(kind, {})
+        sub = _longest(rest, list(inv))
+        if sub is None:
+            return [(_join(d_prefix, rest), Placement(key))]
+        o_name, tail = sub
+        out = []
+        for d_name, lf in inv[o_name]:
+            if lf.part is not None:
+                if tail == "":
+                    out.append((_join(d_prefix, d_name), Placement(key, part=lf.part)))
+            else:
+                transform = lf.transform if tail == "weight" else None
+                out.append((_join(d_prefix, d_name, tail), Placement(key, transform)))
+        return sorted(out, key=lambda kv: kv[1].part or (0, 0)) or None
+
+    def dropped_reason(self, key: str) -> str | None:
+        """Why an original key that maps to nothing is not kept, if the layout or family says so."""
+        rel = key[len(self.prefix):] if key.startswith(self.prefix) else key
+        hit = _longest(rel, list(self.dropped))
+        return self.dropped[hit[0]] if hit else None
+
+    def ema_key(self, key: str) -> str | None:
+        """The EMA copy's key of original key `key` (`model_ema.` + the key without `model.` and dots)."""
+        if not self.ema or not key.startswith(self.ema["strip"]):
+            return None
+        return self.ema["prefix"] + key[len(self.ema["strip"]):].replace(".", "")
+
+    def block_label(self, key: str) -> str | None:
+        """The A1111-style block (IN00..OUT11, M00, BASE) a canonical key belongs to, for layouts that have them."""
+        if not self._blocks:
+            return None
+        place = self.to_original(key)
+        rel = place.key[len(self.prefix):] if place else key
+        for pattern, label in self._blocks:
+            m = pattern.match(rel)
+            if m:
+                return label.format(*(int(g) for g in m.groups()))
+        return None
+
+    def generated_tensor(self, key: str) -> torch.Tensor:
+        kind = self.generated[key]
+        if kind == "positions":
+            return torch.arange(self.config["max_position_embeddings"], dtype=torch.int64)[None]
+        raise ValueError(f"unknown generated tensor kind {kind!r}")

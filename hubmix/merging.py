@@ -1,0 +1,292 @@
+"""`merge(recipe)`: the whole flow, refs -> models -> plan -> engine -> output files -> recipe, as one call.
+
+`convert` is the same flow with one model and every component copied, so there is a single code path from input
+bytes to output bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from . import __version__, analysis, engine
+from .configs import DEFAULT_DERIVED
+from .errors import InputError, RecipeError
+from .families import Family
+from .hashing import hash_in_background
+from .model import CONFIG_META, LocalModel, check_same_family, open_model
+from .output import (Router, atomic_target, check_target, component_config_json, copy_tree, model_index,
+                     need_folder, write_json)
+from .plan import TORCH_DTYPES, Summary, Task, plan_merge
+from .recipe import RECIPE_VERSION, Recipe, canonical_json, letter, recipe_hash
+from .refs import parse_ref
+
+PLACEHOLDER = "0" * 64
+
+
+@dataclass
+class MergeResult:
+    output: Path | None
+    layout: str | None
+    family: Family
+    summary: Summary
+    canonical: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+    report: dict[str, Any] | None = None  # the dry run's statistics
+
+    @property
+    def recipe_sha256(self) -> str:
+        return recipe_hash(self.canonical)
+
+
+Resolver = Callable[[Any, Recipe], tuple[Path, dict[str, Any]]]
+
+
+def resolve_local(ref: Any, recipe: Recipe) -> tuple[Path, dict[str, Any]]:
+    """A local reference -> (path, identity fields for the canonical recipe); Hub refs need hubmix.hub."""
+    text = ref["ref"] if isinstance(ref, dict) else ref
+    r = parse_ref(text)
+    if r.is_hub:
+        from .hub import resolve_hub  # only Hub merges import the Hub client
+
+        return resolve_hub(r, recipe)
+    if not r.local or not r.local.exists():
+        raise InputError(f"{text}: no such file or folder")
+    return r.local, {"ref": r.local.resolve().name}
+
+
+def open_inputs(recipe: Recipe, resolver: Resolver = resolve_local) -> tuple[list[LocalModel], list[dict[str, Any]]]:
+    models, idents = [], []
+    for ref in recipe.models:
+        path, ident = resolver(ref, recipe)
+        models.append(open_model(path, variant=recipe.variant, ema=recipe.ema))
+        idents.append(ident)
+    return models, idents
+
+
+def choose_layout(recipe: Recipe, out: Path | None) -> str:
+    if recipe.layout:
+        return recipe.layout
+    return "single-file" if out is not None and out.suffix == ".safetensors" else "diffusers"
+
+
+def canonical_recipe(recipe: Recipe, family: Family, models: list[LocalModel], idents: list[dict[str, Any]],
+                     tasks: list[Task], hashes: dict[Path, str]) -> dict[str, Any]:
+    """Every default filled in, local paths reduced to names, file hashes of what the merge reads."""
+    used: dict[int, set[Path]] = {}
+    for t in tasks:
+        for i, r in zip(t.sources, t.refs):
+            used.setdefault(i, set()).add(r.file.path)
+    inputs = []
+    for i, (m, ident) in enumerate(zip(models, idents)):
+        root = m.path if m.layout == "diffusers" else m.path.parent
+        files = {str(p.relative_to(root)) if p.is_relative_to(root) else p.name: hashes.get(p, PLACEHOLDER)
+                 for p in sorted(used.get(i, ()))}
+        inputs.append({"name": letter(i), **ident, "layout": m.layout, "files": files})
+    out: dict[str, Any] = {
+        "recipe_version": RECIPE_VERSION,
+        "family": family.id,
+        "models": inputs,
+        "method": recipe.method,
+        "params": recipe.global_params(),
+        "components": {c: recipe.plan_for(c) for c in family.components},
+        "dtype": recipe.dtype,
+    }
+    if recipe.ema:
+        out["ema"] = True
+    if recipe.prediction_type:
+        out["prediction_type"] = recipe.prediction_type
+    for comp in out["components"].values():
+        if not comp.get("blocks"):
+            comp.pop("blocks", None)
+    return out
+
+
+def _config_source(models: list[LocalModel], family: Family, recipe: Recipe) -> Path | None:
+    """A diffusers folder to take configs and tokenizers from: a diffusers input, else --config-from."""
+    for m in models:
+        if m.layout == "diffusers":
+            return m.path
+    if recipe.config_from:
+        from .hub import config_folder
+
+        return config_folder(recipe.config_from, family)
+    return None
+
+
+def output_configs(models: list[LocalModel], structure: dict[str, int], family: Family, source: Path | None,
+                   summary: Summary) -> dict[str, dict[str, Any]]:
+    """The config of each output component: its structure model's own, or shapes plus a borrowed config."""
+    configs = {}
+    for cname, idx in structure.items():
+        comp = models[idx].components[cname]
+        cfg = dict(comp.config or {})
+        if comp.config_source == "inferred":
+            borrowed = _read_json(source / cname / "config.json") if source else {}
+            if borrowed:
+                cfg = {**borrowed, **{k: v for k, v in cfg.items() if k not in DEFAULT_DERIVED}}
+                summary.add("config", f"{cname}: structure from {models[idx].name}'s shapes, the rest from {source}")
+            else:
+                for note in comp.notes:
+                    summary.add("config", f"{cname}: {note}")
+        configs[cname] = cfg
+    return configs
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _prediction_type(models: list[LocalModel], recipe: Recipe, summary: Summary) -> str | None:
+    kinds = {m.prediction_type for m in models if m.prediction_type}
+    if len(kinds) > 1:
+        summary.add("note", f"inputs differ in prediction type ({', '.join(sorted(kinds))}); the output uses "
+                            f"{models[0].prediction_type or recipe.prediction_type}")
+    return recipe.prediction_type or models[0].prediction_type
+
+
+def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict[str, int], family: Family,
+                           configs: dict[str, dict[str, Any]], source: Path | None, recipe: Recipe,
+                           prediction: str | None) -> None:
+    """Everything of a diffusers folder but the weights: model_index, configs, scheduler, tokenizers, extras."""
+    a = models[0]
+    base = a.path if a.layout == "diffusers" else source
+    dtype = TORCH_DTYPES.get(recipe.dtype or "")
+    sched = _read_json(base / "scheduler" / "scheduler_config.json") if base else {}
+    if not sched:
+        sched = dict(family.defaults.get("scheduler", {}))
+    if prediction:
+        sched["prediction_type"] = prediction
+    write_json(root / "scheduler" / "scheduler_config.json", sched)
+    index = model_index(family, a.inpainting, sched["_class_name"], _read_json(base / "model_index.json") or None
+                        if base else None)
+    write_json(root / "model_index.json", index)
+    for cname, spec in family.components.items():
+        write_json(root / cname / "config.json", component_config_json(spec, configs[cname], dtype))
+    for tok in family.tokenizers:
+        src = need_folder(base, f"tokenizer ({tok})", family) / tok
+        if not src.is_dir():
+            raise InputError(f"{base}: has no {tok}/ folder to take the tokenizer from")
+        copy_tree(src, root / tok)
+    if a.layout == "diffusers":
+        for name, folder in a.extra_components.items():
+            copy_tree(folder, root / name)
+
+
+def _metadata(canonical: dict[str, Any], extra: dict[str, str] | None = None) -> dict[str, str]:
+    meta = {"format": "pt", "hubmix.version": __version__, "hubmix.recipe": canonical_json(canonical),
+            "hubmix.recipe_sha256": recipe_hash(canonical)}
+    meta.update(extra or {})
+    return meta
+
+
+def _single_file_metadata(canonical: dict[str, Any], family: Family, title: str, configs: dict[str, Any],
+                          prediction: str | None) -> dict[str, str]:
+    extra = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+        CONFIG_META: canonical_json(configs),
+    }
+    if prediction:
+        extra["modelspec.prediction_type"] = "v" if prediction == "v_prediction" else prediction
+    return _metadata(canonical, extra)
+
+
+def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = False, dry: bool = False,
+          quiet: bool = False, workers: int | None = None, resolver: Resolver = resolve_local,
+          log: Callable[[str], None] | None = None) -> MergeResult:
+    """Merge as `recipe` says; write to `out` (or recipe.output). With dry=True, only analyze."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    target = Path(out) if out is not None else (Path(recipe.output) if recipe.output else None)
+    if not dry:
+        if target is None:
+            raise RecipeError(f"{recipe.source}: no output: pass --out (or set output: in the recipe)")
+        check_target(target, overwrite)  # before any work
+    models, idents = open_inputs(recipe, resolver)
+    family = check_same_family(models)
+    if recipe.family and recipe.family != family.id:
+        raise RecipeError(f"{recipe.source}: the recipe is for {recipe.family} models, the inputs are {family.id}")
+    tasks, summary, structure = plan_merge(models, recipe, family)
+    placeholder = canonical_recipe(recipe, family, models, idents, tasks, {})
+    if dry:
+        names = {c: recipe.plan_for(c).get("models") or [recipe.plan_for(c)["from"]] for c in family.components}
+        report = analysis.analyze(tasks, names, quiet=quiet, workers=workers)
+        return MergeResult(None, None, family, summary, placeholder, report=report)
+    assert target is not None
+    layout = choose_layout(recipe, target)
+    if layout != "single-file" and target.suffix == ".safetensors":
+        raise RecipeError(f"{target}: a .safetensors path cannot hold a {layout} folder; choose another --out")
+    source = _config_source(models, family, recipe) if layout != "single-file" or any(
+        m.components[c].config_source == "inferred" for m in models for c in m.components) else None
+    configs = output_configs(models, structure, family, source, summary)
+    prediction = _prediction_type(models, recipe, summary)
+    hashes_future = hash_in_background(sorted({r.file.path for t in tasks for r in t.refs}))
+    written: list[Path] = []
+    with atomic_target(target, overwrite) as tmp:
+        router = Router()
+        meta = _metadata(placeholder)
+        by_comp: dict[str, list[Task]] = {}
+        for t in tasks:
+            by_comp.setdefault(t.component, []).append(t)
+        if layout in ("diffusers", "both"):
+            _write_diffusers_files(tmp, models, structure, family, configs, source, recipe, prediction)
+            for cname, spec in family.components.items():
+                variant = f".{recipe.variant}" if recipe.variant else ""
+                router.add_component_file(tmp / cname / f"{spec.weight_name}{variant}.safetensors", cname,
+                                          by_comp.get(cname, []), meta)
+        if layout in ("single-file", "both"):
+            from .layouts import KeyMap
+
+            path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
+            title = target.stem if layout == "single-file" else target.name
+            parts = {c: (KeyMap(family.components[c], configs[c]), by_comp.get(c, [])) for c in family.components}
+            router.add_single_file(path, parts, _single_file_metadata(placeholder, family, title, configs,
+                                                                      prediction), summary)
+        todo = router.wanted(tasks)
+        try:
+            router.open()
+            engine.run(engine.split_jobs(todo), lambda j: router.write(j, engine.compute(j, engine.load_views(j))),
+                       workers=workers, quiet=quiet)
+            canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result())
+            for f in router.files:
+                assert f.writer is not None
+                final = dict(f.metadata)
+                for key in ("hubmix.recipe", "hubmix.recipe_sha256"):
+                    final[key] = _metadata(canonical)[key]
+                f.writer.set_metadata(final)
+            router.finish()
+        except BaseException:
+            router.abort()
+            raise
+        recipe_text = recipe_yaml(canonical)
+        recipe_path = tmp / "recipe.yaml" if layout != "single-file" else None
+        if recipe_path is not None:
+            recipe_path.write_text(recipe_text)
+        written = [target / f.path.relative_to(tmp) if layout != "single-file" else target for f in router.files]
+    if layout == "single-file":
+        sidecar = target.with_name(f"{target.stem}.recipe.yaml")
+        sidecar.write_text(recipe_text)
+        written.append(sidecar)
+    else:
+        written.append(target / "recipe.yaml")
+    return MergeResult(target, layout, family, summary, canonical, files=written)
+
+
+def recipe_yaml(canonical: dict[str, Any]) -> str:
+    head = (f"# Made by hubmix {__version__}. Canonical recipe (sha256 {recipe_hash(canonical)}):\n"
+            "# every default filled in, local inputs by name and sha256, Hub inputs pinned to a commit.\n")
+    return head + yaml.safe_dump(canonical, sort_keys=False, allow_unicode=True)
+
+
+__all__ = ["merge", "MergeResult", "recipe_yaml", "torch"]

@@ -1,0 +1,99 @@
+"""The seed's methods: lossless and maxdiff (element-wise selection), weighted sum and add difference."""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import Param, register
+
+ALPHA_SEL = Param("alpha", 1.0, "scale of the first candidate, in the comparison only")
+BETA_SEL = Param("beta", 1.0, "scale of the second candidate, in the comparison only")
+REF_ALPHA = Param("ref_alpha", 0.5, "with two models: the reference is (1-ref_alpha)*a + ref_alpha*b", 0.0, 1.0,
+                  only_with=(2,))
+
+
+def _selection_inputs(xs: list[torch.Tensor], ref_alpha: float = 0.5):
+    """(reference, first candidate, second candidate): a, b, c; or with two models the weighted sum of a and b,
+    computed tensor by tensor and never stored, against a and b."""
+    if len(xs) == 3:
+        return xs[0], xs[1], xs[2]
+    a, b = xs
+    return (1 - ref_alpha) * a + ref_alpha * b, a, b
+
+
+def _selection_sources(n_models: int) -> tuple[int, int]:
+    return (1, 2) if n_models == 3 else (0, 1)
+
+
+def _lossless_choose(xs, alpha=1.0, beta=1.0, ref_alpha=0.5):
+    ref, x, y = _selection_inputs(xs, ref_alpha)
+    return (ref - alpha * x).abs() <= (ref - beta * y).abs()  # a tie keeps the first candidate
+
+
+def _maxdiff_choose(xs, alpha=1.0, beta=1.0, ref_alpha=0.5):
+    ref, x, y = _selection_inputs(xs, ref_alpha)
+    return (ref - alpha * x).abs() > (ref - beta * y).abs()  # a tie goes to the second candidate
+
+
+def _candidates(xs, **_):
+    return tuple(xs[1:]) if len(xs) == 3 else (xs[0], xs[1])
+
+
+@register(
+    "lossless",
+    models=(3, 2),
+    params=(ALPHA_SEL, BETA_SEL, REF_ALPHA),
+    formula="out = where(|a - alpha*b| <= |a - beta*c|, b, c); with two models, a' = (1-ref_alpha)*a + "
+            "ref_alpha*b and out = where(|a' - alpha*a| <= |a' - beta*b|, a, b)",
+    reference="https://github.com/hubmix/hubmix#lossless",
+    summary="each element is taken unchanged from b or c, whichever is nearer to a (a tie takes b)",
+    choose=_lossless_choose,
+    candidates=_candidates,
+    candidate_names=_selection_sources,
+)
+def lossless(xs, alpha=1.0, beta=1.0, ref_alpha=0.5):
+    x, y = _candidates(xs)
+    return torch.where(_lossless_choose(xs, alpha, beta, ref_alpha), x, y)
+
+
+@register(
+    "maxdiff",
+    models=(3, 2),
+    params=(ALPHA_SEL, BETA_SEL, REF_ALPHA),
+    formula="out = where(|a - alpha*b| > |a - beta*c|, b, c); with two models, a' = (1-ref_alpha)*a + "
+            "ref_alpha*b and out = where(|a' - alpha*a| > |a' - beta*b|, a, b)",
+    reference="https://github.com/hubmix/hubmix#maxdiff",
+    summary="each element is taken unchanged from b or c, whichever is farther from a (a tie takes c)",
+    choose=_maxdiff_choose,
+    candidates=_candidates,
+    candidate_names=_selection_sources,
+)
+def maxdiff(xs, alpha=1.0, beta=1.0, ref_alpha=0.5):
+    x, y = _candidates(xs)
+    return torch.where(_maxdiff_choose(xs, alpha, beta, ref_alpha), x, y)
+
+
+@register(
+    "weighted_sum",
+    models=(2,),
+    params=(Param("alpha", 0.5, "weight of b", 0.0, 1.0),),
+    formula="out = (1-alpha)*a + alpha*b",
+    reference="https://arxiv.org/abs/2203.05482",
+    summary="linear interpolation between a and b (A1111's weighted sum; model soups)",
+)
+def weighted_sum(xs, alpha=0.5):
+    a, b = xs
+    return (1 - alpha) * a + alpha * b
+
+
+@register(
+    "add_difference",
+    models=(3,),
+    params=(Param("alpha", 1.0, "scale of the difference b - c"),),
+    formula="out = a + alpha*(b - c)",
+    reference="https://arxiv.org/abs/2212.04089",
+    summary="adds what b learned relative to c onto a (A1111's add difference; task arithmetic)",
+)
+def add_difference(xs, alpha=1.0):
+    a, b, c = xs
+    return a + alpha * (b - c)

@@ -1,0 +1,285 @@
+"""Open a local model, in either layout, as components of canonically named, lazily read tensors.
+
+A diffusers folder (model_index.json + component subfolders, sharded or not, variants) and an original single
+file (.safetensors or .ckpt) both come out as the same thing: per component, a map from canonical (diffusers) key
+to a `TensorRef` that knows where the bytes are and how to view them in canonical shape. Opening reads headers only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .configs import infer_component_configs
+from .errors import FamilyError, InputError
+from .families import ComponentSpec, Family, detect_family
+from .io.readers import PICKLE_SUFFIXES, WeightFile, open_weight_file
+from .layouts import KeyMap, Placement, apply_to_canonical, to_canonical_shape
+
+CONFIG_META = "hubmix.configs"  # single files written by hubmix embed their component configs under this key
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One canonical tensor of one input: a (part of a) tensor in a weight file, viewed in canonical shape."""
+
+    file: WeightFile
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    place: Placement = Placement("")
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def load(self) -> torch.Tensor:
+        """A zero-copy view (a copy only for transposed tensors) in canonical shape."""
+        t = self.file.tensor(self.key)
+        if self.place.part is not None:
+            index, count = self.place.part
+            rows = t.shape[0] // count
+            t = t.narrow(0, index * rows, rows)
+        return apply_to_canonical(self.place.transform, t)
+
+
+@dataclass
+class Component:
+    name: str
+    spec: ComponentSpec
+    tensors: dict[str, TensorRef]
+    config: dict[str, Any] | None
+    config_source: str  # "folder", "embedded" or "inferred"
+    keymap: KeyMap | None = None
+    notes: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (original key, why)
+    folder: Path | None = None  # the component's subfolder in a diffusers input
+
+
+@dataclass
+class LocalModel:
+    path: Path
+    layout: str  # "diffusers" or "single-file"
+    family: Family
+    components: dict[str, Component]
+    files: list[Path]
+    metadata: dict[str, str] = field(default_factory=dict)
+    extra_components: dict[str, Path] = field(default_factory=dict)  # diffusers subfolders hubmix does not merge
+    prediction_type: str | None = None
+    inpainting: bool = False
+    unassigned: list[str] = field(default_factory=list)  # single-file keys outside every component
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.family.id}, {self.layout})"
+
+
+def open_model(path: str | Path, *, variant: str | None = None, ema: bool = False) -> LocalModel:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / "model_index.json").is_file():
+            return _open_diffusers(p, variant)
+        weights = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", *PICKLE_SUFFIXES) and f.is_file())
+        if len(weights) == 1:
+            return _open_single_file(weights[0], ema)
+        if not weights:
+            raise InputError(f"{p}: not a model: a folder without model_index.json and without a weight file")
+        raise InputError(f"{p}: not a diffusers folder (no model_index.json) and holds several weight files; name "
+                         f"one: {', '.join(w.name for w in weights)}")
+    return _open_single_file(p, ema)
+
+
+# ---- diffusers folders -----------------------------------------------------------------------------------------
+
+def _weight_files(folder: Path, stem: str, variant: str | None, where: str) -> list[Path]:
+    """The weight files of one component: safetensors before .bin, an index's shards, the requested variant."""
+    names = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
+    found: dict[str | None, list[Path]] = {}  # variant -> files
+    for ext in ("safetensors", "bin"):
+        rx = re.compile(rf"^{re.escape(stem)}(?:\.([\w-]+))?\.{ext}(?:\.index(?:\.([\w-]+))?\.json)?$")
+        for name in sorted(names):
+            m = rx.match(name)
+            if not m:
+                continue
+            var = m.group(1) or m.group(2)
+            if var is not None and re.fullmatch(r"\d{5}-of-\d{5}", var):
+                continue  # a shard, reached through its index
+            if name.endswith(".json"):
+                index = json.loads((folder / name).read_text())
+                files = [folder / s for s in sorted(set(index.get("weight_map", {}).values()))]
+                missing = [f.name for f in files if not f.is_file()]
+                if missing:
+                    raise InputError(f"{folder / name}: index names missing shard files: {', '.join(missing[:3])}")
+            else:
+                files = [folder / name]
+            found.setdefault(var, files)
+        if found:
+            break  # safetensors found: never fall back to .bin duplicates
+    if not found:
+        raise InputError(f"{where}: no weight file ({stem}.safetensors or .bin) in {folder}")
+    if variant is not None:
+        if variant in found:
+            return found[variant]
+        raise InputError(f"{where}: no '{variant}' variant in {folder} (found: "
+                         f"{', '.join(v or 'default' for v in found)})")
+    if None in found:
+        return found[None]
+    if len(found) == 1:
+        return next(iter(found.values()))
+    raise InputError(f"{where}: several variants in {folder} ({', '.join(sorted(found))}); choose one with --variant")
+
+
+def _open_diffusers(root: Path, variant: str | None) -> LocalModel:
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{root / 'model_index.json'}: unreadable ({e})") from None
+    subfolders = {name: root / name for name, v in index.items()
+                  if not name.startswith("_") and isinstance(v, list) and v and v[0] is not None}
+    opened: dict[str, list[WeightFile]] = {}
+    ndims: dict[str, int] = {}
+    for name, folder in subfolders.items():
+        stem = "model" if (index[name][0] == "transformers") else "diffusion_pytorch_model"
+        if name not in ("unet", "text_encoder", "text_encoder_2", "vae"):
+            continue
+        files = [open_weight_file(f) for f in _weight_files(folder, stem, variant, str(root))]
+        opened[name] = files
+        for f in files:
+            for k in f.keys():
+                ndims[f"{name}/{k}"] = len(f.info(k).shape)
+    family = detect_family("diffusers", ndims, str(root))
+    components: dict[str, Component] = {}
+    for name, spec in family.components.items():
+        if name not in opened:
+            raise InputError(f"{root}: a {family.name} model needs a {name} component; model_index.json has none")
+        folder = subfolders[name]
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{folder / 'config.json'}: unreadable ({e})") from None
+        keymap = KeyMap(spec, config)
+        comp = Component(name, spec, {}, config, "folder", keymap=keymap, folder=folder)
+        for f in opened[name]:
+            for k in f.keys():
+                info = f.info(k)
+                canon = keymap.normalize(k)
+                why = keymap.dropped_reason(canon)
+                if why is not None:
+                    comp.dropped.append((f"{name}/{k}", why))
+                    continue
+                comp.tensors[canon] = TensorRef(f, k, info.dtype, info.shape)
+        components[name] = comp
+    sched = _read_json(root / "scheduler" / "scheduler_config.json")
+    extra = {n: f for n, f in subfolders.items() if n not in family.components and f.is_dir()}
+    model = LocalModel(root, "diffusers", family, components, sorted({f.path for fs in opened.values() for f in fs}),
+                       extra_components=extra, prediction_type=sched.get("prediction_type"))
+    model.inpainting = _is_inpainting(model)
+    return model
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _is_inpainting(model: LocalModel) -> bool:
+    unet = model.components.get("unet")
+    ref = unet.tensors.get("conv_in.weight") if unet else None
+    return bool(ref and len(ref.shape) == 4 and ref.shape[1] == 9)
+
+
+# ---- single files ----------------------------------------------------------------------------------------------
+
+def _open_single_file(path: Path, ema: bool) -> LocalModel:
+    f = open_weight_file(path)
+    ndims = {k: len(f.info(k).shape) for k in f.keys()}
+    family = detect_family("single-file", ndims, str(path))
+    by_comp: dict[str, dict[str, tuple[int, ...]]] = {}
+    unassigned = []
+    for k in f.keys():
+        comp = family.component_of(k)
+        if comp is None:
+            unassigned.append(k)
+            continue
+        by_comp.setdefault(comp, {})[k[len(family.components[comp].prefix):]] = f.info(k).shape
+    embedded = _embedded_configs(f, path)
+    inferred, notes = infer_component_configs(family, by_comp)
+    components: dict[str, Component] = {}
+    for name, spec in family.components.items():
+        if name not in by_comp:
+            raise InputError(f"{path}: a {family.name} checkpoint needs its {name} (keys {spec.prefix}*); "
+                             "it has none")
+        config, source = (embedded[name], "embedded") if name in embedded else (inferred[name], "inferred")
+        keymap = KeyMap(spec, config)
+        comp = Component(name, spec, {}, config, source, keymap=keymap,
+                         notes=notes[name] if source == "inferred" else [])
+        for k in f.keys():
+            if not k.startswith(spec.prefix):
+                continue
+            why = keymap.dropped_reason(k)
+            targets = None if why else keymap.from_original(k)
+            if targets is None:
+                comp.dropped.append((k, why or "no diffusers counterpart in this component's config"))
+                continue
+            for canon, place in targets:
+                src_key = k
+                if ema and (ek := keymap.ema_key(k)) is not None and ek in f:
+                    src_key = ek
+                comp.tensors[canon] = _ref(f, src_key, place, path)
+        components[name] = comp
+    if ema:
+        unassigned = [k for k in unassigned if not k.startswith("model_ema.")]
+    model = LocalModel(path, "single-file", family, components, [path], metadata=dict(f.metadata),
+                       unassigned=unassigned)
+    model.prediction_type = "v_prediction" if "v_pred" in f else None
+    model.inpainting = _is_inpainting(model)
+    return model
+
+
+def _ref(f: WeightFile, key: str, place: Placement, path: Path) -> TensorRef:
+    info = f.info(key)
+    shape = info.shape
+    if place.part is not None:
+        index, count = place.part
+        if not shape or shape[0] % count:
+            raise InputError(f"{path}: {key} has shape {list(shape)}, not {count} fused equal parts")
+        shape = (shape[0] // count, *shape[1:])
+    return TensorRef(f, key, info.dtype, to_canonical_shape(place.transform, shape), place)
+
+
+def _embedded_configs(f: WeightFile, path: Path) -> dict[str, dict[str, Any]]:
+    raw = f.metadata.get(CONFIG_META)
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise InputError(f"{path}: corrupt {CONFIG_META} metadata") from None
+
+
+def check_same_family(models: list[LocalModel]) -> Family:
+    fam = models[0].family
+    for m in models[1:]:
+        if m.family.id != fam.id:
+            raise FamilyError(f"cannot merge models of different families: {models[0].path} is {fam.name}, "
+                              f"{m.path} is {m.family.name}")
+    return fam

@@ -1,0 +1,245 @@
+"""Where merged tensors go: output files planned from the tasks, the routing of every canonical tensor into them,
+the non-weight files of a diffusers folder, and the atomic temporary-sibling-then-rename that protects the target.
+
+A canonical tensor can land in several places at once (`--layout both`: the diffusers component file and the
+single file at the folder's root), each with its own key, byte offset (a third of a fused q/k/v) and transform.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .engine import Job
+from .errors import InputError, OutputError
+from .families import ComponentSpec, Family
+from .io.writer import PlannedTensor, SafetensorsWriter
+from .layouts import KeyMap, apply_to_original, to_original_shape
+from .plan import Summary, Task
+
+
+@dataclass
+class OutputFile:
+    path: Path
+    metadata: dict[str, str]
+    planned: dict[str, PlannedTensor] = field(default_factory=dict)
+    generated: dict[str, torch.Tensor] = field(default_factory=dict)
+    writer: SafetensorsWriter | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    file: OutputFile
+    key: str
+    byte_base: int
+    transform: str | None
+
+
+class Router:
+    """Plans output files and routes each task's result (whole or chunk) to its place(s) in them."""
+
+    def __init__(self) -> None:
+        self.files: list[OutputFile] = []
+        self.routes: dict[tuple[str, str], list[Route]] = {}
+
+    def add_component_file(self, path: Path, component: str, tasks: list[Task], metadata: dict[str, str]) -> None:
+        """A diffusers component's weight file: canonical keys as they are."""
+        f = OutputFile(path, metadata)
+        for t in tasks:
+            f.planned[t.key] = PlannedTensor(t.key, t.out_dtype, t.shape)
+            self.routes.setdefault((component, t.key), []).append(Route(f, t.key, 0, None))
+        self.files.append(f)
+
+    def add_single_file(self, path: Path, parts: dict[str, tuple[KeyMap, list[Task]]], metadata: dict[str, str],
+                        summary: Summary) -> None:
+        """One original-layout file for all components, through each component's key map."""
+        f = OutputFile(path, metadata)
+        for component, (keymap, tasks) in parts.items():
+            fused: dict[str, dict[int, Task]] = {}
+            counts: dict[str, int] = {}
+            for t in tasks:
+                place = keymap.to_original(t.key)
+                if place is None:
+                    summary.add("note", f"{component}/{t.key}: no original-layout counterpart, not in {path.name}")
+                    continue
+                if place.part is None:
+                    shape = to_original_shape(place.transform, t.shape)
+                    f.planned[place.key] = PlannedTensor(place.key, t.out_dtype, shape)
+                    self.routes.setdefault((component, t.key), []).append(Route(f, place.key, 0, place.transform))
+                else:
+                    fused.setdefault(place.key, {})[place.part[0]] = t
+                    counts[place.key] = place.part[1]
+            for okey, pieces in fused.items():
+                if len(pieces) != counts[okey] or len({p.shape for p in pieces.values()}) != 1:
+                    summary.add("note", f"{component}: {okey} needs {counts[okey]} equal parts, has {len(pieces)}; "
+                                        f"not in {path.name}")
+                    continue
+                first = pieces[0]
+                shape = (first.shape[0] * counts[okey], *first.shape[1:])
+                f.planned[okey] = PlannedTensor(okey, first.out_dtype, shape)
+                for index, t in pieces.items():
+                    base = index * t.out_nbytes
+                    self.routes.setdefault((component, t.key), []).append(Route(f, okey, base, None))
+            for rel in keymap.generated:
+                okey = keymap.prefix + rel
+                tensor = keymap.generated_tensor(rel)
+                f.generated[okey] = tensor
+                f.planned[okey] = PlannedTensor(okey, tensor.dtype, tuple(tensor.shape))
+        self.files.append(f)
+
+    def wanted(self, tasks: list[Task]) -> list[Task]:
+        """The tasks whose result goes somewhere."""
+        return [t for t in tasks if (t.component, t.key) in self.routes]
+
+    def open(self) -> None:
+        for f in self.files:
+            f.path.parent.mkdir(parents=True, exist_ok=True)
+            f.writer = SafetensorsWriter(f.path, list(f.planned.values()), f.metadata)
+            for key, tensor in f.generated.items():
+                f.writer.write(key, tensor)
+
+    def write(self, job: Job, data: torch.Tensor) -> None:
+        for r in self.routes[(job.task.component, job.task.key)]:
+            assert r.file.writer is not None
+            if r.transform == "transpose":
+                r.file.writer.write(r.key, apply_to_original("transpose", data), r.byte_base)
+            else:  # conv1x1 reshapes and row-blocks are the same bytes
+                r.file.writer.write(r.key, data, r.byte_base + job.start * data.dtype.itemsize)
+
+    def finish(self) -> None:
+        for f in self.files:
+            assert f.writer is not None
+            f.writer.finish()
+
+    def abort(self) -> None:
+        for f in self.files:
+            if f.writer is not None:
+                f.writer.abort()
+
+
+# ---- diffusers folder files ------------------------------------------------------------------------------------
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def component_config_json(spec: ComponentSpec, config: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
+    """The config.json of a component: the library's own format, with the output dtype recorded."""
+    cfg = {k: v for k, v in config.items()}
+    if spec.library == "diffusers":
+        import diffusers
+
+        cfg.setdefault("_class_name", spec.cls)
+        cfg.setdefault("_diffusers_version", diffusers.__version__)
+        return cfg
+    if "model_type" in cfg:  # a real config.json: keep it as it is
+        full = cfg
+    else:  # inferred from shapes: let transformers spell out the rest
+        import transformers
+
+        full = transformers.CLIPTextConfig(**cfg).to_dict()
+    full.setdefault("architectures", [spec.cls])
+    if dtype is not None:
+        for key in ("torch_dtype", "dtype"):
+            if key in full or key == "dtype":
+                full[key] = str(dtype).removeprefix("torch.")
+    return full
+
+
+def model_index(family: Family, inpainting: bool, scheduler_cls: str, base: dict[str, Any] | None) -> dict[str, Any]:
+    """model_index.json: a diffusers input's own when there is one, else built from the family's data."""
+    import diffusers
+
+    if base is not None:
+        idx = dict(base)
+    else:
+        idx = {"_diffusers_version": diffusers.__version__, **family.pipeline_extra,
+               "scheduler": ["diffusers", scheduler_cls]}
+        for name, spec in family.components.items():
+            idx[name] = [spec.library, spec.cls]
+        for name, cls in family.tokenizers.items():
+            idx[name] = ["transformers", cls]
+    idx["_class_name"] = family.inpaint_pipeline if inpainting else family.pipeline
+    return idx
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def need_folder(path: Path | None, what: str, family: Family) -> Path:
+    if path is None:
+        raise InputError(
+            f"cannot build a diffusers folder: the {what} cannot be inferred from weights; pass --config-from "
+            f"<a diffusers folder or Hub repo of this family>, e.g. --config-from {family.default_config_repo}"
+        )
+    return path
+
+
+# ---- atomic target -------------------------------------------------------------------------------------------
+
+def check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists (pass --overwrite to replace it)")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.exists():
+        raise OutputError(f"{target}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{target}: cannot write to {parent}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    if root.is_file():
+        return  # weight files were fsynced by their writer; small files follow
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+@contextmanager
+def atomic_target(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of `target`; on success it replaces `target`, on any failure it is removed."""
+    check_target(target, overwrite)
+    tmp = target.with_name(f".{target.name}.hubmix-tmp-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.hubmix-old-{secrets.token_hex(4)}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            _remove(old)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(target.parent if str(target.parent) else Path("."))
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)

@@ -1,0 +1,184 @@
+"""Plan a merge: align every component's keys across the inputs and decide, key by key, what the output gets.
+
+The rule for inputs that do not line up (stated once here, in the README and in every run's summary):
+- The output's structure follows the component's first model (model a unless the recipe says otherwise): its
+  keys, shapes and config.
+- A key missing from any other input is copied unchanged from the first model.
+- A key only other inputs have is left out (the first model's config could not load it).
+- A shape that differs is copied from the first model, except a conv weight that differs only in input channels
+  (an inpainting UNet's 9-channel conv_in against a 4-channel one): the channels all inputs share are merged and
+  the rest come from the first model (A1111's rule; put the inpainting model first to get an inpainting result).
+- Non-float tensors (position ids, counters) are copied from the first model.
+Nothing is broadcast and nothing fails deep in the loop: every case is listed in the summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import RecipeError
+from .families import Family
+from .methods import Method, get_method
+from .model import LocalModel, TensorRef
+from .recipe import Recipe, letter
+
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Task:
+    """One output tensor: merge `refs` with `method` (or copy refs[0]), in canonical key space."""
+
+    component: str
+    key: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    refs: list[TensorRef]
+    sources: list[int]  # index of the model each ref comes from
+    method: Method | None = None
+    params: dict[str, float] = field(default_factory=dict)
+    block: str | None = None
+    channels: int | None = None  # merge only the first `channels` input channels (dim 1); the rest is refs[0]'s
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+    @property
+    def chunkable(self) -> bool:
+        """Element-wise over contiguous views: safe to process in flat chunks."""
+        if self.channels is not None or (self.method is not None and not self.method.elementwise):
+            return False
+        return all(r.place.transform != "transpose" for r in self.refs)
+
+
+@dataclass
+class Summary:
+    """What happened to keys that did not line up, and other facts a user should see after a merge."""
+
+    merged: int = 0
+    copied: int = 0
+    events: dict[str, list[str]] = field(default_factory=dict)
+
+    TITLES = {
+        "missing": "missing from some inputs, copied from the first model",
+        "extra": "only in other inputs, left out (the first model's structure wins)",
+        "shape": "shape differs, copied from the first model",
+        "channels": "input channels differ (inpainting), shared channels merged, the rest from the first model",
+        "nonfloat": "non-float tensors, copied from the first model",
+        "dropped": "original-layout keys with no diffusers counterpart, not used",
+        "unassigned": "single-file keys outside every component (EMA, schedule buffers), not used",
+        "config": "configs inferred from shapes (what shapes cannot tell came from family defaults)",
+        "note": "notes",
+    }
+
+    def add(self, kind: str, line: str) -> None:
+        self.events.setdefault(kind, []).append(line)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"merged": self.merged, "copied": self.copied, "events": self.events}
+
+    def render(self, limit: int = 8) -> str:
+        lines = [f"merged {self.merged} tensors, copied {self.copied} unchanged"]
+        for kind, title in self.TITLES.items():
+            items = self.events.get(kind)
+            if not items:
+                continue
+            lines.append(f"{title}: {len(items)}")
+            lines.extend(f"  {x}" for x in items[:limit])
+            if len(items) > limit:
+                lines.append(f"  ... and {len(items) - limit} more (--json lists all)")
+        return "\n".join(lines)
+
+
+def out_dtype_for(recipe: Recipe, ref: TensorRef) -> torch.dtype:
+    if not ref.dtype.is_floating_point:
+        return ref.dtype
+    return TORCH_DTYPES[recipe.dtype] if recipe.dtype else ref.dtype
+
+
+def plan_merge(models: list[LocalModel], recipe: Recipe, family: Family) -> tuple[list[Task], Summary, dict[str, int]]:
+    """Tasks for every output tensor, the summary of mismatches, and each component's structure model index."""
+    summary = Summary()
+    tasks: list[Task] = []
+    structure: dict[str, int] = {}
+    letters = [letter(i) for i in range(len(models))]
+    for m in models:
+        for comp in m.components.values():
+            for key, why in comp.dropped:
+                summary.add("dropped", f"{m.name}: {key} ({why})")
+        for key in m.unassigned:
+            summary.add("unassigned", f"{m.name}: {key}")
+    for cname in family.components:
+        rp = recipe.plan_for(cname)
+        if "from" in rp:
+            idx = letters.index(rp["from"])
+            structure[cname] = idx
+            for key, ref in sorted(models[idx].components[cname].tensors.items()):
+                tasks.append(Task(cname, key, ref.shape, out_dtype_for(recipe, ref), [ref], [idx]))
+            continue
+        idxs = [letters.index(x) for x in rp["models"]]
+        structure[cname] = idxs[0]
+        method = get_method(rp["method"])
+        comps = [models[i].components[cname] for i in idxs]
+        first = comps[0]
+        labels = {first.keymap.block_label(k) for k in first.tensors} if first.keymap else set()
+        unknown = sorted(set(rp["blocks"]) - labels)
+        if unknown:
+            valid = ", ".join(sorted(x for x in labels if x)) or "none: this component has no blocks"
+            raise RecipeError(f"{recipe.source}: components.{cname}.blocks: unknown block(s) {', '.join(unknown)} "
+                              f"(this model's: {valid})")
+        for key, ref0 in sorted(first.tensors.items()):
+            refs = [c.tensors.get(key) for c in comps]
+            dtype = out_dtype_for(recipe, ref0)
+            block = first.keymap.block_label(key) if first.keymap else None
+            params = rp["blocks"].get(block, rp["params"])
+            copy = Task(cname, key, ref0.shape, dtype, [ref0], [idxs[0]])
+            if not ref0.dtype.is_floating_point:
+                summary.add("nonfloat", f"{cname}/{key}")
+                tasks.append(copy)
+                continue
+            lacking = [models[i].name for i, r in zip(idxs, refs) if r is None]
+            if lacking:
+                summary.add("missing", f"{cname}/{key} (not in {', '.join(lacking)})")
+                tasks.append(copy)
+                continue
+            task = Task(cname, key, ref0.shape, dtype, refs, idxs, method, params, block)  # type: ignore[arg-type]
+            shapes = {r.shape for r in refs}  # type: ignore[union-attr]
+            if len(shapes) > 1:
+                shared = _shared_channels(ref0.shape, [r.shape for r in refs])  # type: ignore[union-attr]
+                if shared is None:
+                    desc = ", ".join(f"{models[i].name} {list(r.shape)}" for i, r in zip(idxs, refs))  # type: ignore
+                    summary.add("shape", f"{cname}/{key}: {desc}")
+                    tasks.append(copy)
+                    continue
+                task.channels = shared
+                desc = ", ".join(f"{models[i].name} {r.shape[1]}" for i, r in zip(idxs, refs))  # type: ignore
+                summary.add("channels", f"{cname}/{key}: {desc} input channels; first {shared} merged")
+            tasks.append(task)
+        for i, c in zip(idxs[1:], comps[1:]):
+            for key in sorted(set(c.tensors) - set(first.tensors)):
+                summary.add("extra", f"{cname}/{key} (in {models[i].name})")
+    for t in tasks:
+        if t.method is None:
+            summary.copied += 1
+        else:
+            summary.merged += 1
+    return tasks, summary, structure
+
+
+def _shared_channels(first: tuple[int, ...], shapes: list[tuple[int, ...]]) -> int | None:
+    """For conv weights that differ only in input channels (dim 1): how many all of them share."""
+    if len(first) != 4 or any(len(s) != 4 or s[0] != first[0] or s[2:] != first[2:] for s in shapes):
+        return None
+    return min(s[1] for s in shapes)
