@@ -36,7 +36,8 @@ class Job:
         return (self.stop - self.start) * self.task.out_dtype.itemsize
 
 
-def split_jobs(tasks: Iterable[Task], chunk: int = DEFAULT_CHUNK) -> list[Job]:
+def split_jobs(tasks: Iterable[Task], chunk: int | None = None) -> list[Job]:
+    chunk = chunk or DEFAULT_CHUNK
     jobs = []
     for t in tasks:
         if t.chunkable and t.numel > chunk:

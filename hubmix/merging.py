@@ -7,12 +7,10 @@ bytes to output bytes.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import yaml
 
 from . import __version__, analysis, engine
@@ -114,9 +112,15 @@ def _config_source(models: list[LocalModel], family: Family, recipe: Recipe) -> 
         if m.layout == "diffusers":
             return m.path
     if recipe.config_from:
+        ref = parse_ref(recipe.config_from)
+        if not ref.is_hub:
+            if not (ref.local and (ref.local / "model_index.json").is_file()):
+                raise InputError(f"{recipe.config_from}: --config-from needs a diffusers folder (with "
+                                 "model_index.json) or a Hub repo")
+            return ref.local
         from .hub import config_folder
 
-        return config_folder(recipe.config_from, family)
+        return config_folder(ref, family)
     return None
 
 
@@ -204,10 +208,8 @@ def _single_file_metadata(canonical: dict[str, Any], family: Family, title: str,
 
 
 def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = False, dry: bool = False,
-          quiet: bool = False, workers: int | None = None, resolver: Resolver = resolve_local,
-          log: Callable[[str], None] | None = None) -> MergeResult:
+          quiet: bool = False, workers: int | None = None, resolver: Resolver = resolve_local) -> MergeResult:
     """Merge as `recipe` says; write to `out` (or recipe.output). With dry=True, only analyze."""
-    log = log or (lambda s: print(s, file=sys.stderr))
     target = Path(out) if out is not None else (Path(recipe.output) if recipe.output else None)
     if not dry:
         if target is None:
@@ -252,12 +254,12 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
             title = target.stem if layout == "single-file" else target.name
             parts = {c: (KeyMap(family.components[c], configs[c]), by_comp.get(c, [])) for c in family.components}
             router.add_single_file(path, parts, _single_file_metadata(placeholder, family, title, configs,
-                                                                      prediction), summary)
+                                                                      prediction), summary, f"{title}.safetensors")
         todo = router.wanted(tasks)
         try:
             router.open()
             engine.run(engine.split_jobs(todo), lambda j: router.write(j, engine.compute(j, engine.load_views(j))),
-                       workers=workers, quiet=quiet)
+                       workers=workers, quiet=quiet, desc="converting" if recipe.method == "copy" else "merging")
             canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result())
             for f in router.files:
                 assert f.writer is not None
@@ -289,4 +291,4 @@ def recipe_yaml(canonical: dict[str, Any]) -> str:
     return head + yaml.safe_dump(canonical, sort_keys=False, allow_unicode=True)
 
 
-__all__ = ["merge", "MergeResult", "recipe_yaml", "torch"]
+__all__ = ["merge", "MergeResult", "recipe_yaml"]

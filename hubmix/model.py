@@ -250,7 +250,9 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
         unassigned = [k for k in unassigned if not k.startswith("model_ema.")]
     model = LocalModel(path, "single-file", family, components, [path], metadata=dict(f.metadata),
                        unassigned=unassigned)
-    model.prediction_type = "v_prediction" if "v_pred" in f else None
+    spec_pred = f.metadata.get("modelspec.prediction_type")
+    model.prediction_type = ("v_prediction" if spec_pred == "v" or "v_pred" in f else
+                             "epsilon" if spec_pred == "epsilon" else None)
     model.inpainting = _is_inpainting(model)
     return model
 

@@ -59,7 +59,7 @@ class Router:
         self.files.append(f)
 
     def add_single_file(self, path: Path, parts: dict[str, tuple[KeyMap, list[Task]]], metadata: dict[str, str],
-                        summary: Summary) -> None:
+                        summary: Summary, name: str) -> None:
         """One original-layout file for all components, through each component's key map."""
         f = OutputFile(path, metadata)
         for component, (keymap, tasks) in parts.items():
@@ -68,7 +68,7 @@ class Router:
             for t in tasks:
                 place = keymap.to_original(t.key)
                 if place is None:
-                    summary.add("note", f"{component}/{t.key}: no original-layout counterpart, not in {path.name}")
+                    summary.add("note", f"{component}/{t.key}: no original-layout counterpart, not in {name}")
                     continue
                 if place.part is None:
                     shape = to_original_shape(place.transform, t.shape)
@@ -80,7 +80,7 @@ class Router:
             for okey, pieces in fused.items():
                 if len(pieces) != counts[okey] or len({p.shape for p in pieces.values()}) != 1:
                     summary.add("note", f"{component}: {okey} needs {counts[okey]} equal parts, has {len(pieces)}; "
-                                        f"not in {path.name}")
+                                        f"not in {name}")
                     continue
                 first = pieces[0]
                 shape = (first.shape[0] * counts[okey], *first.shape[1:])
@@ -96,8 +96,14 @@ class Router:
         self.files.append(f)
 
     def wanted(self, tasks: list[Task]) -> list[Task]:
-        """The tasks whose result goes somewhere."""
-        return [t for t in tasks if (t.component, t.key) in self.routes]
+        """The tasks whose result goes somewhere; those written transposed are marked whole-only."""
+        out = []
+        for t in tasks:
+            routes = self.routes.get((t.component, t.key))
+            if routes:
+                t.whole_only = any(r.transform == "transpose" for r in routes)
+                out.append(t)
+        return out
 
     def open(self) -> None:
         for f in self.files:
@@ -109,8 +115,9 @@ class Router:
     def write(self, job: Job, data: torch.Tensor) -> None:
         for r in self.routes[(job.task.component, job.task.key)]:
             assert r.file.writer is not None
-            if r.transform == "transpose":
-                r.file.writer.write(r.key, apply_to_original("transpose", data), r.byte_base)
+            if r.transform == "transpose":  # needs the whole tensor: such tasks are never split
+                assert job.whole, f"{job.task.key}: a transposed tensor cannot be written in chunks"
+                r.file.writer.write(r.key, apply_to_original("transpose", data.reshape(job.task.shape)), r.byte_base)
             else:  # conv1x1 reshapes and row-blocks are the same bytes
                 r.file.writer.write(r.key, data, r.byte_base + job.start * data.dtype.itemsize)
 

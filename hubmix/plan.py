@@ -42,6 +42,7 @@ class Task:
     params: dict[str, float] = field(default_factory=dict)
     block: str | None = None
     channels: int | None = None  # merge only the first `channels` input channels (dim 1); the rest is refs[0]'s
+    whole_only: bool = False  # an output needs the whole tensor at once (a transposed copy)
 
     @property
     def numel(self) -> int:
@@ -57,7 +58,7 @@ class Task:
     @property
     def chunkable(self) -> bool:
         """Element-wise over contiguous views: safe to process in flat chunks."""
-        if self.channels is not None or (self.method is not None and not self.method.elementwise):
+        if self.channels is not None or self.whole_only or (self.method is not None and not self.method.elementwise):
             return False
         return all(r.place.transform != "transpose" for r in self.refs)
 

@@ -51,7 +51,10 @@ class Family:
 
     def matches(self, layout: str, keys: dict[str, int]) -> bool:
         """Whether every detection rule for `layout` holds for `keys` (key -> ndim)."""
-        return all(_rule_holds(rule, keys) for rule in self.detect.get(layout, []))
+        rules = self.detect.get(layout.replace("-", "_"))
+        if not rules:
+            raise ValueError(f"family {self.id} has no detection rules for the {layout} layout")
+        return all(_rule_holds(rule, keys) for rule in rules)
 
     def component_of(self, original_key: str) -> str | None:
         """The component an original single-file key belongs to, by its prefix."""

@@ -97,3 +97,14 @@ def weighted_sum(xs, alpha=0.5):
 def add_difference(xs, alpha=1.0):
     a, b, c = xs
     return a + alpha * (b - c)
+
+
+@register(
+    "copy",
+    models=(1,),
+    formula="out = a",
+    reference="https://github.com/huggingface/diffusers (layout conversion)",
+    summary="model a unchanged: what `hubmix convert` runs to change layout or dtype",
+)
+def copy(xs):
+    return xs[0]

@@ -1,0 +1,87 @@
+"""`inspect`: what a model is (family, layout, components, dtypes, sizes) and the recipe it was made with."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .model import open_model
+
+
+def inspect_model(path: str | Path, *, variant: str | None = None) -> dict[str, Any]:
+    m = open_model(path, variant=variant)
+    info: dict[str, Any] = {
+        "path": str(m.path),
+        "family": m.family.id,
+        "family_name": m.family.name,
+        "layout": m.layout,
+        "inpainting": m.inpainting,
+        "prediction_type": m.prediction_type,
+        "components": {},
+        "files": [str(f) for f in m.files],
+    }
+    for name, c in m.components.items():
+        dtypes = Counter(str(r.dtype).removeprefix("torch.") for r in c.tensors.values())
+        info["components"][name] = {
+            "tensors": len(c.tensors),
+            "parameters": sum(r.numel for r in c.tensors.values()),
+            "bytes": sum(r.nbytes for r in c.tensors.values()),
+            "dtypes": dict(sorted(dtypes.items())),
+            "config_source": c.config_source,
+            "config_notes": c.notes,
+            "not_used": [f"{k} ({why})" for k, why in c.dropped],
+        }
+    if m.unassigned:
+        info["outside_components"] = m.unassigned
+    ema = [k for k in m.unassigned if k.startswith("model_ema.")]
+    info["has_ema"] = bool(ema)
+    info["recipe"] = _embedded_recipe(m)
+    return info
+
+
+def _embedded_recipe(m) -> dict[str, Any] | None:
+    raw = m.metadata.get("hubmix.recipe")
+    if raw is None and m.layout == "diffusers":
+        for comp in m.components.values():
+            ref = next(iter(comp.tensors.values()), None)
+            if ref is not None and "hubmix.recipe" in ref.file.metadata:
+                raw = ref.file.metadata["hubmix.recipe"]
+                break
+    if raw:
+        return json.loads(raw)
+    side = m.path / "recipe.yaml" if m.layout == "diffusers" else m.path.with_name(f"{m.path.stem}.recipe.yaml")
+    if side.is_file():
+        return yaml.safe_load(side.read_text())
+    return None
+
+
+def render(info: dict[str, Any]) -> str:
+    lines = [f"{info['path']}", f"  family:  {info['family_name']} ({info['family']})"
+             f"{', inpainting' if info['inpainting'] else ''}",
+             f"  layout:  {info['layout']}"]
+    if info["prediction_type"]:
+        lines.append(f"  prediction type: {info['prediction_type']}")
+    for name, c in info["components"].items():
+        dt = ", ".join(f"{k} x{v}" for k, v in c["dtypes"].items())
+        lines.append(f"  {name:<15} {c['tensors']:>5} tensors {c['parameters'] / 1e6:>9.2f}M params "
+                     f"{c['bytes'] / 2**20:>9.1f} MiB  [{dt}]  config: {c['config_source']}")
+        for note in c["config_notes"]:
+            lines.append(f"      assumed: {note}")
+        if c["not_used"]:
+            lines.append(f"      not used: {len(c['not_used'])} keys, e.g. {c['not_used'][0]}")
+    if info.get("outside_components"):
+        lines.append(f"  outside components: {len(info['outside_components'])} keys"
+                     f"{' (has EMA weights: --ema uses them)' if info['has_ema'] else ''}")
+    r = info["recipe"]
+    if r:
+        comps = ", ".join(f"{k}: {v.get('method', 'from ' + str(v.get('from')))}"
+                          for k, v in (r.get("components") or {}).items())
+        lines.append(f"  recipe:  {r.get('method')} of {', '.join(m.get('ref', '?') for m in r.get('models', []))}"
+                     f" ({comps})")
+    else:
+        lines.append("  recipe:  none recorded")
+    return "\n".join(lines)
