@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -78,8 +79,19 @@ def cli(debug: bool) -> None:
 @click.option("--save-recipe", type=click.Path(path_type=Path), help="Also write this merge's recipe to a file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--workers", type=click.IntRange(1, 64), help="Worker threads (default: CPU count, at most 4).")
+@click.option("--push", is_flag=False, flag_value="", default=None, metavar="[ORG/NAME]",
+              help="Upload the result with its model card in one commit to ORG/NAME (alone: your namespace, under "
+                   "the --out folder's name, or a name made from the inputs and the method; without --out the "
+                   "result is built in a temporary folder).")
+@click.option("--private", is_flag=True, help="With --push: create the repo private.")
+@click.option("--branch", help="With --push: commit to this branch (created if missing).")
+@click.option("--create-pr", is_flag=True, help="With --push: open a pull request instead of committing to main.")
+@click.option("--commit-message", help="With --push: the commit message.")
+@click.option("--license", "license_", metavar="ID", help="The model card's license (default: the one every input "
+                                                         "shares, else none and a warning).")
 def merge(models, method, components, dtype, out, layout, variant, ema, config_from, prediction_type, overwrite,
-          dry, as_json, recipe_file, save_recipe, quiet, workers, **params):
+          dry, as_json, recipe_file, save_recipe, quiet, workers, push, private, branch, create_pr, commit_message,
+          license_, **params):
     from .merging import merge as run_merge
 
     params = {k: v for k, v in params.items() if v is not None}
@@ -113,6 +125,30 @@ def merge(models, method, components, dtype, out, layout, variant, ema, config_f
         recipe.validate()
     if save_recipe:
         save_recipe.write_text(recipe.to_yaml())
+    if push is None:
+        given = [n for n, v in (("--private", private), ("--branch", branch), ("--create-pr", create_pr),
+                                ("--commit-message", commit_message)) if v]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only go with --push")
+    else:
+        if dry:
+            raise click.UsageError("--push uploads a result; --dry writes none")
+        if branch and create_pr:
+            raise click.UsageError("--branch and --create-pr exclude each other")
+        from .hub import default_repo_name, push_target
+
+        target = out if out is not None else (Path(recipe.output) if recipe.output else None)
+        name = default_repo_name(recipe) if target is None else (target.stem if target.suffix == ".safetensors"
+                                                                 else target.name)
+        push = push_target(push or None, name)  # a token and the account, before any long work
+        if target is None:
+            import tempfile
+
+            tmpdir = tempfile.TemporaryDirectory(prefix="hubmix-push-")
+            click.get_current_context().call_on_close(tmpdir.cleanup)
+            out = Path(tmpdir.name) / name
+    if quiet:
+        _quiet_downloads()
     result = run_merge(recipe, out=out, overwrite=overwrite, dry=dry, quiet=quiet, workers=workers)
     if dry:
         from .analysis import render
@@ -126,13 +162,41 @@ def merge(models, method, components, dtype, out, layout, variant, ema, config_f
             if not quiet:
                 click.echo(result.summary.render(), err=True)
         return
+    pushed = None
+    if push is not None:
+        from .hub import push as run_push
+
+        if not quiet and not as_json:
+            click.echo(result.summary.render(), err=True)
+            click.echo(f"wrote {result.output} ({result.layout}, {result.family.name}); pushing to {push}", err=True)
+        pushed = run_push(result.output, push, private=private, branch=branch, create_pr=create_pr,
+                          commit_message=commit_message, license=license_)
+        for w in pushed.warnings:
+            click.echo(f"warning: {w}", err=True)
     if as_json:
-        click.echo(json.dumps({"output": str(result.output), "layout": result.layout,
-                               "recipe_sha256": result.recipe_sha256, "files": [str(f) for f in result.files],
-                               "summary": result.summary.to_dict()}, indent=2))
+        info = {"output": str(result.output), "layout": result.layout, "recipe_sha256": result.recipe_sha256,
+                "files": [str(f) for f in result.files], "summary": result.summary.to_dict()}
+        if pushed is not None:
+            info["push"] = {"repo_id": pushed.repo_id, "commit_url": pushed.commit_url, "revision": pushed.revision,
+                            "pr_url": pushed.pr_url, "files": pushed.files}
+        click.echo(json.dumps(info, indent=2))
+    elif pushed is not None:
+        if pushed.pr_url:
+            click.echo(f"opened {pushed.pr_url}", err=True)
+        click.echo(pushed.commit_url)
     elif not quiet:
         click.echo(result.summary.render(), err=True)
         click.echo(f"wrote {result.output} ({result.layout}, {result.family.name})", err=True)
+
+
+def _quiet_downloads() -> None:
+    """--quiet: no huggingface_hub download bars either."""
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def _legend(recipe: Recipe) -> dict[str, str]:
@@ -173,6 +237,56 @@ def inspect(src, variant, as_json):
 
     info = inspect_model(src, variant=variant)
     click.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@cli.command()
+@click.argument("result", type=click.Path(path_type=Path, exists=True))
+@click.option("--repo-id", metavar="ORG/NAME", help="The repo the card is for (its name, load snippet, reproduce "
+                                                   "command); default: the folder's name.")
+@click.option("--license", "license_", metavar="ID", help="License (default: the one every input shares).")
+def card(result, repo_id, license_):
+    """(Re)write RESULT's model card (README.md in a folder, <name>.README.md beside a single file) from its
+    recipe."""
+    from .card import write_card
+
+    written = write_card(result, repo_id=repo_id, license=license_)
+    for w in written.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(str(written.path))
+
+
+def _model_override(ctx, param, values):
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{v!r}: expected NAME=PATH, e.g. c=./models/c.safetensors")
+        out[name.strip()] = path.strip()
+    return out
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--latest", is_flag=True, help="Resolve Hub inputs as originally given (branch, tag) instead of at "
+                                            "their pinned commits: shows whether a newer input changes the result.")
+@click.option("--model", "models", multiple=True, callback=_model_override, metavar="NAME=PATH",
+              help="A local file for input NAME (a, b, ...): inputs that were local files are not on the Hub.")
+@click.option("--keep", type=click.Path(path_type=Path), help="Keep the rebuild here (default: a temporary "
+                                                              "folder, removed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--workers", type=click.IntRange(1, 64), help="Worker threads.")
+def reproduce(source, latest, models, keep, as_json, quiet, workers):
+    """Rebuild SOURCE (a Hub repo ORG/NAME[@REVISION], a result folder or file) from its recipe and report, per
+    file, whether the sha256 is identical. Exits 1 when any file differs."""
+    from .reproduce import reproduce as run_reproduce
+
+    if quiet:
+        _quiet_downloads()
+    report = run_reproduce(source, latest=latest, models=models, keep=keep, quiet=quiet, workers=workers)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+    if not report.identical:
+        sys.exit(1)
 
 
 @cli.command(name="methods")

@@ -1,24 +1,31 @@
 """The one streaming loop every command uses: tasks -> chunks -> float32 -> method -> output dtype -> sink.
 
-Inputs are memory-mapped views, so a chunk costs only the float32 copies the method needs; large tensors are cut
-into flat chunks (every built-in method is element-wise), a small pool of threads works on several chunks at once
-(torch and pwrite release the GIL), and a bounded number of chunks is in flight, so memory stays bounded whatever
-the model's size. The sink (an output router or the dry-run statistics) receives each chunk's result.
+Inputs are memory-mapped views. Large tensors are cut into flat chunks (every built-in method is element-wise)
+sized from a memory budget. Three kinds of thread overlap the work: a prefetcher maps the next chunks' input pages
+(so compute never waits on page faults or, with a cold cache, on the disk), compute workers turn views into output
+chunks (fused kernels once compiled, eagerly before that or where compiling is unavailable, on the chosen device),
+and the sink writes finished chunks in the background. Chunks in flight are bounded by bytes, so memory stays
+within the budget whatever the model's size.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from .kernels import Kernels
 from .plan import Task
 
-DEFAULT_CHUNK = 1 << 22  # elements per chunk: 16 MB of float32 per input
+DEFAULT_CHUNK = 1 << 22  # elements per chunk when no budget says otherwise
+DEFAULT_MAX_MEMORY = 512 << 20  # bytes of chunk buffers in flight (not counting torch itself, ~300 MB)
 
 
 @dataclass(frozen=True)
@@ -32,8 +39,32 @@ class Job:
         return self.start == 0 and self.stop == self.task.numel
 
     @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+    @property
     def out_nbytes(self) -> int:
-        return (self.stop - self.start) * self.task.out_dtype.itemsize
+        return self.numel * self.task.out_dtype.itemsize
+
+
+@dataclass
+class Settings:
+    workers: int | None = None  # compute threads (default: CPU cores, at most 4)
+    max_memory: int = DEFAULT_MAX_MEMORY
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    kernels: str = "auto"  # auto, native, compile, eager (hubmix.kernels)
+    quiet: bool = False
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def chunk_elements(settings: Settings, workers: int, bytes_per_element: int = 32) -> int:
+    """Chunk size from the budget: each worker holds its inputs' float32 copies and the output, and as many
+    finished chunks again wait for the writer."""
+    per_chunk = settings.max_memory // (2 * workers + 2)
+    return max(1 << 16, min(1 << 24, per_chunk // bytes_per_element))
 
 
 def split_jobs(tasks: Iterable[Task], chunk: int | None = None) -> list[Job]:
@@ -55,7 +86,7 @@ def load_views(job: Job) -> list[torch.Tensor]:
     return views
 
 
-def compute(job: Job, views: list[torch.Tensor]) -> torch.Tensor:
+def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None) -> torch.Tensor:
     """The output chunk, in the task's output dtype, from storage-dtype views; arithmetic in float32."""
     task = job.task
     dtype = task.out_dtype
@@ -64,51 +95,131 @@ def compute(job: Job, views: list[torch.Tensor]) -> torch.Tensor:
         if x.dtype == dtype:
             return x
         return x.float().to(dtype) if x.dtype.is_floating_point and dtype.is_floating_point else x.to(dtype)
-    xs = [v.float() for v in views]
-    if task.channels is not None:
+    if task.channels is not None:  # inpainting conv_in: merge the shared input channels, keep the rest
+        xs = [v.float() for v in views]
         n = task.channels
         y = task.method([x.narrow(1, 0, n) for x in xs], task.params)
         out = xs[0].clone() if xs[0].data_ptr() == views[0].data_ptr() else xs[0]
         out.narrow(1, 0, n).copy_(y)
         return out.to(dtype)
-    return task.method(xs, task.params).to(dtype)
+    kernels = kernels or _EAGER
+    device = kernels.device
+    if device.type != "cpu":
+        views = [v.to(device) for v in views]
+    kernel, _ = kernels.function(task.method, [v.dtype for v in views], dtype)
+    out = kernel(views, task.params)
+    return out.to("cpu") if device.type != "cpu" else out
 
 
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+_EAGER = Kernels("eager")
 
+
+# ---- prefetch: map the next chunks' pages ahead of compute ------------------------------------------------------
+
+_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault pages in without touching them from Python
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _madvise = _libc.madvise
+    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):  # not Linux/glibc: prefetching is only an optimisation
+    _madvise = None
+
+
+def prefetch(views: list[torch.Tensor]) -> None:
+    if _madvise is None:
+        return
+    for v in views:
+        if v.device.type != "cpu" or v.numel() == 0:
+            continue
+        start = v.data_ptr()
+        end = start + v.numel() * v.element_size()
+        base = start - start % _PAGE
+        _madvise(base, end - base, _MADV_POPULATE_READ)  # ctypes releases the GIL; errors are harmless
+
+
+# ---- the runner ------------------------------------------------------------------------------------------------
 
 def run(jobs: list[Job], consume: Callable[[Job], None], *, workers: int | None = None, desc: str = "merging",
         quiet: bool = False, in_flight: int | None = None) -> None:
-    """Run `consume` on every job over a thread pool, a bounded number at a time, with a progress bar over bytes."""
-    workers = workers or default_workers()
-    in_flight = in_flight or workers * 2
+    """Run `consume` on every job over a thread pool, a bounded number at a time, with a progress bar over bytes.
+    Used by the dry run, whose consumer only accumulates statistics."""
+    def produce(job: Job, views: list[torch.Tensor]) -> Callable[[], None]:
+        consume(job)
+        return lambda: None
+
+    _pipeline(jobs, produce, workers=workers or default_workers(), desc=desc, quiet=quiet,
+              in_flight=in_flight, prefetch_views=False)
+
+
+def run_merge(jobs: list[Job], write: Callable[[Job, torch.Tensor], None], kernels: Kernels, *, workers: int,
+              desc: str = "merging", quiet: bool = False) -> None:
+    """Compute every job's output chunk and write it: compute on the workers, writes on a background thread."""
+    def produce(job: Job, views: list[torch.Tensor]) -> Callable[[], None]:
+        out = compute(job, views, kernels)
+        return lambda: write(job, out)
+
+    _pipeline(jobs, produce, workers=workers, desc=desc, quiet=quiet, in_flight=None, prefetch_views=True)
+
+
+def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool, in_flight: int | None,
+              prefetch_views: bool) -> None:
+    """prefetcher -> `workers` compute threads -> one writer thread, with at most `in_flight` jobs between the
+    first and the last stage."""
+    in_flight = in_flight or 2 * workers + 2
     total = sum(j.out_nbytes for j in jobs)
+    slots = threading.Semaphore(in_flight)
+    done_q: queue.Queue = queue.Queue()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        while True:
+            item = done_q.get()
+            if item is None:
+                return
+            job, finish = item
+            try:
+                if not stop.is_set():
+                    finish()
+                    bar.update(job.out_nbytes)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+                errors.append(e)
+                stop.set()
+            finally:
+                slots.release()
+
+    def work(job: Job, views: list[torch.Tensor]) -> None:
+        try:
+            if not stop.is_set():
+                done_q.put((job, produce(job, views)))
+                return
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            stop.set()
+        slots.release()
+
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet,
               dynamic_ncols=True) as bar:
-        if workers == 1:
-            for j in jobs:
-                consume(j)
-                bar.update(j.out_nbytes)
-            return
-        with ThreadPoolExecutor(workers, thread_name_prefix="hubmix") as pool:
-            pending: dict[Future, Job] = {}
-            it = iter(jobs)
-            try:
-                for j in it:
-                    pending[pool.submit(consume, j)] = j
-                    if len(pending) >= in_flight:
-                        _drain(pending, bar, FIRST_COMPLETED)
-                _drain(pending, bar, None)
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
-
-
-def _drain(pending: dict[Future, Job], bar: tqdm, until) -> None:
-    done, _ = wait(list(pending), return_when=until or "ALL_COMPLETED")
-    for f in done:
-        job = pending.pop(f)
-        f.result()  # re-raises a worker's exception here
-        bar.update(job.out_nbytes)
+        wthread = threading.Thread(target=writer, name="hubmix-writer", daemon=True)
+        wthread.start()
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="hubmix") as pool:
+                for job in jobs:
+                    while not slots.acquire(timeout=0.1):
+                        if stop.is_set():
+                            break
+                    if stop.is_set():
+                        break
+                    views = load_views(job)
+                    if prefetch_views:
+                        prefetch(views)  # this thread maps pages while the workers compute earlier chunks
+                    pool.submit(work, job, views)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            done_q.put(None)
+            wthread.join()
+    if errors:
+        raise errors[0]

@@ -6,24 +6,26 @@ bytes to output bytes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 
 from . import __version__, analysis, engine
 from .configs import DEFAULT_DERIVED
+from .devices import device_budget, resolve_device
 from .errors import InputError, RecipeError
 from .families import Family
 from .hashing import hash_in_background
-from .model import CONFIG_META, LocalModel, check_same_family, open_model
+from .kernels import Kernels
+from .model import CONFIG_META, LocalModel, check_same_family, open_model, read_json
 from .output import (Router, atomic_target, check_target, component_config_json, copy_tree, model_index,
                      need_folder, write_json)
 from .plan import TORCH_DTYPES, Summary, Task, plan_merge
 from .recipe import RECIPE_VERSION, Recipe, canonical_json, letter, recipe_hash
-from .refs import parse_ref
+from .refs import ModelRef, parse_ref
 
 PLACEHOLDER = "0" * 64
 
@@ -37,6 +39,7 @@ class MergeResult:
     canonical: dict[str, Any]
     files: list[Path] = field(default_factory=list)
     report: dict[str, Any] | None = None  # the dry run's statistics
+    engine: dict[str, Any] = field(default_factory=dict)  # device, workers, chunk size, fused kernels, compile time
 
     @property
     def recipe_sha256(self) -> str:
@@ -49,7 +52,10 @@ Resolver = Callable[[Any, Recipe], tuple[Path, dict[str, Any]]]
 def resolve_local(ref: Any, recipe: Recipe) -> tuple[Path, dict[str, Any]]:
     """A local reference -> (path, identity fields for the canonical recipe); Hub refs need hubmix.hub."""
     text = ref["ref"] if isinstance(ref, dict) else ref
-    r = parse_ref(text)
+    if isinstance(ref, dict) and ref.get("repo"):  # a canonical recipe's Hub input: at its pinned commit
+        r = ModelRef(text, repo_id=ref["repo"], revision=ref.get("revision"), filename=ref.get("file"))
+    else:
+        r = parse_ref(text)
     if r.is_hub:
         from .hub import resolve_hub  # only Hub merges import the Hub client
 
@@ -61,9 +67,9 @@ def resolve_local(ref: Any, recipe: Recipe) -> tuple[Path, dict[str, Any]]:
 
 def open_inputs(recipe: Recipe, resolver: Resolver = resolve_local) -> tuple[list[LocalModel], list[dict[str, Any]]]:
     models, idents = [], []
-    for ref in recipe.models:
+    for i, ref in enumerate(recipe.models):
         path, ident = resolver(ref, recipe)
-        models.append(open_model(path, variant=recipe.variant, ema=recipe.ema))
+        models.append(open_model(path, variant=recipe.variant, ema=recipe.ema, components=recipe.needs(i)))
         idents.append(ident)
     return models, idents
 
@@ -98,6 +104,8 @@ def canonical_recipe(recipe: Recipe, family: Family, models: list[LocalModel], i
     }
     if recipe.ema:
         out["ema"] = True
+    if recipe.variant:
+        out["variant"] = recipe.variant
     if recipe.prediction_type:
         out["prediction_type"] = recipe.prediction_type
     for comp in out["components"].values():
@@ -132,7 +140,7 @@ def output_configs(models: list[LocalModel], structure: dict[str, int], family: 
         comp = models[idx].components[cname]
         cfg = dict(comp.config or {})
         if comp.config_source == "inferred":
-            borrowed = _read_json(source / cname / "config.json") if source else {}
+            borrowed = read_json(source / cname / "config.json") if source else {}
             if borrowed:
                 cfg = {**borrowed, **{k: v for k, v in cfg.items() if k not in DEFAULT_DERIVED}}
                 summary.add("config", f"{cname}: structure from {models[idx].name}'s shapes, the rest from {source}")
@@ -141,13 +149,6 @@ def output_configs(models: list[LocalModel], structure: dict[str, int], family: 
                     summary.add("config", f"{cname}: {note}")
         configs[cname] = cfg
     return configs
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _prediction_type(models: list[LocalModel], recipe: Recipe, summary: Summary) -> str | None:
@@ -165,13 +166,13 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
     a = models[0]
     base = a.path if a.layout == "diffusers" else source
     dtype = TORCH_DTYPES.get(recipe.dtype or "")
-    sched = _read_json(base / "scheduler" / "scheduler_config.json") if base else {}
+    sched = read_json(base / "scheduler" / "scheduler_config.json") if base else {}
     if not sched:
         sched = dict(family.defaults.get("scheduler", {}))
     if prediction:
         sched["prediction_type"] = prediction
     write_json(root / "scheduler" / "scheduler_config.json", sched)
-    index = model_index(family, a.inpainting, sched["_class_name"], _read_json(base / "model_index.json") or None
+    index = model_index(family, a.inpainting, sched["_class_name"], read_json(base / "model_index.json") or None
                         if base else None)
     write_json(root / "model_index.json", index)
     for cname, spec in family.components.items():
@@ -207,9 +208,43 @@ def _single_file_metadata(canonical: dict[str, Any], family: Family, title: str,
     return _metadata(canonical, extra)
 
 
+def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, summary: Summary) -> dict[str, Any]:
+    """Run the merge tasks through the engine on the chosen device; returns what the engine did."""
+    import dataclasses
+
+    device = resolve_device(settings.device)
+    workers = settings.workers or (1 if device.type != "cpu" else engine.default_workers())
+    budget = device_budget(device, settings.max_memory)
+    chunk = engine.chunk_elements(dataclasses.replace(settings, max_memory=budget), workers)
+    merged = [t for t in tasks if t.method is not None and t.channels is None]
+    kernels = Kernels(settings.kernels, device=device, total_elements=sum(t.numel for t in merged),
+                      log=lambda msg: summary.add("note", msg))
+    signatures: dict[tuple, tuple] = {}
+    for t in merged:
+        dtypes = [r.dtype for r in t.refs]
+        signatures.setdefault(Kernels.key(t.method, dtypes, t.out_dtype), (t.method, dtypes, t.out_dtype))
+    threads = torch.get_num_threads()
+    if workers > 1 and device.type == "cpu":
+        torch.set_num_threads(1)  # parallel across chunks, not inside each op
+    try:
+        kernels.start(list(signatures.values()))
+        engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
+                         quiet=settings.quiet)
+    finally:
+        torch.set_num_threads(threads)
+    return {"device": str(device), "workers": workers, "chunk_elements": chunk, "kernels": dict(kernels.calls),
+            "native_build_seconds": kernels.native_build_seconds, "compile_seconds": kernels.compile_seconds}
+
+
 def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = False, dry: bool = False,
-          quiet: bool = False, workers: int | None = None, resolver: Resolver = resolve_local) -> MergeResult:
-    """Merge as `recipe` says; write to `out` (or recipe.output). With dry=True, only analyze."""
+          quiet: bool = False, workers: int | None = None, settings: engine.Settings | None = None,
+          resolver: Resolver = resolve_local) -> MergeResult:
+    """Merge as `recipe` says; write to `out` (or recipe.output). With dry=True, only analyze.
+    `settings` chooses device, memory budget, workers and fused kernels (engine.Settings)."""
+    settings = settings or engine.Settings()
+    settings.quiet = settings.quiet or quiet
+    if workers:
+        settings.workers = workers
     target = Path(out) if out is not None else (Path(recipe.output) if recipe.output else None)
     if not dry:
         if target is None:
@@ -223,7 +258,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     placeholder = canonical_recipe(recipe, family, models, idents, tasks, {})
     if dry:
         names = {c: recipe.plan_for(c).get("models") or [recipe.plan_for(c)["from"]] for c in family.components}
-        report = analysis.analyze(tasks, names, quiet=quiet, workers=workers)
+        report = analysis.analyze(tasks, names, quiet=settings.quiet, workers=settings.workers)
         return MergeResult(None, None, family, summary, placeholder, report=report)
     assert target is not None
     layout = choose_layout(recipe, target)
@@ -258,8 +293,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         todo = router.wanted(tasks)
         try:
             router.open()
-            engine.run(engine.split_jobs(todo), lambda j: router.write(j, engine.compute(j, engine.load_views(j))),
-                       workers=workers, quiet=quiet, desc="converting" if recipe.method == "copy" else "merging")
+            stats = _execute(todo, router.write, settings, "converting" if recipe.method == "copy" else "merging",
+                             summary)
             canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result())
             for f in router.files:
                 assert f.writer is not None
@@ -282,7 +317,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         written.append(sidecar)
     else:
         written.append(target / "recipe.yaml")
-    return MergeResult(target, layout, family, summary, canonical, files=written)
+    return MergeResult(target, layout, family, summary, canonical, files=written, engine=stats)
 
 
 def recipe_yaml(canonical: dict[str, Any]) -> str:

@@ -11,39 +11,26 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Iterable
 
 import torch
 
 from .configs import infer_component_configs
 from .errors import FamilyError, InputError
 from .families import ComponentSpec, Family, detect_family
-from .io.readers import PICKLE_SUFFIXES, WeightFile, open_weight_file
+from .io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file
 from .layouts import KeyMap, Placement, apply_to_canonical, to_canonical_shape
 
 CONFIG_META = "hubmix.configs"  # single files written by hubmix embed their component configs under this key
 
 
 @dataclass(frozen=True)
-class TensorRef:
+class TensorRef(TensorInfo):
     """One canonical tensor of one input: a (part of a) tensor in a weight file, viewed in canonical shape."""
 
     file: WeightFile
     key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
     place: Placement = Placement("")
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
     def load(self) -> torch.Tensor:
         """A zero-copy view (a copy only for transposed tensors) in canonical shape."""
@@ -89,13 +76,16 @@ class LocalModel:
         return f"{self.path} ({self.family.id}, {self.layout})"
 
 
-def open_model(path: str | Path, *, variant: str | None = None, ema: bool = False) -> LocalModel:
+def open_model(path: str | Path, *, variant: str | None = None, ema: bool = False,
+               components: Collection[str] | None = None) -> LocalModel:
+    """Open a diffusers folder or a single file. `components` (diffusers folders only): the components to read;
+    the others may lack weights (the Hub fetches only what a merge uses) and are left out of the model."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     if p.is_dir():
         if (p / "model_index.json").is_file():
-            return _open_diffusers(p, variant)
+            return _open_diffusers(p, variant, components)
         weights = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", *PICKLE_SUFFIXES) and f.is_file())
         if len(weights) == 1:
             return _open_single_file(weights[0], ema)
@@ -108,10 +98,19 @@ def open_model(path: str | Path, *, variant: str | None = None, ema: bool = Fals
 
 # ---- diffusers folders -----------------------------------------------------------------------------------------
 
-def _weight_files(folder: Path, stem: str, variant: str | None, where: str) -> list[Path]:
-    """The weight files of one component: safetensors before .bin, an index's shards, the requested variant."""
-    names = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
-    found: dict[str | None, list[Path]] = {}  # variant -> files
+def weight_stem(library: str) -> str:
+    """File stem of a diffusers component's weights, from its model_index.json library."""
+    return "model" if library == "transformers" else "diffusion_pytorch_model"
+
+
+def choose_weights(names: Iterable[str], stem: str, variant: str | None, where: str, folder: object) -> list[str]:
+    """The rule that picks a component's weight files among the file names of its folder: safetensors before .bin
+    (never both), the requested variant (else the default one, else the only one), shards through their index.
+
+    Returns the chosen names: weight files, or one `*.index*.json` whose shards the caller reads from it. hub.py
+    applies this same function to a repo listing, so what is downloaded is exactly what `open_model` reads.
+    """
+    found: dict[str | None, list[str]] = {}  # variant -> names
     for ext in ("safetensors", "bin"):
         rx = re.compile(rf"^{re.escape(stem)}(?:\.([\w-]+))?\.{ext}(?:\.index(?:\.([\w-]+))?\.json)?$")
         for name in sorted(names):
@@ -119,17 +118,9 @@ def _weight_files(folder: Path, stem: str, variant: str | None, where: str) -> l
             if not m:
                 continue
             var = m.group(1) or m.group(2)
-            if var is not None and re.fullmatch(r"\d{5}-of-\d{5}", var):
+            if var is not None and re.search(r"(?:^|-)\d{5}-of-\d{5}$", var):
                 continue  # a shard, reached through its index
-            if name.endswith(".json"):
-                index = json.loads((folder / name).read_text())
-                files = [folder / s for s in sorted(set(index.get("weight_map", {}).values()))]
-                missing = [f.name for f in files if not f.is_file()]
-                if missing:
-                    raise InputError(f"{folder / name}: index names missing shard files: {', '.join(missing[:3])}")
-            else:
-                files = [folder / name]
-            found.setdefault(var, files)
+            found.setdefault(var, [name])
         if found:
             break  # safetensors found: never fall back to .bin duplicates
     if not found:
@@ -146,7 +137,47 @@ def _weight_files(folder: Path, stem: str, variant: str | None, where: str) -> l
     raise InputError(f"{where}: several variants in {folder} ({', '.join(sorted(found))}); choose one with --variant")
 
 
-def _open_diffusers(root: Path, variant: str | None) -> LocalModel:
+def index_shards(index_text: str) -> list[str]:
+    """The shard file names a weights index (`*.index.json`) points to."""
+    return sorted(set(json.loads(index_text).get("weight_map", {}).values()))
+
+
+def _weight_files(folder: Path, stem: str, variant: str | None, where: str) -> list[Path]:
+    """The weight files of one component, chosen by `choose_weights` among the folder's files."""
+    names = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
+    chosen = choose_weights(names, stem, variant, where, folder)
+    if len(chosen) == 1 and chosen[0].endswith(".json"):
+        files = [folder / s for s in index_shards((folder / chosen[0]).read_text())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"{folder / chosen[0]}: index names missing shard files: {', '.join(missing[:3])}")
+        return files
+    return [folder / n for n in chosen]
+
+
+def _config_ndims(folder: Path, library: str, cls: str) -> dict[str, int]:
+    """Key -> ndim of a component whose weights were not fetched, from its config (the model is built on the meta
+    device: no memory, no weights), so family detection still sees its keys. A bare presence marker if that fails."""
+    try:
+        import importlib
+
+        if library not in ("diffusers", "transformers"):  # names from a repo's model_index.json: nothing else runs
+            raise ValueError(library)
+        module = importlib.import_module(library)
+        base = module.ModelMixin if library == "diffusers" else module.PreTrainedModel
+        klass = getattr(module, cls)
+        if not (isinstance(klass, type) and issubclass(klass, base)):
+            raise ValueError(cls)
+        config = json.loads((folder / "config.json").read_text())
+        with torch.device("meta"):
+            model = klass.from_config(config) if library == "diffusers" else klass(
+                klass.config_class.from_dict(config))
+        return {k: v.ndim for k, v in model.state_dict().items()}
+    except Exception:  # noqa: BLE001 - detection then relies on the marker alone
+        return {"*": 0}
+
+
+def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | None = None) -> LocalModel:
     try:
         index = json.loads((root / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -155,9 +186,15 @@ def _open_diffusers(root: Path, variant: str | None) -> LocalModel:
                   if not name.startswith("_") and isinstance(v, list) and v and v[0] is not None}
     opened: dict[str, list[WeightFile]] = {}
     ndims: dict[str, int] = {}
+    skipped: set[str] = set()
     for name, folder in subfolders.items():
-        stem = "model" if (index[name][0] == "transformers") else "diffusion_pytorch_model"
+        stem = weight_stem(index[name][0])
         if name not in ("unet", "text_encoder", "text_encoder_2", "vae"):
+            continue
+        if wanted is not None and name not in wanted:
+            skipped.add(name)
+            for k, n in _config_ndims(folder, index[name][0], index[name][1]).items():
+                ndims[f"{name}/{k}"] = n
             continue
         files = [open_weight_file(f) for f in _weight_files(folder, stem, variant, str(root))]
         opened[name] = files
@@ -167,6 +204,8 @@ def _open_diffusers(root: Path, variant: str | None) -> LocalModel:
     family = detect_family("diffusers", ndims, str(root))
     components: dict[str, Component] = {}
     for name, spec in family.components.items():
+        if name in skipped:
+            continue
         if name not in opened:
             raise InputError(f"{root}: a {family.name} model needs a {name} component; model_index.json has none")
         folder = subfolders[name]
@@ -184,9 +223,9 @@ def _open_diffusers(root: Path, variant: str | None) -> LocalModel:
                 if why is not None:
                     comp.dropped.append((f"{name}/{k}", why))
                     continue
-                comp.tensors[canon] = TensorRef(f, k, info.dtype, info.shape)
+                comp.tensors[canon] = TensorRef(info.dtype, info.shape, f, k)
         components[name] = comp
-    sched = _read_json(root / "scheduler" / "scheduler_config.json")
+    sched = read_json(root / "scheduler" / "scheduler_config.json")
     extra = {n: f for n, f in subfolders.items() if n not in family.components and f.is_dir()}
     model = LocalModel(root, "diffusers", family, components, sorted({f.path for fs in opened.values() for f in fs}),
                        extra_components=extra, prediction_type=sched.get("prediction_type"))
@@ -194,7 +233,8 @@ def _open_diffusers(root: Path, variant: str | None) -> LocalModel:
     return model
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's object, or {} when it is missing or unreadable (optional configs)."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -265,7 +305,7 @@ def _ref(f: WeightFile, key: str, place: Placement, path: Path) -> TensorRef:
         if not shape or shape[0] % count:
             raise InputError(f"{path}: {key} has shape {list(shape)}, not {count} fused equal parts")
         shape = (shape[0] // count, *shape[1:])
-    return TensorRef(f, key, info.dtype, to_canonical_shape(place.transform, shape), place)
+    return TensorRef(info.dtype, to_canonical_shape(place.transform, shape), f, key, place)
 
 
 def _embedded_configs(f: WeightFile, path: Path) -> dict[str, dict[str, Any]]:

@@ -14,6 +14,7 @@ Nothing is broadcast and nothing fails deep in the loop: every case is listed in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,10 +47,7 @@ class Task:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def out_nbytes(self) -> int:

@@ -172,6 +172,14 @@ class Recipe:
                   for label, bp in sorted(c.blocks.items())}
         return {"method": method.name, "models": list(letters), "params": params, "blocks": blocks}
 
+    def needs(self, i: int) -> set[str]:
+        """The components model i takes part in (merged from it or copied from it): the only ones read from it."""
+        from .families import all_component_names
+
+        me = letter(i)
+        return {c for c in all_component_names()
+                if (p := self.plan_for(c)).get("from") == me or me in p.get("models", ())}
+
     def global_params(self) -> dict[str, float]:
         """The top-level method's parameters with defaults filled in."""
         return get_method(self.method).resolve_params(self.params, len(self.models), self.source)

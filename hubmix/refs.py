@@ -43,6 +43,12 @@ def parse_ref(text: str) -> ModelRef:
     explicit_local = text.startswith(("./", "../", "/", "~", ".\\")) or text in (".", "..")
     if p.exists() or explicit_local:
         return ModelRef(text, local=p)
+    return parse_hub_ref(text)
+
+
+def parse_hub_ref(text: str) -> ModelRef:
+    """`text` as a Hub reference, whatever exists locally (a recipe's Hub inputs name repos, not paths)."""
+    text = str(text).strip()
     m = _HUB.match(text)
     if not m:
         raise InputError(f"{text}: no such file or folder, and not a Hub reference (org/name[@revision][/file])")

@@ -6,6 +6,7 @@ holds the data and nothing is copied until a merge converts a chunk to float32.
 
 from __future__ import annotations
 
+import math
 import json
 import mmap
 import os
@@ -45,10 +46,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

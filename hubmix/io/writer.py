@@ -7,6 +7,7 @@ A background thread starts writeback of what is already written, so the final fs
 
 from __future__ import annotations
 
+import math
 import json
 import os
 import threading
@@ -29,10 +30,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def plan_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:

@@ -1,0 +1,261 @@
+"""The model card (README.md) of a result, built from its canonical recipe with huggingface_hub's ModelCard so the
+Hub parses its metadata: library, pipeline, base models (the Hub inputs), `base_model_relation: merge`, tags and
+license. The body states each method with its formula and reference, the inputs (Hub inputs with their pinned
+commit, local inputs by file name only) with the sha256 of every file read, the per-component parameters, the
+canonical recipe verbatim, how to load the result with diffusers, and the one command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError
+from .families import get_family
+from .methods import get_method
+from .recipe import recipe_hash
+
+RECIPE_MARK = "<!-- hubmix:recipe -->"
+_RECIPE_BLOCK = re.compile(re.escape(RECIPE_MARK) + r"\s*```ya?ml\n(.*?)\n```", re.S)
+TORCH_DTYPE = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
+
+
+@dataclass
+class Result:
+    """A local hubmix result: where it is, its layout, its canonical recipe and the recipe text as written."""
+
+    path: Path
+    layout: str  # diffusers, single-file or both
+    canonical: dict[str, Any]
+    recipe_text: str
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.layout == "single-file" else self.path.name
+
+    @property
+    def card_path(self) -> Path:
+        """README.md in a folder; `<stem>.README.md` beside a single file (uploaded as README.md)."""
+        return self.path / "README.md" if self.path.is_dir() else self.path.with_name(f"{self.path.stem}.README.md")
+
+
+@dataclass
+class Card:
+    path: Path
+    text: str
+    license: str | None
+    warnings: list[str] = field(default_factory=list)
+    summary: str = ""  # one line: "lossless merge of org/a, org/b, c.safetensors"
+    recipe_sha256: str = ""
+
+
+def _metadata_recipe(path: Path) -> dict[str, Any] | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("hubmix.recipe")
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: no recipe there
+        return None
+    return json.loads(raw) if raw else None
+
+
+def load_result(path: str | Path) -> Result:
+    """Read a local result's canonical recipe: `recipe.yaml` (`<stem>.recipe.yaml` beside a single file), else the
+    `hubmix.recipe` metadata of its weight files."""
+    from .merging import recipe_yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_dir():
+        side = p / "recipe.yaml"
+        layout = "both" if (p / f"{p.name}.safetensors").is_file() else "diffusers"
+        weights = sorted(p.glob("*/*.safetensors")) + sorted(p.glob("*.safetensors"))
+    else:
+        side = p.with_name(f"{p.stem}.recipe.yaml")
+        layout = "single-file"
+        weights = [p]
+    if side.is_file():
+        text = side.read_text(encoding="utf-8")
+        canonical = yaml.safe_load(text)
+    else:
+        canonical = next((r for r in map(_metadata_recipe, weights) if r), None)
+        text = recipe_yaml(canonical) if canonical else ""
+    if not isinstance(canonical, dict) or "models" not in canonical:
+        raise InputError(f"{p}: no hubmix recipe (no {side.name}, no hubmix.recipe metadata): not a hubmix result")
+    return Result(p, layout, canonical, text)
+
+
+def recipe_from_card(text: str) -> dict[str, Any] | None:
+    """The canonical recipe a hubmix card holds in its recipe block, or None."""
+    m = _RECIPE_BLOCK.search(text)
+    if not m:
+        return None
+    data = yaml.safe_load(m.group(1))
+    return data if isinstance(data, dict) else None
+
+
+def _models(canonical: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m if isinstance(m, dict) else {"ref": str(m)} for m in canonical.get("models", [])]
+
+
+def _params(p: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()) or "-"
+
+
+def resolve_license(canonical: dict[str, Any], chosen: str | None) -> tuple[str | None, list[str]]:
+    """The card's license: `chosen`, else the one every input shares; otherwise none and a warning listing them."""
+    models = _models(canonical)
+    licenses: dict[str, str | None] = {}
+    if any(m.get("repo") for m in models):
+        from .hub import input_licenses
+
+        licenses = input_licenses(models)
+    per_input = []
+    for m in models:
+        key = m.get("name") or m.get("repo") or m["ref"]
+        lic = licenses.get(key) if m.get("repo") else None
+        per_input.append((f"{m.get('name', '?')}: {m['ref']}", lic if m.get("repo") else None, bool(m.get("repo"))))
+    if chosen:
+        return chosen, []
+    found = {lic for _, lic, _ in per_input}
+    if len(found) == 1 and None not in found:
+        return found.pop(), []
+    listed = "; ".join(f"{who} {lic or ('none declared' if hub else 'unknown (local file)')}"
+                       for who, lic, hub in per_input)
+    return None, [f"no license set: the inputs do not share one ({listed}); choose one with --license"]
+
+
+def build_card(result: Result, *, repo_id: str | None = None, license: str | None = None,
+               revision: str | None = None) -> Card:
+    """The model card of `result` (for `repo_id`, and its branch `revision`, when they are known)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    c = result.canonical
+    models = _models(c)
+    family = get_family(c["family"])
+    lic, warnings = resolve_license(c, license)
+    base = list(dict.fromkeys(m["repo"] for m in models if m.get("repo")))
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", base_model=base or None,
+                         license=lic, tags=["hubmix", "merge", *family.tags],
+                         **({"base_model_relation": "merge"} if base else {}))
+    title = repo_id.split("/")[-1] if repo_id else result.name
+    where = (f"{repo_id}@{revision}" if revision else repo_id) if repo_id else f"./{result.name}"
+    refs = ", ".join(m["ref"] for m in models)
+    summary = f"{c['method']} merge of {refs}"
+    lines = [f"# {title}", "",
+             f"A merge of {len(models)} {family.name} models made with [hubmix](https://github.com/hubmix/hubmix): "
+             f"**{c['method']}** of {refs}.", ""]
+    lines += _method_section(c)
+    lines += _inputs_section(models)
+    lines += _components_section(c)
+    lines += ["## Recipe", "",
+              "The canonical recipe: every default filled in, Hub inputs pinned to a commit, local inputs by name "
+              f"and sha256 (recipe sha256 `{recipe_hash(c)}`). It is also stored as `recipe.yaml` and in the "
+              "`hubmix.recipe` metadata of every weight file.", "", RECIPE_MARK, "```yaml",
+              result.recipe_text.rstrip("\n"), "```", ""]
+    lines += _usage_section(result, family, repo_id, revision)
+    local = [m for m in models if not m.get("repo")]
+    cmd = f"hubmix reproduce {where}" + "".join(f" --model {m.get('name')}=PATH/TO/{m['ref']}" for m in local)
+    lines += ["## Reproduce", "",
+              "Rebuild it from the pinned inputs and check every file's sha256:", "", "```", cmd, "```", ""]
+    if local:
+        lines += ["Local inputs are not on the Hub: pass each one with `--model NAME=PATH` (the sha256 above tells "
+                  "whether it is the same file).", ""]
+    lines += ["## License", ""]
+    if lic and license:
+        lines += [f"`{lic}`, chosen when the merge was pushed.", ""]
+    elif lic:
+        lines += [f"`{lic}`, the license every input shares.", ""]
+    else:
+        lines += ["None set: " + warnings[0].split(": ", 1)[1].rsplit(";", 1)[0] + ". Check each input's terms.", ""]
+    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip("\n") + "\n"
+    card = ModelCard(text)  # parses the front matter as the Hub does
+    return Card(result.card_path, str(card), lic, warnings, summary, recipe_hash(c))
+
+
+def _method_section(c: dict[str, Any]) -> list[str]:
+    used = [c["method"]] + [p["method"] for p in c.get("components", {}).values() if "method" in p]
+    out = ["## Method", ""]
+    for name in dict.fromkeys(used):
+        try:
+            m = get_method(name)
+        except Exception:  # noqa: BLE001 - a method this hubmix lacks: name it only
+            out += [f"**{name}**", ""]
+            continue
+        out += [f"**{m.name}**: {m.summary}.", "", "```", m.formula, "```", "", f"Reference: {m.reference}", ""]
+    return out
+
+
+def _inputs_section(models: list[dict[str, Any]]) -> list[str]:
+    out = ["## Inputs", "", "| model | reference | commit | file | sha256 |", "|---|---|---|---|---|"]
+    for m in models:
+        ref = f"[{m['ref']}](/{m['repo']})" if m.get("repo") else f"`{m['ref']}` (local)"
+        commit = f"`{m['revision']}`" if m.get("revision") else "-"
+        files = list((m.get("files") or {}).items()) or [("-", "-")]
+        for i, (f, sha) in enumerate(files):
+            head = (m.get("name", "?"), ref, commit) if i == 0 else ("", "", "")
+            out.append(f"| {head[0]} | {head[1]} | {head[2]} | `{f}` | `{sha}` |")
+    return out + [""]
+
+
+def _components_section(c: dict[str, Any]) -> list[str]:
+    out = ["## Components", "", "| component | method | models | parameters |", "|---|---|---|---|"]
+    for name, p in c.get("components", {}).items():
+        if "from" in p:
+            out.append(f"| {name} | copied unchanged | {p['from']} | - |")
+            continue
+        out.append(f"| {name} | {p['method']} | {', '.join(p.get('models', []))} | {_params(p.get('params', {}))} |")
+        for block, bp in (p.get("blocks") or {}).items():
+            out.append(f"| {name} block {block} | {p['method']} | {', '.join(p.get('models', []))} | "
+                       f"{_params(bp)} |")
+    extra = [f"dtype: {c.get('dtype') or 'as model a'}"]
+    for key in ("variant", "prediction_type"):
+        if c.get(key):
+            extra.append(f"{key}: {c[key]}")
+    if c.get("ema"):
+        extra.append("EMA weights of single-file inputs")
+    return out + ["", "; ".join(extra) + ".", ""]
+
+
+def _usage_section(result: Result, family: Any, repo_id: str | None, revision: str | None) -> list[str]:
+    c = result.canonical
+    where = repo_id or f"./{result.name}"
+    dtype = TORCH_DTYPE.get(c.get("dtype") or "")
+    out = ["## Use it", "", "```python", "import torch"]
+    if result.layout in ("diffusers", "both"):
+        args = [f'"{where}"'] + ([f'revision="{revision}"'] if revision and repo_id else []) + (
+            [f'variant="{c["variant"]}"'] if c.get("variant") else []) + ([f"torch_dtype={dtype}"] if dtype else [])
+        out += ["from diffusers import DiffusionPipeline", "",
+                f"pipe = DiffusionPipeline.from_pretrained({', '.join(args)})"]
+    else:
+        file = f"{result.name}.safetensors"
+        url = f"https://huggingface.co/{repo_id}/blob/{revision or 'main'}/{file}" if repo_id else f"./{file}"
+        args = [f'"{url}"'] + ([f"torch_dtype={dtype}"] if dtype else [])
+        out += [f"from diffusers import {family.pipeline}", "",
+                f"pipe = {family.pipeline}.from_single_file({', '.join(args)})"]
+    out += ['pipe.to("cuda" if torch.cuda.is_available() else "cpu")',
+            'image = pipe("a photo of a cat", num_inference_steps=30).images[0]', "```", ""]
+    if result.layout == "both":
+        out += [f"The same weights as one original-layout file: `{result.name}.safetensors` (A1111, ComfyUI, "
+                "`from_single_file`).", ""]
+    return out
+
+
+def write_card(path: str | Path, *, repo_id: str | None = None, license: str | None = None,
+               revision: str | None = None) -> Card:
+    """(Re)write the model card of the local result at `path` from its recipe; returns it."""
+    result = load_result(path)
+    card = build_card(result, repo_id=repo_id, license=license, revision=revision)
+    card.path.write_text(card.text, encoding="utf-8")
+    return card
+
+
+__all__ = ["write_card", "build_card", "load_result", "recipe_from_card", "resolve_license", "Card", "Result",
+           "RECIPE_MARK"]

@@ -1,0 +1,613 @@
+"""The only module that talks to the Hugging Face Hub: resolve and fetch inputs, push results, read pushed results.
+
+* Resolution pins every Hub input to its commit sha (one `model_info` call), then downloads through
+  huggingface_hub into its usual cache (HF_HOME) only what the merge reads: for a diffusers repo the configs plus the
+  weight files of the components this input takes part in, chosen by the same rule `model.open_model` applies to a
+  folder (`model.choose_weights`: safetensors before .bin, the requested variant, shards through their index; never
+  onnx/flax/ckpt duplicates); for a single-file repo the named file, or the only weight file.
+* The file listing of each commit is kept in hubmix's cache (commits never change), so with `HF_HUB_OFFLINE=1`, or
+  when the Hub cannot be reached, the same files are chosen again and read from huggingface_hub's cache.
+* Push: one commit holding the weights, configs, recipe and model card; the token comes from huggingface_hub's
+  usual sources (HF_TOKEN, the stored login) and is never printed, logged or written anywhere.
+
+Every failure is a HubError whose one-line message names the repo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import __version__
+from .errors import HubError, InputError
+from .model import choose_weights, index_shards, weight_stem
+from .recipe import Recipe
+from .refs import ModelRef, parse_hub_ref, parse_ref
+
+log = logging.getLogger("hubmix")
+
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+MERGED = ("unet", "text_encoder", "text_encoder_2", "vae")  # components hubmix merges (model.open_model reads)
+# Files that are weights in some framework: never fetched as "configs"; only chosen weights are fetched.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data", ".pb",
+                   ".ot", ".tflite", ".gguf", ".npz", ".npy", ".pkl", ".pickle", ".joblib", ".mlmodel")
+SINGLE_FILE_SUFFIXES = ((".safetensors",), (".ckpt", ".pt", ".pth", ".bin"))  # in order of preference
+LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
+
+
+# ---- the client ------------------------------------------------------------------------------------------------
+
+def _api():
+    from huggingface_hub import HfApi
+
+    return HfApi(library_name="hubmix", library_version=__version__)  # endpoint and token: the usual sources
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _has_token() -> bool:
+    from huggingface_hub import get_token
+
+    return get_token() is not None
+
+
+def _one_line(text: Any, limit: int = 200) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _is_offline(e: BaseException) -> bool:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    return isinstance(e, OfflineModeIsEnabled)
+
+
+def _is_network(e: BaseException) -> bool:
+    """A connection that failed (DNS, refused, timeout, proxy), as opposed to an answer from the Hub."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if _is_offline(e):
+        return False  # HF_HUB_OFFLINE: no connection was tried
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, HfHubHTTPError):
+            return False
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & {"TransportError", "NetworkError", "TimeoutException", "ConnectionError", "TimeoutError"}:
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
+
+
+def hub_error(e: BaseException, repo: str, *, revision: str | None = None, filename: str | None = None,
+              action: str = "") -> HubError:
+    """The one-line HubError for a huggingface_hub exception about `repo`."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    what = f" ({action})" if action else ""
+    at = f" at revision '{revision}'" if revision else ""
+    if isinstance(e, GatedRepoError):
+        if _has_token():
+            return HubError(f"{repo}: gated repository, and your account has not been granted access; request it at "
+                            f"{_endpoint()}/{repo}")
+        return HubError(f"{repo}: gated repository: accept its conditions at {_endpoint()}/{repo}, then "
+                        f"{LOGIN_HINT}")
+    if isinstance(e, RepositoryNotFoundError):
+        if _has_token():
+            return HubError(f"{repo}: repository not found on {_endpoint()} (or private and not visible to your "
+                            "account)")
+        return HubError(f"{repo}: repository not found on {_endpoint()} (if it is private or gated: {LOGIN_HINT})")
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"{repo}: revision '{revision or 'main'}' not found (give a branch, a tag or a commit sha)")
+    if isinstance(e, LocalEntryNotFoundError) or _is_offline(e):
+        mode = "HF_HUB_OFFLINE is set" if _offline_mode() else f"the Hub at {_endpoint()} cannot be reached"
+        return HubError(f"{repo}: {filename or 'the repo'}{at} is not in the local cache and {mode}; run once with "
+                        "network access")
+    if isinstance(e, EntryNotFoundError):
+        return HubError(f"{repo}: file '{filename}' not found{at}")
+    if _is_network(e):
+        return HubError(f"{repo}: cannot reach the Hub at {_endpoint()} (network down?){what}: {_one_line(e, 120)}")
+    if isinstance(e, HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else "?"
+        msg = getattr(e, "server_message", None) or str(e).splitlines()[0]
+        if status == 401:
+            return HubError(f"{repo}: the Hub refused the token (HTTP 401: {_one_line(msg, 120)}); {LOGIN_HINT}")
+        if status == 403:
+            return HubError(f"{repo}: no permission{what} (HTTP 403: {_one_line(msg, 120)})")
+        return HubError(f"{repo}: the Hub answered HTTP {status}{what}: {_one_line(msg, 160)}")
+    return HubError(f"{repo}: {type(e).__name__}{what}: {_one_line(e, 160)}")
+
+
+def _offline_mode() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+# ---- resolution: pin to a commit, list its files -----------------------------------------------------------------
+
+@dataclass
+class RepoState:
+    """A repo pinned to one commit, with the commit's file listing."""
+
+    repo: str
+    sha: str
+    names: list[str]
+    license: str | None = None
+    online: bool = True  # False: served from the caches (offline, or the Hub unreachable)
+    revision: str | None = None  # as asked (branch, tag, sha or None for the default branch)
+
+
+_PINNED: dict[tuple[str, str, str], RepoState] = {}  # (endpoint, repo, commit sha) -> state: commits never change
+
+
+def _listing_file(repo: str, sha: str) -> Path:
+    """Where the file listing of `repo` at commit `sha` is kept (keyed like huggingface_hub's cache: by repo)."""
+    from .hashing import cache_file
+
+    return cache_file().parent / "hub" / f"models--{repo.replace('/', '--')}" / f"{sha}.json"
+
+
+def _save_listing(state: RepoState) -> None:
+    path = _listing_file(state.repo, state.sha)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp")
+        tmp.write_text(json.dumps({"files": sorted(state.names), "license": state.license}))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs offline use
+
+
+def _storage(repo: str) -> Path:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
+
+
+def _from_cache(repo: str, revision: str | None) -> RepoState | None:
+    """The commit and listing a revision had when last resolved online, from the caches; None if unknown."""
+    rev = revision or "main"
+    storage = _storage(repo)
+    sha = rev if COMMIT_SHA.match(rev) else None
+    if sha is None:
+        try:
+            sha = (storage / "refs" / rev).read_text().strip()
+        except OSError:
+            return None
+    try:
+        data = json.loads(_listing_file(repo, sha).read_text())
+        names, lic = list(data["files"]), data.get("license")
+    except (OSError, ValueError, KeyError):
+        snap = storage / "snapshots" / sha
+        if not snap.is_dir():
+            return None
+        names = [p.relative_to(snap).as_posix() for p in sorted(snap.rglob("*")) if p.is_file()]
+        lic = None
+    return RepoState(repo, sha, names, lic, online=False, revision=revision)
+
+
+def pin(repo: str, revision: str | None = None) -> RepoState:
+    """Resolve `revision` (branch, tag, sha; None: the default branch) of `repo` to its commit and file listing."""
+    if revision and COMMIT_SHA.match(revision) and (_endpoint(), repo, revision) in _PINNED:
+        return _PINNED[(_endpoint(), repo, revision)]
+    try:
+        info = _api().model_info(repo, revision=revision)
+    except Exception as e:  # noqa: BLE001 - translated below
+        if _is_offline(e) or _is_network(e):
+            state = _from_cache(repo, revision)
+            if state is not None:
+                if not _is_offline(e):
+                    log.warning("%s: the Hub cannot be reached; using the cached commit %s", repo, state.sha[:12])
+                return state
+            if _is_network(e):
+                raise HubError(f"{repo}: cannot reach the Hub at {_endpoint()} ({_one_line(e, 80)}; network "
+                               f"down?), and revision '{revision or 'main'}' is not in the local cache") from None
+        raise hub_error(e, repo, revision=revision) from None
+    card = info.card_data
+    lic = card.get("license") if card is not None else None
+    state = RepoState(repo, str(info.sha), [s.rfilename for s in info.siblings or []],
+                      lic if isinstance(lic, str) else None, online=True, revision=revision)
+    _save_listing(state)
+    _PINNED[(_endpoint(), repo, state.sha)] = state
+    return state
+
+
+def _fetch(state: RepoState, filename: str, revision: str | None = None) -> Path:
+    """One file at the pinned commit into huggingface_hub's cache (its own progress bar); the path in the snapshot.
+
+    `revision` (the revision as asked) is used for the first file of a repo, so huggingface_hub records the
+    branch or tag -> commit ref that offline use needs; the commit it lands on is checked against the pin.
+    """
+    from huggingface_hub import hf_hub_download
+
+    rev = revision if (revision and state.online) else state.sha  # a branch/tag: huggingface_hub records its ref
+    try:
+        path = Path(hf_hub_download(state.repo, filename, revision=rev, local_files_only=not state.online,
+                                    library_name="hubmix", library_version=__version__))
+    except Exception as e:  # noqa: BLE001 - translated below
+        raise hub_error(e, state.repo, revision=state.revision, filename=filename) from None
+    landed = _snapshot_sha(path, filename)
+    if landed is not None and landed != state.sha:
+        raise HubError(f"{state.repo}: revision '{revision}' moved to {landed[:12]} while resolving (it was "
+                       f"{state.sha[:12]}); run again")
+    return path
+
+
+def _asked(revision: str | None) -> str:
+    from huggingface_hub import constants
+
+    return revision or constants.DEFAULT_REVISION
+
+
+def _snapshot_sha(path: Path, filename: str) -> str | None:
+    root = path
+    for _ in PurePosixPath(filename).parts:
+        root = root.parent
+    return root.name if COMMIT_SHA.match(root.name) and root.parent.name == "snapshots" else None
+
+
+# ---- what to fetch --------------------------------------------------------------------------------------------
+
+def _is_weight(name: str) -> bool:
+    return name.lower().endswith(WEIGHT_SUFFIXES) or bool(re.search(r"\.index(\.[\w-]+)?\.json$", name))
+
+
+def _children(names: list[str], folder: str) -> list[str]:
+    """File names directly inside `folder` of a repo listing."""
+    prefix = folder.rstrip("/") + "/"
+    return [n[len(prefix):] for n in names if n.startswith(prefix) and "/" not in n[len(prefix):]]
+
+
+def _pipeline_folders(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Subfolders model_index.json lists with a class: name -> (library, class)."""
+    return {k: (v[0], v[1]) for k, v in index.items()
+            if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
+
+
+def _config_files(names: list[str], index: dict[str, Any]) -> list[str]:
+    """Every non-weight file of the folders model_index.json lists: configs, scheduler, tokenizers."""
+    out = []
+    for folder in _pipeline_folders(index):
+        out += [f"{folder}/{n}" for n in _children(names, folder) if not _is_weight(n)]
+    return out
+
+
+def _extra_weights(names: list[str], variant: str | None, where: str, folder: str) -> list[str]:
+    """Weights of a component hubmix copies but does not merge (e.g. a safety checker): safetensors stems before
+    .bin ones, each by the same rule as merged components (the variant when it has one)."""
+    kids = _children(names, folder)
+
+    def stem(n: str) -> str:
+        return re.sub(r"-\d{5}-of-\d{5}$", "", n.split(".")[0])
+
+    stems = {stem(n) for n in kids if ".safetensors" in n} or {stem(n) for n in kids if re.search(r"\.bin\b", n)}
+    out: list[str] = []
+    for s in sorted(stems):
+        try:
+            out += choose_weights(kids, s, variant, where, folder)
+        except InputError:
+            out += choose_weights(kids, s, None, where, folder)
+    return out
+
+
+def _diffusers_output(recipe: Recipe) -> bool:
+    """Whether the output will be a diffusers folder (which copies model a's other components)."""
+    if recipe.layout:
+        return recipe.layout in ("diffusers", "both")
+    return not str(recipe.output or "").endswith(".safetensors")
+
+
+def _ref_text(m: Any) -> str:
+    return str(m["ref"] if isinstance(m, dict) else m)
+
+
+def _weight_candidates(names: list[str]) -> list[str]:
+    for suffixes in SINGLE_FILE_SUFFIXES:
+        found = sorted(n for n in names if n.lower().endswith(suffixes))
+        if found:
+            return found
+    return []
+
+
+def resolve_hub(r: ModelRef, recipe: Recipe) -> tuple[Path, dict[str, Any]]:
+    """A Hub reference -> (local path in huggingface_hub's cache, identity for the canonical recipe).
+
+    Diffusers repos come back as the snapshot folder holding the configs and the weights of the components this
+    input takes part in (plus model a's other components when the output is a diffusers folder); single-file repos
+    as the file.
+    """
+    assert r.repo_id is not None
+    state = pin(r.repo_id, r.revision)
+    ident: dict[str, Any] = {"ref": r.text, "repo": r.repo_id, "revision": state.sha}
+    names = state.names
+    if r.filename:
+        if r.filename not in names:
+            have = _weight_candidates(names)
+            listed = f" (weight files there: {', '.join(have[:6])})" if have else " (it has no weight files)"
+            raise HubError(f"{r.repo_id}: file '{r.filename}' not found at revision '{r.revision or 'main'}'"
+                           f"{listed}")
+        ident["file"] = r.filename
+        return _fetch(state, r.filename, _asked(r.revision)), ident
+    if "model_index.json" not in names:
+        found = _weight_candidates(names)
+        if not found:
+            raise HubError(f"{r.repo_id}: no weights in the repo at {state.sha[:12]}: neither a diffusers "
+                           "model_index.json nor a .safetensors/.ckpt file")
+        if len(found) > 1:
+            raise HubError(f"{r.repo_id}: holds several weight files; name one as {r.repo_id}/FILE: "
+                           f"{', '.join(found[:10])}{' ...' if len(found) > 10 else ''}")
+        ident["file"] = found[0]
+        return _fetch(state, found[0], _asked(r.revision)), ident
+    return _fetch_diffusers(state, r, recipe), ident
+
+
+def _fetch_diffusers(state: RepoState, r: ModelRef, recipe: Recipe) -> Path:
+    first = _fetch(state, "model_index.json", _asked(r.revision))
+    root = first.parent
+    try:
+        index = json.loads(first.read_text())
+    except (OSError, ValueError) as e:
+        raise HubError(f"{state.repo}: model_index.json is unreadable ({_one_line(e, 80)})") from None
+    idxs = [i for i, m in enumerate(recipe.models) if _ref_text(m) == r.text]
+    needs: set[str] = set().union(*(recipe.needs(i) for i in idxs)) if idxs else set(MERGED)
+    extras = 0 in idxs and _diffusers_output(recipe)
+    wanted = _config_files(state.names, index)
+    indexes: list[str] = []
+    for folder, (library, _cls) in _pipeline_folders(index).items():
+        where = f"{state.repo}@{state.sha[:12]}"
+        if folder in MERGED:
+            if folder not in needs:
+                continue
+            chosen = choose_weights(_children(state.names, folder), weight_stem(library), recipe.variant, where,
+                                    f"{folder}/")
+        elif extras:
+            chosen = _extra_weights(state.names, recipe.variant, where, folder)
+        else:
+            continue
+        for name in chosen:
+            (indexes if name.endswith(".json") else wanted).append(f"{folder}/{name}")
+    for path in indexes:  # a sharded component: its index, then the shards it names
+        local = _fetch(state, path)
+        folder = path.rsplit("/", 1)[0]
+        try:
+            wanted += [f"{folder}/{s}" for s in index_shards(local.read_text())]
+        except (OSError, ValueError) as e:
+            raise HubError(f"{state.repo}: {path} is unreadable ({_one_line(e, 80)})") from None
+    missing = sorted(set(wanted) - set(state.names))
+    if missing:
+        raise HubError(f"{state.repo}: the repo lacks files its own index names: {', '.join(missing[:3])}")
+    for path in sorted(set(wanted), key=lambda p: (_is_weight(p), p)):  # configs first, then weights
+        _fetch(state, path)
+    return root
+
+
+def config_folder(ref: ModelRef, family: Any = None) -> Path:
+    """`--config-from org/repo`: the snapshot folder with model_index.json and every config, scheduler and tokenizer
+    file (no weights)."""
+    assert ref.repo_id is not None
+    state = pin(ref.repo_id, ref.revision)
+    if "model_index.json" not in state.names:
+        raise HubError(f"{ref.repo_id}: --config-from needs a diffusers repo (with model_index.json); this one has "
+                       "none")
+    first = _fetch(state, "model_index.json", _asked(ref.revision))
+    index = json.loads(first.read_text())
+    for path in _config_files(state.names, index):
+        _fetch(state, path)
+    return first.parent
+
+
+def input_licenses(models: list[dict[str, Any]]) -> dict[str, str | None]:
+    """The license of each Hub input of a canonical recipe at its pinned commit (name -> license or None)."""
+    out: dict[str, str | None] = {}
+    for m in models:
+        repo, sha = m.get("repo"), m.get("revision")
+        if not repo or not sha:
+            continue
+        key = (_endpoint(), repo, sha)
+        lic = None
+        if key in _PINNED:
+            lic = _PINNED[key].license
+        else:
+            try:
+                lic = json.loads(_listing_file(repo, sha).read_text()).get("license")
+            except (OSError, ValueError):
+                try:
+                    lic = pin(repo, sha).license
+                except HubError:
+                    lic = None
+        out[m.get("name") or repo] = lic
+    return out
+
+
+# ---- push -----------------------------------------------------------------------------------------------------
+
+def default_repo_name(recipe: Recipe) -> str:
+    """A repo name made from the inputs and the method: `a-b-c-lossless`."""
+    parts = []
+    for m in recipe.models:
+        if isinstance(m, dict):
+            text = m.get("repo") or m["ref"]
+        else:
+            text = str(m)
+        try:
+            r = parse_ref(text)
+        except InputError:
+            r = ModelRef(text)
+        if r.is_hub:
+            parts.append(r.repo_id.split("/")[1])  # type: ignore[union-attr]
+        else:
+            p = PurePosixPath(text.replace("\\", "/").rstrip("/"))
+            parts.append(p.stem if p.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin") else p.name)
+    name = "-".join([*parts, recipe.method])
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    name = re.sub(r"-{2,}", "-", name).strip("-._")[:96].strip("-._")
+    return name or "hubmix-merge"
+
+
+def push_target(repo_id: str | None, name: str) -> str:
+    """The repo a push goes to: `repo_id` (`org/name`, or a bare name in the token owner's namespace), or
+    `<token owner>/<name>`. Checks first that a token is available, so nothing long runs before a certain refusal."""
+    if not _has_token():
+        raise HubError(f"{repo_id or name}: pushing to the Hub needs a token: {LOGIN_HINT}")
+    if repo_id and "/" in repo_id:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", repo_id):
+            raise HubError(f"{repo_id}: not a valid repo id (org/name: letters, digits, '.', '_', '-')")
+        return repo_id
+    try:
+        owner = _api().whoami()["name"]
+    except Exception as e:  # noqa: BLE001 - translated below
+        raise hub_error(e, repo_id or name, action="reading the token's account") from None
+    return f"{owner}/{repo_id or name}"
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    commit_url: str
+    commit_sha: str
+    revision: str  # the branch, or refs/pr/N
+    pr_url: str | None
+    files: list[str]  # paths in the repo, in the one commit
+    created: bool  # the repo did not exist before
+    warnings: list[str] = field(default_factory=list)  # from the model card (license)
+
+    @property
+    def url(self) -> str:
+        return f"{_endpoint()}/{self.repo_id}"
+
+
+def result_files(path: Path, card_path: Path) -> list[tuple[str, Path]]:
+    """What a push uploads: (path in the repo, local file). A folder: its files (weights, configs, tokenizers,
+    recipe.yaml, README.md; hidden files left out). A single file: it, its `<stem>.recipe.yaml`, and the card as
+    README.md."""
+    if path.is_dir():
+        out = []
+        for p in sorted(path.rglob("*")):
+            rel = p.relative_to(path)
+            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+                out.append((rel.as_posix(), p))
+        return out
+    out = [(path.name, path)]
+    sidecar = path.with_name(f"{path.stem}.recipe.yaml")
+    if sidecar.is_file():
+        out.append((sidecar.name, sidecar))
+    out.append(("README.md", card_path))
+    return out
+
+
+def push(path: str | Path, repo_id: str | None = None, *, private: bool = False, branch: str | None = None,
+         create_pr: bool = False, commit_message: str | None = None, license: str | None = None) -> PushResult:
+    """Upload a hubmix result (folder or single file) to `repo_id` in one commit, with a model card written first.
+
+    `repo_id` None: the token owner's namespace, under the folder's (or file's) name. The repo is created if
+    needed (`private`); `branch` commits to that branch (created from main if missing), `create_pr` opens a PR.
+    """
+    from .card import write_card
+
+    path = Path(path)
+    if branch and create_pr:
+        raise HubError(f"{repo_id or path.name}: --branch and --create-pr exclude each other")
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder to push")
+    target = push_target(repo_id, path.stem if path.is_file() else path.name)
+    card = write_card(path, repo_id=target, license=license, revision=branch)
+    uploads = result_files(path, card.path)
+    api = _api()
+    try:
+        existed = api.repo_exists(target)
+        url = api.create_repo(target, private=private, exist_ok=True)
+        target = url.repo_id or target
+    except Exception as e:  # noqa: BLE001
+        raise hub_error(e, target, action="creating the repo") from None
+    created = not existed
+    state = "created empty" if created else "left as it was"
+    if branch:
+        try:
+            api.create_branch(target, branch=branch, exist_ok=True)
+        except Exception as e:  # noqa: BLE001
+            raise hub_error(e, target, action=f"creating branch '{branch}'; nothing was committed, the repo was "
+                                              f"{state}") from None
+    from huggingface_hub import CommitOperationAdd
+
+    ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(local)) for rel, local in uploads]
+    message = commit_message or f"hubmix: {card.summary}"
+    try:
+        info = api.create_commit(target, operations=ops, commit_message=message, revision=branch,
+                                 create_pr=create_pr or None,
+                                 commit_description=f"Made with hubmix {__version__}; recipe sha256 "
+                                                    f"{card.recipe_sha256}.")
+    except Exception as e:  # noqa: BLE001
+        where = f"branch '{branch}'" if branch else ("a pull request" if create_pr else "main")
+        reason = hub_error(e, target).args[0].split(": ", 1)[-1]
+        verdict = ("the connection failed mid-upload: nothing was committed unless the repo shows a commit titled "
+                   f"'{_one_line(message, 60)}'" if _is_network(e) else "nothing was committed")
+        raise HubError(f"{target}: upload to {where} failed ({reason}); {verdict}: none of the {len(uploads)} files "
+                       f"({', '.join(rel for rel, _ in uploads[:4])}{', ...' if len(uploads) > 4 else ''}) is in a "
+                       f"commit, and the repo was {state}") from None
+    revision = info.pr_revision or branch or "main"
+    return PushResult(target, info.commit_url, info.oid, revision, info.pr_url, [rel for rel, _ in uploads], created,
+                      card.warnings)
+
+
+# ---- reading a pushed result (for reproduce) -------------------------------------------------------------------
+
+@dataclass
+class RemoteResult:
+    repo_id: str
+    sha: str
+    files: dict[str, dict[str, Any]]  # path -> {"size", "sha256" (LFS files), "blob_id" (git sha1)}
+    recipe_file: str  # where the recipe was read from: recipe.yaml, <stem>.recipe.yaml or README.md
+    recipe_text: str
+
+
+def fetch_result(text: str) -> RemoteResult:
+    """A pushed hubmix result: its commit, every file's sha256 (LFS) or git blob id, and the recipe text (from
+    recipe.yaml, else `<stem>.recipe.yaml`, else the model card), without downloading any weights."""
+    r = parse_hub_ref(text)
+    if r.filename:
+        raise InputError(f"{text}: not a Hub repo reference (org/name or org/name@revision)")
+    repo = r.repo_id
+    assert repo is not None
+    try:
+        info = _api().model_info(repo, revision=r.revision, files_metadata=True)
+    except Exception as e:  # noqa: BLE001
+        raise hub_error(e, repo, revision=r.revision) from None
+    files = {s.rfilename: {"size": s.size, "blob_id": s.blob_id, "sha256": s.lfs.sha256 if s.lfs else None}
+             for s in info.siblings or []}
+    state = RepoState(repo, str(info.sha), list(files), online=True, revision=r.revision)
+    sidecars = [n for n in files if "/" not in n and n.endswith(".recipe.yaml")]
+    candidates = (["recipe.yaml"] if "recipe.yaml" in files else []) + sidecars[:1] + (
+        ["README.md"] if "README.md" in files else [])
+    if not candidates:
+        raise HubError(f"{repo}: no hubmix recipe at {state.sha[:12]} (no recipe.yaml, *.recipe.yaml or model card)")
+    for name in candidates:
+        body = _fetch(state, name).read_text(encoding="utf-8")
+        if name != "README.md":
+            return RemoteResult(repo, state.sha, files, name, body)
+        from .card import recipe_from_card
+
+        if recipe_from_card(body) is not None:
+            return RemoteResult(repo, state.sha, files, name, body)
+    raise HubError(f"{repo}: its model card holds no hubmix recipe (not made by hubmix?)")
+
+
+__all__ = ["resolve_hub", "config_folder", "pin", "push", "push_target", "default_repo_name", "PushResult",
+           "fetch_result", "RemoteResult", "input_licenses", "hub_error", "result_files"]

@@ -1,0 +1,183 @@
+"""How one chunk is computed, fastest first: a native fused kernel (built-in methods, hubmix.native), a
+torch.compile fused kernel (any registered method, once compiled), or the method's own torch code run eagerly in
+cache-sized pieces. All three give the same bytes (the tests compare them), so the choice is only about speed.
+
+The eager and compiled paths run the same Python function: stored views in, output dtype out, float32 arithmetic
+in between. inductor compiles CPU code without floating-point contraction or unsafe math, and parameters stay
+runtime floats (no recompiling per alpha). Selection methods pick from the stored values directly when the output
+dtype is the candidates' own, so a value taken is the value stored.
+
+Fusing pays only on large merges: a native build costs about a second once per machine, torch.compile several
+seconds per process even with its persistent cache, so `auto` uses them only above a size, compiling on a
+background thread while chunks run eagerly; where they are unavailable (no compiler, an unsupported platform, an
+error) everything runs eagerly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from . import native
+from .methods import Method
+
+SUBCHUNK = 1 << 18  # eager pieces: ~1 MB of float32 per intermediate, so a chain of ops stays in cache
+NATIVE_MIN_ELEMENTS = 20_000_000  # below this, building the native library once is not worth a second
+COMPILE_MIN_ELEMENTS = 500_000_000  # torch.compile's per-process start-up must be repaid
+MODES = ("auto", "native", "compile", "eager")
+
+ChunkFn = Callable[..., torch.Tensor]
+Kernel = Callable[[list[torch.Tensor], dict[str, float]], torch.Tensor]
+
+
+def selects_in_storage(method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> bool:
+    """Whether the output can be picked straight from the stored candidates (no float round trip)."""
+    if method.choose is None or method.candidate_names is None:
+        return False
+    x, y = method.candidate_names(len(dtypes))
+    return dtypes[x] == dtypes[y] == out_dtype
+
+
+def chunk_function(method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> ChunkFn:
+    """The whole computation of one chunk as one function of the stored views: what eager runs and what
+    torch.compile fuses into a single pass over memory."""
+    if selects_in_storage(method, dtypes, out_dtype):
+        choose = method.choose
+        x_i, y_i = method.candidate_names(len(dtypes))  # type: ignore[misc]
+
+        def select(*views: torch.Tensor, **params: float) -> torch.Tensor:
+            xs = [v.float() for v in views]
+            return torch.where(choose(xs, **params), views[x_i], views[y_i])  # type: ignore[misc]
+
+        return select
+    fn = method.fn
+
+    def arithmetic(*views: torch.Tensor, **params: float) -> torch.Tensor:
+        return fn([v.float() for v in views], **params).to(out_dtype)
+
+    return arithmetic
+
+
+def eager_kernel(fn: ChunkFn, out_dtype: torch.dtype, device: torch.device) -> Kernel:
+    """`fn` over flat CPU views in cache-sized pieces into one output buffer; on a GPU, in one go."""
+    def run(views: list[torch.Tensor], params: dict[str, float]) -> torch.Tensor:
+        n = views[0].numel()
+        if device.type != "cpu" or n <= SUBCHUNK or views[0].dim() != 1:
+            return fn(*views, **params)
+        out = torch.empty(n, dtype=out_dtype)
+        for s in range(0, n, SUBCHUNK):
+            e = min(s + SUBCHUNK, n)
+            out[s:e] = fn(*(v[s:e] for v in views), **params)
+        return out
+
+    return run
+
+
+def compiler_available() -> bool:
+    if sys.platform not in ("linux", "darwin"):
+        return False
+    cxx = os.environ.get("CXX") or "c++"
+    return any(shutil.which(c) for c in (cxx, "g++", "clang++"))
+
+
+Signature = tuple[Method, list[torch.dtype], torch.dtype]
+
+
+class Kernels:
+    """Hands out the kernel for each (method, input dtypes, output dtype) and counts which kind ran."""
+
+    def __init__(self, mode: str = "auto", *, device: torch.device | None = None, total_elements: int = 0,
+                 log: Callable[[str], None] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"kernels mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.device = device or torch.device("cpu")
+        self.log = log or (lambda msg: None)
+        cpu = self.device.type == "cpu"
+        self.use_native = cpu and (mode == "native" or (mode == "auto" and total_elements >= NATIVE_MIN_ELEMENTS))
+        self.use_compile = cpu and (mode == "compile" or (mode == "auto" and total_elements >= COMPILE_MIN_ELEMENTS))
+        self._kernels: dict[tuple, tuple[Kernel, str]] = {}
+        self._compiled: dict[tuple, Kernel] = {}
+        self._thread: threading.Thread | None = None
+        self.calls = {"native": 0, "compiled": 0, "eager": 0}
+        self.compile_seconds: float | None = None
+        self.native_build_seconds: float | None = None
+
+    @staticmethod
+    def key(method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> tuple:
+        return (method.name, tuple(dtypes), out_dtype)
+
+    def start(self, signatures: list[Signature]) -> None:
+        """Prepare fused kernels for the signatures a merge uses: native ones now (a build costs about a second,
+        once), torch.compile for the rest on a background thread."""
+        rest = signatures
+        if self.use_native and signatures:
+            rest = []
+            for method, dtypes, out_dtype in signatures:
+                k = native.kernel(method.name, dtypes, out_dtype)
+                if k is None:
+                    rest.append((method, dtypes, out_dtype))
+                else:
+                    self._kernels[self.key(method, dtypes, out_dtype)] = (k, "native")
+            if native.Native.build_seconds is not None:
+                self.native_build_seconds = native.Native.build_seconds
+            if native.Native.error():
+                self.log(f"native kernels unavailable ({native.Native.error()}); using the next fastest")
+            elif self.mode == "native" and rest:
+                self.log(f"no native kernel for {', '.join(sorted({m.name for m, _, _ in rest}))} with these "
+                         f"dtypes; those run eagerly")
+        if self.use_compile and rest:
+            if not compiler_available():
+                self.log("torch.compile unavailable (no C++ compiler); running eagerly")
+                return
+            self._thread = threading.Thread(target=self._compile_all, args=(rest,), name="hubmix-compile",
+                                            daemon=True)
+            self._thread.start()
+            if self.mode == "compile":
+                self._thread.join()  # asked for fused kernels: every chunk runs fused
+
+    def _compile_all(self, signatures: list[Signature]) -> None:
+        t0 = time.perf_counter()
+        try:
+            _configure_inductor()
+            for method, dtypes, out_dtype in signatures:
+                fn = torch.compile(chunk_function(method, dtypes, out_dtype), dynamic=True)
+                probe = [torch.zeros(4096, dtype=d) for d in dtypes]  # compile now, off the critical path
+                with torch.no_grad():
+                    fn(*probe, **method.resolve_params({}, len(dtypes), "compile"))
+                self._compiled[self.key(method, dtypes, out_dtype)] = \
+                    lambda views, params, fn=fn: fn(*views, **params)
+            self.compile_seconds = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - any failure: the eager path is equally correct
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.log(f"torch.compile unavailable ({type(e).__name__}: {msg}); running eagerly")
+
+    def function(self, method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> tuple[Kernel, str]:
+        """(kernel, kind) for one chunk: kind is native, compiled or eager."""
+        k = self.key(method, dtypes, out_dtype)
+        hit = self._kernels.get(k)
+        if hit is None or hit[1] == "eager":
+            compiled = self._compiled.get(k)
+            if compiled is not None:
+                hit = self._kernels[k] = (compiled, "compiled")
+            elif hit is None:
+                hit = self._kernels[k] = (eager_kernel(chunk_function(method, dtypes, out_dtype), out_dtype,
+                                                       self.device), "eager")
+        self.calls[hit[1]] += 1  # approximate under threads; only reported
+        return hit
+
+
+def _configure_inductor() -> None:
+    """A persistent compile cache under hubmix's cache folder (unless the user chose one), no worker pool."""
+    root = os.environ.get("HUBMIX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hubmix")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

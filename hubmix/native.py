@@ -1,0 +1,214 @@
+"""Fused native kernels for the built-in methods: one pass over memory per chunk, loaded in milliseconds.
+
+Each kernel reads the stored inputs (fp16, bf16 or fp32), does the method's arithmetic in float32 in exactly the
+order the eager torch code does (C compiled without contraction or fast-math, scalars rounded to float32 the way
+torch rounds Python floats), and writes the output dtype; a selection kernel copies the stored bits of the value it
+takes. So its bytes equal the eager path's, which the tests check for every kernel.
+
+Why not only torch.compile: on a small machine inductor needs 4 to 6 seconds per process before its first kernel
+runs (imports, a CPU-ISA probe that compiles and runs test programs, cache loading), as long as a whole SD1.5 merge
+should take. This C source is compiled once per machine (about a second, with the system's C compiler) into
+hubmix's cache and then loaded with ctypes; ctypes releases the GIL, so worker threads run kernels in parallel.
+Methods without a native kernel (a user's own) are fused by torch.compile instead (hubmix.kernels).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+
+_PRELUDE = r"""
+#include <stdint.h>
+#include <string.h>
+typedef uint16_t u16;
+/* float16 <-> float32 with integer and float operations only (the FP16 library's method, which c10::Half
+   uses too): exact, round to nearest even, and unlike the compiler's _Float16 it vectorizes */
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float ld_f16(const void *p, int64_t i) {
+    uint32_t w = (uint32_t)((const u16 *)p)[i] << 16, sign = w & 0x80000000u, two_w = w + w;
+    float normalized = u2f((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    float denormalized = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
+    return u2f(sign | (two_w < (1u << 27) ? f2u(denormalized) : f2u(normalized)));
+}
+static inline void st_f16(void *p, int64_t i, float f) {
+    float base = (f < 0 ? -f : f) * 0x1.0p+112f * 0x1.0p-110f;
+    uint32_t w = f2u(f), shl1_w = w + w, sign = w & 0x80000000u, bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = u2f((bias >> 1) + 0x07800000u) + base;
+    uint32_t bits = f2u(base), exp_bits = (bits >> 13) & 0x00007C00u, mant = bits & 0x00000FFFu;
+    ((u16 *)p)[i] = (u16)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : exp_bits + mant));
+}
+/* bfloat16 <-> float32 exactly as c10::BFloat16 (round to nearest even, NaN -> 0x7FC0) */
+static inline float ld_bf16(const void *p, int64_t i) { uint32_t u = (uint32_t)((const u16 *)p)[i] << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline void st_bf16(void *p, int64_t i, float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    ((u16 *)p)[i] = (f != f) ? (u16)0x7FC0 : (u16)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float ld_f32(const void *p, int64_t i) { return ((const float *)p)[i]; }
+static inline void st_f32(void *p, int64_t i, float f) { ((float *)p)[i] = f; }
+static inline float fabs32(float x) { return __builtin_fabsf(x); }
+#define K const void *restrict a, const void *restrict b, const void *restrict c, void *restrict o, int64_t n, \
+          float k1, float k2, float k3, float k4
+"""
+
+# name -> (number of inputs, float32 body computing `r`, or for selections `take` and the two candidates)
+# Each body is the eager torch code of hubmix/methods/basic.py, operation for operation.
+_ARITH = {
+    "weighted_sum": (2, "float r = k1 * fa + k2 * fb;"),  # k1 = 1-alpha, k2 = alpha
+    "add_difference": (3, "float r = fa + k1 * (fb - fc);"),  # k1 = alpha
+}
+_SELECT = {
+    # k1 = alpha, k2 = beta; two-model forms: k3 = 1-ref_alpha, k4 = ref_alpha, candidates a and b
+    "lossless3": (3, "int take = fabs32(fa - k1 * fb) <= fabs32(fa - k2 * fc);", "b", "c"),
+    "maxdiff3": (3, "int take = fabs32(fa - k1 * fb) > fabs32(fa - k2 * fc);", "b", "c"),
+    "lossless2": (2, "float ref = k3 * fa + k4 * fb; int take = fabs32(ref - k1 * fa) <= fabs32(ref - k2 * fb);",
+                  "a", "b"),
+    "maxdiff2": (2, "float ref = k3 * fa + k4 * fb; int take = fabs32(ref - k1 * fa) > fabs32(ref - k2 * fb);",
+                 "a", "b"),
+}
+_NAMES = ("a", "b", "c")
+
+
+def _loads(n: int, t: str) -> str:
+    return " ".join(f"float f{x} = ld_{t}({x}, i);" for x in _NAMES[:n])
+
+
+def source() -> str:
+    parts = [_PRELUDE]
+    for t_in in DTYPES.values():
+        for t_out in DTYPES.values():
+            for name, (n, body) in _ARITH.items():
+                parts.append(f"void {name}_{t_in}_{t_out}(K) {{ for (int64_t i = 0; i < n; i++) {{ "
+                             f"{_loads(n, t_in)} {body} st_{t_out}(o, i, r); }} }}")
+            for name, (n, body, x, y) in _SELECT.items():
+                if t_in == t_out:  # copy the stored bits of the value taken
+                    ctype = "float" if t_in == "f32" else "u16"
+                    store = (f"(({ctype} *)o)[i] = take ? ((const {ctype} *){x})[i] : ((const {ctype} *){y})[i];")
+                else:
+                    store = f"st_{t_out}(o, i, take ? f{x} : f{y});"
+                parts.append(f"void {name}_{t_in}_{t_out}(K) {{ for (int64_t i = 0; i < n; i++) {{ "
+                             f"{_loads(n, t_in)} {body} {store} }} }}")
+    return "\n".join(parts) + "\n"
+
+
+# Which native kernel computes a method, and its float32 scalars derived from the parameters as torch would.
+def _coefficients(method: str, n: int, p: dict[str, float]) -> tuple[str, tuple[float, float, float, float]] | None:
+    if method == "weighted_sum":
+        return "weighted_sum", (1 - p["alpha"], p["alpha"], 0.0, 0.0)
+    if method == "add_difference":
+        return "add_difference", (p["alpha"], 0.0, 0.0, 0.0)
+    if method in ("lossless", "maxdiff"):
+        ref = p.get("ref_alpha", 0.5)
+        return f"{method}{n}", (p["alpha"], p["beta"], 1 - ref, ref)
+    return None
+
+
+class Native:
+    """The compiled library, built on first use (once per machine and source) and shared by every merge."""
+
+    _lock = threading.Lock()
+    _lib: ctypes.CDLL | None = None
+    _error: str | None = None
+    build_seconds: float | None = None
+
+    @classmethod
+    def library(cls) -> ctypes.CDLL | None:
+        with cls._lock:
+            if cls._lib is None and cls._error is None:
+                try:
+                    cls._lib = cls._build_and_load()
+                except Exception as e:  # noqa: BLE001 - no compiler, odd platform: eager is equally correct
+                    cls._error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            return cls._lib
+
+    @classmethod
+    def error(cls) -> str | None:
+        return cls._error
+
+    @classmethod
+    def _build_and_load(cls) -> ctypes.CDLL:
+        import time
+
+        if os.environ.get("HUBMIX_NATIVE", "1") == "0":
+            raise RuntimeError("disabled by HUBMIX_NATIVE=0")
+        cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+        if cc is None:
+            raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+        src = source()
+        flags = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native",
+                 "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-shared", "-fPIC"]
+        key = hashlib.sha256("\n".join([src, cc, *flags, platform.machine(), _cpu_signature()]).encode())
+        folder = _cache_root() / "native"
+        lib = folder / f"kernels-{key.hexdigest()[:16]}.so"
+        if not lib.exists():
+            t0 = time.perf_counter()
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                c_file = Path(tmp) / "kernels.c"
+                c_file.write_text(src)
+                out = Path(tmp) / "kernels.so"
+                r = subprocess.run([cc, *flags, "-o", str(out), str(c_file)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+                os.replace(out, lib)  # atomic: concurrent builders agree
+            cls.build_seconds = time.perf_counter() - t0
+        return ctypes.CDLL(str(lib))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("HUBMIX_CACHE") or Path.home() / ".cache" / "hubmix")
+
+
+def _cpu_signature() -> str:
+    """-march=native code must not run on another CPU that shares the cache folder."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 4
+
+
+def kernel(method: str, dtypes: list[torch.dtype], out_dtype: torch.dtype
+           ) -> Callable[[list[torch.Tensor], dict[str, float]], torch.Tensor] | None:
+    """A function (flat CPU views, params) -> output chunk, or None when no native kernel fits."""
+    if len(set(dtypes)) != 1 or dtypes[0] not in DTYPES or out_dtype not in DTYPES:
+        return None
+    if _coefficients(method, len(dtypes), {"alpha": 0.0, "beta": 0.0}) is None:
+        return None
+    lib = Native.library()
+    if lib is None:
+        return None
+    t_in, t_out = DTYPES[dtypes[0]], DTYPES[out_dtype]
+    fns = {}
+
+    def run(views: list[torch.Tensor], params: dict[str, float]) -> torch.Tensor:
+        name, ks = _coefficients(method, len(views), params)  # type: ignore[misc]
+        fn = fns.get(name)
+        if fn is None:
+            fn = fns[name] = getattr(lib, f"{name}_{t_in}_{t_out}")
+            fn.argtypes, fn.restype = _ARGTYPES, None
+        flat = [v.reshape(-1) if v.is_contiguous() else v.contiguous().reshape(-1) for v in views]
+        out = torch.empty(flat[0].numel(), dtype=out_dtype)
+        ptrs = [v.data_ptr() for v in flat] + [0] * (3 - len(flat))
+        fn(*ptrs, out.data_ptr(), out.numel(), *ks)
+        return out.reshape(views[0].shape)
+
+    return run

@@ -1,0 +1,126 @@
+"""The engine's execution paths give the same bytes: fused kernels vs eager, small vs large chunks, workers,
+devices; and the memory budget bounds chunk sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import hubmix
+from hubmix import Recipe, engine
+from hubmix.engine import Settings
+
+UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
+CASES = [("lossless", 3, None), ("lossless", 2, None), ("maxdiff", 3, "fp32"), ("weighted_sum", 2, None),
+         ("add_difference", 3, "bf16")]
+
+
+def _merge(zoo, out, method, n, dtype, settings):
+    inputs = [str(zoo.diffusers("sd1", s, dtype="fp16")) for s in (1, 2, 3)[:n]]
+    params = {"alpha": 0.9, "beta": 1.1} if method in ("lossless", "maxdiff") else {"alpha": 0.3}
+    return hubmix.merge(Recipe(models=inputs, method=method, params=params, dtype=dtype), out=out, quiet=True,
+                        settings=settings)
+
+
+def _same_files(a: Path, b: Path) -> None:
+    files = sorted(a.rglob("*.safetensors"))
+    assert files
+    for f in files:
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes(), f
+
+
+@pytest.mark.parametrize("kind", ["native", "compile"])
+def test_fused_kernels_give_the_eager_bytes(zoo, tmp_path, kind):
+    from hubmix import kernels, native
+
+    if kind == "compile" and not kernels.compiler_available():
+        pytest.skip("no C++ compiler for torch.compile")
+    if kind == "native" and native.Native.library() is None:
+        pytest.skip(f"no native kernels here: {native.Native.error()}")
+    label = "compiled" if kind == "compile" else kind
+    for method, n, dtype in CASES:
+        eager = _merge(zoo, tmp_path / f"{method}{n}-eager", method, n, dtype, Settings(kernels="eager"))
+        fused = _merge(zoo, tmp_path / f"{method}{n}-{kind}", method, n, dtype, Settings(kernels=kind))
+        assert eager.engine["kernels"]["native"] == eager.engine["kernels"]["compiled"] == 0
+        assert fused.engine["kernels"][label] > 0 and fused.engine["kernels"]["eager"] == 0, fused.summary.events
+        _same_files(tmp_path / f"{method}{n}-eager", tmp_path / f"{method}{n}-{kind}")
+
+
+def test_native_kernels_match_torch_on_every_dtype_and_special_value():
+    """Every native kernel against the eager torch code, on ties, infinities, subnormals and signed zeros."""
+    from hubmix import native
+    from hubmix.kernels import chunk_function, eager_kernel
+    from hubmix.methods import get_method
+
+    if native.Native.library() is None:
+        pytest.skip(f"no native kernels here: {native.Native.error()}")
+    gen = torch.Generator().manual_seed(0)
+    n = 50_000
+    base = torch.randn(n, generator=gen)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    for din in dtypes:
+        xs = [(base + 0.01 * torch.randn(n, generator=gen)).to(din) for _ in range(3)]
+        xs[2][:500] = (2 * xs[0][:500].float() - xs[1][:500].float()).to(din)  # exact ties
+        xs[0][500:510] = float("inf")
+        xs[1][510:520] = 1e-42 if din != torch.float16 else 3e-8
+        xs[2][520:530] = -0.0
+        for dout in dtypes:
+            for name, k, params in [("lossless", 3, {"alpha": 1.0, "beta": 1.0}),
+                                    ("lossless", 3, {"alpha": 0.9, "beta": 1.1}),
+                                    ("lossless", 2, {"alpha": 1.0, "beta": 1.0, "ref_alpha": 0.3}),
+                                    ("maxdiff", 3, {"alpha": 1.0, "beta": 1.0}),
+                                    ("maxdiff", 2, {"alpha": 1.2, "beta": 1.0, "ref_alpha": 0.5}),
+                                    ("weighted_sum", 2, {"alpha": 0.3}), ("add_difference", 3, {"alpha": 0.7})]:
+                m = get_method(name)
+                want = eager_kernel(chunk_function(m, [din] * k, dout), dout, torch.device("cpu"))(xs[:k], params)
+                got = native.kernel(name, [din] * k, dout)(xs[:k], params)
+                bits = torch.int32 if dout == torch.float32 else torch.int16
+                assert torch.equal(want.view(bits), got.view(bits)), (name, k, din, dout, params)
+
+
+def test_chunking_workers_and_budget_do_not_change_bytes(zoo, tmp_path, monkeypatch):
+    base = _merge(zoo, tmp_path / "base", "lossless", 3, None, Settings(kernels="eager", workers=1))
+    assert base.engine["workers"] == 1
+    monkeypatch.setattr("hubmix.kernels.SUBCHUNK", 777)  # eager pieces that do not divide the chunks
+    small = _merge(zoo, tmp_path / "small", "lossless", 3, None,
+                   Settings(kernels="eager", workers=4, max_memory=1 << 20))
+    assert small.engine["chunk_elements"] == 1 << 16  # the floor: many chunks per tensor
+    assert (tmp_path / "base" / UNET).read_bytes() == (tmp_path / "small" / UNET).read_bytes()
+
+
+def test_budget_bounds_chunks():
+    s = Settings(max_memory=256 << 20)
+    assert engine.chunk_elements(s, 2) * 32 * (2 * 2 + 2) <= 256 << 20
+    assert engine.chunk_elements(Settings(max_memory=64 << 30), 2) == 1 << 24  # capped
+    assert engine.chunk_elements(Settings(max_memory=1), 2) == 1 << 16  # floored
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_gives_the_cpu_bytes_for_selection_and_close_values_for_arithmetic(zoo, tmp_path):
+    for method, n, dtype in CASES:
+        cpu = _merge(zoo, tmp_path / f"{method}{n}-cpu", method, n, dtype, Settings(device="cpu", kernels="eager"))
+        gpu = _merge(zoo, tmp_path / f"{method}{n}-gpu", method, n, dtype, Settings(device="cuda"))
+        assert gpu.engine["device"].startswith("cuda") and cpu.engine["device"] == "cpu"
+        from safetensors.torch import load_file
+
+        x, y = (load_file(str(tmp_path / f"{method}{n}-{d}" / UNET)) for d in ("cpu", "gpu"))
+        for k in x:
+            if method in ("lossless", "maxdiff"):
+                assert torch.equal(x[k], y[k]), (method, k)
+            else:
+                torch.testing.assert_close(x[k].float(), y[k].float(), rtol=1e-6, atol=1e-6)
+
+
+def test_device_errors():
+    from hubmix.devices import resolve_device
+    from hubmix.errors import HubmixError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(HubmixError, match="not a device"):
+        resolve_device("potato")
+    if not torch.cuda.is_available():
+        with pytest.raises(HubmixError, match="CUDA is not available"):
+            resolve_device("cuda:0")
