@@ -79,6 +79,13 @@ def cli(debug: bool) -> None:
 @click.option("--save-recipe", type=click.Path(path_type=Path), help="Also write this merge's recipe to a file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--workers", type=click.IntRange(1, 64), help="Worker threads (default: CPU count, at most 4).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the arithmetic runs: auto (a GPU when present), cpu, cuda, cuda:N or mps.")
+@click.option("--max-memory", "max_memory", default="512M", show_default=True, callback=lambda c, p, v: _size(v),
+              help="Budget for chunk buffers in flight (e.g. 256M, 2G); bounds chunk sizes for huge tensors.")
+@click.option("--kernels", type=click.Choice(["auto", "native", "compile", "eager"]), default="auto",
+              show_default=True, help="Fused native kernels, torch.compile, or plain torch; auto fuses large "
+                                      "merges (all give the same bytes).")
 @click.option("--push", is_flag=False, flag_value="", default=None, metavar="[ORG/NAME]",
               help="Upload the result with its model card in one commit to ORG/NAME (alone: your namespace, under "
                    "the --out folder's name, or a name made from the inputs and the method; without --out the "
@@ -90,8 +97,8 @@ def cli(debug: bool) -> None:
 @click.option("--license", "license_", metavar="ID", help="The model card's license (default: the one every input "
                                                          "shares, else none and a warning).")
 def merge(models, method, components, dtype, out, layout, variant, ema, config_from, prediction_type, overwrite,
-          dry, as_json, recipe_file, save_recipe, quiet, workers, push, private, branch, create_pr, commit_message,
-          license_, **params):
+          dry, as_json, recipe_file, save_recipe, quiet, workers, device, max_memory, kernels, push, private, branch,
+          create_pr, commit_message, license_, **params):
     from .merging import merge as run_merge
 
     params = {k: v for k, v in params.items() if v is not None}
@@ -149,7 +156,10 @@ def merge(models, method, components, dtype, out, layout, variant, ema, config_f
             out = Path(tmpdir.name) / name
     if quiet:
         _quiet_downloads()
-    result = run_merge(recipe, out=out, overwrite=overwrite, dry=dry, quiet=quiet, workers=workers)
+    from .engine import Settings
+
+    settings = Settings(workers=workers, max_memory=max_memory, device=device, kernels=kernels, quiet=quiet)
+    result = run_merge(recipe, out=out, overwrite=overwrite, dry=dry, settings=settings)
     if dry:
         from .analysis import render
 
@@ -175,7 +185,8 @@ def merge(models, method, components, dtype, out, layout, variant, ema, config_f
             click.echo(f"warning: {w}", err=True)
     if as_json:
         info = {"output": str(result.output), "layout": result.layout, "recipe_sha256": result.recipe_sha256,
-                "files": [str(f) for f in result.files], "summary": result.summary.to_dict()}
+                "files": [str(f) for f in result.files], "summary": result.summary.to_dict(),
+                "engine": result.engine}
         if pushed is not None:
             info["push"] = {"repo_id": pushed.repo_id, "commit_url": pushed.commit_url, "revision": pushed.revision,
                             "pr_url": pushed.pr_url, "files": pushed.files}
@@ -197,6 +208,18 @@ def _quiet_downloads() -> None:
         disable_progress_bars()
     else:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def _size(text: str) -> int:
+    """'512M', '2G', '1.5G' or plain bytes -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = str(text).strip().upper().removesuffix("B")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size such as 512M or 2G") from None
 
 
 def _legend(recipe: Recipe) -> dict[str, str]:

@@ -108,10 +108,22 @@ def canonical_recipe(recipe: Recipe, family: Family, models: list[LocalModel], i
         out["variant"] = recipe.variant
     if recipe.prediction_type:
         out["prediction_type"] = recipe.prediction_type
+    if recipe.config_from:
+        out["config_from"] = _config_from_ident(recipe.config_from)
     for comp in out["components"].values():
         if not comp.get("blocks"):
             comp.pop("blocks", None)
     return out
+
+
+def _config_from_ident(text: str) -> str:
+    """--config-from as the canonical recipe records it: a Hub repo pinned to its commit, a local folder by name."""
+    ref = parse_ref(text)
+    if ref.is_hub:
+        from .hub import pin
+
+        return f"{ref.repo_id}@{pin(ref.repo_id, ref.revision).sha}"
+    return ref.local.resolve().name if ref.local else text
 
 
 def _config_source(models: list[LocalModel], family: Family, recipe: Recipe) -> Path | None:
@@ -172,9 +184,6 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
     if prediction:
         sched["prediction_type"] = prediction
     write_json(root / "scheduler" / "scheduler_config.json", sched)
-    index = model_index(family, a.inpainting, sched["_class_name"], read_json(base / "model_index.json") or None
-                        if base else None)
-    write_json(root / "model_index.json", index)
     for cname, spec in family.components.items():
         write_json(root / cname / "config.json", component_config_json(spec, configs[cname], dtype))
     for tok in family.tokenizers:
@@ -185,6 +194,12 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
     if a.layout == "diffusers":
         for name, folder in a.extra_components.items():
             copy_tree(folder, root / name)
+    index = model_index(family, a.inpainting, sched["_class_name"], read_json(base / "model_index.json") or None
+                        if base else None)
+    for name, entry in index.items():  # a borrowed index may list parts (safety checker...) that were not copied
+        if isinstance(entry, list) and entry and entry[0] is not None and not (root / name).is_dir():
+            index[name] = [None, None]
+    write_json(root / "model_index.json", index)
 
 
 def _metadata(canonical: dict[str, Any], extra: dict[str, str] | None = None) -> dict[str, str]:
