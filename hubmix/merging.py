@@ -6,6 +6,7 @@ bytes to output bytes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from .errors import InputError, RecipeError
 from .families import Family
 from .hashing import hash_in_background
 from .kernels import Kernels
+from .layouts import KeyMap
 from .model import CONFIG_META, LocalModel, check_same_family, open_model, read_json
 from .output import (Router, atomic_target, check_target, component_config_json, copy_tree, model_index,
                      need_folder, write_json)
@@ -251,6 +253,36 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
             "native_build_seconds": kernels.native_build_seconds, "compile_seconds": kernels.compile_seconds}
 
 
+def _plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models: list[LocalModel],
+                  structure: dict[str, int], family: Family, configs: dict[str, dict[str, Any]], source: Path | None,
+                  recipe: Recipe, prediction: str | None, placeholder: dict[str, Any], summary: Summary) -> Router:
+    """The output files of `layout` under `tmp` (the target's temporary sibling), with every task routed into them;
+    a diffusers layout also gets its non-weight files here."""
+    router = Router()
+    by_comp: dict[str, list[Task]] = {}
+    for t in tasks:
+        by_comp.setdefault(t.component, []).append(t)
+    if layout in ("diffusers", "both"):
+        _write_diffusers_files(tmp, models, structure, family, configs, source, recipe, prediction)
+        variant = f".{recipe.variant}" if recipe.variant else ""
+        for cname, spec in family.components.items():
+            router.add_component_file(tmp / cname / f"{spec.weight_name}{variant}.safetensors", cname,
+                                      by_comp.get(cname, []), _metadata(placeholder))
+    if layout in ("single-file", "both"):
+        path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
+        title = target.stem if layout == "single-file" else target.name
+        parts = {c: (KeyMap(family.components[c], configs[c]), by_comp.get(c, [])) for c in family.components}
+        router.add_single_file(path, parts, _single_file_metadata(placeholder, family, title, configs, prediction),
+                               summary, f"{title}.safetensors")
+    return router
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.hubmix-tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = False, dry: bool = False,
           quiet: bool = False, workers: int | None = None, settings: engine.Settings | None = None,
           resolver: Resolver = resolve_local) -> MergeResult:
@@ -284,51 +316,29 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     configs = output_configs(models, structure, family, source, summary)
     prediction = _prediction_type(models, recipe, summary)
     hashes_future = hash_in_background(sorted({r.file.path for t in tasks for r in t.refs}))
-    written: list[Path] = []
     with atomic_target(target, overwrite) as tmp:
-        router = Router()
-        meta = _metadata(placeholder)
-        by_comp: dict[str, list[Task]] = {}
-        for t in tasks:
-            by_comp.setdefault(t.component, []).append(t)
-        if layout in ("diffusers", "both"):
-            _write_diffusers_files(tmp, models, structure, family, configs, source, recipe, prediction)
-            for cname, spec in family.components.items():
-                variant = f".{recipe.variant}" if recipe.variant else ""
-                router.add_component_file(tmp / cname / f"{spec.weight_name}{variant}.safetensors", cname,
-                                          by_comp.get(cname, []), meta)
-        if layout in ("single-file", "both"):
-            from .layouts import KeyMap
-
-            path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
-            title = target.stem if layout == "single-file" else target.name
-            parts = {c: (KeyMap(family.components[c], configs[c]), by_comp.get(c, [])) for c in family.components}
-            router.add_single_file(path, parts, _single_file_metadata(placeholder, family, title, configs,
-                                                                      prediction), summary, f"{title}.safetensors")
-        todo = router.wanted(tasks)
+        router = _plan_outputs(tmp, target, layout, tasks, models, structure, family, configs, source, recipe,
+                               prediction, placeholder, summary)
         try:
             router.open()
-            stats = _execute(todo, router.write, settings, "converting" if recipe.method == "copy" else "merging",
-                             summary)
+            stats = _execute(router.wanted(tasks), router.write, settings,
+                             "converting" if recipe.method == "copy" else "merging", summary)
             canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result())
-            for f in router.files:
+            final = _metadata(canonical)
+            for f in router.files:  # the input hashes were computed during the merge: same-length placeholders
                 assert f.writer is not None
-                final = dict(f.metadata)
-                for key in ("hubmix.recipe", "hubmix.recipe_sha256"):
-                    final[key] = _metadata(canonical)[key]
-                f.writer.set_metadata(final)
+                f.writer.set_metadata({**f.metadata, **{k: final[k] for k in ("hubmix.recipe",
+                                                                                "hubmix.recipe_sha256")}})
             router.finish()
         except BaseException:
             router.abort()
             raise
-        recipe_text = recipe_yaml(canonical)
-        recipe_path = tmp / "recipe.yaml" if layout != "single-file" else None
-        if recipe_path is not None:
-            recipe_path.write_text(recipe_text)
+        if layout != "single-file":
+            (tmp / "recipe.yaml").write_text(recipe_yaml(canonical))
         written = [target / f.path.relative_to(tmp) if layout != "single-file" else target for f in router.files]
     if layout == "single-file":
         sidecar = target.with_name(f"{target.stem}.recipe.yaml")
-        sidecar.write_text(recipe_text)
+        _write_atomically(sidecar, recipe_yaml(canonical))
         written.append(sidecar)
     else:
         written.append(target / "recipe.yaml")
