@@ -123,11 +123,11 @@ def checkpoint_paths(family: str, cache: Path) -> list[Path]:
     return [cache / family / f"{family}-model{i}.safetensors" for i in range(N_MODELS)]
 
 
-def build(family: str, cache: Path) -> list[Path]:
-    """The family's N_MODELS single files under cache/family/, built once (skipped when all exist)."""
+def build(family: str, cache: Path) -> tuple[list[Path], float | None]:
+    """The family's N_MODELS single files under cache/family/, built once; (paths, build seconds or None)."""
     paths = checkpoint_paths(family, cache)
     if all(p.exists() for p in paths):
-        return paths
+        return paths, None
     t0 = time.perf_counter()
     print(f"building {N_MODELS} random {family} checkpoints under {cache / family} (once)", flush=True)
     folders = [cache / family / f"tmp-folder{i}" for i in range(N_MODELS)]
@@ -137,9 +137,11 @@ def build(family: str, cache: Path) -> list[Path]:
         subprocess.run([str(hubmix), "convert", str(folder), "--to", "single-file", "--out", str(path),
                         "--overwrite", "-q"], check=True)
         shutil.rmtree(folder)
+        path.with_name(f"{path.stem}.recipe.yaml").unlink(missing_ok=True)  # convert's sidecar
     check_layout(family, paths[0])
-    print(f"built {family} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return paths
+    seconds = time.perf_counter() - t0
+    print(f"built {family} in {seconds:.0f} s", flush=True)
+    return paths, seconds
 
 
 def check_layout(family: str, path: Path) -> None:

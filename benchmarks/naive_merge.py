@@ -2,9 +2,10 @@
 
     python benchmarks/naive_merge.py --method lossless A B C --out X.safetensors [--device cpu|cuda]
 
-This is what a short hand-written script does (safetensors.torch.load_file + plain torch ops + save_file); its
-peak memory is all inputs plus the whole output, which is what a streaming engine avoids. The output is fsynced so
-its wall time compares with hubmix's, which fsyncs too.
+This is what a short hand-written script does (safetensors.torch.load_file + plain torch ops + save_file). Recent
+safetensors versions map the files in load_file, so the inputs are page cache (VmHWM, not RssAnon) and the anonymous
+memory is mostly the whole output dict held until save_file. The output is fsynced so its wall time compares with
+hubmix's, which fsyncs too.
 """
 
 from __future__ import annotations
