@@ -86,8 +86,10 @@ def load_views(job: Job) -> list[torch.Tensor]:
     return views
 
 
-def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None) -> torch.Tensor:
-    """The output chunk, in the task's output dtype, from storage-dtype views; arithmetic in float32."""
+def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """The output chunk, in the task's output dtype, from storage-dtype views; arithmetic in float32. A native
+    kernel writes into `out` (a reused flat buffer) when given."""
     task = job.task
     dtype = task.out_dtype
     if task.method is None:
@@ -106,9 +108,11 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None)
     device = kernels.device
     if device.type != "cpu":
         views = [v.to(device) for v in views]
-    kernel, _ = kernels.function(task.method, [v.dtype for v in views], dtype)
-    out = kernel(views, task.params)
-    return out.to("cpu") if device.type != "cpu" else out
+    kernel, kind = kernels.function(task.method, [v.dtype for v in views], dtype)
+    if kind == "native":
+        return kernel(views, task.params, out)
+    result = kernel(views, task.params)
+    return result.to("cpu") if device.type != "cpu" else result
 
 
 _EAGER = Kernels("eager")
@@ -154,10 +158,27 @@ def run(jobs: list[Job], consume: Callable[[Job], None], *, workers: int | None 
 
 def run_merge(jobs: list[Job], write: Callable[[Job, torch.Tensor], None], kernels: Kernels, *, workers: int,
               desc: str = "merging", quiet: bool = False) -> None:
-    """Compute every job's output chunk and write it: compute on the workers, writes on a background thread."""
+    """Compute every job's output chunk and write it: compute on the workers, writes on a background thread.
+    Native kernels write into output buffers that circulate between the two (a fresh buffer per chunk would cost
+    a page fault per 4 KB of output)."""
+    free: list[torch.Tensor] = []  # list.pop/append are atomic: no lock needed
+    size = max((j.out_nbytes for j in jobs), default=0)  # chunks are bounded by the budget, whole tasks are small
+
     def produce(job: Job, views: list[torch.Tensor]) -> Callable[[], None]:
-        out = compute(job, views, kernels)
-        return lambda: write(job, out)
+        try:
+            buf = free.pop()
+        except IndexError:
+            buf = torch.empty(size, dtype=torch.uint8)
+        out = compute(job, views, kernels, buf[:job.out_nbytes].view(job.task.out_dtype))
+        if out.data_ptr() != buf.data_ptr():
+            free.append(buf)  # the kernel did not use it (eager, a copy)
+            return lambda: write(job, out)
+
+        def finish() -> None:
+            write(job, out)
+            free.append(buf)
+
+        return finish
 
     _pipeline(jobs, produce, workers=workers, desc=desc, quiet=quiet, in_flight=None, prefetch_views=True)
 

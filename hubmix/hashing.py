@@ -67,8 +67,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def hash_in_background(paths: list[Path]) -> Future:
-    """A future of {path: sha256}, computed on a thread while the merge runs (hashlib releases the GIL)."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="hubmix-hash")
-    fut = pool.submit(lambda: {p: file_sha256(p) for p in paths})
+    """A future of {path: sha256}, computed while the merge runs, files in parallel (hashlib releases the GIL)."""
+    pool = ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1)), thread_name_prefix="hubmix-hash")
+    futures = {p: pool.submit(file_sha256, p) for p in paths}
     pool.shutdown(wait=False)
+    collector = ThreadPoolExecutor(1, thread_name_prefix="hubmix-hash-join")
+    fut = collector.submit(lambda: {p: f.result() for p, f in futures.items()})
+    collector.shutdown(wait=False)
     return fut

@@ -158,6 +158,13 @@ class Kernels:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             self.log(f"torch.compile unavailable ({type(e).__name__}: {msg}); running eagerly")
 
+    def close(self) -> None:
+        """Wait for a compile still running: a daemon thread inside torch.compile at interpreter exit aborts the
+        process. Only merges that started one (large, with a method without a native kernel) ever wait here."""
+        if self._thread is not None and self._thread.is_alive():
+            self.log("waiting for torch.compile to finish before exiting (it outlasted the merge)")
+            self._thread.join()
+
     def function(self, method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> tuple[Kernel, str]:
         """(kernel, kind) for one chunk: kind is native, compiled or eager."""
         k = self.key(method, dtypes, out_dtype)

@@ -249,6 +249,7 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
                          quiet=settings.quiet)
     finally:
         torch.set_num_threads(threads)
+        kernels.close()
     return {"device": str(device), "workers": workers, "chunk_elements": chunk, "kernels": dict(kernels.calls),
             "native_build_seconds": kernels.native_build_seconds, "compile_seconds": kernels.compile_seconds}
 

@@ -186,9 +186,9 @@ def _cpu_signature() -> str:
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 4
 
 
-def kernel(method: str, dtypes: list[torch.dtype], out_dtype: torch.dtype
-           ) -> Callable[[list[torch.Tensor], dict[str, float]], torch.Tensor] | None:
-    """A function (flat CPU views, params) -> output chunk, or None when no native kernel fits."""
+def kernel(method: str, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
+    """A function (CPU views, params, out=None) -> output chunk, written into `out` (a contiguous flat tensor of
+    the output dtype, a reused buffer) when it fits; None when no native kernel fits."""
     if len(set(dtypes)) != 1 or dtypes[0] not in DTYPES or out_dtype not in DTYPES:
         return None
     if _coefficients(method, len(dtypes), {"alpha": 0.0, "beta": 0.0}) is None:
@@ -199,16 +199,18 @@ def kernel(method: str, dtypes: list[torch.dtype], out_dtype: torch.dtype
     t_in, t_out = DTYPES[dtypes[0]], DTYPES[out_dtype]
     fns = {}
 
-    def run(views: list[torch.Tensor], params: dict[str, float]) -> torch.Tensor:
+    def run(views: list[torch.Tensor], params: dict[str, float], out: torch.Tensor | None = None) -> torch.Tensor:
         name, ks = _coefficients(method, len(views), params)  # type: ignore[misc]
         fn = fns.get(name)
         if fn is None:
             fn = fns[name] = getattr(lib, f"{name}_{t_in}_{t_out}")
             fn.argtypes, fn.restype = _ARGTYPES, None
         flat = [v.reshape(-1) if v.is_contiguous() else v.contiguous().reshape(-1) for v in views]
-        out = torch.empty(flat[0].numel(), dtype=out_dtype)
+        n = flat[0].numel()
+        if out is None or not out.is_contiguous() or out.dtype != out_dtype or out.numel() != n:
+            out = torch.empty(n, dtype=out_dtype)
         ptrs = [v.data_ptr() for v in flat] + [0] * (3 - len(flat))
-        fn(*ptrs, out.data_ptr(), out.numel(), *ks)
+        fn(*ptrs, out.data_ptr(), n, *ks)
         return out.reshape(views[0].shape)
 
     return run

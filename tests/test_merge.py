@@ -300,11 +300,11 @@ def test_failed_merge_leaves_the_target_as_it_was(zoo, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = engine.compute
 
-    def flaky(job, views, kernels=None):
+    def flaky(job, views, *rest):
         calls["n"] += 1
         if calls["n"] == 50:
             raise RuntimeError("disk on fire")
-        return real(job, views, kernels)
+        return real(job, views, *rest)
 
     monkeypatch.setattr(engine, "compute", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):

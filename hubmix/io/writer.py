@@ -105,8 +105,11 @@ class SafetensorsWriter:
             raise AssertionError(f"{key}: write past the planned end ({byte_offset}+{n} > {planned.nbytes})")
         pos = self._offsets[key] + byte_offset
         done = 0
-        while done < n:
-            done += os.pwrite(self._fd, buf[done:], pos + done)
+        try:
+            while done < n:
+                done += os.pwrite(self._fd, buf[done:], pos + done)
+        except OSError as e:  # a full disk, a quota: one clear line, and the caller removes the partial output
+            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
         with self._lock:
             self._written[key] += n
             self._dirty += n
@@ -139,7 +142,11 @@ class SafetensorsWriter:
         if missing:
             self.abort()
             raise AssertionError(f"{self.path}: {len(missing)} planned tensors not fully written, e.g. {missing[:3]}")
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
         os.close(self._fd)
         self._fd = -1
 
