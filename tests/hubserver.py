@@ -409,6 +409,20 @@ def start_hub_server(tokens: dict[str, str] | None = None, **kwargs) -> HubServe
     return HubServer(tokens=tokens, **kwargs).start()
 
 
+def guard_loopback(monkeypatch) -> list:
+    """Refuse (and record) every connection off loopback for the rest of a test: Hub tests must stay offline."""
+    off_loopback, real_connect = [], socket.socket.connect
+
+    def guarded_connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1"):
+            off_loopback.append(address)
+            raise OSError(f"network access in an offline test: {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    return off_loopback
+
+
 def configure_hf_client(monkeypatch, endpoint: str, hf_home) -> None:
     """Point `huggingface_hub` (imported already or not) at `endpoint`, with HF_HOME/cache/token under `hf_home`.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hubserver import HubError as ServerError
-from hubserver import configure_hf_client, start_hub_server
+from hubserver import configure_hf_client, guard_loopback, start_hub_server
 
 TOKEN = "hf_test_token_user"
 OTHER = "hf_other"
@@ -83,15 +83,7 @@ def seeded(zoo):
 def hub(seeded, monkeypatch, tmp_path):
     """The seeded Hub, a fresh HF_HOME and hubmix cache, no token (tests that push set HF_TOKEN), no network."""
     server, shas = seeded
-    off_loopback, real_connect = [], socket.socket.connect
-
-    def guarded_connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1"):
-            off_loopback.append(address)
-            raise OSError(f"network access in an offline test: {address}")
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    off_loopback = guard_loopback(monkeypatch)
     configure_hf_client(monkeypatch, server.url, tmp_path / "hf_home")
     monkeypatch.setenv("HUBMIX_CACHE", str(tmp_path / "hubmix-cache"))
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -13,7 +12,7 @@ import pytest
 
 if str(Path(__file__).parent) not in sys.path:  # normally done by pytest / the root conftest
     sys.path.insert(0, str(Path(__file__).parent))
-from hubserver import configure_hf_client, start_hub_server  # noqa: E402
+from hubserver import configure_hf_client, guard_loopback, start_hub_server  # noqa: E402
 
 import huggingface_hub  # noqa: E402
 from huggingface_hub import (  # noqa: E402
@@ -42,16 +41,7 @@ urlopen = urllib.request.build_opener(urllib.request.ProxyHandler({})).open  # r
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    # Any connection attempt off loopback is recorded (and refused): these tests must stay offline.
-    off_loopback, real_connect = [], socket.socket.connect
-
-    def guarded_connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1"):
-            off_loopback.append(address)
-            raise OSError(f"network access in an offline test: {address}")
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    off_loopback = guard_loopback(monkeypatch)
     server = start_hub_server(tokens={TOKEN: "user", OTHER: "other"}, orgs={"user": ["org"]})
     configure_hf_client(monkeypatch, server.url, tmp_path / "hf_home")
     yield server
