@@ -120,7 +120,7 @@ def test_example_recipe_runs_as_documented(zoo, tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = cli("merge", "--recipe", CONFIGS / "lossless-3way.yaml", "-q")
     assert code == 0, err
-    assert (tmp_path / "merged" / "model_index.json").is_file()
+    assert (tmp_path / "merged-from-recipe" / "model_index.json").is_file()
 
 
 def test_help_lists_methods_and_the_reference_rule(cli):
