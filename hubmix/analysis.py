@@ -48,10 +48,10 @@ class Stats:
         self.groups: dict[tuple[str, str | None], _Acc] = {}
         self._lock = threading.Lock()
 
-    def consume(self, job: Job) -> None:
+    def consume(self, job: Job, views: list[torch.Tensor]) -> None:
         task = job.task
         xs = [v.float().reshape(-1) if task.channels is None else v.float().narrow(1, 0, task.channels).reshape(-1)
-              for v in engine.load_views(job)]
+              for v in views]
         acc = _Acc(numel=xs[0].numel())
         a = xs[0]
         acc.aa = float(torch.dot(a, a))

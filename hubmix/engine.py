@@ -144,16 +144,16 @@ def prefetch(views: list[torch.Tensor]) -> None:
 
 # ---- the runner ------------------------------------------------------------------------------------------------
 
-def run(jobs: list[Job], consume: Callable[[Job], None], *, workers: int | None = None, desc: str = "merging",
-        quiet: bool = False, in_flight: int | None = None) -> None:
-    """Run `consume` on every job over a thread pool, a bounded number at a time, with a progress bar over bytes.
-    Used by the dry run, whose consumer only accumulates statistics."""
+def run(jobs: list[Job], consume: Callable[[Job, list[torch.Tensor]], None], *, workers: int | None = None,
+        desc: str = "merging", quiet: bool = False, in_flight: int | None = None) -> None:
+    """Run `consume(job, views)` on every job over the same pipeline, with nothing to write. Used by the dry run,
+    whose consumer only accumulates statistics."""
     def produce(job: Job, views: list[torch.Tensor]) -> Callable[[], None]:
-        consume(job)
+        consume(job, views)
         return lambda: None
 
     _pipeline(jobs, produce, workers=workers or default_workers(), desc=desc, quiet=quiet,
-              in_flight=in_flight, prefetch_views=False)
+              in_flight=in_flight, prefetch_views=True)
 
 
 def run_merge(jobs: list[Job], write: Callable[[Job, torch.Tensor], None], kernels: Kernels, *, workers: int,
