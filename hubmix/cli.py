@@ -78,7 +78,8 @@ def cli(debug: bool) -> None:
                                                                                 "recipe.")
 @click.option("--save-recipe", type=click.Path(path_type=Path), help="Also write this merge's recipe to a file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
-@click.option("--workers", type=click.IntRange(1, 64), help="Worker threads (default: CPU count, at most 4).")
+@click.option("--workers", type=click.IntRange(1, 64), help="Worker threads (default: CPU count, at most 4; "
+                                                              "1 on a GPU).")
 @click.option("--device", default="auto", show_default=True,
               help="Where the arithmetic runs: auto (a GPU when present), cpu, cuda, cuda:N or mps.")
 @click.option("--max-memory", "max_memory", default="512M", show_default=True, callback=lambda c, p, v: _size(v),
@@ -130,11 +131,9 @@ def merge(models, method, components, dtype, out, layout, variant, ema, config_f
                         layout=layout, variant=variant, ema=ema, config_from=config_from,
                         prediction_type=prediction_type, output=str(out) if out else None)
         recipe.validate()
-    if save_recipe:
-        save_recipe.write_text(recipe.to_yaml())
     if push is None:
         given = [n for n, v in (("--private", private), ("--branch", branch), ("--create-pr", create_pr),
-                                ("--commit-message", commit_message)) if v]
+                                ("--commit-message", commit_message), ("--license", license_)) if v]
         if given:
             raise click.UsageError(f"{', '.join(given)} only go with --push")
     else:
@@ -160,6 +159,11 @@ def merge(models, method, components, dtype, out, layout, variant, ema, config_f
 
     settings = Settings(workers=workers, max_memory=max_memory, device=device, kernels=kernels, quiet=quiet)
     result = run_merge(recipe, out=out, overwrite=overwrite, dry=dry, settings=settings)
+    if save_recipe:  # only for a merge that ran
+        try:
+            save_recipe.write_text(recipe.to_yaml())
+        except OSError as e:
+            raise RecipeError(f"{save_recipe}: cannot write the recipe ({e.strerror})") from None
     if dry:
         from .analysis import render
 
@@ -294,8 +298,8 @@ def _model_override(ctx, param, values):
                                             "their pinned commits: shows whether a newer input changes the result.")
 @click.option("--model", "models", multiple=True, callback=_model_override, metavar="NAME=PATH",
               help="A local file for input NAME (a, b, ...): inputs that were local files are not on the Hub.")
-@click.option("--keep", type=click.Path(path_type=Path), help="Keep the rebuild here (default: a temporary "
-                                                              "folder, removed).")
+@click.option("--keep", type=click.Path(path_type=Path), help="Keep the rebuild in this folder, under the "
+                                                              "original's name (default: a temporary one, removed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--workers", type=click.IntRange(1, 64), help="Worker threads.")

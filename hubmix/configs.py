@@ -155,7 +155,7 @@ INFER: dict[str, Callable[[Shapes, dict[str, Any], dict[str, Shapes]], tuple[dic
 }
 
 
-def infer_component_configs(family: Family, shapes: dict[str, Shapes]
+def infer_component_configs(family: Family, shapes: dict[str, Shapes], where: str = "checkpoint"
                             ) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
     """Configs, and what was assumed for each, for every component in `shapes` (component -> relative key -> shape)."""
     configs, notes = {}, {}
@@ -167,7 +167,7 @@ def infer_component_configs(family: Family, shapes: dict[str, Shapes]
         except (KeyError, IndexError, StopIteration) as e:
             from .errors import FamilyError
 
-            raise FamilyError(f"{name}: cannot infer its config from the checkpoint's shapes (missing {e})") from None
+            raise FamilyError(f"{where}: cannot infer the {name} config from its shapes (missing {e})") from None
         configs[name] = cfg
         notes[name] = n
     return configs, notes

@@ -11,16 +11,17 @@ import json
 import os
 import re
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
+
+from .cache import cache_root, write_atomically
 
 _lock = threading.Lock()
 BLOCK = 8 << 20
 
 
 def cache_file() -> Path:
-    root = os.environ.get("HUBMIX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hubmix")
-    return Path(root) / "sha256.json"
+    return cache_root() / "sha256.json"
 
 
 def _stamp(path: Path) -> str:
@@ -39,12 +40,9 @@ def _store(path: str, stamp: str, digest: str) -> None:
     with _lock:
         data = _load()
         data[path] = {"stamp": stamp, "sha256": digest}
-        target = cache_file()
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}")
-            tmp.write_text(json.dumps(data, sort_keys=True))
-            os.replace(tmp, target)
+            cache_file().parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(cache_file(), json.dumps(data, sort_keys=True))
         except OSError:
             pass  # a read-only home only costs rehashing next time
 
@@ -67,11 +65,37 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def hash_in_background(paths: list[Path]) -> Future:
-    """A future of {path: sha256}, computed while the merge runs, files in parallel (hashlib releases the GIL)."""
-    pool = ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1)), thread_name_prefix="hubmix-hash")
-    futures = {p: pool.submit(file_sha256, p) for p in paths}
-    pool.shutdown(wait=False)
-    collector = ThreadPoolExecutor(1, thread_name_prefix="hubmix-hash-join")
-    fut = collector.submit(lambda: {p: f.result() for p, f in futures.items()})
-    collector.shutdown(wait=False)
-    return fut
+    """A future of {path: sha256}, computed while the merge runs, files in parallel (hashlib releases the GIL).
+
+    Daemon threads, not an executor: an executor's threads are joined at interpreter exit, so a failed or
+    interrupted merge would wait for every queued file to be hashed before the process could end."""
+    result: Future = Future()
+    digests: dict[Path, str] = {}
+    todo = list(paths)
+    remaining = [len(todo)]
+    guard = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with guard:
+                if not todo or result.done():
+                    return
+                p = todo.pop(0)
+            try:
+                d = file_sha256(p)
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+                with guard:
+                    if not result.done():
+                        result.set_exception(e)
+                return
+            with guard:
+                digests[p] = d
+                remaining[0] -= 1
+                if remaining[0] == 0 and not result.done():
+                    result.set_result(dict(digests))
+
+    if not todo:
+        result.set_result({})
+    for _ in range(max(1, min(len(todo), os.cpu_count() or 1))):
+        threading.Thread(target=worker, name="hubmix-hash", daemon=True).start()
+    return result

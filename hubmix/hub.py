@@ -24,7 +24,9 @@ from typing import Any
 
 from . import __version__
 from .errors import HubError, InputError
-from .model import choose_weights, index_shards, weight_stem
+from .cache import cache_root, write_atomically
+from .families import weight_stem
+from .model import choose_weights, index_shards
 from .recipe import Recipe
 from .refs import ModelRef, parse_hub_ref, parse_ref
 
@@ -159,18 +161,14 @@ _PINNED: dict[tuple[str, str, str], RepoState] = {}  # (endpoint, repo, commit s
 
 def _listing_file(repo: str, sha: str) -> Path:
     """Where the file listing of `repo` at commit `sha` is kept (keyed like huggingface_hub's cache: by repo)."""
-    from .hashing import cache_file
-
-    return cache_file().parent / "hub" / f"models--{repo.replace('/', '--')}" / f"{sha}.json"
+    return cache_root() / "hub" / f"models--{repo.replace('/', '--')}" / f"{sha}.json"
 
 
 def _save_listing(state: RepoState) -> None:
     path = _listing_file(state.repo, state.sha)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp")
-        tmp.write_text(json.dumps({"files": sorted(state.names), "license": state.license}))
-        tmp.replace(path)
+        write_atomically(path, json.dumps({"files": sorted(state.names), "license": state.license}))
     except OSError:
         pass  # a read-only cache only costs offline use
 
@@ -309,10 +307,11 @@ def _extra_weights(names: list[str], variant: str | None, where: str, folder: st
 
 
 def _diffusers_output(recipe: Recipe) -> bool:
-    """Whether the output will be a diffusers folder (which copies model a's other components)."""
+    """Whether the output will be a diffusers folder (which copies model a's other components); merge() fills in
+    the layout and output it chose, and leaves both empty for a dry run, which writes nothing."""
     if recipe.layout:
         return recipe.layout in ("diffusers", "both")
-    return not str(recipe.output or "").endswith(".safetensors")
+    return bool(recipe.output) and not str(recipe.output).endswith(".safetensors")
 
 
 def _ref_text(m: Any) -> str:
@@ -359,13 +358,20 @@ def resolve_hub(r: ModelRef, recipe: Recipe) -> tuple[Path, dict[str, Any]]:
     return _fetch_diffusers(state, r, recipe), ident
 
 
-def _fetch_diffusers(state: RepoState, r: ModelRef, recipe: Recipe) -> Path:
-    first = _fetch(state, "model_index.json", _asked(r.revision))
-    root = first.parent
+def _model_index(state: RepoState, revision: str | None) -> tuple[Path, dict[str, Any]]:
+    """The snapshot folder and the parsed model_index.json of a diffusers repo."""
+    first = _fetch(state, "model_index.json", _asked(revision))
     try:
         index = json.loads(first.read_text())
     except (OSError, ValueError) as e:
         raise HubError(f"{state.repo}: model_index.json is unreadable ({_one_line(e, 80)})") from None
+    if not isinstance(index, dict):
+        raise HubError(f"{state.repo}: model_index.json is not a JSON object")
+    return first.parent, index
+
+
+def _fetch_diffusers(state: RepoState, r: ModelRef, recipe: Recipe) -> Path:
+    root, index = _model_index(state, r.revision)
     idxs = [i for i, m in enumerate(recipe.models) if _ref_text(m) == r.text]
     needs: set[str] = set().union(*(recipe.needs(i) for i in idxs)) if idxs else set(MERGED)
     extras = 0 in idxs and _diffusers_output(recipe)
@@ -407,11 +413,10 @@ def config_folder(ref: ModelRef, family: Any = None) -> Path:
     if "model_index.json" not in state.names:
         raise HubError(f"{ref.repo_id}: --config-from needs a diffusers repo (with model_index.json); this one has "
                        "none")
-    first = _fetch(state, "model_index.json", _asked(ref.revision))
-    index = json.loads(first.read_text())
+    root, index = _model_index(state, ref.revision)
     for path in _config_files(state.names, index):
         _fetch(state, path)
-    return first.parent
+    return root
 
 
 def input_licenses(models: list[dict[str, Any]]) -> dict[str, str | None]:
@@ -467,15 +472,18 @@ def push_target(repo_id: str | None, name: str) -> str:
     `<token owner>/<name>`. Checks first that a token is available, so nothing long runs before a certain refusal."""
     if not _has_token():
         raise HubError(f"{repo_id or name}: pushing to the Hub needs a token: {LOGIN_HINT}")
-    if repo_id and "/" in repo_id:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", repo_id):
-            raise HubError(f"{repo_id}: not a valid repo id (org/name: letters, digits, '.', '_', '-')")
-        return repo_id
+    part = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+    wanted = repo_id or name
+    if not re.fullmatch(rf"(?:{part}/)?{part}", wanted):  # checked now, not after a long merge
+        raise HubError(f"{wanted}: not a valid repo name (letters, digits, '.', '_', '-'; org/name or name); "
+                       "name the repo with --push ORG/NAME")
+    if "/" in wanted:
+        return wanted
     try:
         owner = _api().whoami()["name"]
     except Exception as e:  # noqa: BLE001 - translated below
-        raise hub_error(e, repo_id or name, action="reading the token's account") from None
-    return f"{owner}/{repo_id or name}"
+        raise hub_error(e, wanted, action="reading the token's account") from None
+    return f"{owner}/{wanted}"
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from . import native
+from .cache import cache_root
 from .methods import Method
 
 SUBCHUNK = 1 << 18  # eager pieces: ~1 MB of float32 per intermediate, so a chain of ops stays in cache
@@ -182,8 +183,7 @@ class Kernels:
 
 def _configure_inductor() -> None:
     """A persistent compile cache under hubmix's cache folder (unless the user chose one), no worker pool."""
-    root = os.environ.get("HUBMIX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hubmix")
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     import torch._dynamo
 

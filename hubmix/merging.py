@@ -6,7 +6,8 @@ bytes to output bytes.
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +16,7 @@ import torch
 import yaml
 
 from . import __version__, analysis, engine
+from .cache import write_atomically
 from .configs import DEFAULT_DERIVED
 from .devices import device_budget, resolve_device
 from .errors import InputError, RecipeError
@@ -23,7 +25,7 @@ from .hashing import hash_in_background
 from .kernels import Kernels
 from .layouts import KeyMap
 from .model import CONFIG_META, LocalModel, check_same_family, open_model, read_json
-from .output import (Router, atomic_target, check_target, component_config_json, copy_tree, model_index,
+from .output import (Router, atomic_target, check_target, component_config_json, model_index,
                      need_folder, write_json)
 from .plan import TORCH_DTYPES, Summary, Task, plan_merge
 from .recipe import RECIPE_VERSION, Recipe, canonical_json, letter, recipe_hash
@@ -166,11 +168,12 @@ def output_configs(models: list[LocalModel], structure: dict[str, int], family: 
 
 
 def _prediction_type(models: list[LocalModel], recipe: Recipe, summary: Summary) -> str | None:
+    chosen = recipe.prediction_type or models[0].prediction_type
     kinds = {m.prediction_type for m in models if m.prediction_type}
     if len(kinds) > 1:
         summary.add("note", f"inputs differ in prediction type ({', '.join(sorted(kinds))}); the output uses "
-                            f"{models[0].prediction_type or recipe.prediction_type}")
-    return recipe.prediction_type or models[0].prediction_type
+                            f"{chosen or 'the scheduler default'}")
+    return chosen
 
 
 def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict[str, int], family: Family,
@@ -192,10 +195,10 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
         src = need_folder(base, f"tokenizer ({tok})", family) / tok
         if not src.is_dir():
             raise InputError(f"{base}: has no {tok}/ folder to take the tokenizer from")
-        copy_tree(src, root / tok)
+        shutil.copytree(src, root / tok, dirs_exist_ok=True)
     if a.layout == "diffusers":
         for name, folder in a.extra_components.items():
-            copy_tree(folder, root / name)
+            shutil.copytree(folder, root / name, dirs_exist_ok=True)
     index = model_index(family, a.inpainting, sched["_class_name"], read_json(base / "model_index.json") or None
                         if base else None)
     for name, entry in index.items():  # a borrowed index may list parts (safety checker...) that were not copied
@@ -227,8 +230,6 @@ def _single_file_metadata(canonical: dict[str, Any], family: Family, title: str,
 
 def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, summary: Summary) -> dict[str, Any]:
     """Run the merge tasks through the engine on the chosen device; returns what the engine did."""
-    import dataclasses
-
     device = resolve_device(settings.device)
     workers = settings.workers or (1 if device.type != "cpu" else engine.default_workers())
     budget = device_budget(device, settings.max_memory)
@@ -278,12 +279,6 @@ def _plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], model
     return router
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.hubmix-tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = False, dry: bool = False,
           quiet: bool = False, workers: int | None = None, settings: engine.Settings | None = None,
           resolver: Resolver = resolve_local) -> MergeResult:
@@ -294,10 +289,18 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     if workers:
         settings.workers = workers
     target = Path(out) if out is not None else (Path(recipe.output) if recipe.output else None)
+    layout = None
     if not dry:
         if target is None:
             raise RecipeError(f"{recipe.source}: no output: pass --out (or set output: in the recipe)")
+        layout = choose_layout(recipe, target)
+        if layout != "single-file" and target.suffix == ".safetensors":
+            raise RecipeError(f"{target}: a .safetensors path cannot hold a {layout} folder; choose another --out")
         check_target(target, overwrite)  # before any work
+        if layout == "single-file":
+            check_target(_sidecar(target), overwrite)
+    # resolvers (the Hub) see where the output goes: a diffusers folder also copies model a's other components
+    recipe = dataclasses.replace(recipe, layout=layout, output=str(target) if target else None)
     models, idents = open_inputs(recipe, resolver)
     family = check_same_family(models)
     if recipe.family and recipe.family != family.id:
@@ -308,10 +311,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         names = {c: recipe.plan_for(c).get("models") or [recipe.plan_for(c)["from"]] for c in family.components}
         report = analysis.analyze(tasks, names, quiet=settings.quiet, workers=settings.workers)
         return MergeResult(None, None, family, summary, placeholder, report=report)
-    assert target is not None
-    layout = choose_layout(recipe, target)
-    if layout != "single-file" and target.suffix == ".safetensors":
-        raise RecipeError(f"{target}: a .safetensors path cannot hold a {layout} folder; choose another --out")
+    assert target is not None and layout is not None
     source = _config_source(models, family, recipe) if layout != "single-file" or any(
         m.components[c].config_source == "inferred" for m in models for c in m.components) else None
     configs = output_configs(models, structure, family, source, summary)
@@ -338,12 +338,17 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
             (tmp / "recipe.yaml").write_text(recipe_yaml(canonical))
         written = [target / f.path.relative_to(tmp) if layout != "single-file" else target for f in router.files]
     if layout == "single-file":
-        sidecar = target.with_name(f"{target.stem}.recipe.yaml")
-        _write_atomically(sidecar, recipe_yaml(canonical))
+        sidecar = _sidecar(target)
+        write_atomically(sidecar, recipe_yaml(canonical))
         written.append(sidecar)
     else:
         written.append(target / "recipe.yaml")
     return MergeResult(target, layout, family, summary, canonical, files=written, engine=stats)
+
+
+def _sidecar(single_file: Path) -> Path:
+    """Where a single-file result's recipe goes: `<stem>.recipe.yaml` beside it."""
+    return single_file.with_name(f"{single_file.stem}.recipe.yaml")
 
 
 def recipe_yaml(canonical: dict[str, Any]) -> str:

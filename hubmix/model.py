@@ -17,7 +17,7 @@ import torch
 
 from .configs import infer_component_configs
 from .errors import FamilyError, InputError
-from .families import ComponentSpec, Family, detect_family
+from .families import ComponentSpec, Family, detect_family, weight_stem
 from .io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file
 from .layouts import KeyMap, Placement, apply_to_canonical, to_canonical_shape
 
@@ -72,9 +72,6 @@ class LocalModel:
     def name(self) -> str:
         return self.path.name
 
-    def describe(self) -> str:
-        return f"{self.path} ({self.family.id}, {self.layout})"
-
 
 def open_model(path: str | Path, *, variant: str | None = None, ema: bool = False,
                components: Collection[str] | None = None) -> LocalModel:
@@ -97,10 +94,6 @@ def open_model(path: str | Path, *, variant: str | None = None, ema: bool = Fals
 
 
 # ---- diffusers folders -----------------------------------------------------------------------------------------
-
-def weight_stem(library: str) -> str:
-    """File stem of a diffusers component's weights, from its model_index.json library."""
-    return "model" if library == "transformers" else "diffusion_pytorch_model"
 
 
 def choose_weights(names: Iterable[str], stem: str, variant: str | None, where: str, folder: object) -> list[str]:
@@ -137,9 +130,16 @@ def choose_weights(names: Iterable[str], stem: str, variant: str | None, where: 
     raise InputError(f"{where}: several variants in {folder} ({', '.join(sorted(found))}); choose one with --variant")
 
 
-def index_shards(index_text: str) -> list[str]:
+def index_shards(index_text: str, where: object = "weights index") -> list[str]:
     """The shard file names a weights index (`*.index.json`) points to."""
-    return sorted(set(json.loads(index_text).get("weight_map", {}).values()))
+    try:
+        index = json.loads(index_text)
+        shards = sorted(set(index["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{where}: not a weights index (expected JSON with a weight_map)") from None
+    if not all(isinstance(x, str) for x in shards):
+        raise InputError(f"{where}: not a weights index (weight_map values must be file names)")
+    return shards
 
 
 def _weight_files(folder: Path, stem: str, variant: str | None, where: str) -> list[Path]:
@@ -147,7 +147,7 @@ def _weight_files(folder: Path, stem: str, variant: str | None, where: str) -> l
     names = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
     chosen = choose_weights(names, stem, variant, where, folder)
     if len(chosen) == 1 and chosen[0].endswith(".json"):
-        files = [folder / s for s in index_shards((folder / chosen[0]).read_text())]
+        files = [folder / s for s in index_shards((folder / chosen[0]).read_text(), folder / chosen[0])]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise InputError(f"{folder / chosen[0]}: index names missing shard files: {', '.join(missing[:3])}")
@@ -262,7 +262,7 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
             continue
         by_comp.setdefault(comp, {})[k[len(family.components[comp].prefix):]] = f.info(k).shape
     embedded = _embedded_configs(f, path)
-    inferred, notes = infer_component_configs(family, by_comp)
+    inferred, notes = infer_component_configs(family, by_comp, str(path))
     components: dict[str, Component] = {}
     for name, spec in family.components.items():
         if name not in by_comp:

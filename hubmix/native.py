@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from .cache import cache_root
+
 DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 
 _PRELUDE = r"""
@@ -151,7 +153,7 @@ class Native:
         flags = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native",
                  "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-shared", "-fPIC"]
         key = hashlib.sha256("\n".join([src, cc, *flags, platform.machine(), _cpu_signature()]).encode())
-        folder = _cache_root() / "native"
+        folder = cache_root() / "native"
         lib = folder / f"kernels-{key.hexdigest()[:16]}.so"
         if not lib.exists():
             t0 = time.perf_counter()
@@ -166,10 +168,6 @@ class Native:
                 os.replace(out, lib)  # atomic: concurrent builders agree
             cls.build_seconds = time.perf_counter() - t0
         return ctypes.CDLL(str(lib))
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("HUBMIX_CACHE") or Path.home() / ".cache" / "hubmix")
 
 
 def _cpu_signature() -> str:

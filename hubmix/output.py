@@ -179,10 +179,6 @@ def model_index(family: Family, inpainting: bool, scheduler_cls: str, base: dict
     return idx
 
 
-def copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-
-
 def need_folder(path: Path | None, what: str, family: Family) -> Path:
     if path is None:
         raise InputError(
@@ -233,7 +229,9 @@ def atomic_target(target: Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-        if target.exists():
+        if tmp.is_file() and not target.is_dir():
+            os.replace(tmp, target)  # one atomic step: the target is the old file or the new one, never absent
+        elif target.exists():  # a folder cannot replace a folder in one step: park the old one aside first
             old = target.with_name(f".{target.name}.hubmix-old-{secrets.token_hex(4)}")
             os.rename(target, old)
             os.rename(tmp, target)

@@ -129,6 +129,9 @@ def plan_merge(models: list[LocalModel], recipe: Recipe, family: Family) -> tupl
         idxs = [letters.index(x) for x in rp["models"]]
         structure[cname] = idxs[0]
         method = get_method(rp["method"])
+        advice = method.advice(len(idxs), rp["params"]) if method.advice else None
+        if advice:
+            summary.add("note", f"{cname}: {advice}")
         comps = [models[i].components[cname] for i in idxs]
         first = comps[0]
         labels = {first.keymap.block_label(k) for k in first.tensors} if first.keymap else set()

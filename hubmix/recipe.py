@@ -85,6 +85,11 @@ class Recipe:
         models = raw["models"]
         if not isinstance(models, list) or not models:
             raise RecipeError(f"{source}: 'models' must be a non-empty list")
+        for key in ("params", "components"):
+            if not isinstance(raw.get(key) or {}, dict):
+                raise RecipeError(f"{source}: '{key}' must be a mapping, got {raw[key]!r}")
+        if not isinstance(raw.get("ema", False), bool):
+            raise RecipeError(f"{source}: 'ema' must be true or false, got {raw['ema']!r}")
         components = {}
         for name, c in (raw.get("components") or {}).items():
             components[name] = _component_from_dict(c, f"{source}: components.{name}")
@@ -93,7 +98,7 @@ class Recipe:
                               f"reads version {RECIPE_VERSION})")
         r = cls(models=models, method=str(raw["method"]), family=raw.get("family"), params=dict(raw.get("params") or {}),
                 components=components, dtype=raw.get("dtype"), layout=raw.get("layout"), variant=raw.get("variant"),
-                ema=bool(raw.get("ema", False)), config_from=raw.get("config_from"),
+                ema=raw.get("ema", False), config_from=raw.get("config_from"),
                 prediction_type=raw.get("prediction_type"), output=raw.get("output"), source=source)
         r.validate()
         return r

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import InputError
+from .hashing import file_sha256
 from .recipe import Recipe, letter, recipe_hash
 from .refs import ModelRef, parse_hub_ref, parse_ref
 
@@ -95,14 +96,6 @@ class ReproduceReport:
         return "\n".join(lines)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _git_blob_id(path: Path) -> str:
     data = path.read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -153,7 +146,7 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
 
     `latest`: resolve Hub inputs as originally given (`org/a`, `org/b@v2`) instead of at their pinned commits, so
     a newer input revision shows. `models`: {name: path} for inputs that were local files (or to replace any
-    input). `keep`: a path to keep the rebuild at (default: a temporary folder, removed).
+    input). `keep`: a folder to keep the rebuild in, under its original name (default: a temporary one, removed).
     """
     from .card import load_result, recipe_from_card
     from .merging import merge, resolve_local
@@ -184,7 +177,7 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
     else:
         result = load_result(r.local or text)
         raw, layout, name = result.canonical, result.layout, result.name
-        expected = {p: _sha256(f) for p, f in _files(result.path).items()}
+        expected = {p: file_sha256(f) for p, f in _files(result.path).items()}
     if not isinstance(raw, dict) or not raw.get("models"):
         raise InputError(f"{text}: no readable hubmix recipe")
     canonical = raw
@@ -214,10 +207,11 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
 
     tmp = Path(tempfile.mkdtemp(prefix="hubmix-reproduce-"))
     try:
+        # the rebuild gets the original's own name (file names, the single file's title): --keep is its folder
+        target = (Path(keep) if keep is not None else tmp) / (f"{name}.safetensors" if layout == "single-file"
+                                                              else (name or "result"))
         if keep is not None:
-            target = Path(keep)
-        else:
-            target = tmp / (f"{name}.safetensors" if layout == "single-file" else (name or "result"))
+            target.parent.mkdir(parents=True, exist_ok=True)
         out = merge(recipe, out=target, quiet=quiet, workers=workers, resolver=resolver)
         rebuilt = _files(target)
         checks = []
@@ -225,7 +219,7 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
             if path not in rebuilt:
                 checks.append(FileCheck(path, "extra", None, expected[path]))
                 continue
-            sha = _sha256(rebuilt[path])
+            sha = file_sha256(rebuilt[path])
             if path not in expected:
                 checks.append(FileCheck(path, "missing", sha, None))
                 continue
@@ -239,7 +233,7 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
             inputs.append(InputCheck(old.get("name") or letter(i), old["ref"], old.get("revision"),
                                      new.get("revision"), changed))
         return ReproduceReport(text, revision, latest, checks, inputs, recipe_hash(canonical),
-                               recipe_hash(out.canonical), Path(keep) if keep is not None else None)
+                               recipe_hash(out.canonical), target if keep is not None else None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -51,6 +51,27 @@ def test_truncated_safetensors(tmp_path, zoo, cli):
     assert_one_line_error(code, err, "garbage.safetensors")
 
 
+def test_corrupt_files_inside_models(tmp_path, zoo, cli):
+    """A garbage .ckpt, a broken shard index, a header whose metadata is not a mapping: one line each."""
+    import json
+    import struct
+
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(bytes(range(256)) * 16)
+    code, _, err = cli("inspect", junk)
+    assert_one_line_error(code, err, "junk.ckpt", "not a readable torch checkpoint")
+    sharded = tmp_path / "sharded"
+    shutil.copytree(zoo.diffusers("sd1", 1, shard="2MB"), sharded)
+    next((sharded / "unet").glob("*.index.json")).write_text("{not json")
+    code, _, err = cli("inspect", sharded)
+    assert_one_line_error(code, err, "index.json", "not a weights index")
+    header = json.dumps({"__metadata__": ["x"], "t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    bad_meta = tmp_path / "meta.safetensors"
+    bad_meta.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
+    code, _, err = cli("inspect", bad_meta)
+    assert_one_line_error(code, err, "meta.safetensors", "__metadata__")
+
+
 def test_family_mismatch(tmp_path, zoo, cli):
     out = tmp_path / "out"
     code, _, err = cli("merge", zoo.diffusers("sd1", 1), zoo.single("sdxl", 1), "-m", "weighted_sum", "--out", out)
@@ -86,6 +107,9 @@ def test_bad_arguments(tmp_path, zoo, cli, args, needle):
     ("models: [a, b, c]\nmethod: lossless\ncomponents: {vae: {from: d}}\n", "from: 'd' is not one of the models"),
     ("models: [a, b]\nmethod: [\n", "not valid YAML"),
     ("models: [a, b, c]\nmethod: lossless\ncomponents: {tail: {}}\n", "unknown component"),
+    ("models: [a, b, c]\nmethod: lossless\ncomponents: [unet]\n", "'components' must be a mapping"),
+    ("models: [a, b]\nmethod: weighted_sum\nparams: 0.3\n", "'params' must be a mapping"),
+    ("models: [a, b]\nmethod: weighted_sum\nema: 'no'\n", "'ema' must be true or false"),
 ])
 def test_bad_recipes(tmp_path, cli, text, needle):
     f = tmp_path / "bad.yaml"

@@ -379,3 +379,18 @@ def test_ties_on_whole_models(zoo, tmp_path):
         for comp in COMPONENTS["sd1"]:
             got, want = tensors(out, comp), tensors(winner, comp)
             assert all(torch.equal(got[k], want[k]) for k in want), (method, comp)
+
+
+def test_two_model_selection_with_unit_scales_is_flagged(zoo, tmp_path):
+    """|ab - a| = ref_alpha*|a - b| and |ab - b| = (1-ref_alpha)*|a - b|: with alpha = beta = 1 one model wins
+    everywhere. The merge does as asked, and the summary says so."""
+    a, b = (zoo.diffusers("sd1", s, dtype="fp16") for s in (1, 2))
+    r = hubmix.merge(Recipe(models=[str(a), str(b)], method="lossless"), out=tmp_path / "plain", quiet=True)
+    assert any("cannot choose element by element" in x for x in r.summary.events["note"])
+    got, want = tensors(tmp_path / "plain", "unet"), tensors(a, "unet")
+    assert all(torch.equal(got[k], want[k]) for k in want)  # fp16 values: exact in float32, a wins every tie
+    r = hubmix.merge(Recipe(models=[str(a), str(b)], method="lossless", params={"beta": 1.05}),
+                     out=tmp_path / "scaled", quiet=True)
+    assert not any("element by element" in x for x in r.summary.events.get("note", []))
+    got = tensors(tmp_path / "scaled", "unet")
+    assert any(not torch.equal(got[k], want[k]) for k in want)  # now b supplies some elements

@@ -30,8 +30,12 @@ class ComponentSpec:
 
     @property
     def weight_name(self) -> str:
-        """File stem of the component's weights in a diffusers folder."""
-        return "model" if self.library == "transformers" else "diffusion_pytorch_model"
+        return weight_stem(self.library)
+
+
+def weight_stem(library: str) -> str:
+    """File stem of a component's weights in a diffusers folder, by the library that saves it."""
+    return "model" if library == "transformers" else "diffusion_pytorch_model"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import mmap
 import os
 import pickle
 import struct
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ class SafetensorsFile(WeightFile):
             os.close(self._fd)
             raise
         self._mm: mmap.mmap | None = None
+        # closed when the file object goes (the mapping keeps its own descriptor, views stay valid)
+        self._closer = weakref.finalize(self, os.close, self._fd)
 
     def _parse_header(self) -> None:
         size = os.fstat(self._fd).st_size
@@ -114,7 +117,10 @@ class SafetensorsFile(WeightFile):
             raise InputError(f"{self.path}: corrupt safetensors header ({e})") from None
         if not isinstance(header, dict):
             raise InputError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self._metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise InputError(f"{self.path}: corrupt safetensors header (__metadata__ is not a mapping)")
+        self._metadata = {str(k): str(v) for k, v in meta.items()}
         self._data_start = 8 + n
         self._info: dict[str, TensorInfo] = {}
         self._offsets: dict[str, int] = {}
@@ -143,10 +149,6 @@ class SafetensorsFile(WeightFile):
     def metadata(self) -> dict[str, str]:
         return self._metadata
 
-    def offset(self, key: str) -> int:
-        """Absolute byte offset of the tensor's data in the file."""
-        return self._offsets[key]
-
     def _map(self) -> mmap.mmap:
         if self._mm is None:
             # ACCESS_COPY = MAP_PRIVATE: pages we only read stay shared with the page cache (no anonymous memory),
@@ -167,10 +169,7 @@ class SafetensorsFile(WeightFile):
         return t.reshape(info.shape)
 
     def close(self) -> None:
-        # Views handed out keep the mapping alive through their own reference; closing the fd is always safe.
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._closer()
 
 
 class TorchPickleFile(WeightFile):
@@ -197,11 +196,13 @@ class TorchPickleFile(WeightFile):
             try:
                 return torch.load(self.path, map_location="cpu", weights_only=True, mmap=use_mmap)
             except pickle.UnpicklingError as e:
-                first = str(e).strip().splitlines()
-                reason = next((ln for ln in first if "Unsupported" in ln or "global" in ln.lower()), first[0] if first
-                              else "unsupported content")
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                reason = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else "")
+                if not _is_pickle(self.path):  # not a pickle at all, or a damaged one
+                    raise InputError(f"{self.path}: not a readable torch checkpoint, corrupt or truncated "
+                                     f"({reason})") from None
                 raise InputError(
-                    f"{self.path}: refused to unpickle: it needs more than plain tensors to load ({reason.strip()}); "
+                    f"{self.path}: refused to unpickle: it needs more than plain tensors to load ({reason}); "
                     f"hubmix never executes pickled code. {how}"
                 ) from None
             except RuntimeError as e:
@@ -217,6 +218,28 @@ class TorchPickleFile(WeightFile):
 
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file holds a well-formed pickle stream (a torch zip's data.pkl, or the file itself), checked
+    by reading its opcodes with pickletools, which never executes anything."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return False
+                data = z.read(name)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(64 << 20)  # the pickle comes first; tensor bytes follow it in the legacy format
+        for _ in pickletools.genops(data):
+            pass
+        return True
+    except Exception:  # noqa: BLE001 - any parse failure means: not a pickle
+        return False
 
 
 def open_weight_file(path: str | os.PathLike) -> WeightFile:

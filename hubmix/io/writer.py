@@ -69,11 +69,14 @@ class SafetensorsWriter:
         self.size = len(header) + sum(t.nbytes for t in tensors)
         self._written = dict.fromkeys(self.planned, 0)
         self._lock = threading.Lock()
+        self._fd = -1
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.pwrite(self._fd, header, 0)
             os.ftruncate(self._fd, self.size)
         except OSError as e:
+            if self._fd >= 0:
+                os.close(self._fd)
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
         self._dirty = 0
         self._flush_wanted = threading.Event()
@@ -123,7 +126,10 @@ class SafetensorsWriter:
         header, _ = plan_header(list(self.planned.values()), metadata)
         if len(header) != self._header_len:
             raise AssertionError(f"{self.path}: final metadata changes the header size")
-        os.pwrite(self._fd, header, 0)
+        try:
+            os.pwrite(self._fd, header, 0)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
 
     def missing(self) -> list[str]:
         return [k for k, n in self._written.items() if n != self.planned[k].nbytes]

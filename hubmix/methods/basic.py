@@ -35,8 +35,20 @@ def _maxdiff_choose(xs, alpha=1.0, beta=1.0, ref_alpha=0.5):
     return (ref - alpha * x).abs() > (ref - beta * y).abs()  # a tie goes to the second candidate
 
 
-def _candidates(xs, **_):
+def _candidates(xs):
     return tuple(xs[1:]) if len(xs) == 3 else (xs[0], xs[1])
+
+
+def _two_model_advice(n: int, p: dict[str, float]) -> str | None:
+    """With two models and alpha = beta = 1, |ab - a| = ref_alpha*|a - b| and |ab - b| = (1-ref_alpha)*|a - b|:
+    the same model wins every element, so the merge is a copy of it."""
+    if n == 2 and p["alpha"] == p["beta"] == 1.0:
+        r = p["ref_alpha"]
+        winner = "a" if r < 0.5 else "b" if r > 0.5 else "a (only float rounding separates them at ref_alpha 0.5)"
+        return (f"two-model selection with alpha = beta = 1 cannot choose element by element: |ab - a| = "
+                f"ref_alpha*|a - b| and |ab - b| = (1-ref_alpha)*|a - b|, so the nearer one is {winner} everywhere; "
+                "set alpha or beta (the dry run's ls scale suggests values)")
+    return None
 
 
 @register(
@@ -48,8 +60,8 @@ def _candidates(xs, **_):
     reference="https://github.com/hubmix/hubmix#lossless",
     summary="each element is taken unchanged from b or c, whichever is nearer to a (a tie takes b)",
     choose=_lossless_choose,
-    candidates=_candidates,
     candidate_names=_selection_sources,
+    advice=_two_model_advice,
 )
 def lossless(xs, alpha=1.0, beta=1.0, ref_alpha=0.5):
     x, y = _candidates(xs)
@@ -65,8 +77,8 @@ def lossless(xs, alpha=1.0, beta=1.0, ref_alpha=0.5):
     reference="https://github.com/hubmix/hubmix#maxdiff",
     summary="each element is taken unchanged from b or c, whichever is farther from a (a tie takes c)",
     choose=_maxdiff_choose,
-    candidates=_candidates,
     candidate_names=_selection_sources,
+    advice=_two_model_advice,
 )
 def maxdiff(xs, alpha=1.0, beta=1.0, ref_alpha=0.5):
     x, y = _candidates(xs)

@@ -8,7 +8,7 @@ tensors are merged in chunks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -46,13 +46,13 @@ class Method:
     reference: str
     summary: str
     fn: Callable[..., torch.Tensor]
-    # Selection methods: `choose` returns a bool mask (True: first candidate) and `candidates` the two tensors a
-    # mask picks from, so the engine can select in the storage dtype and the dry run can count shares.
+    # Selection methods: `choose` returns a bool mask (True: first candidate) and `candidate_names` the indices of
+    # the two models it picks from, so the engine can select in the storage dtype and the dry run count shares.
     choose: Callable[..., torch.Tensor] | None = None
-    candidates: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
-    candidate_names: Callable[[int], tuple[int, int]] | None = None  # model indices the two candidates come from
+    candidate_names: Callable[[int], tuple[int, int]] | None = None
     elementwise: bool = True
-    aliases: tuple[str, ...] = field(default=())
+    # Settings that are valid but probably not what the user meant: (number of models, params) -> a note or None
+    advice: Callable[[int, dict[str, float]], str | None] | None = None
 
     def applicable(self, n_models: int) -> dict[str, Param]:
         return {p.name: p for p in self.params if p.only_with is None or n_models in p.only_with}
@@ -85,10 +85,9 @@ def register(name: str, *, models: tuple[int, ...], params: tuple[Param, ...] = 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         method = Method(name=name, models=models, params=params, formula=formula, reference=reference,
                         summary=summary, fn=fn, **extra)
-        for n in (name, *method.aliases):
-            if n in REGISTRY:
-                raise ValueError(f"merge method {n!r} registered twice")
-            REGISTRY[n] = method
+        if name in REGISTRY:
+            raise ValueError(f"merge method {name!r} registered twice")
+        REGISTRY[name] = method
         return fn
 
     return wrap
@@ -102,5 +101,5 @@ def get_method(name: str) -> Method:
 
 
 def methods() -> dict[str, Method]:
-    """Each method once, by its own name (aliases left out)."""
-    return {m.name: m for m in REGISTRY.values()}
+    """Every registered method by name."""
+    return dict(REGISTRY)

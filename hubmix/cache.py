@@ -1,0 +1,26 @@
+"""hubmix's own cache folder (input hashes, Hub file listings, native kernels, the torch.compile cache) and the
+one way files are written there and beside outputs: complete or not at all."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """`$HUBMIX_CACHE`, else `~/.cache/hubmix`."""
+    return Path(os.environ.get("HUBMIX_CACHE") or Path.home() / ".cache" / "hubmix")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a unique temporary sibling and rename it over `path`: readers never see half a file, and
+    concurrent writers never share a temporary."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
