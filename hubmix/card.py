@@ -54,15 +54,28 @@ class Card:
     recipe_sha256: str = ""
 
 
+def result_files(path: Path) -> dict[str, Path]:
+    """A result's files by the path they get in a repo: a folder's files (hidden ones left out), or a single file
+    and its `<stem>.recipe.yaml`."""
+    if path.is_dir():
+        return {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+    out = {path.name: path}
+    sidecar = path.with_name(f"{path.stem}.recipe.yaml")
+    if sidecar.is_file():
+        out[sidecar.name] = sidecar
+    return out
+
+
 def _metadata_recipe(path: Path) -> dict[str, Any] | None:
-    from safetensors import safe_open
+    """The canonical recipe in a weight file's `hubmix.recipe` metadata (its header only is read)."""
+    from .io.readers import SafetensorsFile
 
     try:
-        with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get("hubmix.recipe")
-    except Exception:  # noqa: BLE001 - not a readable safetensors file: no recipe there
+        raw = SafetensorsFile(path).metadata.get("hubmix.recipe")
+        return json.loads(raw) if raw else None
+    except (InputError, ValueError):  # not a readable safetensors file, or no recipe in it
         return None
-    return json.loads(raw) if raw else None
 
 
 def load_result(path: str | Path) -> Result:
@@ -81,7 +94,11 @@ def load_result(path: str | Path) -> Result:
         side = p.with_name(f"{p.stem}.recipe.yaml")
         layout = "single-file"
         weights = [p]
-    if side.is_file():
+    # A single file's own metadata first: it is written with the weights in one step, the sidecar after them.
+    canonical = _metadata_recipe(p) if layout == "single-file" else None
+    if canonical is not None:
+        text = recipe_yaml(canonical)
+    elif side.is_file():
         text = side.read_text(encoding="utf-8")
         canonical = yaml.safe_load(text)
     else:

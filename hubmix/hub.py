@@ -506,19 +506,10 @@ def result_files(path: Path, card_path: Path) -> list[tuple[str, Path]]:
     """What a push uploads: (path in the repo, local file). A folder: its files (weights, configs, tokenizers,
     recipe.yaml, README.md; hidden files left out). A single file: it, its `<stem>.recipe.yaml`, and the card as
     README.md."""
-    if path.is_dir():
-        out = []
-        for p in sorted(path.rglob("*")):
-            rel = p.relative_to(path)
-            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
-                out.append((rel.as_posix(), p))
-        return out
-    out = [(path.name, path)]
-    sidecar = path.with_name(f"{path.stem}.recipe.yaml")
-    if sidecar.is_file():
-        out.append((sidecar.name, sidecar))
-    out.append(("README.md", card_path))
-    return out
+    from .card import result_files as files
+
+    out = list(files(path).items())
+    return out if path.is_dir() else out + [("README.md", card_path)]
 
 
 def push(path: str | Path, repo_id: str | None = None, *, private: bool = False, branch: str | None = None,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .model import open_model
 
@@ -44,19 +42,13 @@ def inspect_model(path: str | Path, *, variant: str | None = None) -> dict[str, 
 
 
 def _embedded_recipe(m) -> dict[str, Any] | None:
-    raw = m.metadata.get("hubmix.recipe")
-    if raw is None and m.layout == "diffusers":
-        for comp in m.components.values():
-            ref = next(iter(comp.tensors.values()), None)
-            if ref is not None and "hubmix.recipe" in ref.file.metadata:
-                raw = ref.file.metadata["hubmix.recipe"]
-                break
-    if raw:
-        return json.loads(raw)
-    side = m.path / "recipe.yaml" if m.layout == "diffusers" else m.path.with_name(f"{m.path.stem}.recipe.yaml")
-    if side.is_file():
-        return yaml.safe_load(side.read_text())
-    return None
+    from .card import load_result
+    from .errors import InputError
+
+    try:
+        return load_result(m.path).canonical
+    except InputError:  # not made by hubmix
+        return None
 
 
 def render(info: dict[str, Any]) -> str:

@@ -102,16 +102,10 @@ def _git_blob_id(path: Path) -> str:
 
 
 def _files(root: Path) -> dict[str, Path]:
-    """A result's files by the path they have in a repo (what a push uploads), hidden ones and the card left out."""
-    if root.is_file():
-        out = {root.name: root}
-        side = root.with_name(f"{root.stem}.recipe.yaml")
-        if side.is_file():
-            out[side.name] = side
-        return out
-    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*"))
-            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
-            and p.relative_to(root).as_posix() not in NOT_COMPARED}
+    """A result's files by the path they have in a repo (what a push uploads), the card left out."""
+    from .card import result_files
+
+    return {k: v for k, v in result_files(root).items() if k not in NOT_COMPARED}
 
 
 def _layout_of(names: list[str]) -> tuple[str, str | None]:
