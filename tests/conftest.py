@@ -87,6 +87,16 @@ def cli():
     return run_cli
 
 
+def assert_one_line_error(code: int, err: str, *needles) -> str:
+    """A failed command printed exactly one line, `error: ...`, containing every needle; returns that line."""
+    assert code != 0
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    return lines[0]
+
+
 def load_tensors(path: Path) -> dict:
     """Every tensor of a safetensors file, read by safetensors itself."""
     from safetensors.torch import load_file

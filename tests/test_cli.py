@@ -8,16 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code != 0
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
 
 
 def test_missing_path(tmp_path, zoo, cli):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hubserver import HubError as ServerError
+from conftest import assert_one_line_error
 from hubserver import configure_hf_client, guard_loopback, start_hub_server
 
 TOKEN = "hf_test_token_user"
@@ -102,15 +103,6 @@ def hub(seeded, monkeypatch, tmp_path):
 def token(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     return TOKEN
-
-
-def one_line_error(code, err, *needles):
-    assert code != 0
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
-    return lines[0]
 
 
 INPUTS = ["org/a", "org/b@v1", "org/c/checkpoints/c.safetensors"]
@@ -305,23 +297,23 @@ def test_input_errors(hub, cli, tmp_path, monkeypatch):
     def merge(*refs):
         return cli("merge", *refs, "org/a", "-m", "weighted_sum", "--out", tmp_path / "out", "-q")
 
-    one_line_error(*merge("org/nope")[::2], "org/nope", "repository not found")
-    one_line_error(*merge("org/secret")[::2], "org/secret", "repository not found", "HF_TOKEN")
-    one_line_error(*merge("org/gated")[::2], "org/gated", "gated", "HF_TOKEN")
+    assert_one_line_error(*merge("org/nope")[::2], "org/nope", "repository not found")
+    assert_one_line_error(*merge("org/secret")[::2], "org/secret", "repository not found", "HF_TOKEN")
+    assert_one_line_error(*merge("org/gated")[::2], "org/gated", "gated", "HF_TOKEN")
     monkeypatch.setenv("HF_TOKEN", OTHER)
-    one_line_error(*merge("org/gated")[::2], "org/gated", "gated", "not been granted")
+    assert_one_line_error(*merge("org/gated")[::2], "org/gated", "gated", "not been granted")
     monkeypatch.delenv("HF_TOKEN")
-    one_line_error(*merge("org/a@nope")[::2], "org/a", "revision 'nope' not found")
-    one_line_error(*merge("org/c/checkpoints/missing.safetensors")[::2], "org/c",
+    assert_one_line_error(*merge("org/a@nope")[::2], "org/a", "revision 'nope' not found")
+    assert_one_line_error(*merge("org/c/checkpoints/missing.safetensors")[::2], "org/c",
                    "'checkpoints/missing.safetensors' not found", "checkpoints/c.safetensors")
-    one_line_error(*merge("org/empty")[::2], "org/empty", "no weights")
-    one_line_error(*merge("org/two")[::2], "org/two", "several weight files", "x.safetensors", "sub/y.safetensors")
+    assert_one_line_error(*merge("org/empty")[::2], "org/empty", "no weights")
+    assert_one_line_error(*merge("org/two")[::2], "org/two", "several weight files", "x.safetensors", "sub/y.safetensors")
     assert not (tmp_path / "out").exists()
 
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    one_line_error(*merge("org/d")[::2], "org/d", "not in the local cache", "HF_HUB_OFFLINE")
+    assert_one_line_error(*merge("org/d")[::2], "org/d", "not in the local cache", "HF_HUB_OFFLINE")
 
 
 def test_network_down(hub, tmp_path, monkeypatch, cli, caplog):
@@ -343,7 +335,7 @@ def test_network_down(hub, tmp_path, monkeypatch, cli, caplog):
     for f in first.files:
         assert (tmp_path / "down" / f.relative_to(tmp_path / "up")).read_bytes() == f.read_bytes()
     code, _, err = cli("merge", "org/a", "org/d", "-m", "weighted_sum", "--out", tmp_path / "z", "-q")
-    one_line_error(code, err, "org/d", "cannot reach the Hub", dead, "not in the local cache")
+    assert_one_line_error(code, err, "org/d", "cannot reach the Hub", dead, "not in the local cache")
 
 
 def test_push_errors(hub, cli, tmp_path, monkeypatch):
@@ -351,11 +343,11 @@ def test_push_errors(hub, cli, tmp_path, monkeypatch):
 
     out = tmp_path / "m"
     code, _, err = cli("merge", "org/a", "org/d", "-m", "weighted_sum", "--out", out, "--push", "user/x", "-q")
-    one_line_error(code, err, "user/x", "needs a token", "HF_TOKEN")
+    assert_one_line_error(code, err, "user/x", "needs a token", "HF_TOKEN")
     assert not out.exists()  # refused before any work
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     code, _, err = cli("merge", "org/a", "org/d", "-m", "weighted_sum", "--out", out, "--push", "someone/x", "-q")
-    one_line_error(code, err, "someone/x", "no permission")
+    assert_one_line_error(code, err, "someone/x", "no permission")
 
     def refuse(self, hub_, repo, rev):
         raise ServerError(503, "commit service unavailable")
@@ -363,7 +355,7 @@ def test_push_errors(hub, cli, tmp_path, monkeypatch):
     monkeypatch.setattr(hubserver._Handler, "h_commit", refuse)
     code, _, err = cli("merge", "org/a", "org/d", "-m", "weighted_sum", "--out", tmp_path / "m2", "--push", "user/fail",
                        "-q")
-    line = one_line_error(code, err, "user/fail", "upload to main failed", "503", "nothing was committed",
+    line = assert_one_line_error(code, err, "user/fail", "upload to main failed", "503", "nothing was committed",
                           "model_index.json", "created empty")
     assert TOKEN not in line
     assert list(hub.files("user/fail")) == [".gitattributes"] and len(hub.history("user/fail")) == 1
@@ -482,6 +474,6 @@ def test_reproduce_needs_local_inputs(hub, token, cli, tmp_path, zoo):
                        "user/mixed", "-q")
     assert code == 0, err
     code, _, err = cli("reproduce", "user/mixed", "-q")
-    one_line_error(code, err, "user/mixed", f"b ({local.name})", "--model")
+    assert_one_line_error(code, err, "user/mixed", f"b ({local.name})", "--model")
     code, stdout, err = cli("reproduce", "user/mixed", "--model", f"b={local}", "-q")
     assert code == 0 and "files identical" in stdout, err + stdout
