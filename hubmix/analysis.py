@@ -111,7 +111,9 @@ def analyze(tasks: list[Task], names: dict[str, list[str]], *, quiet: bool = Fal
             workers: int | None = None) -> dict[str, Any]:
     stats = Stats(names)
     merged = [t for t in tasks if t.method is not None]
-    engine.run(engine.split_jobs(merged), stats.consume, workers=workers, desc="analyzing", quiet=quiet)
+    workers = workers or engine.default_workers()
+    with engine.parallel_across_chunks(workers):
+        engine.run(engine.split_jobs(merged), stats.consume, workers=workers, desc="analyzing", quiet=quiet)
     return stats.report()
 
 

@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -65,6 +66,19 @@ def chunk_elements(settings: Settings, workers: int, bytes_per_element: int = 32
     finished chunks again wait for the writer."""
     per_chunk = settings.max_memory // (2 * workers + 2)
     return max(1 << 16, min(1 << 24, per_chunk // bytes_per_element))
+
+
+@contextmanager
+def parallel_across_chunks(workers: int):
+    """With several workers, each torch op runs on one thread: the parallelism is across chunks (and a fused kernel
+    compiled meanwhile is built single-threaded to match), not inside each op."""
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def split_jobs(tasks: Iterable[Task], chunk: int | None = None) -> list[Job]:
