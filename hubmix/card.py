@@ -18,7 +18,7 @@ import yaml
 from .errors import InputError
 from .families import get_family
 from .methods import get_method
-from .recipe import recipe_hash
+from .recipe import model_entry, recipe_hash
 
 RECIPE_MARK = "<!-- hubmix:recipe -->"
 _RECIPE_BLOCK = re.compile(re.escape(RECIPE_MARK) + r"\s*```ya?ml\n(.*?)\n```", re.S)
@@ -119,7 +119,7 @@ def recipe_from_card(text: str) -> dict[str, Any] | None:
 
 
 def _models(canonical: dict[str, Any]) -> list[dict[str, Any]]:
-    return [m if isinstance(m, dict) else {"ref": str(m)} for m in canonical.get("models", [])]
+    return [model_entry(m) for m in canonical.get("models", [])]
 
 
 def _params(p: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ import click
 from . import __version__
 from .errors import HubmixError, RecipeError
 from .methods import methods
-from .recipe import DTYPES, LAYOUTS, ComponentRecipe, Recipe, letter
+from .recipe import DTYPES, LAYOUTS, ComponentRecipe, Recipe, letter, model_entry
 from .refs import REF_RULE
 
 
@@ -227,7 +227,7 @@ def _size(text: str) -> int:
 
 
 def _legend(recipe: Recipe) -> dict[str, str]:
-    return {letter(i): str(m["ref"] if isinstance(m, dict) else m) for i, m in enumerate(recipe.models)}
+    return {letter(i): model_entry(m)["ref"] for i, m in enumerate(recipe.models)}
 
 
 @cli.command()

@@ -27,7 +27,7 @@ from .errors import HubError, InputError
 from .cache import cache_root, write_atomically
 from .families import weight_stem
 from .model import choose_weights, index_shards
-from .recipe import Recipe
+from .recipe import Recipe, model_entry
 from .refs import ModelRef, parse_hub_ref, parse_ref
 
 log = logging.getLogger("hubmix")
@@ -315,7 +315,7 @@ def _diffusers_output(recipe: Recipe) -> bool:
 
 
 def _ref_text(m: Any) -> str:
-    return str(m["ref"] if isinstance(m, dict) else m)
+    return model_entry(m)["ref"]
 
 
 def _weight_candidates(names: list[str]) -> list[str]:

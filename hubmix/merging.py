@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import yaml
 
 from . import __version__, analysis, engine
@@ -28,7 +27,7 @@ from .model import CONFIG_META, LocalModel, check_same_family, open_model, read_
 from .output import (Router, atomic_target, check_target, component_config_json, model_index,
                      need_folder, write_json)
 from .plan import TORCH_DTYPES, Summary, Task, plan_merge
-from .recipe import RECIPE_VERSION, Recipe, canonical_json, letter, recipe_hash
+from .recipe import RECIPE_VERSION, Recipe, canonical_json, letter, model_entry, recipe_hash
 from .refs import ModelRef, parse_ref
 
 PLACEHOLDER = "0" * 64
@@ -55,7 +54,7 @@ Resolver = Callable[[Any, Recipe], tuple[Path, dict[str, Any]]]
 
 def resolve_local(ref: Any, recipe: Recipe) -> tuple[Path, dict[str, Any]]:
     """A local reference -> (path, identity fields for the canonical recipe); Hub refs need hubmix.hub."""
-    text = ref["ref"] if isinstance(ref, dict) else ref
+    text = model_entry(ref)["ref"]
     if isinstance(ref, dict) and ref.get("repo"):  # a canonical recipe's Hub input: at its pinned commit
         r = ModelRef(text, repo_id=ref["repo"], revision=ref.get("revision"), filename=ref.get("file"))
     else:
@@ -241,15 +240,12 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
     for t in merged:
         dtypes = [r.dtype for r in t.refs]
         signatures.setdefault(Kernels.key(t.method, dtypes, t.out_dtype), (t.method, dtypes, t.out_dtype))
-    threads = torch.get_num_threads()
-    if workers > 1 and device.type == "cpu":
-        torch.set_num_threads(1)  # parallel across chunks, not inside each op
     try:
-        kernels.start(list(signatures.values()))
-        engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
-                         quiet=settings.quiet)
+        with engine.parallel_across_chunks(workers):
+            kernels.start(list(signatures.values()))
+            engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
+                             quiet=settings.quiet)
     finally:
-        torch.set_num_threads(threads)
         kernels.close()
     return {"device": str(device), "workers": workers, "chunk_elements": chunk, "kernels": dict(kernels.calls),
             "native_build_seconds": kernels.native_build_seconds, "compile_seconds": kernels.compile_seconds}

@@ -31,6 +31,11 @@ def letter(i: int) -> str:
     return LETTERS[i]
 
 
+def model_entry(model: Any) -> dict[str, Any]:
+    """A recipe's model as a dict: a reference as given (`./a`, `org/a@v2`) or a canonical recipe's entry."""
+    return model if isinstance(model, dict) else {"ref": str(model)}
+
+
 @dataclass
 class ComponentRecipe:
     method: str | None = None

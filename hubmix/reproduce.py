@@ -20,7 +20,7 @@ import yaml
 
 from .errors import InputError
 from .hashing import file_sha256
-from .recipe import Recipe, letter, recipe_hash
+from .recipe import Recipe, letter, model_entry, recipe_hash
 from .refs import ModelRef, parse_hub_ref, parse_ref
 
 NOT_COMPARED = ("README.md", ".gitattributes")  # the card is rewritten per push (repo id, license); not the merge's
@@ -178,7 +178,7 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
     recipe = Recipe.from_dict(dict(canonical), source=f"{text} (recipe)")
     recipe.layout = layout
     overrides = _parse_overrides(models, len(recipe.models))
-    entries = [m if isinstance(m, dict) else {"ref": str(m)} for m in recipe.models]
+    entries = [model_entry(m) for m in recipe.models]
     local = [f"{m.get('name', letter(i))} ({m['ref']})" for i, m in enumerate(entries)
              if not m.get("repo") and m.get("name", letter(i)) not in overrides]
     if local:
@@ -186,7 +186,7 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
                          f"each with --model NAME=PATH")
 
     def resolver(ref: Any, rec: Recipe) -> tuple[Path, dict[str, Any]]:
-        m = ref if isinstance(ref, dict) else {"ref": str(ref)}
+        m = model_entry(ref)
         name_ = m.get("name") or letter(rec.models.index(ref))
         if name_ in overrides:
             return overrides[name_], {"ref": m["ref"]}
