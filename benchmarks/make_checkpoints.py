@@ -88,7 +88,7 @@ def tensor_values(key: str, shape: tuple[int, ...], index: int) -> list[torch.Te
 
 def write_folders(family: str, folders: list[Path]) -> None:
     """Write N_MODELS diffusers folders at once, tensor by tensor (each base tensor is made once)."""
-    from hubmix.io.writer import PlannedTensor, SafetensorsWriter
+    from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
 
     spec = FAMILIES[family]
     for f in folders:

@@ -1,15 +1,28 @@
 """hubmix: merge diffusion models from the Hugging Face Hub or local files, component by component.
 
 Library first: `hubmix.merge(Recipe(...))`, `hubmix.convert(...)`, `hubmix.inspect(...)`; the `hubmix` command is a
-thin layer over these.
+thin layer over these. The public names are loaded on first use, so `import hubmix` (and `hubmix --help`) does not
+import torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .errors import FamilyError, HubError, HubmixError, InputError, OutputError, RecipeError  # noqa: E402
-from .methods import get_method, methods, register  # noqa: E402
-from .recipe import Recipe  # noqa: E402
-from .merging import MergeResult, merge  # noqa: E402
+from hubmix.errors import FamilyError, HubError, HubmixError, InputError, OutputError, RecipeError  # noqa: E402
+
+_LAZY = {"merge": "hubmix.merging", "MergeResult": "hubmix.merging", "Recipe": "hubmix.recipe",
+         "get_method": "hubmix.methods", "methods": "hubmix.methods", "register": "hubmix.methods"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hubmix' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__", "merge", "MergeResult", "Recipe", "get_method", "methods", "register",

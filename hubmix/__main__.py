@@ -1,3 +1,3 @@
-from .cli import main
+from hubmix.cli import main
 
 main()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .families import all_component_names
-from .merging import MergeResult, merge
-from .recipe import ComponentRecipe, Recipe
+from hubmix.formats.families import all_component_names
+from hubmix.merging import MergeResult, merge
+from hubmix.recipe import ComponentRecipe, Recipe
 
 
 def convert(src: str | Path, out: str | Path, *, to: str = "diffusers", dtype: str | None = None,

@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     import hubmix
-    from hubmix.analysis import render
+    from hubmix.engine.analysis import render
     from hubmix.convert import convert
-    from hubmix.tiny import run_pipeline, save_tiny
+    from hubmix.formats.tiny import run_pipeline, save_tiny
 
     t0 = time.time()
     root = args.out

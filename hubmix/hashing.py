@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 
-from .cache import cache_root, write_atomically
+from hubmix.cache import cache_root, write_atomically
 
 _lock = threading.Lock()
 BLOCK = 8 << 20

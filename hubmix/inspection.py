@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-from .model import open_model
+from hubmix.formats.model import open_model
 
 
 def inspect_model(path: str | Path, *, variant: str | None = None) -> dict[str, Any]:
@@ -42,8 +42,8 @@ def inspect_model(path: str | Path, *, variant: str | None = None) -> dict[str, 
 
 
 def _embedded_recipe(m) -> dict[str, Any] | None:
-    from .card import load_result
-    from .errors import InputError
+    from hubmix.result import load_result
+    from hubmix.errors import InputError
 
     try:
         return load_result(m.path).canonical

@@ -12,23 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from . import __version__, analysis, engine
-from .cache import write_atomically
-from .configs import DEFAULT_DERIVED
-from .devices import device_budget, resolve_device
-from .errors import InputError, RecipeError
-from .families import Family
-from .hashing import hash_in_background
-from .kernels import Kernels
-from .layouts import KeyMap
-from .model import CONFIG_META, LocalModel, check_same_family, open_model, read_json
-from .output import (Router, atomic_target, check_target, component_config_json, model_index,
+from hubmix import __version__
+from hubmix.engine import analysis
+from hubmix.engine import pipeline as engine
+from hubmix.cache import write_atomically
+from hubmix.formats.configs import DEFAULT_DERIVED
+from hubmix.engine.devices import device_budget, resolve_device
+from hubmix.errors import InputError, RecipeError
+from hubmix.formats.families import Family
+from hubmix.hashing import hash_in_background
+from hubmix.engine.kernels import Kernels
+from hubmix.formats.layouts import KeyMap
+from hubmix.formats.model import CONFIG_META, LocalModel, check_same_family, open_model, read_json
+from hubmix.engine.output import (Router, atomic_target, check_target, component_config_json, model_index,
                      need_folder, write_json)
-from .plan import TORCH_DTYPES, Summary, Task, plan_merge
-from .recipe import RECIPE_VERSION, Recipe, canonical_json, letter, model_entry, recipe_hash
-from .refs import ModelRef, parse_ref
+from hubmix.engine.plan import TORCH_DTYPES, Summary, Task, plan_merge
+from hubmix.recipe import RECIPE_VERSION, recipe_yaml, Recipe, canonical_json, letter, model_entry, recipe_hash
+from hubmix.hub.refs import ModelRef, parse_ref
 
 PLACEHOLDER = "0" * 64
 
@@ -60,7 +60,7 @@ def resolve_local(ref: Any, recipe: Recipe) -> tuple[Path, dict[str, Any]]:
     else:
         r = parse_ref(text)
     if r.is_hub:
-        from .hub import resolve_hub  # only Hub merges import the Hub client
+        from hubmix.hub.resolve import resolve_hub  # only Hub merges import the Hub client
 
         return resolve_hub(r, recipe)
     if not r.local or not r.local.exists():
@@ -123,7 +123,7 @@ def _config_from_ident(text: str) -> str:
     """--config-from as the canonical recipe records it: a Hub repo pinned to its commit, a local folder by name."""
     ref = parse_ref(text)
     if ref.is_hub:
-        from .hub import pin
+        from hubmix.hub.resolve import pin
 
         return f"{ref.repo_id}@{pin(ref.repo_id, ref.revision).sha}"
     return ref.local.resolve().name if ref.local else text
@@ -141,7 +141,7 @@ def _config_source(models: list[LocalModel], family: Family, recipe: Recipe) -> 
                 raise InputError(f"{recipe.config_from}: --config-from needs a diffusers folder (with "
                                  "model_index.json) or a Hub repo")
             return ref.local
-        from .hub import config_folder
+        from hubmix.hub.resolve import config_folder
 
         return config_folder(ref, family)
     return None
@@ -347,10 +347,4 @@ def _sidecar(single_file: Path) -> Path:
     return single_file.with_name(f"{single_file.stem}.recipe.yaml")
 
 
-def recipe_yaml(canonical: dict[str, Any]) -> str:
-    head = (f"# Made by hubmix {__version__}. Canonical recipe (sha256 {recipe_hash(canonical)}):\n"
-            "# every default filled in, local inputs by name and sha256, Hub inputs pinned to a commit.\n")
-    return head + yaml.safe_dump(canonical, sort_keys=False, allow_unicode=True)
-
-
-__all__ = ["merge", "MergeResult", "recipe_yaml"]
+__all__ = ["merge", "MergeResult"]

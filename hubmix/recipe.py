@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError
-from .methods import get_method
+from hubmix import __version__
+from hubmix.errors import RecipeError
+from hubmix.methods import get_method
 
 RECIPE_VERSION = 1
 DTYPES = ("fp16", "bf16", "fp32")
@@ -138,7 +139,7 @@ class Recipe:
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise RecipeError(f"{src}: prediction_type must be epsilon or v_prediction")
         letters = [letter(i) for i in range(n)]
-        from .families import all_component_names
+        from hubmix.formats.families import all_component_names
 
         for name, c in self.components.items():
             where = f"{src}: components.{name}"
@@ -184,7 +185,7 @@ class Recipe:
 
     def needs(self, i: int) -> set[str]:
         """The components model i takes part in (merged from it or copied from it): the only ones read from it."""
-        from .families import all_component_names
+        from hubmix.formats.families import all_component_names
 
         me = letter(i)
         return {c for c in all_component_names()
@@ -240,3 +241,9 @@ def canonical_json(obj: Any) -> str:
 
 def recipe_hash(canonical: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(canonical).encode()).hexdigest()
+
+
+def recipe_yaml(canonical: dict[str, Any]) -> str:
+    head = (f"# Made by hubmix {__version__}. Canonical recipe (sha256 {recipe_hash(canonical)}):\n"
+            "# every default filled in, local inputs by name and sha256, Hub inputs pinned to a commit.\n")
+    return head + yaml.safe_dump(canonical, sort_keys=False, allow_unicode=True)

@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
-from .errors import InputError
-from .hashing import file_sha256
-from .recipe import Recipe, letter, model_entry, recipe_hash
-from .refs import ModelRef, parse_hub_ref, parse_ref
+from hubmix.errors import InputError
+from hubmix.hashing import file_sha256
+from hubmix.recipe import Recipe, letter, model_entry, recipe_hash
+from hubmix.hub.refs import ModelRef, parse_hub_ref, parse_ref
 
 NOT_COMPARED = ("README.md", ".gitattributes")  # the card is rewritten per push (repo id, license); not the merge's
 
@@ -103,7 +103,7 @@ def _git_blob_id(path: Path) -> str:
 
 def _files(root: Path) -> dict[str, Path]:
     """A result's files by the path they have in a repo (what a push uploads), the card left out."""
-    from .card import result_files
+    from hubmix.result import result_files
 
     return {k: v for k, v in result_files(root).items() if k not in NOT_COMPARED}
 
@@ -142,8 +142,9 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
     a newer input revision shows. `models`: {name: path} for inputs that were local files (or to replace any
     input). `keep`: a folder to keep the rebuild in, under its original name (default: a temporary one, removed).
     """
-    from .card import load_result, recipe_from_card
-    from .merging import merge, resolve_local
+    from hubmix.result import recipe_from_card
+    from hubmix.result import load_result
+    from hubmix.merging import merge, resolve_local
 
     text = str(source)
     r = parse_ref(text)
@@ -151,7 +152,7 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
     blob_ids: set[str] = set()  # paths whose expected value is a git blob id
     revision = None
     if r.is_hub:
-        from .hub import fetch_result
+        from hubmix.hub.resolve import fetch_result
 
         remote = fetch_result(text)
         revision = remote.sha
@@ -194,7 +195,7 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
             given = parse_hub_ref(m["ref"])
             hub_ref = ModelRef(m["ref"], repo_id=m["repo"], revision=given.revision,
                                filename=given.filename if given.repo_id == m["repo"] else None)
-            from .hub import resolve_hub
+            from hubmix.hub.resolve import resolve_hub
 
             return resolve_hub(hub_ref, rec)
         return resolve_local(m, rec)

@@ -27,7 +27,7 @@ class Zoo:
 
     def tokenizer(self) -> Path:
         if self._tok is None:
-            from hubmix.tiny import write_tokenizer
+            from hubmix.formats.tiny import write_tokenizer
 
             self._tok = write_tokenizer(self.root / "_tokenizer")
         return self._tok
@@ -36,7 +36,7 @@ class Zoo:
                   variant: str | None = None, shard: str | None = None) -> Path:
         import torch
 
-        from hubmix.tiny import save_tiny
+        from hubmix.formats.tiny import save_tiny
 
         name = f"{family}-s{seed}-{dtype}{'-inpaint' if inpainting else ''}{'-' + variant if variant else ''}" \
                f"{'-shard' + shard if shard else ''}"

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import hubmix
-from hubmix import Recipe, engine
-from hubmix.engine import Settings
+from hubmix import Recipe
+from hubmix.engine import pipeline as engine
+from hubmix.engine.pipeline import Settings
 
 UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
 CASES = [("lossless", 3, None), ("lossless", 2, None), ("maxdiff", 3, "fp32"), ("weighted_sum", 2, None),
@@ -33,7 +34,7 @@ def _same_files(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["native", "compile"])
 def test_fused_kernels_give_the_eager_bytes(zoo, tmp_path, kind):
-    from hubmix import kernels, native
+    from hubmix.engine import kernels, native
 
     if kind == "compile" and not kernels.compiler_available():
         pytest.skip("no C++ compiler for torch.compile")
@@ -50,8 +51,8 @@ def test_fused_kernels_give_the_eager_bytes(zoo, tmp_path, kind):
 
 def test_native_kernels_match_torch_on_every_dtype_and_special_value():
     """Every native kernel against the eager torch code, on ties, infinities, subnormals and signed zeros."""
-    from hubmix import native
-    from hubmix.kernels import chunk_function, eager_kernel
+    from hubmix.engine import native
+    from hubmix.engine.kernels import chunk_function, eager_kernel
     from hubmix.methods import get_method
 
     if native.Native.library() is None:
@@ -83,7 +84,7 @@ def test_native_kernels_match_torch_on_every_dtype_and_special_value():
 def test_chunking_workers_and_budget_do_not_change_bytes(zoo, tmp_path, monkeypatch):
     base = _merge(zoo, tmp_path / "base", "lossless", 3, None, Settings(kernels="eager", workers=1))
     assert base.engine["workers"] == 1
-    monkeypatch.setattr("hubmix.kernels.SUBCHUNK", 777)  # eager pieces that do not divide the chunks
+    monkeypatch.setattr("hubmix.engine.kernels.SUBCHUNK", 777)  # eager pieces that do not divide the chunks
     small = _merge(zoo, tmp_path / "small", "lossless", 3, None,
                    Settings(kernels="eager", workers=4, max_memory=1 << 20))
     assert small.engine["chunk_elements"] == 1 << 16  # the floor: many chunks per tensor
@@ -114,7 +115,7 @@ def test_gpu_gives_the_cpu_bytes_for_selection_and_close_values_for_arithmetic(z
 
 
 def test_device_errors():
-    from hubmix.devices import resolve_device
+    from hubmix.engine.devices import resolve_device
     from hubmix.errors import HubmixError
 
     assert resolve_device("cpu") == torch.device("cpu")

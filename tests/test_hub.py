@@ -177,7 +177,7 @@ def test_merge_push_load_and_card(hub, token, cli, tmp_path, zoo):
             assert sha in text
     assert "| unet | lossless | a, b, c | alpha=1, beta=1 |" in text
     assert (out / "recipe.yaml").read_text().strip() in text  # the canonical recipe verbatim
-    from hubmix.card import recipe_from_card
+    from hubmix.result import recipe_from_card
 
     assert recipe_from_card(text) == recipe  # what reproduce reads when a repo has no recipe.yaml
     assert 'DiffusionPipeline.from_pretrained("user/merge")' in text
@@ -188,7 +188,7 @@ def test_merge_push_load_and_card(hub, token, cli, tmp_path, zoo):
     # 7: the pushed repo loads with diffusers through the same endpoint and runs
     from diffusers import DiffusionPipeline
 
-    from hubmix.tiny import run_pipeline
+    from hubmix.formats.tiny import run_pipeline
 
     pipe = DiffusionPipeline.from_pretrained("user/merge")
     images = run_pipeline(pipe, steps=2)
@@ -249,7 +249,7 @@ def test_open_model_reads_only_the_components_asked(zoo, tmp_path):
     import shutil
 
     from hubmix.errors import InputError
-    from hubmix.model import open_model
+    from hubmix.formats.model import open_model
 
     for family in ("sd1", "sd2"):
         folder = tmp_path / family

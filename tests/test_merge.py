@@ -93,7 +93,7 @@ def test_method_matches_independent_implementation(zoo, tmp_path, family, method
 def test_merged_pipeline_loads_and_runs(zoo, tmp_path, family, cls):
     import diffusers
 
-    from hubmix.tiny import run_pipeline
+    from hubmix.formats.tiny import run_pipeline
 
     inputs = [str(zoo.diffusers(family, s)) for s in (1, 2, 3)]
     out = tmp_path / "merged"
@@ -282,7 +282,7 @@ def test_cli_and_recipe_give_byte_identical_output(zoo, tmp_path, cli):
 
 
 def test_small_chunks_give_the_same_bytes(zoo, tmp_path, monkeypatch):
-    from hubmix import engine
+    from hubmix.engine import pipeline as engine
 
     inputs = [str(zoo.diffusers("sd1", s)) for s in (1, 2, 3)]
     hubmix.merge(Recipe(models=inputs, method="lossless"), out=tmp_path / "whole", quiet=True)
@@ -293,7 +293,7 @@ def test_small_chunks_give_the_same_bytes(zoo, tmp_path, monkeypatch):
 
 
 def test_failed_merge_leaves_the_target_as_it_was(zoo, tmp_path, monkeypatch):
-    from hubmix import engine
+    from hubmix.engine import pipeline as engine
 
     inputs = [str(zoo.diffusers("sd1", s)) for s in (1, 2, 3)]
     out = tmp_path / "out"

@@ -1,10 +1,9 @@
-"""The seed's methods: lossless and maxdiff (element-wise selection), weighted sum and add difference."""
+"""The seed's methods: lossless and maxdiff (element-wise selection), weighted sum and add difference. torch is
+imported where a method runs, so listing methods (CLI help, `hubmix methods`) does not load it."""
 
 from __future__ import annotations
 
-import torch
-
-from .registry import Param, register
+from hubmix.methods.registry import Param, register
 
 ALPHA_SEL = Param("alpha", 1.0, "scale of the first candidate, in the comparison only")
 BETA_SEL = Param("beta", 1.0, "scale of the second candidate, in the comparison only")
@@ -12,7 +11,7 @@ REF_ALPHA = Param("ref_alpha", 0.5, "with two models: the reference is (1-ref_al
                   only_with=(2,))
 
 
-def _selection_inputs(xs: list[torch.Tensor], ref_alpha: float = 0.5):
+def _selection_inputs(xs: list, ref_alpha: float = 0.5):
     """(reference, first candidate, second candidate): a, b, c; or with two models the weighted sum of a and b,
     computed tensor by tensor and never stored, against a and b."""
     if len(xs) == 3:
@@ -57,13 +56,15 @@ def _two_model_advice(n: int, p: dict[str, float]) -> str | None:
     params=(ALPHA_SEL, BETA_SEL, REF_ALPHA),
     formula="out = where(|a - alpha*b| <= |a - beta*c|, b, c); with two models, a' = (1-ref_alpha)*a + "
             "ref_alpha*b and out = where(|a' - alpha*a| <= |a' - beta*b|, a, b)",
-    reference="https://github.com/hubmix/hubmix#lossless",
+    reference="https://github.com/recoilme/losslessmix",
     summary="each element is taken unchanged from b or c, whichever is nearer to a (a tie takes b)",
     choose=_lossless_choose,
     candidate_names=_selection_sources,
     advice=_two_model_advice,
 )
 def lossless(xs, alpha=1.0, beta=1.0, ref_alpha=0.5):
+    import torch
+
     x, y = _candidates(xs)
     return torch.where(_lossless_choose(xs, alpha, beta, ref_alpha), x, y)
 
@@ -74,13 +75,15 @@ def lossless(xs, alpha=1.0, beta=1.0, ref_alpha=0.5):
     params=(ALPHA_SEL, BETA_SEL, REF_ALPHA),
     formula="out = where(|a - alpha*b| > |a - beta*c|, b, c); with two models, a' = (1-ref_alpha)*a + "
             "ref_alpha*b and out = where(|a' - alpha*a| > |a' - beta*b|, a, b)",
-    reference="https://github.com/hubmix/hubmix#maxdiff",
+    reference="https://www.reddit.com/r/StableDiffusion/comments/1012lto/comment/j7aoyso/",
     summary="each element is taken unchanged from b or c, whichever is farther from a (a tie takes c)",
     choose=_maxdiff_choose,
     candidate_names=_selection_sources,
     advice=_two_model_advice,
 )
 def maxdiff(xs, alpha=1.0, beta=1.0, ref_alpha=0.5):
+    import torch
+
     x, y = _candidates(xs)
     return torch.where(_maxdiff_choose(xs, alpha, beta, ref_alpha), x, y)
 

@@ -9,11 +9,12 @@ tensors are merged in chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+from hubmix.errors import RecipeError
 
-from ..errors import RecipeError
+if TYPE_CHECKING:  # torch is imported by the code that runs a method, not by the registry (start-up)
+    import torch
 
 
 @dataclass(frozen=True)

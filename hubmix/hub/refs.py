@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from hubmix.errors import InputError
 
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HUB = re.compile(rf"^(?P<repo>{_REPO_PART}/{_REPO_PART})(?:@(?P<rev>[^/]+))?(?:/(?P<file>.+))?$")

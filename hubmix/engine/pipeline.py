@@ -22,8 +22,8 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .kernels import Kernels
-from .plan import Task
+from hubmix.engine.kernels import Kernels
+from hubmix.engine.plan import Task
 
 DEFAULT_CHUNK = 1 << 22  # elements per chunk when no budget says otherwise
 DEFAULT_MAX_MEMORY = 512 << 20  # bytes of chunk buffers in flight (not counting torch itself, ~300 MB)

@@ -15,11 +15,11 @@ from typing import Any, Collection, Iterable
 
 import torch
 
-from .configs import infer_component_configs
-from .errors import FamilyError, InputError
-from .families import ComponentSpec, Family, detect_family, weight_stem
-from .io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file
-from .layouts import KeyMap, Placement, apply_to_canonical, to_canonical_shape
+from hubmix.formats.configs import infer_component_configs
+from hubmix.errors import FamilyError, InputError
+from hubmix.formats.families import ComponentSpec, Family, detect_family, weight_stem
+from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file
+from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, to_canonical_shape
 
 CONFIG_META = "hubmix.configs"  # single files written by hubmix embed their component configs under this key
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OutputError
-from .readers import ST_NAMES
+from hubmix.errors import OutputError
+from hubmix.formats.io.readers import ST_NAMES
 
 FLUSH_STEP = 256 << 20  # start writeback after this many new bytes
 

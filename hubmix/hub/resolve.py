@@ -1,16 +1,12 @@
-"""The only module that talks to the Hugging Face Hub: resolve and fetch inputs, push results, read pushed results.
+"""Resolve Hub inputs: pin every reference to its commit sha (one `model_info` call), then download through
+huggingface_hub into its usual cache (HF_HOME) only what the merge reads: for a diffusers repo the configs plus the
+weight files of the components this input takes part in, chosen by the same rule `formats.model.open_model` applies
+to a folder (`choose_weights`: safetensors before .bin, the requested variant, shards through their index; never
+onnx/flax/ckpt duplicates); for a single-file repo the named file, or the only weight file. Also reads a pushed
+result's recipe and file hashes without downloading its weights (for reproduce).
 
-* Resolution pins every Hub input to its commit sha (one `model_info` call), then downloads through
-  huggingface_hub into its usual cache (HF_HOME) only what the merge reads: for a diffusers repo the configs plus the
-  weight files of the components this input takes part in, chosen by the same rule `model.open_model` applies to a
-  folder (`model.choose_weights`: safetensors before .bin, the requested variant, shards through their index; never
-  onnx/flax/ckpt duplicates); for a single-file repo the named file, or the only weight file.
-* The file listing of each commit is kept in hubmix's cache (commits never change), so with `HF_HUB_OFFLINE=1`, or
-  when the Hub cannot be reached, the same files are chosen again and read from huggingface_hub's cache.
-* Push: one commit holding the weights, configs, recipe and model card; the token comes from huggingface_hub's
-  usual sources (HF_TOKEN, the stored login) and is never printed, logged or written anywhere.
-
-Every failure is a HubError whose one-line message names the repo.
+The file listing of each commit is kept in hubmix's cache (commits never change), so with `HF_HUB_OFFLINE=1`, or when
+the Hub cannot be reached, the same files are chosen again and read from huggingface_hub's cache.
 """
 
 from __future__ import annotations
@@ -18,128 +14,27 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import __version__
-from .errors import HubError, InputError
-from .cache import cache_root, write_atomically
-from .families import weight_stem
-from .model import choose_weights, index_shards
-from .recipe import Recipe, model_entry
-from .refs import ModelRef, parse_hub_ref, parse_ref
+from hubmix import __version__
+from hubmix.cache import cache_root, write_atomically
+from hubmix.errors import HubError, InputError
+from hubmix.formats.families import weight_stem
+from hubmix.formats.model import choose_weights, index_shards
+from hubmix.hub.client import api, endpoint, hub_error, is_network, is_offline, one_line
+from hubmix.hub.refs import ModelRef, parse_hub_ref
+from hubmix.recipe import Recipe, model_entry
 
 log = logging.getLogger("hubmix")
 
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
-MERGED = ("unet", "text_encoder", "text_encoder_2", "vae")  # components hubmix merges (model.open_model reads)
+MERGED = ("unet", "text_encoder", "text_encoder_2", "vae")  # components hubmix merges (formats.model reads)
 # Files that are weights in some framework: never fetched as "configs"; only chosen weights are fetched.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data", ".pb",
                    ".ot", ".tflite", ".gguf", ".npz", ".npy", ".pkl", ".pickle", ".joblib", ".mlmodel")
 SINGLE_FILE_SUFFIXES = ((".safetensors",), (".ckpt", ".pt", ".pth", ".bin"))  # in order of preference
-LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
-
-
-# ---- the client ------------------------------------------------------------------------------------------------
-
-def _api():
-    from huggingface_hub import HfApi
-
-    return HfApi(library_name="hubmix", library_version=__version__)  # endpoint and token: the usual sources
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
-def _has_token() -> bool:
-    from huggingface_hub import get_token
-
-    return get_token() is not None
-
-
-def _one_line(text: Any, limit: int = 200) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def _is_offline(e: BaseException) -> bool:
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    return isinstance(e, OfflineModeIsEnabled)
-
-
-def _is_network(e: BaseException) -> bool:
-    """A connection that failed (DNS, refused, timeout, proxy), as opposed to an answer from the Hub."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if _is_offline(e):
-        return False  # HF_HUB_OFFLINE: no connection was tried
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, HfHubHTTPError):
-            return False
-        names = {c.__name__ for c in type(e).__mro__}
-        if names & {"TransportError", "NetworkError", "TimeoutException", "ConnectionError", "TimeoutError"}:
-            return True
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return False
-
-
-def hub_error(e: BaseException, repo: str, *, revision: str | None = None, filename: str | None = None,
-              action: str = "") -> HubError:
-    """The one-line HubError for a huggingface_hub exception about `repo`."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    what = f" ({action})" if action else ""
-    at = f" at revision '{revision}'" if revision else ""
-    if isinstance(e, GatedRepoError):
-        if _has_token():
-            return HubError(f"{repo}: gated repository, and your account has not been granted access; request it at "
-                            f"{_endpoint()}/{repo}")
-        return HubError(f"{repo}: gated repository: accept its conditions at {_endpoint()}/{repo}, then "
-                        f"{LOGIN_HINT}")
-    if isinstance(e, RepositoryNotFoundError):
-        if _has_token():
-            return HubError(f"{repo}: repository not found on {_endpoint()} (or private and not visible to your "
-                            "account)")
-        return HubError(f"{repo}: repository not found on {_endpoint()} (if it is private or gated: {LOGIN_HINT})")
-    if isinstance(e, RevisionNotFoundError):
-        return HubError(f"{repo}: revision '{revision or 'main'}' not found (give a branch, a tag or a commit sha)")
-    if isinstance(e, LocalEntryNotFoundError) or _is_offline(e):
-        mode = "HF_HUB_OFFLINE is set" if _offline_mode() else f"the Hub at {_endpoint()} cannot be reached"
-        return HubError(f"{repo}: {filename or 'the repo'}{at} is not in the local cache and {mode}; run once with "
-                        "network access")
-    if isinstance(e, EntryNotFoundError):
-        return HubError(f"{repo}: file '{filename}' not found{at}")
-    if _is_network(e):
-        return HubError(f"{repo}: cannot reach the Hub at {_endpoint()} (network down?){what}: {_one_line(e, 120)}")
-    if isinstance(e, HfHubHTTPError):
-        status = e.response.status_code if e.response is not None else "?"
-        msg = getattr(e, "server_message", None) or str(e).splitlines()[0]
-        if status == 401:
-            return HubError(f"{repo}: the Hub refused the token (HTTP 401: {_one_line(msg, 120)}); {LOGIN_HINT}")
-        if status == 403:
-            return HubError(f"{repo}: no permission{what} (HTTP 403: {_one_line(msg, 120)})")
-        return HubError(f"{repo}: the Hub answered HTTP {status}{what}: {_one_line(msg, 160)}")
-    return HubError(f"{repo}: {type(e).__name__}{what}: {_one_line(e, 160)}")
-
-
-def _offline_mode() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 # ---- resolution: pin to a commit, list its files -----------------------------------------------------------------
@@ -204,19 +99,19 @@ def _from_cache(repo: str, revision: str | None) -> RepoState | None:
 
 def pin(repo: str, revision: str | None = None) -> RepoState:
     """Resolve `revision` (branch, tag, sha; None: the default branch) of `repo` to its commit and file listing."""
-    if revision and COMMIT_SHA.match(revision) and (_endpoint(), repo, revision) in _PINNED:
-        return _PINNED[(_endpoint(), repo, revision)]
+    if revision and COMMIT_SHA.match(revision) and (endpoint(), repo, revision) in _PINNED:
+        return _PINNED[(endpoint(), repo, revision)]
     try:
-        info = _api().model_info(repo, revision=revision)
+        info = api().model_info(repo, revision=revision)
     except Exception as e:  # noqa: BLE001 - translated below
-        if _is_offline(e) or _is_network(e):
+        if is_offline(e) or is_network(e):
             state = _from_cache(repo, revision)
             if state is not None:
-                if not _is_offline(e):
+                if not is_offline(e):
                     log.warning("%s: the Hub cannot be reached; using the cached commit %s", repo, state.sha[:12])
                 return state
-            if _is_network(e):
-                raise HubError(f"{repo}: cannot reach the Hub at {_endpoint()} ({_one_line(e, 80)}; network "
+            if is_network(e):
+                raise HubError(f"{repo}: cannot reach the Hub at {endpoint()} ({one_line(e, 80)}; network "
                                f"down?), and revision '{revision or 'main'}' is not in the local cache") from None
         raise hub_error(e, repo, revision=revision) from None
     card = info.card_data
@@ -224,7 +119,7 @@ def pin(repo: str, revision: str | None = None) -> RepoState:
     state = RepoState(repo, str(info.sha), [s.rfilename for s in info.siblings or []],
                       lic if isinstance(lic, str) else None, online=True, revision=revision)
     _save_listing(state)
-    _PINNED[(_endpoint(), repo, state.sha)] = state
+    _PINNED[(endpoint(), repo, state.sha)] = state
     return state
 
 
@@ -364,7 +259,7 @@ def _model_index(state: RepoState, revision: str | None) -> tuple[Path, dict[str
     try:
         index = json.loads(first.read_text())
     except (OSError, ValueError) as e:
-        raise HubError(f"{state.repo}: model_index.json is unreadable ({_one_line(e, 80)})") from None
+        raise HubError(f"{state.repo}: model_index.json is unreadable ({one_line(e, 80)})") from None
     if not isinstance(index, dict):
         raise HubError(f"{state.repo}: model_index.json is not a JSON object")
     return first.parent, index
@@ -396,7 +291,7 @@ def _fetch_diffusers(state: RepoState, r: ModelRef, recipe: Recipe) -> Path:
         try:
             wanted += [f"{folder}/{s}" for s in index_shards(local.read_text())]
         except (OSError, ValueError) as e:
-            raise HubError(f"{state.repo}: {path} is unreadable ({_one_line(e, 80)})") from None
+            raise HubError(f"{state.repo}: {path} is unreadable ({one_line(e, 80)})") from None
     missing = sorted(set(wanted) - set(state.names))
     if missing:
         raise HubError(f"{state.repo}: the repo lacks files its own index names: {', '.join(missing[:3])}")
@@ -426,7 +321,7 @@ def input_licenses(models: list[dict[str, Any]]) -> dict[str, str | None]:
         repo, sha = m.get("repo"), m.get("revision")
         if not repo or not sha:
             continue
-        key = (_endpoint(), repo, sha)
+        key = (endpoint(), repo, sha)
         lic = None
         if key in _PINNED:
             lic = _PINNED[key].license
@@ -440,130 +335,6 @@ def input_licenses(models: list[dict[str, Any]]) -> dict[str, str | None]:
                     lic = None
         out[m.get("name") or repo] = lic
     return out
-
-
-# ---- push -----------------------------------------------------------------------------------------------------
-
-def default_repo_name(recipe: Recipe) -> str:
-    """A repo name made from the inputs and the method: `a-b-c-lossless`."""
-    parts = []
-    for m in recipe.models:
-        if isinstance(m, dict):
-            text = m.get("repo") or m["ref"]
-        else:
-            text = str(m)
-        try:
-            r = parse_ref(text)
-        except InputError:
-            r = ModelRef(text)
-        if r.is_hub:
-            parts.append(r.repo_id.split("/")[1])  # type: ignore[union-attr]
-        else:
-            p = PurePosixPath(text.replace("\\", "/").rstrip("/"))
-            parts.append(p.stem if p.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin") else p.name)
-    name = "-".join([*parts, recipe.method])
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
-    name = re.sub(r"-{2,}", "-", name).strip("-._")[:96].strip("-._")
-    return name or "hubmix-merge"
-
-
-def push_target(repo_id: str | None, name: str) -> str:
-    """The repo a push goes to: `repo_id` (`org/name`, or a bare name in the token owner's namespace), or
-    `<token owner>/<name>`. Checks first that a token is available, so nothing long runs before a certain refusal."""
-    if not _has_token():
-        raise HubError(f"{repo_id or name}: pushing to the Hub needs a token: {LOGIN_HINT}")
-    part = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-    wanted = repo_id or name
-    if not re.fullmatch(rf"(?:{part}/)?{part}", wanted):  # checked now, not after a long merge
-        raise HubError(f"{wanted}: not a valid repo name (letters, digits, '.', '_', '-'; org/name or name); "
-                       "name the repo with --push ORG/NAME")
-    if "/" in wanted:
-        return wanted
-    try:
-        owner = _api().whoami()["name"]
-    except Exception as e:  # noqa: BLE001 - translated below
-        raise hub_error(e, wanted, action="reading the token's account") from None
-    return f"{owner}/{wanted}"
-
-
-@dataclass
-class PushResult:
-    repo_id: str
-    commit_url: str
-    commit_sha: str
-    revision: str  # the branch, or refs/pr/N
-    pr_url: str | None
-    files: list[str]  # paths in the repo, in the one commit
-    created: bool  # the repo did not exist before
-    warnings: list[str] = field(default_factory=list)  # from the model card (license)
-
-    @property
-    def url(self) -> str:
-        return f"{_endpoint()}/{self.repo_id}"
-
-
-def result_files(path: Path, card_path: Path) -> list[tuple[str, Path]]:
-    """What a push uploads: (path in the repo, local file). A folder: its files (weights, configs, tokenizers,
-    recipe.yaml, README.md; hidden files left out). A single file: it, its `<stem>.recipe.yaml`, and the card as
-    README.md."""
-    from .card import result_files as files
-
-    out = list(files(path).items())
-    return out if path.is_dir() else out + [("README.md", card_path)]
-
-
-def push(path: str | Path, repo_id: str | None = None, *, private: bool = False, branch: str | None = None,
-         create_pr: bool = False, commit_message: str | None = None, license: str | None = None) -> PushResult:
-    """Upload a hubmix result (folder or single file) to `repo_id` in one commit, with a model card written first.
-
-    `repo_id` None: the token owner's namespace, under the folder's (or file's) name. The repo is created if
-    needed (`private`); `branch` commits to that branch (created from main if missing), `create_pr` opens a PR.
-    """
-    from .card import write_card
-
-    path = Path(path)
-    if branch and create_pr:
-        raise HubError(f"{repo_id or path.name}: --branch and --create-pr exclude each other")
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder to push")
-    target = push_target(repo_id, path.stem if path.is_file() else path.name)
-    card = write_card(path, repo_id=target, license=license, revision=branch)
-    uploads = result_files(path, card.path)
-    api = _api()
-    try:
-        existed = api.repo_exists(target)
-        url = api.create_repo(target, private=private, exist_ok=True)
-        target = url.repo_id or target
-    except Exception as e:  # noqa: BLE001
-        raise hub_error(e, target, action="creating the repo") from None
-    created = not existed
-    state = "created empty" if created else "left as it was"
-    if branch:
-        try:
-            api.create_branch(target, branch=branch, exist_ok=True)
-        except Exception as e:  # noqa: BLE001
-            raise hub_error(e, target, action=f"creating branch '{branch}'; nothing was committed, the repo was "
-                                              f"{state}") from None
-    from huggingface_hub import CommitOperationAdd
-
-    ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(local)) for rel, local in uploads]
-    message = commit_message or f"hubmix: {card.summary}"
-    try:
-        info = api.create_commit(target, operations=ops, commit_message=message, revision=branch,
-                                 create_pr=create_pr or None,
-                                 commit_description=f"Made with hubmix {__version__}; recipe sha256 "
-                                                    f"{card.recipe_sha256}.")
-    except Exception as e:  # noqa: BLE001
-        where = f"branch '{branch}'" if branch else ("a pull request" if create_pr else "main")
-        reason = hub_error(e, target).args[0].split(": ", 1)[-1]
-        verdict = ("the connection failed mid-upload: nothing was committed unless the repo shows a commit titled "
-                   f"'{_one_line(message, 60)}'" if _is_network(e) else "nothing was committed")
-        raise HubError(f"{target}: upload to {where} failed ({reason}); {verdict}: none of the {len(uploads)} files "
-                       f"({', '.join(rel for rel, _ in uploads[:4])}{', ...' if len(uploads) > 4 else ''}) is in a "
-                       f"commit, and the repo was {state}") from None
-    revision = info.pr_revision or branch or "main"
-    return PushResult(target, info.commit_url, info.oid, revision, info.pr_url, [rel for rel, _ in uploads], created,
-                      card.warnings)
 
 
 # ---- reading a pushed result (for reproduce) -------------------------------------------------------------------
@@ -586,7 +357,7 @@ def fetch_result(text: str) -> RemoteResult:
     repo = r.repo_id
     assert repo is not None
     try:
-        info = _api().model_info(repo, revision=r.revision, files_metadata=True)
+        info = api().model_info(repo, revision=r.revision, files_metadata=True)
     except Exception as e:  # noqa: BLE001
         raise hub_error(e, repo, revision=r.revision) from None
     files = {s.rfilename: {"size": s.size, "blob_id": s.blob_id, "sha256": s.lfs.sha256 if s.lfs else None}
@@ -601,12 +372,8 @@ def fetch_result(text: str) -> RemoteResult:
         body = _fetch(state, name).read_text(encoding="utf-8")
         if name != "README.md":
             return RemoteResult(repo, state.sha, files, name, body)
-        from .card import recipe_from_card
+        from hubmix.result import recipe_from_card
 
         if recipe_from_card(body) is not None:
             return RemoteResult(repo, state.sha, files, name, body)
     raise HubError(f"{repo}: its model card holds no hubmix recipe (not made by hubmix?)")
-
-
-__all__ = ["resolve_hub", "config_folder", "pin", "push", "push_target", "default_repo_name", "PushResult",
-           "fetch_result", "RemoteResult", "input_licenses", "hub_error", "result_files"]

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .cache import cache_root
+from hubmix.cache import cache_root
 
 DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from .errors import RecipeError
-from .families import Family
-from .methods import Method, get_method
-from .model import LocalModel, TensorRef
-from .recipe import Recipe, letter
+from hubmix.errors import RecipeError
+from hubmix.formats.families import Family
+from hubmix.methods import Method, get_method
+from hubmix.formats.model import LocalModel, TensorRef
+from hubmix.recipe import Recipe, letter
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

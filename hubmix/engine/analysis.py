@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from . import engine
-from .engine import Job
-from .plan import Task
+from hubmix.engine import pipeline as engine
+from hubmix.engine.pipeline import Job
+from hubmix.engine.plan import Task
 
 
 @dataclass

@@ -18,12 +18,12 @@ from typing import Any, Iterator
 
 import torch
 
-from .engine import Job
-from .errors import InputError, OutputError
-from .families import ComponentSpec, Family
-from .io.writer import PlannedTensor, SafetensorsWriter
-from .layouts import KeyMap, apply_to_original, to_original_shape
-from .plan import Summary, Task
+from hubmix.engine.pipeline import Job
+from hubmix.errors import InputError, OutputError
+from hubmix.formats.families import ComponentSpec, Family
+from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
+from hubmix.formats.layouts import KeyMap, apply_to_original, to_original_shape
+from hubmix.engine.plan import Summary, Task
 
 
 @dataclass

@@ -7,41 +7,17 @@ canonical recipe verbatim, how to load the result with diffusers, and the one co
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from .errors import InputError
-from .families import get_family
-from .methods import get_method
-from .recipe import model_entry, recipe_hash
+from hubmix.formats.families import get_family
+from hubmix.methods import get_method
+from hubmix.recipe import model_entry, recipe_hash
+from hubmix.result import RECIPE_MARK, Result, load_result
 
-RECIPE_MARK = "<!-- hubmix:recipe -->"
-_RECIPE_BLOCK = re.compile(re.escape(RECIPE_MARK) + r"\s*```ya?ml\n(.*?)\n```", re.S)
 TORCH_DTYPE = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
-
-
-@dataclass
-class Result:
-    """A local hubmix result: where it is, its layout, its canonical recipe and the recipe text as written."""
-
-    path: Path
-    layout: str  # diffusers, single-file or both
-    canonical: dict[str, Any]
-    recipe_text: str
-
-    @property
-    def name(self) -> str:
-        return self.path.stem if self.layout == "single-file" else self.path.name
-
-    @property
-    def card_path(self) -> Path:
-        """README.md in a folder; `<stem>.README.md` beside a single file (uploaded as README.md)."""
-        return self.path / "README.md" if self.path.is_dir() else self.path.with_name(f"{self.path.stem}.README.md")
 
 
 @dataclass
@@ -52,70 +28,6 @@ class Card:
     warnings: list[str] = field(default_factory=list)
     summary: str = ""  # one line: "lossless merge of org/a, org/b, c.safetensors"
     recipe_sha256: str = ""
-
-
-def result_files(path: Path) -> dict[str, Path]:
-    """A result's files by the path they get in a repo: a folder's files (hidden ones left out), or a single file
-    and its `<stem>.recipe.yaml`."""
-    if path.is_dir():
-        return {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
-    out = {path.name: path}
-    sidecar = path.with_name(f"{path.stem}.recipe.yaml")
-    if sidecar.is_file():
-        out[sidecar.name] = sidecar
-    return out
-
-
-def _metadata_recipe(path: Path) -> dict[str, Any] | None:
-    """The canonical recipe in a weight file's `hubmix.recipe` metadata (its header only is read)."""
-    from .io.readers import SafetensorsFile
-
-    try:
-        raw = SafetensorsFile(path).metadata.get("hubmix.recipe")
-        return json.loads(raw) if raw else None
-    except (InputError, ValueError):  # not a readable safetensors file, or no recipe in it
-        return None
-
-
-def load_result(path: str | Path) -> Result:
-    """Read a local result's canonical recipe: `recipe.yaml` (`<stem>.recipe.yaml` beside a single file), else the
-    `hubmix.recipe` metadata of its weight files."""
-    from .merging import recipe_yaml
-
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file or folder")
-    if p.is_dir():
-        side = p / "recipe.yaml"
-        layout = "both" if (p / f"{p.name}.safetensors").is_file() else "diffusers"
-        weights = sorted(p.glob("*/*.safetensors")) + sorted(p.glob("*.safetensors"))
-    else:
-        side = p.with_name(f"{p.stem}.recipe.yaml")
-        layout = "single-file"
-        weights = [p]
-    # A single file's own metadata first: it is written with the weights in one step, the sidecar after them.
-    canonical = _metadata_recipe(p) if layout == "single-file" else None
-    if canonical is not None:
-        text = recipe_yaml(canonical)
-    elif side.is_file():
-        text = side.read_text(encoding="utf-8")
-        canonical = yaml.safe_load(text)
-    else:
-        canonical = next((r for r in map(_metadata_recipe, weights) if r), None)
-        text = recipe_yaml(canonical) if canonical else ""
-    if not isinstance(canonical, dict) or "models" not in canonical:
-        raise InputError(f"{p}: no hubmix recipe (no {side.name}, no hubmix.recipe metadata): not a hubmix result")
-    return Result(p, layout, canonical, text)
-
-
-def recipe_from_card(text: str) -> dict[str, Any] | None:
-    """The canonical recipe a hubmix card holds in its recipe block, or None."""
-    m = _RECIPE_BLOCK.search(text)
-    if not m:
-        return None
-    data = yaml.safe_load(m.group(1))
-    return data if isinstance(data, dict) else None
 
 
 def _models(canonical: dict[str, Any]) -> list[dict[str, Any]]:
@@ -131,7 +43,7 @@ def resolve_license(canonical: dict[str, Any], chosen: str | None) -> tuple[str 
     models = _models(canonical)
     licenses: dict[str, str | None] = {}
     if any(m.get("repo") for m in models):
-        from .hub import input_licenses
+        from hubmix.hub.resolve import input_licenses
 
         licenses = input_licenses(models)
     per_input = []
@@ -167,7 +79,7 @@ def build_card(result: Result, *, repo_id: str | None = None, license: str | Non
     refs = ", ".join(m["ref"] for m in models)
     summary = f"{c['method']} merge of {refs}"
     lines = [f"# {title}", "",
-             f"A merge of {len(models)} {family.name} models made with [hubmix](https://github.com/hubmix/hubmix): "
+             f"A merge of {len(models)} {family.name} models made with hubmix: "
              f"**{c['method']}** of {refs}.", ""]
     lines += _method_section(c)
     lines += _inputs_section(models)
@@ -274,5 +186,5 @@ def write_card(path: str | Path, *, repo_id: str | None = None, license: str | N
     return card
 
 
-__all__ = ["write_card", "build_card", "load_result", "recipe_from_card", "resolve_license", "Card", "Result",
+__all__ = ["write_card", "build_card", "load_result", "resolve_license", "Card",
            "RECIPE_MARK"]

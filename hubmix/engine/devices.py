@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import HubmixError
+from hubmix.errors import HubmixError
 
 
 def resolve_device(spec: str | None) -> torch.device:

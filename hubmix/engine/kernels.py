@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 
 from . import native
-from .cache import cache_root
-from .methods import Method
+from hubmix.cache import cache_root
+from hubmix.methods import Method
 
 SUBCHUNK = 1 << 18  # eager pieces: ~1 MB of float32 per intermediate, so a chain of ops stays in cache
 NATIVE_MIN_ELEMENTS = 20_000_000  # below this, building the native library once is not worth a second

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from .families import ComponentSpec, layouts
+from hubmix.formats.families import ComponentSpec, layouts
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Readers hand out zero-copy views of tensors (memory-mapped safetensors, mmap-loa
 model costs only its header; the writer lays out a file from planned shapes and fills it in any order.
 """
 
-from .readers import WeightFile, open_weight_file
-from .writer import PlannedTensor, SafetensorsWriter
+from hubmix.formats.io.readers import WeightFile, open_weight_file
+from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
 
 __all__ = ["WeightFile", "open_weight_file", "PlannedTensor", "SafetensorsWriter"]

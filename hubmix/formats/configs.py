@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from .families import Family
+from hubmix.formats.families import Family
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -165,7 +165,7 @@ def infer_component_configs(family: Family, shapes: dict[str, Shapes], where: st
         try:
             cfg, n = INFER[spec.layout](shapes[name], family.defaults.get(name, {}), shapes)
         except (KeyError, IndexError, StopIteration) as e:
-            from .errors import FamilyError
+            from hubmix.errors import FamilyError
 
             raise FamilyError(f"{where}: cannot infer the {name} config from its shapes (missing {e})") from None
         configs[name] = cfg

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from ..errors import FamilyError
+from hubmix.errors import FamilyError
 
 HERE = Path(__file__).parent
 

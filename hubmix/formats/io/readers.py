@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from hubmix.errors import InputError
 
 # safetensors dtype names <-> torch dtypes (the format's own spelling).
 ST_DTYPES: dict[str, torch.dtype] = {

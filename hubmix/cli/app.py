@@ -1,0 +1,74 @@
+"""The `hubmix` click group and what every command shares: one-line errors, sizes, quiet downloads. Commands live
+in the modules beside this one (one per area), each calling one library function; none imports torch at load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from hubmix import __version__
+from hubmix.errors import HubmixError
+
+
+class _Ctx:
+    debug = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="hubmix")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """Merge diffusion models (SD1.x, SD2.x, SDXL) from the Hub or local files, component by component."""
+    _Ctx.debug = debug
+
+
+def quiet_downloads() -> None:
+    """--quiet: no huggingface_hub download bars either."""
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5G' or plain bytes -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = str(text).strip().upper().removesuffix("B")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size such as 512M or 2G") from None
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: one-line errors and a non-zero exit for every HubmixError (tracebacks with --debug)."""
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        return cli.main(args=argv, prog_name="hubmix", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; the target was left as it was", err=True)
+        sys.exit(130)
+    except HubmixError as e:
+        if _Ctx.debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)

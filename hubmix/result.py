@@ -1,0 +1,103 @@
+"""A hubmix result on disk (a diffusers folder, a single file, or both): its files, and the canonical recipe it
+records (`recipe.yaml`, `<stem>.recipe.yaml` beside a single file, or the weights' `hubmix.recipe` metadata)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hubmix.errors import InputError
+from hubmix.recipe import recipe_yaml
+
+RECIPE_MARK = "<!-- hubmix:recipe -->"  # the model card's recipe block follows this mark
+_RECIPE_BLOCK = re.compile(re.escape(RECIPE_MARK) + r"\s*```ya?ml\n(.*?)\n```", re.S)
+
+
+@dataclass
+class Result:
+    """A local hubmix result: where it is, its layout, its canonical recipe and the recipe text as written."""
+
+    path: Path
+    layout: str  # diffusers, single-file or both
+    canonical: dict[str, Any]
+    recipe_text: str
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.layout == "single-file" else self.path.name
+
+    @property
+    def card_path(self) -> Path:
+        """README.md in a folder; `<stem>.README.md` beside a single file (uploaded as README.md)."""
+        return self.path / "README.md" if self.path.is_dir() else self.path.with_name(f"{self.path.stem}.README.md")
+
+
+
+def result_files(path: Path) -> dict[str, Path]:
+    """A result's files by the path they get in a repo: a folder's files (hidden ones left out), or a single file
+    and its `<stem>.recipe.yaml`."""
+    if path.is_dir():
+        return {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+    out = {path.name: path}
+    sidecar = path.with_name(f"{path.stem}.recipe.yaml")
+    if sidecar.is_file():
+        out[sidecar.name] = sidecar
+    return out
+
+
+def _metadata_recipe(path: Path) -> dict[str, Any] | None:
+    """The canonical recipe in a weight file's `hubmix.recipe` metadata (its header only is read)."""
+    from hubmix.formats.io.readers import SafetensorsFile
+
+    try:
+        raw = SafetensorsFile(path).metadata.get("hubmix.recipe")
+        return json.loads(raw) if raw else None
+    except (InputError, ValueError):  # not a readable safetensors file, or no recipe in it
+        return None
+
+
+def load_result(path: str | Path) -> Result:
+    """Read a local result's canonical recipe: `recipe.yaml` (`<stem>.recipe.yaml` beside a single file), else the
+    `hubmix.recipe` metadata of its weight files."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_dir():
+        side = p / "recipe.yaml"
+        layout = "both" if (p / f"{p.name}.safetensors").is_file() else "diffusers"
+        weights = sorted(p.glob("*/*.safetensors")) + sorted(p.glob("*.safetensors"))
+    else:
+        side = p.with_name(f"{p.stem}.recipe.yaml")
+        layout = "single-file"
+        weights = [p]
+    # A single file's own metadata first: it is written with the weights in one step, the sidecar after them.
+    canonical = _metadata_recipe(p) if layout == "single-file" else None
+    if canonical is not None:
+        text = recipe_yaml(canonical)
+    elif side.is_file():
+        text = side.read_text(encoding="utf-8")
+        canonical = yaml.safe_load(text)
+    else:
+        canonical = next((r for r in map(_metadata_recipe, weights) if r), None)
+        text = recipe_yaml(canonical) if canonical else ""
+    if not isinstance(canonical, dict) or "models" not in canonical:
+        raise InputError(f"{p}: no hubmix recipe (no {side.name}, no hubmix.recipe metadata): not a hubmix result")
+    return Result(p, layout, canonical, text)
+
+
+def recipe_from_card(text: str) -> dict[str, Any] | None:
+    """The canonical recipe a hubmix card holds in its recipe block, or None."""
+    m = _RECIPE_BLOCK.search(text)
+    if not m:
+        return None
+    data = yaml.safe_load(m.group(1))
+    return data if isinstance(data, dict) else None
+
+
+__all__ = ["Result", "load_result", "result_files", "recipe_from_card", "RECIPE_MARK"]
