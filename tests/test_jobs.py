@@ -144,6 +144,9 @@ def test_failing_job_prints_its_last_lines(hub, cli):
     assert err.strip().splitlines()[-1].startswith("error: job user/")
     assert "ERROR: Job failed with exit code: 1" in err
     assert "user/fails" not in hub.repos
+    job_id = err.split("started job ")[1].split(":")[0]
+    code, out, _ = cli("jobs", "status", job_id)
+    assert code == 1 and "ERROR (Job failed with exit code: 1)" in out and "No matching distribution" in out
 
 
 def test_detach_upload_inputs_then_follow(hub, cli, zoo):

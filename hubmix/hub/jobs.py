@@ -149,7 +149,11 @@ def build_spec(recipe: Recipe, repo_id: str, out_name: str, *, mounts: dict[str,
     """The spec of a job merging the pinned `recipe` (see `pin_inputs`) and pushing it to `repo_id`.
 
     The output is named `out_name` in the job, as a local `merge --push` would name it, so the bytes match."""
-    from huggingface_hub import Volume
+    try:
+        from huggingface_hub import Volume
+    except ImportError:  # Jobs volumes came with huggingface_hub 1.x releases after 1.0
+        raise HubError("remote merges mount inputs as Job volumes, which this huggingface_hub lacks: "
+                       "pip install -U huggingface_hub") from None
 
     image, flavor, install = image or DEFAULT_IMAGE, flavor or DEFAULT_FLAVOR, install or default_install()
     push = ["--push", repo_id]

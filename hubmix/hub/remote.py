@@ -7,9 +7,9 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from hubmix.errors import HubError, RecipeError
+from hubmix.errors import RecipeError
 from hubmix.hub import jobs
 from hubmix.hub.client import api, endpoint, hub_error
 from hubmix.hub.refs import parse_ref
@@ -193,7 +193,7 @@ def remote_sweep(recipe: Recipe, vary: list[str], repo_id: str, out_name: str, o
 
 def summary_card(run: SweepRun, recipe: Recipe) -> str:
     """README.md of the sweep's main branch: one row per point, linking its branch, commit and job."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
     base = list(dict.fromkeys(model_entry(m)["repo"] for m in recipe.models if model_entry(m).get("repo")))
     data = ModelCardData(tags=["hubmix", "merge", "sweep"], base_model=base or None,
