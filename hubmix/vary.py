@@ -4,7 +4,7 @@ sweep command; nothing here runs a merge."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import itertools
 import re
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ def parse_vary(texts: Sequence[str]) -> list[Axis]:
         where = f"--vary {text}"
         name, sep, values = str(text).partition("=")
         name = name.strip().lstrip("-").replace("-", "_")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,2}", name):
             raise RecipeError(f"{where}: expected NAME=v1,v2,... such as alpha=0.3,0.5,0.7")
         parts = [v.strip() for v in values.split(",") if v.strip()]
         if not parts:
@@ -59,7 +59,8 @@ def _value(v: float) -> str:
 
 
 def point_name(point: Point) -> str:
-    """The branch a point's result goes to: `alpha-0.3`, `alpha-0.3_beta-0.1` (valid git and Hub branch names)."""
+    """The branch a point's result goes to: `alpha-0.3`, `alpha-0.3_beta-0.1`, `text-encoder.alpha-0.5` (valid git
+    and Hub branch names)."""
     return "_".join(f"{k.replace('_', '-')}-{_value(v)}" for k, v in point.items())
 
 
@@ -69,16 +70,39 @@ def label_value(text: str) -> str:
     return out or "_"
 
 
+def _split(name: str) -> tuple[str | None, str | None, str]:
+    """`alpha`, `OUT00.beta`, `text_encoder.alpha`, `unet.OUT00.beta` -> (component, block, parameter)."""
+    from hubmix.formats.families import all_component_names
+
+    parts = name.split(".")
+    comp = parts.pop(0) if len(parts) > 1 and parts[0] in all_component_names() else None
+    block = parts.pop(0).upper() if len(parts) > 1 else None
+    if len(parts) != 1 or not parts[0]:
+        raise RecipeError(f"--vary {name}: expected PARAM, BLOCK.PARAM, COMPONENT.PARAM or COMPONENT.BLOCK.PARAM")
+    return (comp or ("unet" if block else None)), block, parts[0]
+
+
 def apply(recipe: Any, point: Point) -> Any:
-    """The recipe of one point: its global parameters updated, checked like any recipe (an unknown parameter or a
-    value out of range is a RecipeError naming the point)."""
-    clash = sorted(set(point) & set(recipe.params))
-    if clash:
-        raise RecipeError(f"--vary {clash[0]}: the parameter is also given alone; drop --{clash[0].replace('_', '-')}")
-    out = dataclasses.replace(recipe, params={**recipe.params, **point},
-                              source=f"{recipe.source} at {point_name(point)}")
-    out.validate()
-    return out
+    """The recipe of one point, checked like any recipe (an unknown parameter, component or block, or a value out
+    of range, is a RecipeError naming it). Names as a recipe spells them: `alpha` (the method's), `OUT00.beta` (a
+    UNet block's), `text_encoder.alpha` (one component's), `unet.IN04.alpha`."""
+    r = copy.deepcopy(recipe)
+    r.source = f"{recipe.source} at {point_name(point)}"
+    for name, value in point.items():
+        comp, block, param = _split(name)
+        if comp is None:
+            if param in recipe.params:
+                raise RecipeError(f"--vary {name}: the parameter is also given alone; drop --{param.replace('_', '-')}")
+            r.params[param] = value
+            continue
+        from hubmix.recipe import ComponentRecipe
+
+        c = r.components.setdefault(comp, ComponentRecipe())
+        if c.from_ is not None:
+            raise RecipeError(f"--vary {name}: {comp} is copied unchanged from {c.from_}, it has no parameters")
+        (c.blocks.setdefault(block, {}) if block else c.params)[param] = value
+    r.validate()
+    return r
 
 
 def plan(recipe: Any, texts: Sequence[str]) -> list[tuple[Point, Any]]:

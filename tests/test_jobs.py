@@ -271,5 +271,22 @@ def test_vary_points_names_and_errors():
                         (["gamma=1"], "no parameter gamma"), (["alpha=2"], "alpha")):
         with pytest.raises(RecipeError, match=needle):
             plan(recipe, bad)
+    (_, r), = plan(recipe, ["text_encoder.alpha=0.2"])
+    assert r.plan_for("text_encoder")["params"] == {"alpha": 0.2} and r.plan_for("unet")["params"] == {"alpha": 0.5}
+    (_, r), = plan(recipe, ["unet.OUT00.alpha=0.9"])
+    assert r.plan_for("unet")["blocks"]["OUT00"] == {"alpha": 0.9}
+    assert point_name({"text_encoder.alpha": 0.2}) == "text-encoder.alpha-0.2"
     with pytest.raises(RecipeError, match="also given alone"):
         plan(Recipe(models=["a", "b"], method="weighted_sum", params={"alpha": 0.2}), ["alpha=0.3"])
+
+
+def test_sweep_with_failing_points_exits_non_zero_and_still_sums_up(hub, cli):
+    code, out, err = cli("merge", "org/a", "org/b@v1", "--method", "weighted_sum", "--vary", "alpha=0.2,0.8",
+                         "--push", "user/broken-sweep", "--remote", "--max-jobs", "1", "--remote-install", "broken")
+    assert code == 1
+    for branch in ("alpha-0.2", "alpha-0.8"):
+        assert f"[{branch}] ERROR: No matching distribution found for broken" in err
+        assert f"error: {branch}: job user/" in err
+    assert {r.split("/")[-1] for r in hub.refs("user/broken-sweep")} == {"main"}  # nothing pushed but the summary
+    card = hub.files("user/broken-sweep")["README.md"].decode()
+    assert card.count("| ERROR |") == 2 and out.strip().endswith(hub.resolve("user/broken-sweep"))

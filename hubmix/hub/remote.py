@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from hubmix.errors import RecipeError
+from hubmix.errors import HubError, RecipeError
 from hubmix.hub import jobs
 from hubmix.hub.client import api, endpoint, hub_error
 from hubmix.hub.refs import parse_ref
@@ -165,7 +165,11 @@ def remote_sweep(recipe: Recipe, vary: list[str], repo_id: str, out_name: str, o
 
     def start(p: PointRun) -> None:
         labels = {"hubmix-sweep": label_value(repo_id), "hubmix-point": label_value(p.branch)}
-        info = jobs.submit(_spec(apply(pinned, p.point), mounts, repo_id, out_name, opts, p.branch, labels), ns)
+        try:
+            info = jobs.submit(_spec(apply(pinned, p.point), mounts, repo_id, out_name, opts, p.branch, labels), ns)
+        except HubError as e:  # e.g. a quota reached after some points started: say which keep running
+            left = [f"{q.branch} ({q.job_id})" for q in run.points if q.job_id and q.outcome is None]
+            raise HubError(f"{p.branch}: {e}" + (f"; still running: {', '.join(left)}" if left else "")) from None
         p.job_id, p.url = f"{ns}/{info.id}", info.url
         say(f"{p.branch}: started job {p.job_id}")
 
