@@ -290,3 +290,23 @@ def test_sweep_with_failing_points_exits_non_zero_and_still_sums_up(hub, cli):
     assert {r.split("/")[-1] for r in hub.refs("user/broken-sweep")} == {"main"}  # nothing pushed but the summary
     card = hub.files("user/broken-sweep")["README.md"].decode()
     assert card.count("| ERROR |") == 2 and out.strip().endswith(hub.resolve("user/broken-sweep"))
+
+
+def test_the_loopback_jobs_speak_the_clients_protocol(hub):
+    """The fake endpoints as huggingface_hub's own jobs API reads them: SSE logs (follow, tail), stages, filters."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import BadRequestError, JobNotFoundError
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    job = api.run_job(image=IMAGE, command=["bash", "-c", "echo one; echo two; echo \"$S\"; exit 3"],
+                      secrets={"S": "from-a-secret"}, labels={"k": "v"}, namespace="user")
+    assert list(api.fetch_job_logs(job_id=job.id, namespace="user", follow=True)) == ["one", "two", "from-a-secret"]
+    info = api.inspect_job(job_id=job.id, namespace="user")
+    assert (info.status.stage, info.status.message) == ("ERROR", "Job failed with exit code: 3")
+    assert list(api.fetch_job_logs(job_id=job.id, namespace="user", tail=1)) == ["from-a-secret"]
+    assert [j.id for j in api.list_jobs(labels={"k": "v"}, namespace="user")] == [job.id]
+    assert job.id not in [j.id for j in api.list_jobs(status="RUNNING", namespace="user")]
+    with pytest.raises(JobNotFoundError):
+        api.inspect_job(job_id="0" * 24, namespace="user")
+    with pytest.raises(BadRequestError):
+        api.run_job(image=IMAGE, command=["true"], labels={"bad label": "x"}, namespace="user")
