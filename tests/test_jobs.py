@@ -310,3 +310,19 @@ def test_the_loopback_jobs_speak_the_clients_protocol(hub):
         api.inspect_job(job_id="0" * 24, namespace="user")
     with pytest.raises(BadRequestError):
         api.run_job(image=IMAGE, command=["true"], labels={"bad label": "x"}, namespace="user")
+
+
+def test_detached_sweep_writes_its_summary_at_once(hub, cli):
+    args = ["merge", "org/a", "org/b@v1", "--method", "weighted_sum", "--vary", "alpha=0.2,0.8", "--push",
+            "user/later-sweep", "--remote", "--detach", "--remote-install", "broken", "-q"]
+    code, _, err = cli(*args, "--max-jobs", "1")
+    assert_one_line_error(code, err, "--detach starts all 2 jobs at once", "--max-jobs to 2")
+    assert _creates(hub) == []
+    code, out, err = cli(*args, "--max-jobs", "2")
+    assert code == 0, err
+    assert out.strip() == f"{hub.url}/user/later-sweep/commit/{hub.resolve('user/later-sweep')}"
+    card = hub.files("user/later-sweep")["README.md"].decode()
+    for job in hub.runner.jobs.values():
+        if job.spec["labels"].get("hubmix-sweep") == "user--later-sweep":
+            assert f"[user/{job.id}]({hub.url}/jobs/user/{job.id})" in card
+    assert card.count("| started |") == 2
