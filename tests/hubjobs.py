@@ -133,17 +133,24 @@ class JobRunner:
                 job.stage, job.message, job.finished_at = stage, message, _now()
 
     def _run(self, job: Job, image: str, workdir: str) -> None:
-        job.started_at, job.stage = _now(), "RUNNING"
+        with self.hub._lock:
+            if job.stage in TERMINAL:  # canceled while scheduling
+                return
+            job.started_at, job.stage = _now(), "RUNNING"
         self._log(job, f"===== Job started at {datetime.now(timezone.utc).isoformat()} =====")
         if image not in self.images:
             self._log(job, f"Error: image {image} not found")
             return self._finish(job, "ERROR", f"Failed to pull image {image}")
-        try:
-            job.proc = subprocess.Popen(job.command, env=job.env, cwd=workdir, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as e:
-            self._log(job, str(e))
-            return self._finish(job, "ERROR", str(e))
+        with self.hub._lock:  # a cancel either sees the process or stops it from starting
+            if job.stage in TERMINAL:
+                return
+            try:
+                job.proc = subprocess.Popen(job.command, env=job.env, cwd=workdir, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as e:
+                job.logs.append({"data": str(e), "timestamp": _now()})
+                job.stage, job.message, job.finished_at = "ERROR", str(e), _now()
+                return
         timeout = job.spec.get("timeoutSeconds")
         timer = threading.Timer(timeout, self._kill, (job, "ERROR", "Job timed out")) if timeout else None
         if timer:
@@ -163,9 +170,11 @@ class JobRunner:
 
     def _kill(self, job: Job, stage: str, message: str) -> None:
         self._finish(job, stage, message)
-        if job.proc is not None and job.proc.poll() is None:
+        with self.hub._lock:
+            proc = job.proc
+        if proc is not None and proc.poll() is None:
             try:
-                os.killpg(job.proc.pid, 9)
+                os.killpg(proc.pid, 9)
             except OSError:
                 pass
 

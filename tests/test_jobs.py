@@ -185,11 +185,12 @@ def test_ctrl_c_leaves_the_job_running_then_cancel(hub, cli, monkeypatch):
     job_id = err.split("started job ")[1].split(":")[0]
     assert f"interrupted: job {job_id} keeps running" in err and f"hubmix jobs cancel {job_id}" in err
     job = hub.runner.jobs[job_id.split("/")[1]]
-    assert job.stage == "RUNNING"
+    assert job.stage in ("SCHEDULING", "RUNNING")  # left running
     code, _, err = cli("jobs", "cancel", job_id)
     assert code == 0, err
     hub.runner.wait(30)
-    assert job.stage == "CANCELED" and job.proc.wait(timeout=10) == -9  # the process was killed
+    assert job.stage == "CANCELED"
+    assert job.proc is None or job.proc.wait(timeout=20) == -9  # killed, or canceled before it started
 
 
 def test_sweep_three_points(hub, cli, tmp_path):
