@@ -77,6 +77,7 @@ def hub(seeded, monkeypatch, tmp_path):
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()
+    monkeypatch.setattr("hubmix.hub.remote.POLL_SECONDS", 0.3)
     seeded.clear_log()
     yield seeded
     seeded.runner.wait()

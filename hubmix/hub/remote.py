@@ -17,6 +17,7 @@ from hubmix.recipe import Recipe, model_entry
 from hubmix.vary import label_value, plan, point_name
 
 Say = Callable[[str], None]
+POLL_SECONDS = 2.0  # how often a sweep asks each running job's stage
 
 
 def _quiet(_: str) -> None:
@@ -144,7 +145,7 @@ class SweepRun:
 
 
 def remote_sweep(recipe: Recipe, vary: list[str], repo_id: str, out_name: str, opts: RemoteOptions, *,
-                 say: Say = _quiet, poll: float = 2.0) -> SweepRun:
+                 say: Say = _quiet, poll: float | None = None) -> SweepRun:
     """One job per point of `vary`, at most `opts.max_jobs` at once, each pushing to branch `alpha-0.3` (...) of
     `repo_id`; then a summary card on main linking the branches (at the start instead, when detached)."""
     points = plan(recipe, vary)  # every point's recipe checked before anything starts
@@ -181,7 +182,7 @@ def remote_sweep(recipe: Recipe, vary: list[str], repo_id: str, out_name: str, o
             if opts.detach:
                 running = []
                 continue
-            time.sleep(poll)
+            time.sleep(POLL_SECONDS if poll is None else poll)
             for p in list(running):
                 assert p.job_id is not None
                 if jobs.inspect(p.job_id).status.stage in jobs.TERMINAL:
