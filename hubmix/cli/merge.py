@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from hubmix.cli.app import cli, parse_size, quiet_downloads
+from hubmix.cli.jobs import REMOTE_OPTIONS, check_remote, remote_merge, take_remote
 from hubmix.errors import RecipeError
 from hubmix.hub.refs import REF_RULE
 from hubmix.methods import methods
@@ -81,11 +82,13 @@ def _methods_help() -> str:
 @click.option("--commit-message", help="With --push: the commit message.")
 @click.option("--license", "license_", metavar="ID", help="The model card's license (default: the one every input "
                                                          "shares, else none and a warning).")
+@_apply(REMOTE_OPTIONS)
 def merge(models, method, components, dtype, out, layout, variant, ema, config_from, prediction_type, overwrite,
           dry, as_json, recipe_file, save_recipe, quiet, workers, device, max_memory, kernels, push, private, branch,
           create_pr, commit_message, license_, **params):
     from hubmix.merging import merge as run_merge
 
+    remote = take_remote(params)
     params = {k: v for k, v in params.items() if v is not None}
     if recipe_file is not None:
         given = [n for n, v in (("MODELS", models), ("--method", method), ("--components", components),
@@ -115,6 +118,10 @@ def merge(models, method, components, dtype, out, layout, variant, ema, config_f
                         layout=layout, variant=variant, ema=ema, config_from=config_from,
                         prediction_type=prediction_type, output=str(out) if out else None)
         recipe.validate()
+    if check_remote(remote):
+        return remote_merge(recipe, remote, push=push, out=out, dry=dry, private=private, branch=branch,
+                            create_pr=create_pr, commit_message=commit_message, license_=license_, quiet=quiet,
+                            save_recipe=save_recipe)
     if push is None:
         given = [n for n, v in (("--private", private), ("--branch", branch), ("--create-pr", create_pr),
                                 ("--commit-message", commit_message), ("--license", license_)) if v]

@@ -97,6 +97,7 @@ def build_card(result: Result, *, repo_id: str | None = None, license: str | Non
     if local:
         lines += ["Local inputs are not on the Hub: pass each one with `--model NAME=PATH` (the sha256 above tells "
                   "whether it is the same file).", ""]
+    lines += _job_section()
     lines += ["## License", ""]
     if lic and license:
         lines += [f"`{lic}`, chosen when the merge was pushed.", ""]
@@ -107,6 +108,20 @@ def build_card(result: Result, *, repo_id: str | None = None, license: str | Non
     text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip("\n") + "\n"
     card = ModelCard(text)  # parses the front matter as the Hub does
     return Card(result.card_path, str(card), lic, warnings, summary, recipe_hash(c))
+
+
+def _job_section() -> list[str]:
+    """Where the merge ran, when it ran as a hubmix job (`merge --remote`); the only difference to a local card."""
+    from hubmix.hub.jobs import job_context
+
+    ctx = job_context()
+    if ctx is None:
+        return []
+    job = f"job `{ctx['job']}`" if ctx["job"] else "a job"
+    return ["## Where it was merged", "",
+            f"In a Hugging Face Job: {job} on flavor `{ctx['flavor']}`, image `{ctx['image']}`, hubmix installed from "
+            f"`{ctx['install']}`. The inputs were mounted read-only at their pinned commits (nothing downloaded); "
+            "the weights and recipe are the same bytes a local merge of this recipe writes.", ""]
 
 
 def _method_section(c: dict[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ from hubmix.errors import HubError, InputError
 from hubmix.formats.families import weight_stem
 from hubmix.formats.model import choose_weights, index_shards
 from hubmix.hub.client import api, endpoint, hub_error, is_network, is_offline, one_line
+from hubmix.hub.mounts import card_license, listing, mounted
 from hubmix.hub.refs import ModelRef, parse_hub_ref
 from hubmix.recipe import Recipe, model_entry
 
@@ -49,6 +50,7 @@ class RepoState:
     license: str | None = None
     online: bool = True  # False: served from the caches (offline, or the Hub unreachable)
     revision: str | None = None  # as asked (branch, tag, sha or None for the default branch)
+    mount: Path | None = None  # where a Job mounts the repo at this commit (hub.mounts): read, never downloaded
 
 
 _PINNED: dict[tuple[str, str, str], RepoState] = {}  # (endpoint, repo, commit sha) -> state: commits never change
@@ -101,6 +103,10 @@ def pin(repo: str, revision: str | None = None) -> RepoState:
     """Resolve `revision` (branch, tag, sha; None: the default branch) of `repo` to its commit and file listing."""
     if revision and COMMIT_SHA.match(revision) and (endpoint(), repo, revision) in _PINNED:
         return _PINNED[(endpoint(), repo, revision)]
+    if (root := mounted(repo, revision)) is not None:
+        state = RepoState(repo, str(revision), listing(root), card_license(root), revision=revision, mount=root)
+        _PINNED[(endpoint(), repo, state.sha)] = state
+        return state
     try:
         info = api().model_info(repo, revision=revision)
     except Exception as e:  # noqa: BLE001 - translated below
@@ -131,6 +137,10 @@ def _fetch(state: RepoState, filename: str, revision: str | None = None) -> Path
     """
     from huggingface_hub import hf_hub_download
 
+    if state.mount is not None:
+        if not (state.mount / filename).is_file():
+            raise HubError(f"{state.repo}: file '{filename}' not found in its mount {state.mount}")
+        return state.mount / filename
     rev = revision if (revision and state.online) else state.sha  # a branch/tag: huggingface_hub records its ref
     try:
         path = Path(hf_hub_download(state.repo, filename, revision=rev, local_files_only=not state.online,
