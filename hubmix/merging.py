@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hubmix import __version__
+from hubmix.blockweights import expand_block_lists
 from hubmix.engine import analysis
 from hubmix.engine import pipeline as engine
 from hubmix.cache import write_atomically
@@ -301,7 +302,10 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     family = check_same_family(models)
     if recipe.family and recipe.family != family.id:
         raise RecipeError(f"{recipe.source}: the recipe is for {recipe.family} models, the inputs are {family.id}")
+    recipe, notes = expand_block_lists(recipe, family, models)
     tasks, summary, structure = plan_merge(models, recipe, family)
+    for note in notes:
+        summary.add("note", note)
     placeholder = canonical_recipe(recipe, family, models, idents, tasks, {})
     if dry:
         names = {c: recipe.plan_for(c).get("models") or [recipe.plan_for(c)["from"]] for c in family.components}

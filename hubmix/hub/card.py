@@ -140,10 +140,11 @@ def _components_section(c: dict[str, Any]) -> list[str]:
         if "from" in p:
             out.append(f"| {name} | copied unchanged | {p['from']} | - |")
             continue
-        out.append(f"| {name} | {p['method']} | {', '.join(p.get('models', []))} | {_params(p.get('params', {}))} |")
-        for block, bp in (p.get("blocks") or {}).items():
-            out.append(f"| {name} block {block} | {p['method']} | {', '.join(p.get('models', []))} | "
-                       f"{_params(bp)} |")
+        blocks = "; per block below" if p.get("blocks") else ""
+        out.append(f"| {name} | {p['method']} | {', '.join(p.get('models', []))} | "
+                   f"{_params(p.get('params', {}))}{blocks} |")
+    for name, p in c.get("components", {}).items():
+        out += _blocks_table(name, p.get("blocks") or {})
     extra = [f"dtype: {c.get('dtype') or 'as model a'}"]
     for key in ("variant", "prediction_type"):
         if c.get(key):
@@ -151,6 +152,18 @@ def _components_section(c: dict[str, Any]) -> list[str]:
     if c.get("ema"):
         extra.append("EMA weights of single-file inputs")
     return out + ["", "; ".join(extra) + ".", ""]
+
+
+def _blocks_table(component: str, blocks: dict[str, dict[str, float]]) -> list[str]:
+    """A component's per-block parameters (a block list expanded, or blocks: in the recipe) as one table."""
+    if not blocks:
+        return []
+    names = list(dict.fromkeys(k for bp in blocks.values() for k in bp))
+    out = ["", f"Per-block parameters of {component}:", "", "| block | " + " | ".join(names) + " |",
+           "|---|" + "---|" * len(names)]
+    for block, bp in blocks.items():
+        out.append(f"| {block} | " + " | ".join(f"{bp[k]:g}" if k in bp else "-" for k in names) + " |")
+    return out
 
 
 def _usage_section(result: Result, family: Any, repo_id: str | None, revision: str | None) -> list[str]:
