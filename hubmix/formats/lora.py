@@ -76,3 +76,168 @@ def _number(v: Any, where: str) -> float:
     if f != f:
         raise RecipeError(f"{where}: must be a number, got NaN")
     return f
+
+
+# ---- reading a file -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One low-rank update in a LoRA file: W += scale * up @ down, with scale = strength * alpha / rank."""
+
+    lora: str  # the LoRA's name, for messages
+    name: str  # the module's name in the file
+    component: str
+    key: str  # the canonical key it updates
+    up: Any  # TensorRef-like: .load() gives the tensor (kohya lora_up, PEFT lora_B)
+    down: Any
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+@dataclass(frozen=True)
+class _FileRef:
+    file: Any
+    key: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.file.info(self.key).shape
+
+    def load(self):
+        return self.file.tensor(self.key)
+
+
+SUFFIXES = {"kohya": (".lora_up.weight", ".lora_down.weight"), "peft": (".lora_B.weight", ".lora_A.weight")}
+
+
+def read_lora(path: Path, name: str, components: dict[str, Any], strengths: dict[str, float],
+              skip_unknown: bool) -> tuple[list[LoraModule], list[str]]:
+    """The modules of LoRA file `path` mapped onto `components` (name -> formats.model.Component, the output's
+    structure), with their scales; and the keys that matched nothing (an error unless `skip_unknown`)."""
+    from hubmix.formats.io.readers import open_weight_file
+
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise InputError(f"{name}: a LoRA folder must hold exactly one .safetensors file, found {len(files)}")
+        path = files[0]
+    f = open_weight_file(path)
+    keys = f.keys()
+    for k in keys:
+        for frag, fmt in UNSUPPORTED.items():
+            if frag in k:
+                raise InputError(f"{name}: {fmt} files are not supported (key {k}); hubmix bakes LoRA / LoCon "
+                                 "(lora_up/lora_down) and diffusers/PEFT (lora_A/lora_B) files")
+        if k.endswith((".dora_scale", ".lora_magnitude_vector.weight", ".lora_magnitude_vector")):
+            raise InputError(f"{name}: DoRA files are not supported (key {k})")
+    kind = "kohya" if any(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys) else "peft"
+    up_sfx, down_sfx = SUFFIXES[kind]
+    meta = _peft_metadata(f.metadata) if kind == "peft" else {}
+    indexes: dict[str, dict[str, str | None]] = {}
+    modules, unknown = [], []
+    for k in sorted(keys):
+        if not k.endswith(down_sfx):
+            if not (k.endswith(up_sfx) or k.endswith(".alpha")):
+                unknown.append(k)
+            continue
+        mod = k[: -len(down_sfx)]
+        comp, target = _locate(kind, mod, components, indexes)
+        up_key = mod + up_sfx
+        if up_key not in f:
+            raise InputError(f"{name}: {k} has no matching {up_key}")
+        if comp in components and comp not in strengths:
+            continue  # the recipe bakes this LoRA into other components only
+        if target is None:
+            unknown += [k, up_key] + ([mod + ".alpha"] if mod + ".alpha" in f else [])
+            continue
+        down, up = _FileRef(f, k), _FileRef(f, up_key)
+        rank = down.shape[0]
+        alpha = float(f.tensor(mod + ".alpha").float().item()) if mod + ".alpha" in f else \
+            _meta_alpha(meta, comp, mod, rank)
+        m = LoraModule(name, mod, comp, target, up, down, strengths[comp] * alpha / rank)
+        _check_shapes(m, components[comp].tensors[target].shape)
+        modules.append(m)
+    if unknown and not skip_unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise InputError(f"{name}: LoRA key {unknown[0]} matches no tensor of these models{more}; "
+                         "--lora-skip-unknown bakes the rest")
+    return modules, unknown
+
+
+def _locate(kind: str, mod: str, components: dict[str, Any], indexes: dict) -> tuple[str | None, str | None]:
+    """(component, canonical key) a LoRA module updates; (component or None, None) when nothing matches."""
+    if kind == "kohya":
+        prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if mod.startswith(p)), None)
+        if prefix is None:
+            return None, None
+        comp, rest = KOHYA_PREFIXES[prefix], mod[len(prefix):]
+    else:
+        head, _, rest = mod.partition(".")
+        comp = head if head in components else "unet"
+        rest = rest if head in components else mod
+    if comp not in components:
+        return comp, None
+    if comp not in indexes:
+        indexes[comp] = module_index(components[comp])
+    c = components[comp]
+    if kind == "peft" and c.keymap is not None:
+        rest = c.keymap.normalize(rest + ".weight")[: -len(".weight")]
+    return comp, indexes[comp].get(rest)
+
+
+def module_index(component: Any) -> dict[str, str | None]:
+    """Module name -> canonical weight key for one component, from its own keys: each weight's diffusers module
+    path and its original single-file module path, both dotted and with '.' written '_' (kohya's spelling).
+    A name two modules would share maps to None (ambiguous, reported as unknown)."""
+    index: dict[str, str | None] = {}
+    keymap = component.keymap
+    for key in component.tensors:
+        if not key.endswith(".weight"):
+            continue
+        names = {key[: -len(".weight")]}
+        place = keymap.to_original(key) if keymap is not None else None
+        if place is not None and place.part is None and place.transform != "transpose" \
+                and place.key.endswith(".weight"):
+            names.add(place.key[len(keymap.prefix): -len(".weight")])
+        for n in names | {n.replace(".", "_") for n in names}:
+            index[n] = key if index.get(n, key) == key else None
+    return index
+
+
+def _check_shapes(m: LoraModule, target: tuple[int, ...]) -> None:
+    up, down = m.up.shape, m.down.shape
+    numel = 1
+    for s in target:
+        numel *= s
+    inner = 1
+    for s in down[1:]:
+        inner *= s
+    if len(up) < 2 or up[1] != down[0] or any(s != 1 for s in up[2:]) or up[0] * inner != numel:
+        raise InputError(f"{m.lora}: LoRA module {m.name} (up {list(up)}, down {list(down)}) does not fit "
+                         f"{m.component}/{m.key} {list(target)}")
+
+
+def _peft_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    raw = meta.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {}
+
+
+def _meta_alpha(meta: dict[str, Any], comp: str, mod: str, rank: int) -> float:
+    """PEFT's alpha for a module: diffusers' `lora_adapter_metadata` (per component `lora_alpha`, and
+    `alpha_pattern` entries whose key ends the module's name), else alpha = rank (scale 1), as diffusers does."""
+    if meta.get(f"{comp}.use_rslora"):
+        raise InputError(f"{comp}: rank-stabilised LoRA (use_rslora) is not supported")
+    rel = mod.partition(".")[2] if mod.startswith(comp + ".") else mod
+    for pattern, value in (meta.get(f"{comp}.alpha_pattern") or {}).items():
+        if rel == pattern or rel.endswith("." + pattern):
+            return float(value)
+    alpha = meta.get(f"{comp}.lora_alpha")
+    return float(alpha) if alpha is not None else float(rank)
