@@ -312,7 +312,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     tasks, summary, structure = plan_merge(models, recipe, family)
     for note in notes:
         summary.add("note", note)
-    loras = attach_loras(recipe, resolver, models, structure, tasks, summary)
+    loras = attach_loras(recipe, resolve_local, models, structure, tasks, summary)  # pinned as recorded
     placeholder = canonical_recipe(recipe, family, models, idents, tasks, {}, loras)
     if dry:
         names = {c: recipe.plan_for(c).get("models") or [recipe.plan_for(c)["from"]] for c in family.components}
