@@ -60,6 +60,9 @@ def test_baked_lora_equals_diffusers_fuse(zoo, tmp_path, cli, family, kind):
 
     entry = load_result(out).canonical["loras"]
     assert entry == [{"ref": "lora.safetensors", "sha256": file_sha256(lora), "strength": 0.7}]
+    from hubmix.hub.card import build_card
+
+    assert f"| `lora.safetensors` (local) | - | `-` | 0.7 | `{file_sha256(lora)}` |" in build_card(load_result(out)).text
 
 
 def test_lora_on_a_merge_and_per_component_strengths(zoo, tmp_path):

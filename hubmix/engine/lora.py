@@ -28,12 +28,13 @@ class LoraDelta:
 
     def full(self) -> torch.Tensor:
         """The whole delta, flat, float32: the modules' updates added in recipe and file order."""
-        total = torch.zeros(self.numel, dtype=torch.float32)
+        total = None
         for m in self.modules:
             up, down = m.up.load().float(), m.down.load().float()
             rank = down.shape[0]
-            d = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
-            total.add_(d.reshape(-1), alpha=m.scale)
+            d = (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)).reshape(-1)
+            total = d.mul_(m.scale) if total is None else total.add_(d, alpha=m.scale)
+        assert total is not None
         return total
 
     def take(self, start: int, stop: int) -> torch.Tensor:

@@ -119,11 +119,6 @@ def read_lora(path: Path, name: str, components: dict[str, Any], strengths: dict
     structure), with their scales; and the keys that matched nothing (an error unless `skip_unknown`)."""
     from hubmix.formats.io.readers import open_weight_file
 
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise InputError(f"{name}: a LoRA folder must hold exactly one .safetensors file, found {len(files)}")
-        path = files[0]
     f = open_weight_file(path)
     keys = f.keys()
     for k in keys:

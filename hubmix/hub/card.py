@@ -83,6 +83,7 @@ def build_card(result: Result, *, repo_id: str | None = None, license: str | Non
              f"**{c['method']}** of {refs}.", ""]
     lines += _method_section(c)
     lines += _inputs_section(models)
+    lines += _loras_section(c.get("loras") or [])
     lines += _components_section(c)
     lines += ["## Recipe", "",
               "The canonical recipe: every default filled in, Hub inputs pinned to a commit, local inputs by name "
@@ -131,6 +132,21 @@ def _inputs_section(models: list[dict[str, Any]]) -> list[str]:
         for i, (f, sha) in enumerate(files):
             head = (m.get("name", "?"), ref, commit) if i == 0 else ("", "", "")
             out.append(f"| {head[0]} | {head[1]} | {head[2]} | `{f}` | `{sha}` |")
+    return out + [""]
+
+
+def _loras_section(loras: list[dict[str, Any]]) -> list[str]:
+    """The LoRAs baked into the result: W += strength * (alpha/rank) * up @ down, added after the merge."""
+    if not loras:
+        return []
+    out = ["## LoRAs", "", "Baked into the merged weights after the merge: `W += strength * (alpha/rank) * up @ down`.",
+           "", "| reference | commit | file | strength | sha256 |", "|---|---|---|---|---|"]
+    for x in loras:
+        ref = f"[{x['ref']}](/{x['repo']})" if x.get("repo") else f"`{x['ref']}` (local)"
+        strength = ", ".join(f"{c} {v:g}" for c, v in x["components"].items()) if x.get("components") \
+            else f"{x['strength']:g}"
+        commit = f"`{x['revision']}`" if x.get("revision") else "-"
+        out.append(f"| {ref} | {commit} | `{x.get('file') or '-'}` | {strength} | `{x['sha256']}` |")
     return out + [""]
 
 
