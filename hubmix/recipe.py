@@ -256,7 +256,7 @@ def _component_from_dict(c: Any, where: str) -> ComponentRecipe:
         raise RecipeError(f"{where}: models must be a list of model letters such as [a, c]")
     blocks = c.get("blocks") or {}
     if not isinstance(blocks, dict):
-        raise RecipeError(f"{where}: blocks must map block labels (IN00, M00, OUT11, BASE) to parameters")
+        raise RecipeError(f"{where}: blocks must map UNet block labels (IN00, M00, OUT11) to parameters")
     return ComponentRecipe(method=c.get("method"), params=params, models=models, from_=c.get("from"),
                            blocks={str(k).upper(): v for k, v in blocks.items()})
 
