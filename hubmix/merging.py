@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hubmix import __version__
+from hubmix.blockweights import expand_block_lists
+from hubmix.lorabake import attach_loras
 from hubmix.engine import analysis
 from hubmix.engine import pipeline as engine
 from hubmix.cache import write_atomically
@@ -84,7 +86,8 @@ def choose_layout(recipe: Recipe, out: Path | None) -> str:
 
 
 def canonical_recipe(recipe: Recipe, family: Family, models: list[LocalModel], idents: list[dict[str, Any]],
-                     tasks: list[Task], hashes: dict[Path, str]) -> dict[str, Any]:
+                     tasks: list[Task], hashes: dict[Path, str],
+                     loras: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every default filled in, local paths reduced to names, file hashes of what the merge reads."""
     used: dict[int, set[Path]] = {}
     for t in tasks:
@@ -107,6 +110,10 @@ def canonical_recipe(recipe: Recipe, family: Family, models: list[LocalModel], i
     }
     if recipe.ema:
         out["ema"] = True
+    if loras:
+        out["loras"] = loras
+        if recipe.lora_skip_unknown:
+            out["lora_skip_unknown"] = True
     if recipe.variant:
         out["variant"] = recipe.variant
     if recipe.prediction_type:
@@ -301,8 +308,12 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     family = check_same_family(models)
     if recipe.family and recipe.family != family.id:
         raise RecipeError(f"{recipe.source}: the recipe is for {recipe.family} models, the inputs are {family.id}")
+    recipe, notes = expand_block_lists(recipe, family, models)
     tasks, summary, structure = plan_merge(models, recipe, family)
-    placeholder = canonical_recipe(recipe, family, models, idents, tasks, {})
+    for note in notes:
+        summary.add("note", note)
+    loras = attach_loras(recipe, resolve_local, models, structure, tasks, summary)  # pinned as recorded
+    placeholder = canonical_recipe(recipe, family, models, idents, tasks, {}, loras)
     if dry:
         names = {c: recipe.plan_for(c).get("models") or [recipe.plan_for(c)["from"]] for c in family.components}
         report = analysis.analyze(tasks, names, quiet=settings.quiet, workers=settings.workers)
@@ -320,7 +331,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
             router.open()
             stats = _execute(router.wanted(tasks), router.write, settings,
                              "converting" if recipe.method == "copy" else "merging", summary)
-            canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result())
+            canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result(), loras)
             final = _metadata(canonical)
             for f in router.files:  # the input hashes were computed during the merge: same-length placeholders
                 assert f.writer is not None

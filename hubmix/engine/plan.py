@@ -44,6 +44,7 @@ class Task:
     block: str | None = None
     channels: int | None = None  # merge only the first `channels` input channels (dim 1); the rest is refs[0]'s
     whole_only: bool = False  # an output needs the whole tensor at once (a transposed copy)
+    lora: Any = None  # engine.lora.LoraDelta: LoRA updates added to this tensor
 
     @property
     def numel(self) -> int:
@@ -78,6 +79,7 @@ class Summary:
         "dropped": "original-layout keys with no diffusers counterpart, not used",
         "unassigned": "single-file keys outside every component (EMA, schedule buffers), not used",
         "config": "configs inferred from shapes (what shapes cannot tell came from family defaults)",
+        "lora": "LoRA keys that match no tensor, skipped (--lora-skip-unknown)",
         "note": "notes",
     }
 

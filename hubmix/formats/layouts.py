@@ -202,6 +202,9 @@ class KeyMap:
         self.dropped: dict[str, str] = {**(data.get("dropped") or {}), **spec.dropped}
         self.generated: dict[str, str] = dict(data.get("generated") or {})
         self._blocks = [(re.compile(b["match"]), b["label"]) for b in data.get("blocks") or []]
+        # the number of the last `output_blocks.N` of this config: the final `out.` layers go with it
+        self._last_output = max((int(o.split(".")[1]) for o in self._o2d if o.startswith("output_blocks.")),
+                                default=0)
         self.ema = data.get("ema")
 
     # diffusers side ------------------------------------------------------------------------------------------
@@ -285,8 +288,9 @@ class KeyMap:
         for pattern, label in self._blocks:
             m = pattern.match(rel)
             if m:
-                return label.format(*(int(g) for g in m.groups()))
+                return label.format(*(int(g) for g in m.groups()), last_output=self._last_output)
         return None
+
 
     def generated_tensor(self, key: str) -> torch.Tensor:
         kind = self.generated[key]

@@ -52,6 +52,8 @@ class Family:
     defaults: dict[str, dict[str, Any]]
     pipeline_extra: dict[str, Any]
     tokenizers: dict[str, str]
+    block_list: tuple[str, ...] = ()  # A1111/supermerger block list labels, in order (BASE, IN00.., M00, OUT00..)
+    block_base: tuple[str, ...] = ()  # the components the list's BASE value applies to
 
     def matches(self, layout: str, keys: dict[str, int]) -> bool:
         """Whether every detection rule for `layout` holds for `keys` (key -> ndim)."""
@@ -90,7 +92,15 @@ def _load_family(path: Path) -> Family:
                   tags=tuple(raw["tags"]), modelspec_architecture=raw["modelspec_architecture"],
                   default_config_repo=raw["default_config_repo"], components=comps, detect=raw["detect"],
                   defaults=raw.get("defaults") or {}, pipeline_extra=raw.get("pipeline_extra") or {},
-                  tokenizers=raw.get("tokenizers") or {})
+                  tokenizers=raw.get("tokenizers") or {}, **_block_list(raw.get("block_list")))
+
+
+def _block_list(raw: dict[str, Any] | None) -> dict[str, tuple[str, ...]]:
+    if not raw:
+        return {}
+    labels = (["BASE"] + [f"IN{i:02d}" for i in range(raw["inputs"])] + ["M00"]
+              + [f"OUT{i:02d}" for i in range(raw["outputs"])])
+    return {"block_list": tuple(labels), "block_base": tuple(raw["base"])}
 
 
 @cache
