@@ -19,6 +19,8 @@ def inspect_model(path: str | Path, *, variant: str | None = None) -> dict[str, 
         "layout": m.layout,
         "inpainting": m.inpainting,
         "prediction_type": m.prediction_type,
+        "zero_terminal_snr": m.prediction.zero_snr,
+        "prediction_source": m.prediction.source,
         "components": {},
         "files": [str(f) for f in m.files],
     }
@@ -56,7 +58,8 @@ def render(info: dict[str, Any]) -> str:
              f"{', inpainting' if info['inpainting'] else ''}",
              f"  layout:  {info['layout']}"]
     if info["prediction_type"]:
-        lines.append(f"  prediction type: {info['prediction_type']}")
+        zsnr = ", zero terminal SNR" if info["zero_terminal_snr"] else ""
+        lines.append(f"  prediction type: {info['prediction_type']}{zsnr} ({info['prediction_source']})")
     for name, c in info["components"].items():
         dt = ", ".join(f"{k} x{v}" for k, v in c["dtypes"].items())
         lines.append(f"  {name:<15} {c['tensors']:>5} tensors {c['parameters'] / 1e6:>9.2f}M params "

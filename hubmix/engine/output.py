@@ -59,9 +59,13 @@ class Router:
         self.files.append(f)
 
     def add_single_file(self, path: Path, parts: dict[str, tuple[KeyMap, list[Task]]], metadata: dict[str, str],
-                        summary: Summary, name: str) -> None:
-        """One original-layout file for all components, through each component's key map."""
+                        summary: Summary, name: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """One original-layout file for all components, through each component's key map; `extra`: tensors
+        outside every component (prediction markers) written as they are."""
         f = OutputFile(path, metadata)
+        for okey, tensor in (extra or {}).items():
+            f.generated[okey] = tensor
+            f.planned[okey] = PlannedTensor(okey, tensor.dtype, tuple(tensor.shape))
         for component, (keymap, tasks) in parts.items():
             fused: dict[str, dict[int, Task]] = {}
             counts: dict[str, int] = {}

@@ -20,6 +20,7 @@ from hubmix.errors import FamilyError, InputError
 from hubmix.formats.families import ComponentSpec, Family, detect_family, weight_stem
 from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file
 from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, to_canonical_shape
+from hubmix.formats.prediction import MARKER_KEYS, Prediction, from_scheduler, from_single_file
 
 CONFIG_META = "hubmix.configs"  # single files written by hubmix embed their component configs under this key
 
@@ -64,13 +65,17 @@ class LocalModel:
     files: list[Path]
     metadata: dict[str, str] = field(default_factory=dict)
     extra_components: dict[str, Path] = field(default_factory=dict)  # diffusers subfolders hubmix does not merge
-    prediction_type: str | None = None
+    prediction: Prediction = Prediction()
     inpainting: bool = False
     unassigned: list[str] = field(default_factory=list)  # single-file keys outside every component
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def prediction_type(self) -> str | None:
+        return self.prediction.type
 
 
 def open_model(path: str | Path, *, variant: str | None = None, ema: bool = False,
@@ -228,7 +233,7 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
     sched = read_json(root / "scheduler" / "scheduler_config.json")
     extra = {n: f for n, f in subfolders.items() if n not in family.components and f.is_dir()}
     model = LocalModel(root, "diffusers", family, components, sorted({f.path for fs in opened.values() for f in fs}),
-                       extra_components=extra, prediction_type=sched.get("prediction_type"))
+                       extra_components=extra, prediction=from_scheduler(sched))
     model.inpainting = _is_inpainting(model)
     return model
 
@@ -288,11 +293,10 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
         components[name] = comp
     if ema:
         unassigned = [k for k in unassigned if not k.startswith("model_ema.")]
+    unassigned = [k for k in unassigned if k not in MARKER_KEYS]  # read below, kept by outputs that carry them
     model = LocalModel(path, "single-file", family, components, [path], metadata=dict(f.metadata),
-                       unassigned=unassigned)
-    spec_pred = f.metadata.get("modelspec.prediction_type")
-    model.prediction_type = ("v_prediction" if spec_pred == "v" or "v_pred" in f else
-                             "epsilon" if spec_pred == "epsilon" else None)
+                       unassigned=unassigned,
+                       prediction=from_single_file(f.keys(), f.metadata, family.unmarked_prediction))
     model.inpainting = _is_inpainting(model)
     return model
 

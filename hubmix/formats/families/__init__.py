@@ -52,6 +52,16 @@ class Family:
     defaults: dict[str, dict[str, Any]]
     pipeline_extra: dict[str, Any]
     tokenizers: dict[str, str]
+    # what an unmarked single file predicts, and which marker keys single files carry (formats/prediction.py)
+    prediction: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unmarked_prediction(self) -> str | None:
+        return self.prediction.get("unmarked")
+
+    @property
+    def marker_keys(self) -> tuple[str, ...]:
+        return tuple(self.prediction.get("markers") or ())
 
     def matches(self, layout: str, keys: dict[str, int]) -> bool:
         """Whether every detection rule for `layout` holds for `keys` (key -> ndim)."""
@@ -90,7 +100,7 @@ def _load_family(path: Path) -> Family:
                   tags=tuple(raw["tags"]), modelspec_architecture=raw["modelspec_architecture"],
                   default_config_repo=raw["default_config_repo"], components=comps, detect=raw["detect"],
                   defaults=raw.get("defaults") or {}, pipeline_extra=raw.get("pipeline_extra") or {},
-                  tokenizers=raw.get("tokenizers") or {})
+                  tokenizers=raw.get("tokenizers") or {}, prediction=raw.get("prediction") or {})
 
 
 @cache
