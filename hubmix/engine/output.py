@@ -22,7 +22,7 @@ from hubmix.engine.pipeline import Job
 from hubmix.errors import InputError, OutputError
 from hubmix.formats.families import ComponentSpec, Family
 from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
-from hubmix.formats.layouts import KeyMap, apply_to_original, to_original_shape
+from hubmix.formats.layouts import COPYING, KeyMap, apply_to_original, to_original_shape
 from hubmix.engine.plan import Summary, Task
 
 
@@ -76,8 +76,9 @@ class Router:
                     continue
                 if place.part is None:
                     shape = to_original_shape(place.transform, t.shape)
-                    f.planned[place.key] = PlannedTensor(place.key, t.out_dtype, shape)
-                    self.routes.setdefault((component, t.key), []).append(Route(f, place.key, 0, place.transform))
+                    for okey in (place.key, *(keymap.prefix + m for m in keymap.mirrors.get(t.key, ()))):
+                        f.planned[okey] = PlannedTensor(okey, t.out_dtype, shape)
+                        self.routes.setdefault((component, t.key), []).append(Route(f, okey, 0, place.transform))
                 else:
                     fused.setdefault(place.key, {})[place.part[0]] = t
                     counts[place.key] = place.part[1]
@@ -105,7 +106,7 @@ class Router:
         for t in tasks:
             routes = self.routes.get((t.component, t.key))
             if routes:
-                t.whole_only = any(r.transform == "transpose" for r in routes)
+                t.whole_only = any(r.transform in COPYING for r in routes)
                 out.append(t)
         return out
 
@@ -119,9 +120,9 @@ class Router:
     def write(self, job: Job, data: torch.Tensor) -> None:
         for r in self.routes[(job.task.component, job.task.key)]:
             assert r.file.writer is not None
-            if r.transform == "transpose":  # needs the whole tensor: such tasks are never split
-                assert job.whole, f"{job.task.key}: a transposed tensor cannot be written in chunks"
-                r.file.writer.write(r.key, apply_to_original("transpose", data.reshape(job.task.shape)), r.byte_base)
+            if r.transform in COPYING:  # needs the whole tensor: such tasks are never split
+                assert job.whole, f"{job.task.key}: a {r.transform} tensor cannot be written in chunks"
+                r.file.writer.write(r.key, apply_to_original(r.transform, data.reshape(job.task.shape)), r.byte_base)
             else:  # conv1x1 reshapes and row-blocks are the same bytes
                 r.file.writer.write(r.key, data, r.byte_base + job.start * data.dtype.itemsize)
 
@@ -154,10 +155,10 @@ def component_config_json(spec: ComponentSpec, config: dict[str, Any], dtype: to
         return cfg
     if "model_type" in cfg:  # a real config.json: keep it as it is
         full = cfg
-    else:  # inferred from shapes: let transformers spell out the rest
+    else:  # inferred from shapes: let transformers spell out the rest, with the model class's own config class
         import transformers
 
-        full = transformers.CLIPTextConfig(**cfg).to_dict()
+        full = getattr(transformers, spec.cls).config_class(**cfg).to_dict()
     full.setdefault("architectures", [spec.cls])
     if dtype is not None:
         for key in ("torch_dtype", "dtype"):

@@ -22,6 +22,7 @@ import torch
 
 from hubmix.errors import RecipeError
 from hubmix.formats.families import Family
+from hubmix.formats.layouts import COPYING
 from hubmix.methods import Method, get_method
 from hubmix.formats.model import LocalModel, TensorRef
 from hubmix.recipe import Recipe, letter
@@ -58,7 +59,7 @@ class Task:
         """Element-wise over contiguous views: safe to process in flat chunks."""
         if self.channels is not None or self.whole_only or (self.method is not None and not self.method.elementwise):
             return False
-        return all(r.place.transform != "transpose" for r in self.refs)
+        return all(r.place.transform not in COPYING for r in self.refs)
 
 
 @dataclass

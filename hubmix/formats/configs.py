@@ -97,14 +97,17 @@ def infer_vae(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) ->
     cfg = {
         "in_channels": s["encoder.conv_in.weight"][1],
         "out_channels": s["decoder.conv_out.weight"][0],
-        "latent_channels": s["post_quant_conv.weight"][0],
+        "latent_channels": s["decoder.conv_in.weight"][1],
         "block_out_channels": channels,
         "layers_per_block": layers,
         "down_block_types": ["DownEncoderBlock2D"] * len(downs),
         "up_block_types": ["UpDecoderBlock2D"] * len(downs),
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in s,
     }
-    cfg.update({k: v for k, v in defaults.items() if k in ("scaling_factor", "sample_size", "force_upcast")})
+    if "quant_conv.weight" not in s:  # SD3's VAE has no quant convs
+        cfg.update(use_quant_conv=False, use_post_quant_conv=False)
+    cfg.update({k: v for k, v in defaults.items()
+                if k in ("scaling_factor", "shift_factor", "sample_size", "force_upcast")})
     notes = [f"vae scaling_factor: family default {defaults.get('scaling_factor')}", "vae norm groups: default 32"]
     return cfg, notes
 
@@ -147,11 +150,59 @@ def infer_openclip(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes
     return cfg, notes
 
 
+def infer_mmdit(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    """SD3's transformer: everything from shapes but the head split (family default head size, 64 in every SD3)."""
+    inner, in_ch, patch, _ = s["x_embedder.proj.weight"]
+    layers = _indices(s, r"joint_blocks\.(\d+)\.")
+    positions = s["pos_embed"][1]
+    cfg = {
+        "sample_size": defaults.get("sample_size", 128),
+        "patch_size": patch,
+        "in_channels": in_ch,
+        "num_layers": len(layers),
+        "attention_head_dim": defaults.get("head_dim", 64),
+        "num_attention_heads": _heads(inner, defaults.get("head_dim", 64)),
+        "joint_attention_dim": s["context_embedder.weight"][1],
+        "caption_projection_dim": s["context_embedder.weight"][0],
+        "pooled_projection_dim": s["y_embedder.mlp.0.weight"][1],
+        "out_channels": s["final_layer.linear.weight"][0] // (patch * patch),
+        "pos_embed_max_size": round(positions ** 0.5),
+        "dual_attention_layers": _indices(s, r"joint_blocks\.(\d+)\.x_block\.attn2\."),
+        "qk_norm": "rms_norm" if any(".ln_q." in k for k in s) else None,
+    }
+    return cfg, [f"transformer attention heads: family default head size {cfg['attention_head_dim']}"]
+
+
+def infer_comfy_clip(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    cfg, notes = infer_clip({k.removeprefix("transformer."): v for k, v in s.items()}, defaults, others)
+    if "transformer.text_projection.weight" in s:
+        cfg["projection_dim"] = s["transformer.text_projection.weight"][0]
+    return cfg, notes
+
+
+def infer_t5(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    """A T5 v1.1 encoder: heads and relative-attention buckets come from the relative position bias, exactly."""
+    attn = "transformer.encoder.block.0.layer.0.SelfAttention."
+    vocab, width = s["transformer.shared.weight"]
+    buckets, heads = s[attn + "relative_attention_bias.weight"]
+    gated = "transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in s
+    ff = s["transformer.encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"][0]
+    cfg = {"vocab_size": vocab, "d_model": width, "d_kv": s[attn + "q.weight"][0] // heads, "d_ff": ff,
+           "num_layers": len(_indices(s, r"transformer\.encoder\.block\.(\d+)\.")), "num_heads": heads,
+           "relative_attention_num_buckets": buckets, "is_encoder_decoder": False, "use_cache": False,
+           **{k: v for k, v in defaults.items() if k in ("dense_act_fn", "layer_norm_epsilon")},
+           "feed_forward_proj": defaults.get("feed_forward_proj", "gated-gelu") if gated else "relu"}
+    return cfg, [f"text encoder activation: family default ({cfg.get('dense_act_fn', 'relu')})"]
+
+
 INFER: dict[str, Callable[[Shapes, dict[str, Any], dict[str, Shapes]], tuple[dict[str, Any], list[str]]]] = {
     "ldm_unet": infer_unet,
     "ldm_vae": infer_vae,
     "clip": infer_clip,
     "openclip": infer_openclip,
+    "mmdit": infer_mmdit,
+    "comfy_clip": infer_comfy_clip,
+    "comfy_t5": infer_t5,
 }
 
 

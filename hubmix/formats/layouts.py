@@ -21,8 +21,16 @@ from hubmix.formats.families import ComponentSpec, layouts
 @dataclass(frozen=True)
 class Placement:
     key: str  # full original key, component prefix included
-    transform: str | None = None  # None, "conv1x1" or "transpose"
+    transform: str | None = None  # None, "conv1x1", "transpose" or "swap_halves"
     part: tuple[int, int] | None = None  # (index, count) of equal row-blocks of a fused tensor
+
+
+COPYING = frozenset({"transpose", "swap_halves"})  # transforms that move bytes: whole tensors only, never chunks
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]])
 
 
 def to_canonical_shape(transform: str | None, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -46,6 +54,8 @@ def apply_to_canonical(transform: str | None, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[:2]) if t.dim() == 4 else t
     if transform == "transpose":
         return t.t()
+    if transform == "swap_halves":
+        return _swap_halves(t)
     return t
 
 
@@ -54,6 +64,8 @@ def apply_to_original(transform: str | None, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(*t.shape, 1, 1) if t.dim() == 2 else t
     if transform == "transpose":
         return t.t().contiguous()
+    if transform == "swap_halves":
+        return _swap_halves(t)
     return t
 
 
@@ -126,10 +138,19 @@ def _openclip(cfg: dict[str, Any]) -> list[Rule]:
             for i in range(cfg["num_hidden_layers"])]
 
 
+def _mmdit(cfg: dict[str, Any]) -> list[Rule]:
+    """SD3's joint blocks; the last one's context stream is pre-only (no output projection, no MLP, and its
+    modulation stored shift-then-scale: its own module kind)."""
+    n = cfg["num_layers"]
+    return [(f"transformer_blocks.{i}", f"joint_blocks.{i}", "joint_last" if i == n - 1 else "joint")
+            for i in range(n)]
+
+
 STRUCTURES: dict[str, Callable[[dict[str, Any]], list[Rule]]] = {
     "unet2d": _unet2d,
     "vae": _vae,
     "openclip": _openclip,
+    "mmdit": _mmdit,
     "none": lambda cfg: [],
 }
 
@@ -201,6 +222,8 @@ class KeyMap:
         self._aliases = [(re.compile(a["match"]), a["replace"]) for a in data.get("aliases") or []]
         self.dropped: dict[str, str] = {**(data.get("dropped") or {}), **spec.dropped}
         self.generated: dict[str, str] = dict(data.get("generated") or {})
+        # canonical key -> further original keys that carry the same tensor (T5's tied embeddings)
+        self.mirrors: dict[str, list[str]] = {k: list(v) for k, v in (data.get("mirrors") or {}).items()}
         self._blocks = [(re.compile(b["match"]), b["label"]) for b in data.get("blocks") or []]
         self.ema = data.get("ema")
 
@@ -231,7 +254,7 @@ class KeyMap:
         lf = mod[m_name]
         if lf.part is not None:
             return Placement(self.prefix + _join(o_prefix, lf.name), part=lf.part) if tail == "" else None
-        transform = lf.transform if tail == "weight" else None
+        transform = lf.transform if tail in ("weight", "") else None
         return Placement(self.prefix + _join(o_prefix, lf.name, tail), transform)
 
     # original side -------------------------------------------------------------------------------------------
@@ -260,7 +283,7 @@ class KeyMap:
                 if tail == "":
                     out.append((_join(d_prefix, d_name), Placement(key, part=lf.part)))
             else:
-                transform = lf.transform if tail == "weight" else None
+                transform = lf.transform if tail in ("weight", "") else None
                 out.append((_join(d_prefix, d_name, tail), Placement(key, transform)))
         return sorted(out, key=lambda kv: kv[1].part or (0, 0)) or None
 

@@ -17,7 +17,7 @@ import torch
 
 from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
-from hubmix.formats.families import ComponentSpec, Family, detect_family, weight_stem
+from hubmix.formats.families import ComponentSpec, Family, all_component_names, detect_family, weight_stem
 from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file
 from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, to_canonical_shape
 from hubmix.formats.prediction import MARKER_KEYS, Prediction, from_scheduler, from_single_file
@@ -194,7 +194,7 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
     skipped: set[str] = set()
     for name, folder in subfolders.items():
         stem = weight_stem(index[name][0])
-        if name not in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        if name not in all_component_names():
             continue
         if wanted is not None and name not in wanted:
             skipped.add(name)

@@ -1,0 +1,194 @@
+"""The SD3 family (SD3 Medium; SD3.5 Medium with attn2 and qk-norm): single files in the original all-in-one layout
+checked against diffusers' own StableDiffusion3Pipeline.from_single_file, exact round trips, mixed-layout merges
+and per-block parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import component_tensors, load_tensors
+
+import hubmix
+from hubmix import Recipe
+from hubmix.convert import convert
+from hubmix.formats.model import open_model
+
+COMPONENTS = ["transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"]
+PREFIXES = ("model.diffusion_model.", "first_stage_model.", "text_encoders.clip_l.transformer.",
+            "text_encoders.clip_g.transformer.", "text_encoders.t5xxl.transformer.")
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]).get("__metadata__", {})
+
+
+def canon(component: str, key: str) -> str:
+    """transformers >= 5 saves CLIPTextModel without text_model.; hubmix's canonical keys carry it."""
+    if component in ("text_encoder", "text_encoder_2") and not key.startswith(("text_model.", "text_projection")):
+        return "text_model." + key
+    return key
+
+
+def tensors(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    return {canon(component, k): v for k, v in component_tensors(folder, component).items()}
+
+
+@pytest.mark.parametrize("variant", ["sd3", "sd35m"])
+def test_single_file_has_the_original_naming(zoo, variant):
+    keys = set(load_tensors(zoo.sd3_single(variant)))
+    assert all(k.startswith(PREFIXES) for k in keys), sorted(k for k in keys if not k.startswith(PREFIXES))[:5]
+    # diffusers' own names would load without conversion too: assert the original ones
+    assert not any("transformer_blocks" in k or ".to_q." in k or "time_text_embed" in k for k in keys)
+    p = "model.diffusion_model."
+    assert {p + "joint_blocks.0.x_block.attn.qkv.weight", p + "joint_blocks.0.context_block.attn.qkv.weight",
+            p + "final_layer.adaLN_modulation.1.weight", p + "pos_embed", p + "x_embedder.proj.weight"} <= keys
+    last = 2  # tiny models have 3 joint blocks; the last context block is pre-only
+    assert p + f"joint_blocks.{last}.context_block.attn.proj.weight" not in keys
+    assert p + f"joint_blocks.{last}.context_block.mlp.fc1.weight" not in keys
+    attn2 = {int(k.split(".")[3]) for k in keys if ".x_block.attn2." in k}
+    assert attn2 == ({0, 1} if variant == "sd35m" else set())
+    assert any(".ln_q." in k for k in keys) is (variant == "sd35m")
+    t5 = "text_encoders.t5xxl.transformer."
+    assert {t5 + "shared.weight", t5 + "encoder.embed_tokens.weight"} <= keys  # both: see layouts.yaml comfy_t5
+
+
+@pytest.mark.parametrize("variant", ["sd3", "sd35m"])
+def test_diffusers_single_file_loader_reads_every_tensor(zoo, variant):
+    """diffusers' from_single_file (config from a local folder) gives back the original pipeline, tensor by tensor;
+    the one documented exception: its SD3 loader replaces CLIP-L's text_projection with an identity."""
+    import diffusers
+
+    src = zoo.sd3(variant)
+    orig = diffusers.StableDiffusion3Pipeline.from_pretrained(src)
+    loaded = diffusers.StableDiffusion3Pipeline.from_single_file(str(zoo.sd3_single(variant)),
+                                                                  config=str(zoo.configs_only(src)),
+                                                                  local_files_only=True)
+    for name in COMPONENTS:
+        want, got = getattr(orig, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(got) == set(want), (name, sorted(set(got) ^ set(want))[:5])
+        for k, v in want.items():
+            assert got[k].device.type != "meta", (name, k)
+            if name == "text_encoder" and k == "text_projection.weight":
+                assert torch.equal(got[k], torch.eye(v.shape[0]))
+                continue
+            assert torch.equal(got[k], v), (name, k)
+
+
+@pytest.mark.parametrize("variant", ["sd3", "sd35m"])
+def test_diffusers_to_single_file_to_diffusers_is_exact(zoo, tmp_path, variant):
+    src = zoo.sd3(variant)
+    back = tmp_path / "back"
+    convert(zoo.sd3_single(variant), back, to="diffusers", config_from=str(src), quiet=True)
+    for name in COMPONENTS:
+        want, got = tensors(src, name), tensors(back, name)
+        assert set(got) == set(want), (name, sorted(set(got) ^ set(want))[:5])
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    assert json.loads((back / "transformer" / "config.json").read_text())["dual_attention_layers"] == \
+        json.loads((src / "transformer" / "config.json").read_text())["dual_attention_layers"]
+    import diffusers
+
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(back)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
+def comfy_file(zoo, tmp: Path, variant: str = "sd35m", seed: int = 1) -> Path:
+    """The tiny model as ComfyUI saves an all-in-one SD3 file: T5 with `shared.weight` only, `logit_scale`
+    scalars beside the text encoders, no hubmix metadata (configs must come from shapes)."""
+    from safetensors.torch import save_file
+
+    sd = load_tensors(zoo.sd3_single(variant, seed))
+    del sd["text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"]
+    for enc in ("clip_l", "clip_g", "t5xxl"):
+        sd[f"text_encoders.{enc}.logit_scale"] = torch.tensor(4.6052)
+    out = tmp / f"comfy-{variant}-{seed}.safetensors"
+    save_file(sd, str(out), metadata={"format": "pt"})
+    return out
+
+
+def test_comfy_file_without_metadata(zoo, tmp_path):
+    src = zoo.sd3("sd35m")
+    f = comfy_file(zoo, tmp_path)
+    m = open_model(f)
+    assert m.family.id == "sd3" and all(c.config_source == "inferred" for c in m.components.values())
+    real = json.loads((src / "transformer" / "config.json").read_text())
+    got = m.components["transformer"].config
+    for k in ("patch_size", "in_channels", "num_layers", "joint_attention_dim", "caption_projection_dim",
+              "pooled_projection_dim", "out_channels", "pos_embed_max_size", "qk_norm"):
+        assert got[k] == real[k], k
+    assert list(got["dual_attention_layers"]) == list(real["dual_attention_layers"])
+    t5 = json.loads((src / "text_encoder_3" / "config.json").read_text())
+    for k in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets", "vocab_size"):
+        assert m.components["text_encoder_3"].config[k] == t5[k], k
+    dropped = {k for c in m.components.values() for k, _ in c.dropped}
+    assert {f"text_encoders.{e}.logit_scale" for e in ("clip_l", "clip_g", "t5xxl")} <= dropped  # the stated rule
+    back = tmp_path / "back"
+    convert(f, back, to="diffusers", config_from=str(src), quiet=True)
+    for name in COMPONENTS:
+        want, got_t = tensors(src, name), tensors(back, name)
+        assert set(got_t) == set(want) and all(torch.equal(got_t[k], want[k]) for k in want), name
+
+
+def test_mixed_layout_lossless_equals_the_all_diffusers_merge(zoo, tmp_path):
+    a, b, c = (zoo.sd3("sd35m", s) for s in (1, 2, 3))
+    ref = tmp_path / "ref"
+    hubmix.merge(Recipe(models=[str(a), str(b), str(c)], method="lossless"), out=ref, quiet=True)
+    mixed = tmp_path / "mixed"
+    hubmix.merge(Recipe(models=[str(zoo.sd3_single("sd35m", 1)), str(b), str(comfy_file(zoo, tmp_path, seed=3))],
+                        method="lossless", config_from=str(a)), out=mixed, quiet=True)
+    for name in COMPONENTS:
+        want, got = tensors(ref, name), tensors(mixed, name)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
+    # the merge is real: the transformer differs from every input
+    assert not torch.equal(tensors(ref, "transformer")["proj_out.weight"], tensors(a, "transformer")["proj_out.weight"])
+    # and the single-file output of the mixed merge holds the same tensors in the original layout
+    single = tmp_path / "mixed.safetensors"
+    hubmix.merge(Recipe(models=[str(zoo.sd3_single("sd35m", 1)), str(b), str(c)], method="lossless"), out=single,
+                 quiet=True)
+    back = tmp_path / "single-back"
+    convert(single, back, to="diffusers", config_from=str(a), quiet=True)
+    for name in COMPONENTS:
+        want, got = tensors(ref, name), tensors(back, name)
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+
+
+def test_per_block_parameters_hit_the_right_keys(zoo, tmp_path):
+    a, b = zoo.sd3("sd35m", 1), zoo.sd3("sd35m", 2)
+    out = tmp_path / "blocks"
+    recipe = Recipe.from_dict({
+        "models": [str(a), str(b)], "method": "weighted_sum", "params": {"alpha": 0.0},
+        "components": {"transformer": {"blocks": {"IN": {"alpha": 1.0}, "J02": {"alpha": 1.0},
+                                                  "OUT": {"alpha": 1.0}}}},
+    })
+    hubmix.merge(recipe, out=out, quiet=True)
+    ta, tb, got = tensors(a, "transformer"), tensors(b, "transformer"), tensors(out, "transformer")
+    from_b = {k for k in got if k.startswith(("transformer_blocks.2.", "pos_embed.", "time_text_embed.",
+                                              "context_embedder.", "norm_out.", "proj_out."))}
+    assert from_b and len(from_b) < len(got)
+    for k in got:
+        src = tb if k in from_b else ta
+        assert torch.equal(got[k], src[k]), k
+    assert not torch.equal(ta["transformer_blocks.2.attn.to_q.weight"], tb["transformer_blocks.2.attn.to_q.weight"])
+    labels = {open_model(a).components["transformer"].keymap.block_label(k) for k in ta}
+    assert labels == {"IN", "J00", "J01", "J02", "OUT"}
+
+
+def test_unknown_block_is_refused(zoo, tmp_path, cli):
+    from conftest import assert_one_line_error
+
+    a, b = zoo.sd3("sd35m", 1), zoo.sd3("sd35m", 2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"models": [str(a), str(b)], "method": "weighted_sum",
+                                  "components": {"transformer": {"blocks": {"J07": {"alpha": 1.0}}}}}))
+    code, _, err = cli("merge", "--recipe", recipe, "--out", tmp_path / "o", "-q")
+    assert_one_line_error(code, err, "J07", "J02")
+
+
+def test_single_file_metadata_and_recipe(zoo):
+    meta = _header_metadata(zoo.sd3_single("sd35m"))
+    assert meta["modelspec.architecture"].startswith("stable-diffusion-v3")
+    assert set(json.loads(meta["hubmix.configs"])) == set(COMPONENTS)
