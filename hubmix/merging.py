@@ -168,10 +168,10 @@ def output_configs(models: list[LocalModel], structure: dict[str, int], family: 
 
 
 def choose_prediction(models: list[LocalModel], recipe: Recipe, family: Family, summary: Summary) -> Prediction:
-    """The output's prediction type and zero SNR. The inputs that feed the denoiser (unet / transformer) must agree
+    """The output's prediction type and zero SNR. The inputs that feed the denoiser (family.main) must agree
     on the type unless the recipe names it (a v-prediction and an epsilon model merge into a model that is
     neither); zero SNR follows the first of them that has the chosen type."""
-    den = next((c for c in family.components if c in ("unet", "transformer")), next(iter(family.components)))
+    den = family.main
     rp = recipe.plan_for(den)
     letters = [letter(i) for i in range(len(models))]
     feeding = [models[letters.index(x)] for x in (rp.get("models") or [rp["from"]])]
@@ -200,8 +200,8 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
     if not sched:
         sched = dict(family.defaults.get("scheduler", {}))
     write_json(root / "scheduler" / "scheduler_config.json", update_scheduler(sched, prediction))
-    for cname, spec in family.components.items():
-        write_json(root / cname / "config.json", component_config_json(spec, configs[cname], dtype))
+    for cname, cfg in configs.items():
+        write_json(root / cname / "config.json", component_config_json(family.components[cname], cfg, dtype))
     for tok in family.tokenizers:
         src = need_folder(base, f"tokenizer ({tok})", family) / tok
         if not src.is_dir():
@@ -216,6 +216,26 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
         if isinstance(entry, list) and entry and entry[0] is not None and not (root / name).is_dir():
             index[name] = [None, None]
     write_json(root / "model_index.json", index)
+
+
+def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str | None) -> list[LocalModel]:
+    """Components no input has (every input transformer-only) come from --config-from's weights when it names a
+    local diffusers folder; a diffusers output cannot do without them."""
+    missing = [c for c in family.components if not any(c in m.components for m in models)]
+    if not missing or layout is None:
+        return []
+    ref = parse_ref(recipe.config_from) if recipe.config_from else None
+    if ref is not None and not ref.is_hub and ref.local and (ref.local / "model_index.json").is_file():
+        donor = open_model(ref.local, variant=recipe.variant, components=missing)
+        if donor.family.id != family.id:
+            raise InputError(f"{recipe.config_from}: --config-from is {donor.family.name}, the inputs are "
+                             f"{family.name}")
+        return [donor]
+    if layout != "single-file":
+        raise InputError(f"the inputs hold no {', '.join(missing)} (transformer-only files): a diffusers output "
+                         f"needs them; pass --config-from <a local {family.name} diffusers folder> to copy them "
+                         "from, or write a single file")
+    return []
 
 
 def _metadata(canonical: dict[str, Any], extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -280,7 +300,10 @@ def _plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], model
     if layout in ("single-file", "both"):
         path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
         title = target.stem if layout == "single-file" else target.name
-        parts = {c: (KeyMap(family.components[c], configs[c]), by_comp.get(c, [])) for c in family.components}
+        specs = {c: family.components[c] for c in configs}
+        if list(specs) == [family.main] and family.detect.get("main_only"):  # a transformer-only file, bare keys
+            specs[family.main] = dataclasses.replace(specs[family.main], prefix="")
+        parts = {c: (KeyMap(spec, configs[c]), by_comp.get(c, [])) for c, spec in specs.items()}
         router.add_single_file(path, parts, _single_file_metadata(placeholder, family, title, configs, prediction),
                                summary, f"{title}.safetensors", marker_tensors(prediction, family.marker_keys))
     return router
@@ -312,7 +335,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     family = check_same_family(models)
     if recipe.family and recipe.family != family.id:
         raise RecipeError(f"{recipe.source}: the recipe is for {recipe.family} models, the inputs are {family.id}")
-    tasks, summary, structure = plan_merge(models, recipe, family)
+    donor = _donor(models, family, recipe, layout)
+    tasks, summary, structure = plan_merge(models + donor, recipe, family)
     placeholder = canonical_recipe(recipe, family, models, idents, tasks, {})
     prediction = choose_prediction(models, recipe, family, summary)
     if dry:
@@ -322,7 +346,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     assert target is not None and layout is not None
     source = _config_source(models, family, recipe) if layout != "single-file" or any(
         m.components[c].config_source == "inferred" for m in models for c in m.components) else None
-    configs = output_configs(models, structure, family, source, summary)
+    configs = output_configs(models + donor, structure, family, source, summary)
     hashes_future = hash_in_background(sorted({r.file.path for t in tasks for r in t.refs}))
     with atomic_target(target, overwrite) as tmp:
         router = _plan_outputs(tmp, target, layout, tasks, models, structure, family, configs, source, recipe,

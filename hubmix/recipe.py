@@ -23,7 +23,7 @@ from hubmix.errors import RecipeError
 from hubmix.methods import get_method
 
 RECIPE_VERSION = 1
-DTYPES = ("fp16", "bf16", "fp32")
+DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 LAYOUTS = ("diffusers", "single-file", "both")
 LETTERS = string.ascii_lowercase
 

@@ -55,24 +55,6 @@ class Zoo:
             convert(src, path, to="single-file", quiet=True)
         return path
 
-    def sd3(self, variant: str = "sd35m", seed: int = 1) -> Path:
-        """A tiny SD3 pipeline folder (variant "sd3": SD3 Medium; "sd35m": SD3.5 Medium with attn2 and qk-norm)."""
-        from hubmix.formats.tiny_sd3 import save_tiny_sd3
-
-        path = self.root / f"{variant}-s{seed}"
-        if not path.exists():
-            save_tiny_sd3(path, variant, seed, tokenizer_dir=self.tokenizer())
-        return path
-
-    def sd3_single(self, variant: str = "sd35m", seed: int = 1) -> Path:
-        from hubmix.convert import convert
-
-        src = self.sd3(variant, seed)
-        path = self.root / f"{src.name}.safetensors"
-        if not path.exists():
-            convert(src, path, to="single-file", quiet=True)
-        return path
-
     def configs_only(self, folder: Path) -> Path:
         """A copy of a diffusers folder without weights: what diffusers' single-file loader takes as config."""
         dst = self.root / f"{folder.name}-configs"

@@ -40,7 +40,7 @@ def tensors(folder: Path, component: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("variant", ["sd3", "sd35m"])
 def test_single_file_has_the_original_naming(zoo, variant):
-    keys = set(load_tensors(zoo.sd3_single(variant)))
+    keys = set(load_tensors(zoo.single(variant)))
     assert all(k.startswith(PREFIXES) for k in keys), sorted(k for k in keys if not k.startswith(PREFIXES))[:5]
     # diffusers' own names would load without conversion too: assert the original ones
     assert not any("transformer_blocks" in k or ".to_q." in k or "time_text_embed" in k for k in keys)
@@ -63,9 +63,9 @@ def test_diffusers_single_file_loader_reads_every_tensor(zoo, variant):
     the one documented exception: its SD3 loader replaces CLIP-L's text_projection with an identity."""
     import diffusers
 
-    src = zoo.sd3(variant)
+    src = zoo.diffusers(variant)
     orig = diffusers.StableDiffusion3Pipeline.from_pretrained(src)
-    loaded = diffusers.StableDiffusion3Pipeline.from_single_file(str(zoo.sd3_single(variant)),
+    loaded = diffusers.StableDiffusion3Pipeline.from_single_file(str(zoo.single(variant)),
                                                                   config=str(zoo.configs_only(src)),
                                                                   local_files_only=True)
     for name in COMPONENTS:
@@ -81,9 +81,9 @@ def test_diffusers_single_file_loader_reads_every_tensor(zoo, variant):
 
 @pytest.mark.parametrize("variant", ["sd3", "sd35m"])
 def test_diffusers_to_single_file_to_diffusers_is_exact(zoo, tmp_path, variant):
-    src = zoo.sd3(variant)
+    src = zoo.diffusers(variant)
     back = tmp_path / "back"
-    convert(zoo.sd3_single(variant), back, to="diffusers", config_from=str(src), quiet=True)
+    convert(zoo.single(variant), back, to="diffusers", config_from=str(src), quiet=True)
     for name in COMPONENTS:
         want, got = tensors(src, name), tensors(back, name)
         assert set(got) == set(want), (name, sorted(set(got) ^ set(want))[:5])
@@ -101,7 +101,7 @@ def comfy_file(zoo, tmp: Path, variant: str = "sd35m", seed: int = 1) -> Path:
     scalars beside the text encoders, no hubmix metadata (configs must come from shapes)."""
     from safetensors.torch import save_file
 
-    sd = load_tensors(zoo.sd3_single(variant, seed))
+    sd = load_tensors(zoo.single(variant, seed))
     del sd["text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"]
     for enc in ("clip_l", "clip_g", "t5xxl"):
         sd[f"text_encoders.{enc}.logit_scale"] = torch.tensor(4.6052)
@@ -111,7 +111,7 @@ def comfy_file(zoo, tmp: Path, variant: str = "sd35m", seed: int = 1) -> Path:
 
 
 def test_comfy_file_without_metadata(zoo, tmp_path):
-    src = zoo.sd3("sd35m")
+    src = zoo.diffusers("sd35m")
     f = comfy_file(zoo, tmp_path)
     m = open_model(f)
     assert m.family.id == "sd3" and all(c.config_source == "inferred" for c in m.components.values())
@@ -124,8 +124,8 @@ def test_comfy_file_without_metadata(zoo, tmp_path):
     t5 = json.loads((src / "text_encoder_3" / "config.json").read_text())
     for k in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets", "vocab_size"):
         assert m.components["text_encoder_3"].config[k] == t5[k], k
-    dropped = {k for c in m.components.values() for k, _ in c.dropped}
-    assert {f"text_encoders.{e}.logit_scale" for e in ("clip_l", "clip_g", "t5xxl")} <= dropped  # the stated rule
+    # the stated rule: scalars outside every component are reported as not used, never merged or written
+    assert {f"text_encoders.{e}.logit_scale" for e in ("clip_l", "clip_g", "t5xxl")} <= set(m.unassigned)
     back = tmp_path / "back"
     convert(f, back, to="diffusers", config_from=str(src), quiet=True)
     for name in COMPONENTS:
@@ -134,11 +134,11 @@ def test_comfy_file_without_metadata(zoo, tmp_path):
 
 
 def test_mixed_layout_lossless_equals_the_all_diffusers_merge(zoo, tmp_path):
-    a, b, c = (zoo.sd3("sd35m", s) for s in (1, 2, 3))
+    a, b, c = (zoo.diffusers("sd35m", s) for s in (1, 2, 3))
     ref = tmp_path / "ref"
     hubmix.merge(Recipe(models=[str(a), str(b), str(c)], method="lossless"), out=ref, quiet=True)
     mixed = tmp_path / "mixed"
-    hubmix.merge(Recipe(models=[str(zoo.sd3_single("sd35m", 1)), str(b), str(comfy_file(zoo, tmp_path, seed=3))],
+    hubmix.merge(Recipe(models=[str(zoo.single("sd35m", 1)), str(b), str(comfy_file(zoo, tmp_path, seed=3))],
                         method="lossless", config_from=str(a)), out=mixed, quiet=True)
     for name in COMPONENTS:
         want, got = tensors(ref, name), tensors(mixed, name)
@@ -147,7 +147,7 @@ def test_mixed_layout_lossless_equals_the_all_diffusers_merge(zoo, tmp_path):
     assert not torch.equal(tensors(ref, "transformer")["proj_out.weight"], tensors(a, "transformer")["proj_out.weight"])
     # and the single-file output of the mixed merge holds the same tensors in the original layout
     single = tmp_path / "mixed.safetensors"
-    hubmix.merge(Recipe(models=[str(zoo.sd3_single("sd35m", 1)), str(b), str(c)], method="lossless"), out=single,
+    hubmix.merge(Recipe(models=[str(zoo.single("sd35m", 1)), str(b), str(c)], method="lossless"), out=single,
                  quiet=True)
     back = tmp_path / "single-back"
     convert(single, back, to="diffusers", config_from=str(a), quiet=True)
@@ -157,7 +157,7 @@ def test_mixed_layout_lossless_equals_the_all_diffusers_merge(zoo, tmp_path):
 
 
 def test_per_block_parameters_hit_the_right_keys(zoo, tmp_path):
-    a, b = zoo.sd3("sd35m", 1), zoo.sd3("sd35m", 2)
+    a, b = zoo.diffusers("sd35m", 1), zoo.diffusers("sd35m", 2)
     out = tmp_path / "blocks"
     recipe = Recipe.from_dict({
         "models": [str(a), str(b)], "method": "weighted_sum", "params": {"alpha": 0.0},
@@ -180,7 +180,7 @@ def test_per_block_parameters_hit_the_right_keys(zoo, tmp_path):
 def test_unknown_block_is_refused(zoo, tmp_path, cli):
     from conftest import assert_one_line_error
 
-    a, b = zoo.sd3("sd35m", 1), zoo.sd3("sd35m", 2)
+    a, b = zoo.diffusers("sd35m", 1), zoo.diffusers("sd35m", 2)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"models": [str(a), str(b)], "method": "weighted_sum",
                                   "components": {"transformer": {"blocks": {"J07": {"alpha": 1.0}}}}}))
@@ -189,6 +189,6 @@ def test_unknown_block_is_refused(zoo, tmp_path, cli):
 
 
 def test_single_file_metadata_and_recipe(zoo):
-    meta = _header_metadata(zoo.sd3_single("sd35m"))
+    meta = _header_metadata(zoo.single("sd35m"))
     assert meta["modelspec.architecture"].startswith("stable-diffusion-v3")
     assert set(json.loads(meta["hubmix.configs"])) == set(COMPONENTS)

@@ -22,7 +22,7 @@ from hubmix.engine.pipeline import Job
 from hubmix.errors import InputError, OutputError
 from hubmix.formats.families import ComponentSpec, Family
 from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
-from hubmix.formats.layouts import COPYING, KeyMap, apply_to_original, to_original_shape
+from hubmix.formats.layouts import COPYING, KeyMap, apply_to_original, part_rows, to_original_shape
 from hubmix.engine.plan import Summary, Task
 
 
@@ -68,7 +68,7 @@ class Router:
             f.planned[okey] = PlannedTensor(okey, tensor.dtype, tuple(tensor.shape))
         for component, (keymap, tasks) in parts.items():
             fused: dict[str, dict[int, Task]] = {}
-            counts: dict[str, int] = {}
+            widths: dict[str, tuple[int, ...]] = {}
             for t in tasks:
                 place = keymap.to_original(t.key)
                 if place is None:
@@ -76,23 +76,33 @@ class Router:
                     continue
                 if place.part is None:
                     shape = to_original_shape(place.transform, t.shape)
-                    for okey in (place.key, *(keymap.prefix + m for m in keymap.mirrors.get(t.key, ()))):
-                        f.planned[okey] = PlannedTensor(okey, t.out_dtype, shape)
-                        self.routes.setdefault((component, t.key), []).append(Route(f, okey, 0, place.transform))
+                    f.planned[place.key] = PlannedTensor(place.key, t.out_dtype, shape)
+                    self.routes.setdefault((component, t.key), []).append(Route(f, place.key, 0, place.transform))
                 else:
                     fused.setdefault(place.key, {})[place.part[0]] = t
-                    counts[place.key] = place.part[1]
+                    widths[place.key] = place.part[1]
             for okey, pieces in fused.items():
-                if len(pieces) != counts[okey] or len({p.shape for p in pieces.values()}) != 1:
-                    summary.add("note", f"{component}: {okey} needs {counts[okey]} equal parts, has {len(pieces)}; "
-                                        f"not in {name}")
+                order = [pieces.get(i) for i in range(len(widths[okey]))]
+                rows = sum(t.shape[0] for t in order if t is not None)
+                if (None in order or len({(t.shape[1:], t.out_dtype) for t in order}) != 1  # type: ignore[union-attr]
+                        or [part_rows((i, widths[okey]), rows) for i in range(len(order))] !=
+                        [(sum(t.shape[0] for t in order[:i]), t.shape[0]) for i, t in enumerate(order)]):  # type: ignore
+                    summary.add("note", f"{component}: {okey} needs {len(order)} parts of relative widths "
+                                        f"{list(widths[okey])}, has {len(pieces)} that do not fit; not in {name}")
                     continue
-                first = pieces[0]
-                shape = (first.shape[0] * counts[okey], *first.shape[1:])
-                f.planned[okey] = PlannedTensor(okey, first.out_dtype, shape)
-                for index, t in pieces.items():
-                    base = index * t.out_nbytes
-                    self.routes.setdefault((component, t.key), []).append(Route(f, okey, base, None))
+                first = order[0]
+                f.planned[okey] = PlannedTensor(okey, first.out_dtype, (rows, *first.shape[1:]))  # type: ignore
+                base = 0
+                for t in order:
+                    self.routes.setdefault((component, t.key), []).append(Route(f, okey, base, None))  # type: ignore
+                    base += t.out_nbytes  # type: ignore[union-attr]
+            by_key = {t.key: t for t in tasks}
+            for rel, canon in keymap.copies.items():  # the same tensor under a second original key (T5's tied one)
+                t = by_key.get(canon)
+                if t is not None:
+                    okey = keymap.prefix + rel
+                    f.planned[okey] = PlannedTensor(okey, t.out_dtype, t.shape)
+                    self.routes.setdefault((component, t.key), []).append(Route(f, okey, 0, None))
             for rel in keymap.generated:
                 okey = keymap.prefix + rel
                 tensor = keymap.generated_tensor(rel)

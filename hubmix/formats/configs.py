@@ -17,7 +17,8 @@ Shapes = dict[str, tuple[int, ...]]
 
 # Inferred config fields that come from family defaults, not from shapes: a borrowed real config overrides these.
 DEFAULT_DERIVED = {"attention_head_dim", "sample_size", "scaling_factor", "force_upcast", "num_attention_heads",
-                   "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id"}
+                   "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", "shift_factor", "axes_dims_rope",
+                   "num_heads", "d_kv", "feed_forward_proj", "dense_act_fn", "is_gated_act", "projection_dim"}
 
 
 def _indices(shapes: Shapes, pattern: str) -> list[int]:
@@ -104,8 +105,8 @@ def infer_vae(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) ->
         "up_block_types": ["UpDecoderBlock2D"] * len(downs),
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in s,
     }
-    if "quant_conv.weight" not in s:  # SD3's VAE has no quant convs
-        cfg.update(use_quant_conv=False, use_post_quant_conv=False)
+    if "quant_conv.weight" not in s:  # Flux's VAE has neither quant conv
+        cfg.update(use_quant_conv=False, use_post_quant_conv="post_quant_conv.weight" in s)
     cfg.update({k: v for k, v in defaults.items()
                 if k in ("scaling_factor", "shift_factor", "sample_size", "force_upcast")})
     notes = [f"vae scaling_factor: family default {defaults.get('scaling_factor')}", "vae norm groups: default 32"]
@@ -173,26 +174,54 @@ def infer_mmdit(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) 
     return cfg, [f"transformer attention heads: family default head size {cfg['attention_head_dim']}"]
 
 
-def infer_comfy_clip(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
-    cfg, notes = infer_clip({k.removeprefix("transformer."): v for k, v in s.items()}, defaults, others)
-    if "transformer.text_projection.weight" in s:
-        cfg["projection_dim"] = s["transformer.text_projection.weight"][0]
+def infer_clip_projection(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]
+                          ) -> tuple[dict[str, Any], list[str]]:
+    """CLIPTextModelWithProjection in transformers names (SD3's CLIP-L and CLIP-G)."""
+    cfg, notes = infer_clip(s, defaults, others)
+    if "text_projection.weight" in s:
+        cfg["projection_dim"] = s["text_projection.weight"][0]
+    return cfg, notes
+
+
+def infer_flux(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    inner, in_channels = s["img_in.weight"]
+    head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    patch = defaults.get("patch_size", 1)
+    axes = list(defaults.get("axes_dims_rope", [16, 56, 56]))
+    notes = [f"transformer rotary axes: family default {axes}"]
+    if sum(axes) != head_dim:  # not a full-size model: split the head like the original (1:3.5:3.5)
+        first = head_dim // 8
+        axes = [first, (head_dim - first) // 2, head_dim - first - (head_dim - first) // 2]
+        notes = [f"transformer rotary axes: {axes} (the family default does not fit head size {head_dim})"]
+    cfg = {
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "out_channels": s["final_layer.linear.weight"][0] // (patch * patch),
+        "num_layers": len(_indices(s, r"double_blocks\.(\d+)\.")),
+        "num_single_layers": len(_indices(s, r"single_blocks\.(\d+)\.")),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": s["txt_in.weight"][1],
+        "pooled_projection_dim": s["vector_in.in_layer.weight"][1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in s,
+        "axes_dims_rope": axes,
+    }
     return cfg, notes
 
 
 def infer_t5(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
-    """A T5 v1.1 encoder: heads and relative-attention buckets come from the relative position bias, exactly."""
-    attn = "transformer.encoder.block.0.layer.0.SelfAttention."
-    vocab, width = s["transformer.shared.weight"]
-    buckets, heads = s[attn + "relative_attention_bias.weight"]
-    gated = "transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in s
-    ff = s["transformer.encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"][0]
-    cfg = {"vocab_size": vocab, "d_model": width, "d_kv": s[attn + "q.weight"][0] // heads, "d_ff": ff,
-           "num_layers": len(_indices(s, r"transformer\.encoder\.block\.(\d+)\.")), "num_heads": heads,
-           "relative_attention_num_buckets": buckets, "is_encoder_decoder": False, "use_cache": False,
-           **{k: v for k, v in defaults.items() if k in ("dense_act_fn", "layer_norm_epsilon")},
-           "feed_forward_proj": defaults.get("feed_forward_proj", "gated-gelu") if gated else "relu"}
-    return cfg, [f"text encoder activation: family default ({cfg.get('dense_act_fn', 'relu')})"]
+    vocab, d_model = s["shared.weight"]
+    inner = s["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+    buckets, heads = s["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]  # exact head count
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in s
+    ff = s["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"][0]
+    cfg = {"vocab_size": vocab, "d_model": d_model, "d_kv": inner // heads, "d_ff": ff, "num_heads": heads,
+           "num_layers": len(_indices(s, r"encoder\.block\.(\d+)\.")),
+           "relative_attention_num_buckets": buckets,
+           **{k: v for k, v in defaults.items() if k != "num_heads"}}
+    if not gated:
+        cfg.update(feed_forward_proj="relu", dense_act_fn="relu", is_gated_act=False)
+    return cfg, [f"T5 activation: family default ({cfg['feed_forward_proj']}; heads from the position bias)"]
 
 
 INFER: dict[str, Callable[[Shapes, dict[str, Any], dict[str, Shapes]], tuple[dict[str, Any], list[str]]]] = {
@@ -200,9 +229,10 @@ INFER: dict[str, Callable[[Shapes, dict[str, Any], dict[str, Shapes]], tuple[dic
     "ldm_vae": infer_vae,
     "clip": infer_clip,
     "openclip": infer_openclip,
+    "flux_transformer": infer_flux,
+    "t5": infer_t5,
     "mmdit": infer_mmdit,
-    "comfy_clip": infer_comfy_clip,
-    "comfy_t5": infer_t5,
+    "clip_projection": infer_clip_projection,
 }
 
 

@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 
-from hubmix.formats.tiny import MAX_TOKENS, _perturb, _text, write_tokenizer
+from hubmix.formats.tiny import _text, perturb, write_tokenizer
+from hubmix.formats.tiny_flux import T5_VOCAB, t5_tokenizer
 
-T5_VOCAB = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)] + [(chr(97 + i), -2.0) for i in range(26)]
-
-_T5 = dict(vocab_size=len(T5_VOCAB), d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+_T5 = dict(vocab_size=T5_VOCAB, d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
            is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1)
 _TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
@@ -34,17 +33,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def t5_tokenizer(folder: str | Path | None = None):
-    import transformers
-
-    tok = transformers.T5TokenizerFast(vocab=T5_VOCAB, extra_ids=0, model_max_length=MAX_TOKENS)
-    if folder is not None:
-        tok.save_pretrained(str(folder))
-    return tok
-
-
-def build_sd3_pipeline(variant: str = "sd35m", seed: int = 0, *, base_seed: int = 0, noise: float = 0.02,
-                       tokenizer_dir: str | Path | None = None):
+def build(variant: str = "sd35m", seed: int = 0, *, base_seed: int = 0, noise: float = 0.02,
+          tokenizer_dir: str | Path | None = None, **_: Any):
+    """`variant`: sd3 (SD3 Medium) or sd35m (SD3.5 Medium); registered in tiny.BUILDERS under these names."""
     import diffusers
     import transformers
 
@@ -59,14 +50,9 @@ def build_sd3_pipeline(variant: str = "sd35m", seed: int = 0, *, base_seed: int 
         "text_encoder_3": transformers.T5EncoderModel(transformers.T5Config(**_T5)),
     }
     for i, name in enumerate(sorted(parts)):
-        _perturb(parts[name], seed * 1000 + i + 1, noise if seed else 0.0)
+        perturb(parts[name], seed * 1000 + i + 1, noise if seed else 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         clip_tok = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir or write_tokenizer(tmp)))
     return diffusers.StableDiffusion3Pipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), tokenizer=clip_tok, tokenizer_2=clip_tok,
         tokenizer_3=t5_tokenizer(), **parts)
-
-
-def save_tiny_sd3(folder: str | Path, variant: str = "sd35m", seed: int = 0, **kw: Any) -> Path:
-    build_sd3_pipeline(variant, seed, **kw).save_pretrained(str(folder), safe_serialization=True)
-    return Path(folder)
