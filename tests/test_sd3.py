@@ -38,7 +38,7 @@ def tensors(folder: Path, component: str) -> dict[str, torch.Tensor]:
     return {canon(component, k): v for k, v in component_tensors(folder, component).items()}
 
 
-@pytest.mark.parametrize("variant", ["sd3", "sd35m"])
+@pytest.mark.parametrize("variant", ["sd3", "sd35m", "sd35l"])
 def test_single_file_has_the_original_naming(zoo, variant):
     keys = set(load_tensors(zoo.single(variant)))
     assert all(k.startswith(PREFIXES) for k in keys), sorted(k for k in keys if not k.startswith(PREFIXES))[:5]
@@ -47,17 +47,17 @@ def test_single_file_has_the_original_naming(zoo, variant):
     p = "model.diffusion_model."
     assert {p + "joint_blocks.0.x_block.attn.qkv.weight", p + "joint_blocks.0.context_block.attn.qkv.weight",
             p + "final_layer.adaLN_modulation.1.weight", p + "pos_embed", p + "x_embedder.proj.weight"} <= keys
-    last = 2  # tiny models have 3 joint blocks; the last context block is pre-only
+    last = 3 if variant == "sd35l" else 2  # tiny models have 3 (Large: 4) joint blocks; the last is pre-only
     assert p + f"joint_blocks.{last}.context_block.attn.proj.weight" not in keys
     assert p + f"joint_blocks.{last}.context_block.mlp.fc1.weight" not in keys
     attn2 = {int(k.split(".")[3]) for k in keys if ".x_block.attn2." in k}
     assert attn2 == ({0, 1} if variant == "sd35m" else set())
-    assert any(".ln_q." in k for k in keys) is (variant == "sd35m")
+    assert any(".ln_q." in k for k in keys) is (variant != "sd3")
     t5 = "text_encoders.t5xxl.transformer."
     assert {t5 + "shared.weight", t5 + "encoder.embed_tokens.weight"} <= keys  # both: see layouts.yaml comfy_t5
 
 
-@pytest.mark.parametrize("variant", ["sd3", "sd35m"])
+@pytest.mark.parametrize("variant", ["sd3", "sd35m", "sd35l"])
 def test_diffusers_single_file_loader_reads_every_tensor(zoo, variant):
     """diffusers' from_single_file (config from a local folder) gives back the original pipeline, tensor by tensor;
     the one documented exception: its SD3 loader replaces CLIP-L's text_projection with an identity."""
@@ -192,3 +192,44 @@ def test_single_file_metadata_and_recipe(zoo):
     meta = _header_metadata(zoo.single("sd35m"))
     assert meta["modelspec.architecture"].startswith("stable-diffusion-v3")
     assert set(json.loads(meta["hubmix.configs"])) == set(COMPONENTS)
+
+
+def transformer_only(zoo, tmp: Path, seed: int) -> Path:
+    """An SD3 file with the transformer alone, under its usual prefix (as sd3.5_large.safetensors is published)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v for k, v in load_tensors(zoo.single("sd35m", seed)).items() if k.startswith("model.diffusion_model.")}
+    out = tmp / f"transformer-only-{seed}.safetensors"
+    save_file(sd, str(out), metadata={"format": "pt"})
+    return out
+
+
+def test_transformer_only_files_merge_with_full_models(zoo, tmp_path):
+    a, b, c = (zoo.diffusers("sd35m", s) for s in (1, 2, 3))
+    m = open_model(transformer_only(zoo, tmp_path, 1))
+    assert list(m.components) == ["transformer"]
+    ref = tmp_path / "ref"
+    hubmix.merge(Recipe(models=[str(a), str(b), str(c)], method="lossless"), out=ref, quiet=True)
+    out = tmp_path / "partial"
+    hubmix.merge(Recipe(models=[str(transformer_only(zoo, tmp_path, 1)), str(b), str(c)], method="lossless",
+                        config_from=str(a)), out=out, quiet=True)
+    want, got = tensors(ref, "transformer"), tensors(out, "transformer")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    for name in COMPONENTS[1:]:  # not in model a: copied whole from the first input that has it (b)
+        want, got = tensors(b, name), tensors(out, name)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
+    # two transformer-only files: a transformer-only single file, prefix kept
+    single = tmp_path / "t.safetensors"
+    hubmix.merge(Recipe(models=[str(transformer_only(zoo, tmp_path, 1)), str(transformer_only(zoo, tmp_path, 2))],
+                        method="weighted_sum"), out=single, quiet=True)
+    keys = set(load_tensors(single))
+    assert keys and all(k.startswith("model.diffusion_model.") for k in keys)
+
+
+def test_dry_run_prints_sd3_block_labels(zoo, cli):
+    a, b = zoo.diffusers("sd35m", 1), zoo.diffusers("sd35m", 2)
+    code, out, err = cli("merge", a, b, "--method", "weighted_sum", "--dry")
+    assert code == 0, err
+    rows = [ln.split()[0] for ln in out.splitlines() if ln.split() and ln.split()[0] in ("IN", "J00", "J01", "J02",
+                                                                                           "OUT")]
+    assert rows[:5] == ["IN", "J00", "J01", "J02", "OUT"], out

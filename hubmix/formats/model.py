@@ -276,6 +276,8 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
     inferred, notes = infer_component_configs(family, by_comp, str(path))
     components: dict[str, Component] = {}
     for name, spec in family.components.items():
+        if name not in by_comp and name in family.optional:
+            continue  # plan_merge takes it from another input or --config-from
         if name not in by_comp:
             raise InputError(f"{path}: a {family.name} checkpoint needs its {name} (keys {spec.prefix}*); "
                              "it has none")

@@ -110,6 +110,7 @@ BUILDERS: dict[str, str] = {
     "flux-schnell": "hubmix.formats.tiny_flux:build",
     "sd3": "hubmix.formats.tiny_sd3:build",
     "sd35m": "hubmix.formats.tiny_sd3:build",
+    "sd35l": "hubmix.formats.tiny_sd3:build",
 }
 
 

@@ -1,4 +1,4 @@
-"""Tiny random SD3 pipelines (SD3 Medium, SD3.5 Medium with attn2 and qk-norm), built offline from configs.
+"""Tiny random SD3 pipelines (SD3 Medium, SD3.5 Medium with attn2 and qk-norm, SD3.5 Large), built offline from configs.
 
 The structure follows the real models: joint blocks whose last context stream is pre-only, SD3.5 Medium's second
 attention in its first blocks and RMS qk-norm, CLIP-L and CLIP-G of different widths (diffusers' single-file loader
@@ -30,12 +30,13 @@ _VAE = dict(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16,
 VARIANTS: dict[str, dict[str, Any]] = {
     "sd3": dict(_TRANSFORMER),  # SD3 Medium: no qk-norm, no attn2
     "sd35m": dict(_TRANSFORMER, dual_attention_layers=(0, 1), qk_norm="rms_norm"),  # SD3.5 Medium
+    "sd35l": dict(_TRANSFORMER, num_layers=4, qk_norm="rms_norm"),  # SD3.5 Large: qk-norm, no attn2
 }
 
 
 def build(variant: str = "sd35m", seed: int = 0, *, base_seed: int = 0, noise: float = 0.02,
           tokenizer_dir: str | Path | None = None, **_: Any):
-    """`variant`: sd3 (SD3 Medium) or sd35m (SD3.5 Medium); registered in tiny.BUILDERS under these names."""
+    """`variant`: sd3 (SD3 Medium), sd35m (SD3.5 Medium) or sd35l (SD3.5 Large); registered in tiny.BUILDERS under these names."""
     import diffusers
     import transformers
 

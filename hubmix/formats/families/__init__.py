@@ -55,6 +55,9 @@ class Family:
     tokenizers: dict[str, str]
     main: str = "unet"  # the denoiser: the one component a file may hold alone (a Flux transformer-only file)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {when: rule on main's keys, ...}
+    # components a single file may lack (SD3 files come with and without their text encoders and VAE); the merge
+    # takes them from the inputs that have them, or from --config-from
+    optional: tuple[str, ...] = ()
     # what an unmarked single file predicts, and which marker keys single files carry (formats/prediction.py)
     prediction: dict[str, Any] = field(default_factory=dict)
 
@@ -115,7 +118,8 @@ def _load_family(path: Path) -> Family:
                   default_config_repo=raw["default_config_repo"], components=comps, detect=raw["detect"],
                   defaults=raw.get("defaults") or {}, pipeline_extra=raw.get("pipeline_extra") or {},
                   tokenizers=raw.get("tokenizers") or {}, main=raw.get("main") or next(iter(comps)),
-                  variants=raw.get("variants") or {}, prediction=raw.get("prediction") or {})
+                  variants=raw.get("variants") or {}, prediction=raw.get("prediction") or {},
+                  optional=tuple(raw.get("optional") or ()))
 
 
 @cache
