@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import component_tensors, load_tensors
+from conftest import file_metadata, component_tensors, load_tensors
 
 import hubmix
 from hubmix import Recipe
@@ -19,12 +19,6 @@ from hubmix.formats.model import open_model
 COMPONENTS = ["transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"]
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "text_encoders.clip_l.transformer.",
             "text_encoders.clip_g.transformer.", "text_encoders.t5xxl.transformer.")
-
-
-def _header_metadata(path: Path) -> dict[str, str]:
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]).get("__metadata__", {})
 
 
 def canon(component: str, key: str) -> str:
@@ -194,7 +188,7 @@ def test_unknown_block_is_refused(zoo, tmp_path, cli):
 
 
 def test_single_file_metadata_and_recipe(zoo):
-    meta = _header_metadata(zoo.single("sd35m"))
+    meta = file_metadata(zoo.single("sd35m"))
     assert meta["modelspec.architecture"].startswith("stable-diffusion-v3")
     assert set(json.loads(meta["hubmix.configs"])) == set(COMPONENTS)
 
