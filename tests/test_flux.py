@@ -143,7 +143,11 @@ def test_dev_and_schnell_told_apart(zoo):
         for path in (zoo.diffusers(name, 1), zoo.single(name, 1)):
             m = open_model(path)
             assert m.family.id == "flux"
-            assert m.family.variant_of(m.components["transformer"].tensors) == want, path
+            assert m.model_variant == want, path
+    from hubmix.inspection import inspect_model, render
+
+    info = inspect_model(zoo.single("flux-schnell", 1))
+    assert info["variant"] == "schnell" and "FLUX.1 (flux), schnell" in render(info)
 
 
 def test_transformer_only_file_loads_and_merges(zoo, tmp_path, flux_loader):
@@ -252,3 +256,26 @@ def test_per_block_parameters_hit_their_keys(zoo, tmp_path, cli):
         hubmix.merge(Recipe(models=[str(a), str(b)], method="weighted_sum",
                             components={"transformer": ComponentRecipe(blocks={"IN05": {"alpha": 1.0}})}),
                      out=tmp_path / "bad", quiet=True)
+
+
+def test_keys_without_weights_follow_the_rule(zoo, tmp_path):
+    """ComfyUI files carry CLIP-L's logit_scale and an identity text_projection: reported as not used, never
+    merged, not written; the rest merges as usual."""
+    sd = load_tensors(zoo.single("flux", 1))
+    sd["text_encoders.clip_l.logit_scale"] = torch.tensor(4.6052)
+    sd["text_encoders.clip_l.transformer.text_projection.weight"] = torch.eye(32)
+    del sd["text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"]  # ComfyUI writes shared.weight only
+    comfy = tmp_path / "comfy.safetensors"
+    save_file(sd, str(comfy))
+    out = tmp_path / "out.safetensors"
+    r = hubmix.merge(Recipe(models=[str(comfy), str(zoo.single("flux", 2))], method="weighted_sum",
+                            params={"alpha": 0.0}), out=out, quiet=True)
+    assert any("logit_scale" in x for x in r.summary.events["unassigned"])
+    assert any("text_projection" in x for x in r.summary.events["dropped"])
+    got = load_tensors(out)
+    assert not any("logit_scale" in k or "text_projection" in k for k in got)
+    t5 = "text_encoders.t5xxl.transformer."
+    assert torch.equal(got[t5 + "encoder.embed_tokens.weight"], sd[t5 + "shared.weight"])
+    for k, v in got.items():
+        if k in sd and v.is_floating_point():
+            assert torch.equal(v, sd[k]), k
