@@ -154,3 +154,21 @@ def test_quantized_formats_refused_by_name(zoo, tmp_path, cli, make, words):
         renamed.write_bytes(bad.read_bytes())
         code, _, err = cli("inspect", renamed)
         assert_one_line_error(code, err, "GGUF")
+
+
+def test_fp8_never_goes_to_torch_compile(fp8_inputs, tmp_path):
+    """inductor cannot compile fp8 selections: with --kernels compile, fp8 chunks run eagerly, same bytes."""
+    from hubmix.engine import kernels
+
+    if not kernels.compiler_available():
+        pytest.skip("no C++ compiler for torch.compile")
+    fp8, _ = fp8_inputs
+    outs = []
+    for kind in ("eager", "compile"):
+        out = tmp_path / kind / "out.safetensors"
+        out.parent.mkdir()
+        r = merge(fp8, out, settings=Settings(kernels=kind))
+        assert r.engine["kernels"]["compiled"] == 0 and not any("unavailable" in n for n in
+                                                                 r.summary.events.get("note", []))
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
