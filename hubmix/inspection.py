@@ -17,6 +17,8 @@ def inspect_model(path: str | Path, *, variant: str | None = None) -> dict[str, 
         "family": m.family.id,
         "family_name": m.family.name,
         "layout": m.layout,
+        "main_only": m.main_only,
+        "variant": m.model_variant,
         "inpainting": m.inpainting,
         "prediction_type": m.prediction_type,
         "zero_terminal_snr": m.prediction.zero_snr,
@@ -55,8 +57,8 @@ def _embedded_recipe(m) -> dict[str, Any] | None:
 
 def render(info: dict[str, Any]) -> str:
     lines = [f"{info['path']}", f"  family:  {info['family_name']} ({info['family']})"
-             f"{', inpainting' if info['inpainting'] else ''}",
-             f"  layout:  {info['layout']}"]
+             f"{', ' + info['variant'] if info.get('variant') else ''}{', inpainting' if info['inpainting'] else ''}",
+             f"  layout:  {info['layout']}{' (the transformer alone)' if info.get('main_only') else ''}"]
     if info["prediction_type"]:
         zsnr = ", zero terminal SNR" if info["zero_terminal_snr"] else ""
         lines.append(f"  prediction type: {info['prediction_type']}{zsnr} ({info['prediction_source']})")

@@ -197,8 +197,9 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
     base = a.path if a.layout == "diffusers" else source
     dtype = TORCH_DTYPES.get(recipe.dtype or "")
     sched = read_json(base / "scheduler" / "scheduler_config.json") if base else {}
-    if not sched:
-        sched = dict(family.defaults.get("scheduler", {}))
+    if not sched:  # the family's, with the variant's own settings (schnell: no dynamic shifting)
+        variant = family.variants.get(a.model_variant or "", {})
+        sched = {**family.defaults.get("scheduler", {}), **variant.get("scheduler", {})}
     write_json(root / "scheduler" / "scheduler_config.json", update_scheduler(sched, prediction))
     for cname, cfg in configs.items():
         write_json(root / cname / "config.json", component_config_json(family.components[cname], cfg, dtype))

@@ -79,6 +79,12 @@ class LocalModel:
     def prediction_type(self) -> str | None:
         return self.prediction.type
 
+    @property
+    def model_variant(self) -> str | None:
+        """The family's variant this model is (Flux dev or schnell), by its main component's keys."""
+        main = self.components.get(self.family.main)
+        return self.family.variant_of(main.tensors) if main is not None else None
+
 
 def open_model(path: str | Path, *, variant: str | None = None, ema: bool = False,
                components: Collection[str] | None = None) -> LocalModel:
