@@ -120,6 +120,9 @@ def test_comfy_file_without_metadata(zoo, tmp_path):
               "pooled_projection_dim", "out_channels", "pos_embed_max_size", "qk_norm"):
         assert got[k] == real[k], k
     assert list(got["dual_attention_layers"]) == list(real["dual_attention_layers"])
+    assert m.model_variant == "sd3.5-medium"
+    assert open_model(zoo.single("sd3")).model_variant == "sd3-medium"
+    assert open_model(zoo.diffusers("sd35l")).model_variant == "sd3.5-large"
     t5 = json.loads((src / "text_encoder_3" / "config.json").read_text())
     for k in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets", "vocab_size"):
         assert m.components["text_encoder_3"].config[k] == t5[k], k
