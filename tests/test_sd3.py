@@ -235,3 +235,50 @@ def test_dry_run_prints_sd3_block_labels(zoo, cli):
     rows = [ln.split()[0] for ln in out.splitlines() if ln.split() and ln.split()[0] in ("IN", "J00", "J01", "J02",
                                                                                            "OUT")]
     assert rows[:5] == ["IN", "J00", "J01", "J02", "OUT"], out
+
+
+FULL_SIZE = {  # the published transformer configs (shapes only: built on the meta device, no weights)
+    "sd3": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192),
+    "sd35_medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+                        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "sd35_large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
+                       qk_norm="rms_norm"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FULL_SIZE))
+def test_full_size_keys_are_what_diffusers_detects(model_type):
+    """At full size (meta tensors): hubmix's original keys make diffusers' single-file detection name the right
+    model, the shapes convert back to diffusers' own state dict, and hubmix infers the real config from them."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import (convert_sd3_transformer_checkpoint_to_diffusers,
+                                                     infer_diffusers_model_type)
+
+    from hubmix.formats.configs import infer_mmdit
+    from hubmix.formats.families import get_family
+    from hubmix.formats.layouts import KeyMap, to_original_shape
+
+    cfg = dict(sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64, joint_attention_dim=4096,
+               pooled_projection_dim=2048, out_channels=16, **FULL_SIZE[model_type])
+    with torch.device("meta"):
+        sd = diffusers.SD3Transformer2DModel(**cfg).state_dict()
+    km = KeyMap(get_family("sd3").components["transformer"], cfg)
+    original: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+    for k, v in sd.items():
+        place = km.to_original(k)
+        assert place is not None, k
+        if place.part is None:
+            original[place.key] = torch.empty(to_original_shape(place.transform, tuple(v.shape)), device="meta")
+        else:
+            rows[place.key] = rows.get(place.key, 0) + v.shape[0]
+            original[place.key] = torch.empty((rows[place.key], *v.shape[1:]), device="meta")
+    assert infer_diffusers_model_type(original) == model_type
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    rel = {k.removeprefix("model.diffusion_model."): tuple(v.shape) for k, v in original.items()}
+    got, _ = infer_mmdit(rel, get_family("sd3").defaults["transformer"], {})
+    for k, v in cfg.items():
+        assert (list(got[k]) if k == "dual_attention_layers" else got[k]) == (list(v) if isinstance(v, tuple) else v), k
+    assert got.get("qk_norm") == cfg.get("qk_norm") and list(got["dual_attention_layers"]) == \
+        list(cfg.get("dual_attention_layers", ()))
