@@ -82,7 +82,7 @@ def build(cache: Path, layers: tuple[int, int]) -> tuple[list[Path], float | Non
     planned = [PlannedTensor(k, DTYPE, s) for k, s in shapes.items()]
     need = N_MODELS * sum(p.nbytes for p in planned)
     print(f"building {N_MODELS} random fp8 Flux transformers ({sum(math.prod(s) for s in shapes.values()) / 1e9:.2f}"
-          f"B parameters, {need / 1e9:.1f} GB in all) under {folder}", flush=True)
+          f"B parameters, {need / 1e9:.1f} GB in all) under {paths[0].parent}", flush=True)
     t0 = time.perf_counter()
     writers = [SafetensorsWriter(p, planned, {"format": "pt"}) for p in paths]
     try:

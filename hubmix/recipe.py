@@ -197,9 +197,11 @@ class Recipe:
 
     def for_family(self, family) -> "Recipe":
         """The recipe with component labels (Flux's CLIP, T5) replaced by the family's component names."""
+        from hubmix.formats.families import all_component_names
+
         comps = {}
         for name, c in self.components.items():
-            if name not in family.components:
+            if name not in all_component_names():  # a label; another family's component names are ignored
                 real = [n for n, spec in family.components.items() if spec.label == name]
                 if len(real) != 1:
                     raise RecipeError(f"{self.source}: components.{name}: not a component of {family.name} "
