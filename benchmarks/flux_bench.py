@@ -7,8 +7,9 @@ The inputs are written tensor by tensor with hubmix's planned writer (never a wh
 real key names and shapes of FLUX.1-dev (FluxTransformer2DModel's defaults, built on the meta device, mapped to
 BFL's fused names through hubmix's own Flux key map), values base = 0.05*randn (norm scales near 1) and model i =
 base + 0.005*randn (the noise block rolled by a different offset per model), rounded once to float8_e4m3fn. Three
-inputs and the output need about 48 GB of disk: the script checks the free space first and deletes every file it
-made at the end unless --keep. The inputs do not fit in the page cache of a small machine, so merges and floor
+inputs and the output need about 48 GB of disk: the script checks the free space first (on a shared disk with
+less, it keeps the first double and single blocks that fit, every tensor full size, and says so; --full refuses
+instead) and deletes every file it made at the end unless --keep. The inputs do not fit in the page cache of a small machine, so merges and floor
 both read from disk. This prints numbers; it asserts no timings.
 """
 
@@ -33,8 +34,14 @@ CHUNK = 1 << 24  # elements generated at a time
 DTYPE = torch.float8_e4m3fn
 
 
-def original_shapes() -> dict[str, tuple[int, ...]]:
-    """BFL key -> shape of FLUX.1-dev's transformer, through hubmix's key map (fused tensors summed by rows)."""
+FULL_LAYERS = (19, 38)  # FLUX.1's double and single blocks
+FULL_BYTES = 11.9e9  # one fp8 file of the full transformer
+MARGIN = 6e9  # disk left to the other users of a shared machine
+
+
+def original_shapes(layers: tuple[int, int] = FULL_LAYERS) -> dict[str, tuple[int, ...]]:
+    """BFL key -> shape of FLUX.1-dev's transformer (or its first double/single blocks), through hubmix's key map
+    (fused tensors summed by rows)."""
     import diffusers
     from accelerate import init_empty_weights
 
@@ -42,7 +49,8 @@ def original_shapes() -> dict[str, tuple[int, ...]]:
     from hubmix.formats.layouts import KeyMap, to_original_shape
 
     with init_empty_weights():
-        model = diffusers.FluxTransformer2DModel(guidance_embeds=True)
+        model = diffusers.FluxTransformer2DModel(guidance_embeds=True, num_layers=layers[0],
+                                                 num_single_layers=layers[1])
     spec = get_family("flux").components["transformer"]
     import dataclasses
 
@@ -58,19 +66,23 @@ def original_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def build(cache: Path) -> tuple[list[Path], float | None]:
+def input_paths(cache: Path, layers: tuple[int, int]) -> list[Path]:
+    tag = "" if layers == FULL_LAYERS else f"-{layers[0]}d{layers[1]}s"
+    return [cache / "flux" / f"flux-fp8{tag}-model{i}.safetensors" for i in range(N_MODELS)]
+
+
+def build(cache: Path, layers: tuple[int, int]) -> tuple[list[Path], float | None]:
     from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
 
-    folder = cache / "flux"
-    paths = [folder / f"flux-fp8-model{i}.safetensors" for i in range(N_MODELS)]
+    paths = input_paths(cache, layers)
     if all(p.exists() for p in paths):
         return paths, None
-    folder.mkdir(parents=True, exist_ok=True)
-    shapes = original_shapes()
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    shapes = original_shapes(layers)
     planned = [PlannedTensor(k, DTYPE, s) for k, s in shapes.items()]
     need = N_MODELS * sum(p.nbytes for p in planned)
     print(f"building {N_MODELS} random fp8 Flux transformers ({sum(math.prod(s) for s in shapes.values()) / 1e9:.2f}"
-          f"B parameters, {need / 1e9:.1f} GB in all) under {folder}", flush=True)
+          f"B parameters, {need / 1e9:.1f} GB in all) under {paths[0].parent}", flush=True)
     t0 = time.perf_counter()
     writers = [SafetensorsWriter(p, planned, {"format": "pt"}) for p in paths]
     try:
@@ -122,14 +134,19 @@ def spot_check(out: Path, inputs: list[Path]) -> dict:
 
 def run(args: argparse.Namespace) -> None:
     cache = args.cache
-    folder = cache / "flux"
-    made_inputs = not all((folder / f"flux-fp8-model{i}.safetensors").exists() for i in range(N_MODELS))
+    layers = FULL_LAYERS
+    files = 1 if all(p.exists() for p in input_paths(cache, layers)) else N_MODELS + 1
     free = shutil.disk_usage(cache).free
-    need = (4 if made_inputs else 1) * 12.2e9 + 4e9
-    if free < need:
-        raise SystemExit(f"{cache}: {free / 1e9:.0f} GB free, the Flux benchmark needs about {need / 1e9:.0f} GB")
+    scale = min(1.0, (free - MARGIN) / (files * FULL_BYTES))
+    if scale < 1.0:  # a shared disk: the first blocks of the model, every tensor at full size
+        if args.full:
+            raise SystemExit(f"{cache}: {free / 1e9:.0f} GB free; the full-size benchmark needs about "
+                             f"{files * FULL_BYTES / 1e9 + MARGIN / 1e9:.0f} GB")
+        layers = (max(1, int(FULL_LAYERS[0] * scale)), max(1, int(FULL_LAYERS[1] * scale)))
+        print(f"note: {free / 1e9:.0f} GB free on {cache}: not enough for three full-size inputs and the output; "
+              f"using the first {layers[0]} double and {layers[1]} single blocks (every tensor full size)", flush=True)
     busy0, ours0, t0 = *mb.user_cpu_s(), time.perf_counter()
-    paths, build_s = build(cache)
+    paths, build_s = build(cache, layers)
     work = cache / "out"
     logs = cache / "logs"
     work.mkdir(exist_ok=True)
@@ -160,8 +177,9 @@ def run(args: argparse.Namespace) -> None:
     others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
     share = others / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
     med = {k: mb.median(v) for k, v in rec.results.items()}
-    print(f"\n=== flux: 3 inputs x {in_bytes[0] / 1e9:.2f} GB fp8 (float8_e4m3fn) transformer-only files, output "
-          f"{in_bytes[0] / 1e9:.2f} GB; runs per number: {runs} (median)")
+    size = "full size" if layers == FULL_LAYERS else f"{layers[0]} of 19 double, {layers[1]} of 38 single blocks"
+    print(f"\n=== flux: 3 inputs x {in_bytes[0] / 1e9:.2f} GB fp8 (float8_e4m3fn) transformer-only files ({size}), "
+          f"output {in_bytes[0] / 1e9:.2f} GB; runs per number: {runs} (median)")
     if build_s is not None:
         print(f"(built the inputs in {build_s:.0f} s)")
     print(f"{'':36} {'wall s':>8}  {'ratio':<22} {'RssAnon MiB':>11} {'VmHWM MiB':>10}")
@@ -188,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", type=Path, default=Path("~/.cache/hubmix-bench"))
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep the 36 GB of inputs for another run")
+    ap.add_argument("--full", action="store_true", help="refuse to shrink the model when the disk is short")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args(argv)
     args.cache = args.cache.expanduser().resolve()

@@ -336,6 +336,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     family = check_same_family(models)
     if recipe.family and recipe.family != family.id:
         raise RecipeError(f"{recipe.source}: the recipe is for {recipe.family} models, the inputs are {family.id}")
+    recipe = recipe.for_family(family)
     donor = _donor(models, family, recipe, layout)
     tasks, summary, structure = plan_merge(models + donor, recipe, family)
     placeholder = canonical_recipe(recipe, family, models, idents, tasks, {})

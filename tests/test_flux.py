@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 import hubmix
 from hubmix import Recipe
 from hubmix.convert import convert
+from hubmix.recipe import ComponentRecipe
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 BARE = "double_blocks.0.img_attn.qkv.weight"
@@ -225,7 +226,6 @@ def test_per_block_parameters_hit_their_keys(zoo, tmp_path, cli):
     a, b = zoo.diffusers("flux", 1), zoo.diffusers("flux", 2)
     out = tmp_path / "out"
     blocks = {"IN": {"alpha": 1.0}, "D01": {"alpha": 1.0}, "S02": {"alpha": 1.0}, "OUT": {"alpha": 1.0}}
-    from hubmix.recipe import ComponentRecipe
 
     hubmix.merge(Recipe(models=[str(a), str(b)], method="weighted_sum", params={"alpha": 0.0},
                         components={"transformer": ComponentRecipe(blocks=blocks)}), out=out, quiet=True)
@@ -279,3 +279,22 @@ def test_keys_without_weights_follow_the_rule(zoo, tmp_path):
     for k, v in got.items():
         if k in sd and v.is_floating_point():
             assert torch.equal(v, sd[k]), k
+
+
+def test_clip_and_t5_name_the_text_encoders_in_recipes(zoo, tmp_path):
+    a, b = zoo.diffusers("flux", 1), zoo.diffusers("flux", 2)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"models: [{a}, {b}]\nmethod: weighted_sum\nparams: {{alpha: 0.0}}\n"
+                           "components:\n  CLIP: {from: b}\n  T5: {method: weighted_sum, params: {alpha: 1.0}}\n")
+    out = tmp_path / "out"
+    r = hubmix.merge(Recipe.load(recipe_file), out=out, quiet=True)
+    assert r.canonical["components"]["text_encoder"] == {"from": "b"}
+    assert r.canonical["components"]["text_encoder_2"]["params"]["alpha"] == 1.0
+    got, ta, tb = folder_tensors(out), folder_tensors(a), folder_tensors(b)
+    assert_tensors_equal(tb["text_encoder"], got["text_encoder"], "CLIP")
+    assert_tensors_equal(tb["text_encoder_2"], got["text_encoder_2"], "T5")
+    assert_tensors_equal(ta["transformer"], got["transformer"], "transformer")
+    with pytest.raises(hubmix.RecipeError, match="T5"):
+        hubmix.merge(Recipe(models=[str(zoo.diffusers("sd1", 1)), str(zoo.diffusers("sd1", 2))],
+                            method="weighted_sum", components={"T5": ComponentRecipe(from_="a")}),
+                     out=tmp_path / "sd1", quiet=True)

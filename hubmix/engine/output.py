@@ -82,20 +82,17 @@ class Router:
                     fused.setdefault(place.key, {})[place.part[0]] = t
                     widths[place.key] = place.part[1]
             for okey, pieces in fused.items():
-                order = [pieces.get(i) for i in range(len(widths[okey]))]
-                rows = sum(t.shape[0] for t in order if t is not None)
-                if (None in order or len({(t.shape[1:], t.out_dtype) for t in order}) != 1  # type: ignore[union-attr]
-                        or [part_rows((i, widths[okey]), rows) for i in range(len(order))] !=
-                        [(sum(t.shape[0] for t in order[:i]), t.shape[0]) for i, t in enumerate(order)]):  # type: ignore
-                    summary.add("note", f"{component}: {okey} needs {len(order)} parts of relative widths "
+                order = _fused_parts(pieces, widths[okey])
+                if order is None:
+                    summary.add("note", f"{component}: {okey} needs {len(widths[okey])} parts of relative widths "
                                         f"{list(widths[okey])}, has {len(pieces)} that do not fit; not in {name}")
                     continue
-                first = order[0]
-                f.planned[okey] = PlannedTensor(okey, first.out_dtype, (rows, *first.shape[1:]))  # type: ignore
+                rows = sum(t.shape[0] for t in order)
+                f.planned[okey] = PlannedTensor(okey, order[0].out_dtype, (rows, *order[0].shape[1:]))
                 base = 0
                 for t in order:
-                    self.routes.setdefault((component, t.key), []).append(Route(f, okey, base, None))  # type: ignore
-                    base += t.out_nbytes  # type: ignore[union-attr]
+                    self.routes.setdefault((component, t.key), []).append(Route(f, okey, base, None))
+                    base += t.out_nbytes
             by_key = {t.key: t for t in tasks}
             for rel, canon in keymap.copies.items():  # the same tensor under a second original key (T5's tied one)
                 t = by_key.get(canon)
@@ -145,6 +142,22 @@ class Router:
         for f in self.files:
             if f.writer is not None:
                 f.writer.abort()
+
+
+def _fused_parts(pieces: dict[int, Task], widths: tuple[int, ...]) -> list[Task] | None:
+    """The parts of one fused original tensor in row order, if all are there, alike in trailing shape and dtype,
+    and sized in the declared relative widths; else None."""
+    order = [pieces.get(i) for i in range(len(widths))]
+    if any(t is None for t in order):
+        return None
+    parts: list[Task] = order  # type: ignore[assignment]
+    if len({(t.shape[1:], t.out_dtype) for t in parts}) != 1:
+        return None
+    rows = sum(t.shape[0] for t in parts)
+    starts = [sum(t.shape[0] for t in parts[:i]) for i in range(len(parts))]
+    if any(part_rows((i, widths), rows) != (starts[i], t.shape[0]) for i, t in enumerate(parts)):
+        return None
+    return parts
 
 
 # ---- diffusers folder files ------------------------------------------------------------------------------------

@@ -177,6 +177,11 @@ def detect_main_only(keys: dict[str, int]) -> tuple[Family, str] | None:
     return None
 
 
+def component_labels() -> list[str]:
+    """Labels a recipe may use for a component (supermerger's CLIP, T5), resolved per family by `for_family`."""
+    return sorted({spec.label for fam in families().values() for spec in fam.components.values() if spec.label})
+
+
 def all_component_names() -> Iterable[str]:
     seen: dict[str, None] = {}
     for fam in families().values():
