@@ -282,3 +282,16 @@ def test_full_size_keys_are_what_diffusers_detects(model_type):
         assert (list(got[k]) if k == "dual_attention_layers" else got[k]) == (list(v) if isinstance(v, tuple) else v), k
     assert got.get("qk_norm") == cfg.get("qk_norm") and list(got["dual_attention_layers"]) == \
         list(cfg.get("dual_attention_layers", ()))
+
+
+def test_component_labels_name_sd3_text_encoders(zoo, tmp_path):
+    """CLIP_L, CLIP_G and T5 (the dry run's labels) name text_encoder, text_encoder_2 and text_encoder_3."""
+    a, b = zoo.diffusers("sd35m", 1), zoo.diffusers("sd35m", 2)
+    out = tmp_path / "labels"
+    hubmix.merge(Recipe.from_dict({"models": [str(a), str(b)], "method": "weighted_sum", "params": {"alpha": 0.0},
+                                   "components": {"T5": {"params": {"alpha": 1.0}},
+                                                  "CLIP_G": {"params": {"alpha": 1.0}}}}), out=out, quiet=True)
+    for name in COMPONENTS:
+        src = b if name in ("text_encoder_2", "text_encoder_3") else a
+        want, got = tensors(src, name), tensors(out, name)
+        assert all(torch.equal(got[k], want[k]) for k in want), name
