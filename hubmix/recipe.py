@@ -9,6 +9,7 @@ output's metadata, recipe.yaml and model card record, and what `hubmix reproduce
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import string
@@ -23,7 +24,7 @@ from hubmix.errors import RecipeError
 from hubmix.methods import get_method
 
 RECIPE_VERSION = 1
-DTYPES = ("fp16", "bf16", "fp32")
+DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 LAYOUTS = ("diffusers", "single-file", "both")
 LETTERS = string.ascii_lowercase
 BLOCK_LIST_PARAMS = ("alpha", "beta")  # parameters that take a block list (block_alpha:, --block-alpha)
@@ -151,7 +152,7 @@ class Recipe:
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise RecipeError(f"{src}: prediction_type must be epsilon or v_prediction")
         letters = [letter(i) for i in range(n)]
-        from hubmix.formats.families import all_component_names
+        from hubmix.formats.families import all_component_names, component_labels
         from hubmix.methods.presets import parse_block_list
 
         for param, value in self.block_lists.items():
@@ -163,8 +164,9 @@ class Recipe:
         self.loras = [lora_entry(x, f"{src}: loras[{i}]") for i, x in enumerate(self.loras)]
         for name, c in self.components.items():
             where = f"{src}: components.{name}"
-            if name not in all_component_names():
-                raise RecipeError(f"{where}: unknown component (known: {', '.join(all_component_names())})")
+            if name not in all_component_names() and name not in component_labels():
+                raise RecipeError(f"{where}: unknown component (known: {', '.join(all_component_names())}, or "
+                                  f"{', '.join(component_labels())} where the family has them)")
             if c.from_ is not None:
                 if c.from_ not in letters:
                     raise RecipeError(f"{where}: from: {c.from_!r} is not one of the models ({', '.join(letters)})")
@@ -208,8 +210,28 @@ class Recipe:
         from hubmix.formats.families import all_component_names
 
         me = letter(i)
+        if set(self.components) - set(all_component_names()):  # a label (CLIP, T5): which part is known later
+            return set(all_component_names())
         return {c for c in all_component_names()
                 if (p := self.plan_for(c)).get("from") == me or me in p.get("models", ())}
+
+    def for_family(self, family) -> "Recipe":
+        """The recipe with component labels (Flux's CLIP, T5) replaced by the family's component names."""
+        from hubmix.formats.families import all_component_names
+
+        comps = {}
+        for name, c in self.components.items():
+            if name not in all_component_names():  # a label; another family's component names are ignored
+                real = [n for n, spec in family.components.items() if spec.label == name]
+                if len(real) != 1:
+                    raise RecipeError(f"{self.source}: components.{name}: not a component of {family.name} "
+                                      f"models (theirs: {', '.join(family.components)})")
+                if real[0] in self.components:
+                    raise RecipeError(f"{self.source}: components.{name} and components.{real[0]} name the same "
+                                      "component")
+                name = real[0]
+            comps[name] = c
+        return dataclasses.replace(self, components=comps)
 
     def global_params(self) -> dict[str, float]:
         """The top-level method's parameters with defaults filled in."""

@@ -21,7 +21,7 @@ from typing import Any
 from hubmix import __version__
 from hubmix.cache import cache_root, write_atomically
 from hubmix.errors import HubError, InputError
-from hubmix.formats.families import weight_stem
+from hubmix.formats.families import all_component_names, weight_stem
 from hubmix.formats.model import choose_weights, index_shards
 from hubmix.hub.client import api, endpoint, hub_error, is_network, is_offline, one_line
 from hubmix.hub.mounts import card_license, listing, mounted
@@ -31,7 +31,6 @@ from hubmix.recipe import Recipe, model_entry
 log = logging.getLogger("hubmix")
 
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
-MERGED = ("unet", "text_encoder", "text_encoder_2", "vae")  # components hubmix merges (formats.model reads)
 # Files that are weights in some framework: never fetched as "configs"; only chosen weights are fetched.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data", ".pb",
                    ".ot", ".tflite", ".gguf", ".npz", ".npy", ".pkl", ".pickle", ".joblib", ".mlmodel")
@@ -278,13 +277,14 @@ def _model_index(state: RepoState, revision: str | None) -> tuple[Path, dict[str
 def _fetch_diffusers(state: RepoState, r: ModelRef, recipe: Recipe) -> Path:
     root, index = _model_index(state, r.revision)
     idxs = [i for i, m in enumerate(recipe.models) if _ref_text(m) == r.text]
-    needs: set[str] = set().union(*(recipe.needs(i) for i in idxs)) if idxs else set(MERGED)
+    merged = set(all_component_names())  # every family's components: what formats.model reads
+    needs: set[str] = set().union(*(recipe.needs(i) for i in idxs)) if idxs else merged
     extras = 0 in idxs and _diffusers_output(recipe)
     wanted = _config_files(state.names, index)
     indexes: list[str] = []
     for folder, (library, _cls) in _pipeline_folders(index).items():
         where = f"{state.repo}@{state.sha[:12]}"
-        if folder in MERGED:
+        if folder in merged:
             if folder not in needs:
                 continue
             chosen = choose_weights(_children(state.names, folder), weight_stem(library), recipe.variant, where,
