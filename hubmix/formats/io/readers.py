@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import struct
 import weakref
 import zipfile
@@ -196,8 +197,7 @@ class TorchPickleFile(WeightFile):
             try:
                 return torch.load(self.path, map_location="cpu", weights_only=True, mmap=use_mmap)
             except pickle.UnpicklingError as e:
-                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-                reason = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else "")
+                reason = _refusal_reason(str(e))
                 if not _is_pickle(self.path):  # not a pickle at all, or a damaged one
                     raise InputError(f"{self.path}: not a readable torch checkpoint, corrupt or truncated "
                                      f"({reason})") from None
@@ -215,6 +215,16 @@ class TorchPickleFile(WeightFile):
 
     def tensor(self, key: str) -> torch.Tensor:
         return self._tensors[key]
+
+
+def _refusal_reason(message: str) -> str:
+    """What a pickle refused by weights_only tried to do, from torch's message: the global it names (the function
+    it would call, e.g. posix.system) rather than torch's advice to turn weights_only off."""
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    if m:
+        return f"it would call {m.group(1)}"
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip() and "weights_only" not in ln]
+    return next((ln for ln in lines if ln.startswith(("Unsupported", "Trying"))), lines[0] if lines else "")
 
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
