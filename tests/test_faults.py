@@ -72,3 +72,34 @@ def test_sidecar_mode_matches_the_weights(tmp_path, zoo):
     want = 0o666 & ~_umask()
     assert stat.S_IMODE(out.stat().st_mode) == want
     assert stat.S_IMODE((tmp_path / "m.recipe.yaml").stat().st_mode) == want
+
+
+# ---- a FIFO (or any non-regular file) as input ------------------------------------------------------------------
+
+def _hubmix(*args, timeout: float = 60):
+    """hubmix in a child process (a hang must not hang the test run)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    return subprocess.run([sys.executable, "-m", "hubmix", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_fifo_inputs_are_refused(tmp_path, zoo):
+    import shutil
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.safetensors"
+    r = _hubmix("merge", fifo, zoo.single("sd1", 1), "-m", "weighted_sum", "--out", out, "-q")
+    assert_one_line_error(r.returncode, r.stderr, "pipe.safetensors", "not a regular file")
+    # a FIFO inside a diffusers folder: as a weight file and as a config
+    for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/config.json"):
+        model = tmp_path / f"model-{rel.split('/')[0]}"
+        shutil.copytree(zoo.diffusers("sd1", 1), model)
+        (model / rel).unlink()
+        os.mkfifo(model / rel)
+        r = _hubmix("merge", model, zoo.diffusers("sd1", 2), "-m", "weighted_sum", "--out", out, "-q")
+        assert_one_line_error(r.returncode, r.stderr, rel.split("/")[-1], "not a regular file")
+    assert not out.exists() and _leftovers(tmp_path) == []

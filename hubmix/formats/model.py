@@ -18,7 +18,7 @@ import torch
 from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
 from hubmix.formats.families import ComponentSpec, Family, detect_family, weight_stem
-from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file
+from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file, read_regular
 from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, to_canonical_shape
 
 CONFIG_META = "hubmix.configs"  # single files written by hubmix embed their component configs under this key
@@ -147,7 +147,7 @@ def _weight_files(folder: Path, stem: str, variant: str | None, where: str) -> l
     names = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
     chosen = choose_weights(names, stem, variant, where, folder)
     if len(chosen) == 1 and chosen[0].endswith(".json"):
-        files = [folder / s for s in index_shards((folder / chosen[0]).read_text(), folder / chosen[0])]
+        files = [folder / s for s in index_shards(read_regular(folder / chosen[0]), folder / chosen[0])]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise InputError(f"{folder / chosen[0]}: index names missing shard files: {', '.join(missing[:3])}")
@@ -168,7 +168,7 @@ def _config_ndims(folder: Path, library: str, cls: str) -> dict[str, int]:
         klass = getattr(module, cls)
         if not (isinstance(klass, type) and issubclass(klass, base)):
             raise ValueError(cls)
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads(read_regular(folder / "config.json"))
         with torch.device("meta"):
             model = klass.from_config(config) if library == "diffusers" else klass(
                 klass.config_class.from_dict(config))
@@ -179,8 +179,8 @@ def _config_ndims(folder: Path, library: str, cls: str) -> dict[str, int]:
 
 def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | None = None) -> LocalModel:
     try:
-        index = json.loads((root / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        index = json.loads(read_regular(root / "model_index.json"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{root / 'model_index.json'}: unreadable ({e})") from None
     subfolders = {name: root / name for name, v in index.items()
                   if not name.startswith("_") and isinstance(v, list) and v and v[0] is not None}
@@ -210,8 +210,8 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
             raise InputError(f"{root}: a {family.name} model needs a {name} component; model_index.json has none")
         folder = subfolders[name]
         try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            config = json.loads(read_regular(folder / "config.json"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{folder / 'config.json'}: unreadable ({e})") from None
         keymap = KeyMap(spec, config)
         comp = Component(name, spec, {}, config, "folder", keymap=keymap, folder=folder)
@@ -235,9 +235,11 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON file's object, or {} when it is missing or unreadable (optional configs)."""
+    if not path.exists():
+        return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(read_regular(path))  # a FIFO or device is refused (InputError), not waited on
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
 
 

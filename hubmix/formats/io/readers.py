@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import pickle
+import stat
 import re
 import struct
 import weakref
@@ -55,6 +56,30 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of `path`, refused unless it is a regular file: opening a FIFO for reading blocks
+    until a writer comes (forever), and a device or socket is no model. O_NONBLOCK makes the open itself return."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise InputError(f"{path}: cannot open ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "special")
+        raise InputError(f"{path}: not a regular file ({kind}); hubmix reads models from regular files only")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_regular(path: Path) -> str:
+    """The text of a regular file (configs, indexes), refused like `open_regular` for anything else."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        return f.read().decode("utf-8")
+
+
 class WeightFile:
     """A lazily read file of named tensors."""
 
@@ -89,10 +114,7 @@ class SafetensorsFile(WeightFile):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise InputError(f"{self.path}: cannot open ({e.strerror})") from None
+        self._fd = open_regular(self.path)
         try:
             self._parse_header()
         except BaseException:
@@ -180,8 +202,7 @@ class TorchPickleFile(WeightFile):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: no such file")
+        os.close(open_regular(self.path))
         obj = self._load()
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
