@@ -103,3 +103,63 @@ def test_fifo_inputs_are_refused(tmp_path, zoo):
         r = _hubmix("merge", model, zoo.diffusers("sd1", 2), "-m", "weighted_sum", "--out", out, "-q")
         assert_one_line_error(r.returncode, r.stderr, rel.split("/")[-1], "not a regular file")
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+# ---- corrupt safetensors headers ------------------------------------------------------------------------------------
+
+def _safetensors(path: Path, header: dict | str, data: bytes) -> Path:
+    import json
+    import struct
+
+    raw = header if isinstance(header, str) else json.dumps(header)
+    path.write_bytes(struct.pack("<Q", len(raw.encode())) + raw.encode() + data)
+    return path
+
+
+F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+BAD_HEADERS = {
+    "overlap": ({"a": F32x2, "b": F32x2}, 8, "overlap"),
+    "negative-dims": ({"a": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}, 8, "shape"),
+    "float-dims": ({"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, 8, "shape"),
+    "bool-dims": ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, 8, "shape"),
+    "gap": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8, "offset"),
+    "trailing": ({"a": F32x2}, 12, "bytes"),
+    "reversed": ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, 8, "offset"),
+    "unknown-dtype": ({"a": {"dtype": "F128", "shape": [2], "data_offsets": [0, 8]}}, 8, "dtype"),
+    "metadata-not-strings": ({"__metadata__": {"x": 1}, "a": F32x2}, 8, "__metadata__"),
+    "deep": ('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}", 0, "nested"),
+    "not-an-object": ("[]", 0, "object"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_HEADERS))
+def test_corrupt_headers_are_refused(tmp_path, cli, name):
+    header, size, needle = BAD_HEADERS[name]
+    path = _safetensors(tmp_path / f"{name}.safetensors", header, b"\0" * size)
+    code, _, err = cli("inspect", path)
+    assert_one_line_error(code, err, f"{name}.safetensors", "corrupt safetensors header", needle)
+    # the safetensors library agrees that each of these is broken
+    from safetensors import safe_open
+
+    with pytest.raises(Exception):
+        with safe_open(str(path), "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+
+
+def test_overlapping_tensors_are_not_merged(tmp_path, zoo, cli):
+    """A real checkpoint whose header makes two tensors share bytes: refused before any merge."""
+    import json
+    import struct
+
+    src = zoo.single("sd1", 1).read_bytes()
+    (n,) = struct.unpack("<Q", src[:8])
+    header = json.loads(src[8:8 + n])
+    keys = [k for k, v in header.items() if k != "__metadata__" and v["shape"] == [32]][:2]
+    header[keys[1]]["data_offsets"] = header[keys[0]]["data_offsets"]
+    raw = json.dumps(header).encode()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(raw)) + raw + src[8 + n:])
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli("merge", bad, zoo.single("sd1", 2), "-m", "weighted_sum", "--out", out)
+    assert_one_line_error(code, err, "bad.safetensors", "corrupt safetensors header")
+    assert not out.exists()
