@@ -23,7 +23,8 @@ from hubmix.formats.families import Family
 from hubmix.hashing import hash_in_background
 from hubmix.engine.kernels import Kernels
 from hubmix.formats.layouts import KeyMap
-from hubmix.formats.model import CONFIG_META, LocalModel, check_same_family, open_model, read_json
+from hubmix.formats.model import (CONFIG_META, LocalModel, check_component_name, check_same_family, open_model,
+                                  read_json)
 from hubmix.engine.output import (Router, atomic_target, check_target, component_config_json, model_index,
                      need_folder, write_json)
 from hubmix.engine.plan import TORCH_DTYPES, Summary, Task, plan_merge
@@ -197,6 +198,7 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
         shutil.copytree(src, root / tok, dirs_exist_ok=True)
     if a.layout == "diffusers":
         for name, folder in a.extra_components.items():
+            check_component_name(name, folder)  # open_model refused paths; never copy outside the output
             shutil.copytree(folder, root / name, dirs_exist_ok=True)
     index = model_index(family, a.inpainting, sched["_class_name"], read_json(base / "model_index.json") or None
                         if base else None)

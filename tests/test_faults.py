@@ -163,3 +163,24 @@ def test_overlapping_tensors_are_not_merged(tmp_path, zoo, cli):
     code, _, err = cli("merge", bad, zoo.single("sd1", 2), "-m", "weighted_sum", "--out", out)
     assert_one_line_error(code, err, "bad.safetensors", "corrupt safetensors header")
     assert not out.exists()
+
+
+# ---- path traversal through model_index.json ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", ["../secret", "/tmp", "unet/../../secret", ".."])
+def test_model_index_entries_are_plain_folder_names(tmp_path, zoo, cli, entry):
+    import json
+    import shutil
+
+    model = tmp_path / "m" / "model"
+    shutil.copytree(zoo.diffusers("sd1", 1), model)
+    (tmp_path / "m" / "secret").mkdir()
+    (tmp_path / "m" / "secret" / "key.txt").write_text("not yours")
+    index = json.loads((model / "model_index.json").read_text())
+    index[entry] = ["diffusers", "UNet2DConditionModel"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "o").mkdir()
+    out = tmp_path / "o" / "out"
+    code, _, err = cli("merge", model, zoo.diffusers("sd1", 2), "-m", "weighted_sum", "--out", out)
+    assert_one_line_error(code, err, "model_index.json", repr(entry), "not a plain folder name")
+    assert list((tmp_path / "o").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["m", "o"]

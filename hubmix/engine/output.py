@@ -23,6 +23,7 @@ from hubmix.errors import InputError, OutputError
 from hubmix.formats.families import ComponentSpec, Family
 from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
 from hubmix.formats.layouts import KeyMap, apply_to_original, to_original_shape
+from hubmix.formats.model import check_component_name
 from hubmix.engine.plan import Summary, Task
 
 
@@ -168,6 +169,9 @@ def model_index(family: Family, inpainting: bool, scheduler_cls: str, base: dict
 
     if base is not None:
         idx = dict(base)
+        for name, entry in idx.items():  # a borrowed index (--config-from) names the output's folders
+            if not name.startswith("_") and isinstance(entry, list):
+                check_component_name(name, "model_index.json of the config source")
     else:
         idx = {"_diffusers_version": diffusers.__version__, **family.pipeline_extra,
                "scheduler": ["diffusers", scheduler_cls]}

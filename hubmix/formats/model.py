@@ -182,7 +182,9 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
         index = json.loads(read_regular(root / "model_index.json"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{root / 'model_index.json'}: unreadable ({e})") from None
-    subfolders = {name: root / name for name, v in index.items()
+    if not isinstance(index, dict):
+        raise InputError(f"{root / 'model_index.json'}: not a JSON object")
+    subfolders = {check_component_name(name, root / "model_index.json"): root / name for name, v in index.items()
                   if not name.startswith("_") and isinstance(v, list) and v and v[0] is not None}
     opened: dict[str, list[WeightFile]] = {}
     ndims: dict[str, int] = {}
@@ -231,6 +233,22 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
                        extra_components=extra, prediction_type=sched.get("prediction_type"))
     model.inpainting = _is_inpainting(model)
     return model
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def component_name_ok(name: object) -> bool:
+    """Whether a model_index.json entry is a plain folder name: never a path (`../x`, `/abs`, `a/b`), which would
+    make hubmix read or copy files outside the model, or write them outside --out."""
+    return isinstance(name, str) and bool(PLAIN_NAME.fullmatch(name)) and ".." not in name
+
+
+def check_component_name(name: str, where: object) -> str:
+    if not component_name_ok(name):
+        raise InputError(f"{where}: component {name!r} is not a plain folder name; refusing a path in "
+                         "model_index.json")
+    return name
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -1,0 +1,28 @@
+"""Hub faults against the loopback Hub (tests/hubserver.py, with its fault injection): what the Hub answered, a
+commit whose reply was lost, retries kept quiet with -q, and model_index.json entries that try to leave the
+snapshot. Each ends in one line naming the repo and nothing at the target."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import assert_one_line_error
+from test_hub import _folder_files, hub, seeded, token  # noqa: F401 - fixtures
+
+__all__ = ["hub", "seeded", "token"]
+
+
+def test_hub_model_index_cannot_point_outside_the_snapshot(hub, cli, tmp_path, zoo):
+    files = _folder_files(zoo.diffusers("sd1", 1))
+    index = json.loads(files["model_index.json"])
+    index["../../blobs"] = ["diffusers", "UNet2DConditionModel"]
+    files["model_index.json"] = json.dumps(index).encode()
+    hub.repos.pop("org/evil", None)
+    hub.create_repo("org/evil")
+    hub.commit("org/evil", files)
+    (tmp_path / "o" / "p").mkdir(parents=True)
+    out = tmp_path / "o" / "p" / "out"
+    code, _, err = cli("merge", "org/evil", "org/b@v1", "-m", "weighted_sum", "--out", out, "-q")
+    assert_one_line_error(code, err, "org/evil", "'../../blobs'", "not a plain folder name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_home", "hubmix-cache", "o"]
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["p"] and list((tmp_path / "o" / "p").iterdir()) == []
