@@ -26,6 +26,13 @@ def umask() -> int:
     return old
 
 
+def write_new(path: Path, text: str) -> None:
+    """Write a new file (a staged temporary) with an ordinary file's mode: 0666 minus the umask, as the weights."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write `text` to a unique temporary sibling and rename it over `path`: readers never see half a file, and
     concurrent writers never share a temporary."""

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from hubmix import __version__
 from hubmix.engine import analysis
 from hubmix.engine import pipeline as engine
-from hubmix.cache import write_atomically
+from hubmix.cache import write_new
 from hubmix.formats.configs import DEFAULT_DERIVED
 from hubmix.engine.devices import device_budget, resolve_device
 from hubmix.errors import InputError, RecipeError
@@ -25,8 +25,8 @@ from hubmix.engine.kernels import Kernels
 from hubmix.formats.layouts import KeyMap
 from hubmix.formats.model import (CONFIG_META, LocalModel, check_component_name, check_same_family, open_model,
                                   read_json)
-from hubmix.engine.output import (Router, atomic_target, check_target, component_config_json, model_index,
-                     need_folder, write_json)
+from hubmix.engine.output import Router, component_config_json, model_index, need_folder, write_json
+from hubmix.engine.target import atomic_target, check_target
 from hubmix.engine.plan import TORCH_DTYPES, Summary, Task, plan_merge
 from hubmix.recipe import RECIPE_VERSION, recipe_yaml, Recipe, canonical_json, letter, model_entry, recipe_hash
 from hubmix.hub.refs import ModelRef, parse_ref
@@ -315,7 +315,9 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     configs = output_configs(models, structure, family, source, summary)
     prediction = _prediction_type(models, recipe, summary)
     hashes_future = hash_in_background(sorted({r.file.path for t in tasks for r in t.refs}))
-    with atomic_target(target, overwrite) as tmp:
+    sidecar = _sidecar(target) if layout == "single-file" else None
+    with atomic_target(target, overwrite, companions=(sidecar,) if sidecar else ()) as stage:
+        tmp = stage.path
         router = _plan_outputs(tmp, target, layout, tasks, models, structure, family, configs, source, recipe,
                                prediction, placeholder, summary)
         try:
@@ -332,15 +334,11 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         except BaseException:
             router.abort()
             raise
-        if layout != "single-file":
-            (tmp / "recipe.yaml").write_text(recipe_yaml(canonical))
+        # the recipe is staged with the weights and renamed in with them (engine.target): together or not at all
+        recipe_file = stage.beside(sidecar) if sidecar else tmp / "recipe.yaml"
+        write_new(recipe_file, recipe_yaml(canonical))
         written = [target / f.path.relative_to(tmp) if layout != "single-file" else target for f in router.files]
-    if layout == "single-file":
-        sidecar = _sidecar(target)
-        write_atomically(sidecar, recipe_yaml(canonical))
-        written.append(sidecar)
-    else:
-        written.append(target / "recipe.yaml")
+    written.append(sidecar or target / "recipe.yaml")
     return MergeResult(target, layout, family, summary, canonical, files=written, engine=stats)
 
 

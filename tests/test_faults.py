@@ -184,3 +184,192 @@ def test_model_index_entries_are_plain_folder_names(tmp_path, zoo, cli, entry):
     code, _, err = cli("merge", model, zoo.diffusers("sd1", 2), "-m", "weighted_sum", "--out", out)
     assert_one_line_error(code, err, "model_index.json", repr(entry), "not a plain folder name")
     assert list((tmp_path / "o").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["m", "o"]
+
+
+# ---- tracebacks instead of one line: full disks, an output parent that is a file -----------------------------------
+
+def _enospc(*_a, **_k):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_copying_tokenizers(tmp_path, zoo, cli, monkeypatch):
+    import shutil
+
+    real = shutil.copyfile
+
+    def copyfile(src, dst, *a, **k):
+        if "tokenizer" in str(dst):
+            _enospc()
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    (tmp_path / "o").mkdir()
+    out = tmp_path / "o" / "out"
+    code, _, err = cli("merge", zoo.diffusers("sd1", 1), zoo.diffusers("sd1", 2), "-m", "weighted_sum",
+                       "--out", out, "-q")
+    line = assert_one_line_error(code, err, str(out), "No space left on device")
+    assert ".hubmix-" not in line and list((tmp_path / "o").iterdir()) == []
+
+
+@pytest.mark.parametrize("layout", ["single-file", "diffusers"])
+def test_disk_full_names_the_target_not_the_temporary(tmp_path, zoo, cli, monkeypatch, layout):
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if len(data) > 4096:  # tensor data, not the header
+            _enospc()
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    (tmp_path / "o").mkdir()
+    out = tmp_path / "o" / ("out.safetensors" if layout == "single-file" else "out")
+    code, _, err = cli("merge", zoo.diffusers("sd1", 1), zoo.diffusers("sd1", 2), "-m", "weighted_sum",
+                       "--out", out, "-q")
+    line = assert_one_line_error(code, err, str(out), "No space left on device")
+    assert ".hubmix-" not in line and list((tmp_path / "o").iterdir()) == []
+
+
+def test_output_parent_that_is_a_file(tmp_path, zoo, cli):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file" / "out", tmp_path / "file" / "out.safetensors"):
+        code, _, err = cli("merge", zoo.diffusers("sd1", 1), zoo.diffusers("sd1", 2), "-m", "weighted_sum",
+                           "--out", out)
+        assert_one_line_error(code, err, str(out), "not a folder")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+# ---- a single file and its recipe: together or not at all ---------------------------------------------------------
+
+def _sidecar_hash(path: Path) -> str:
+    import re
+
+    return re.search(r"sha256 ([0-9a-f]{64})", path.read_text()).group(1)
+
+
+def _weights_hash(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["hubmix.recipe_sha256"]
+
+
+def test_disk_full_while_writing_the_sidecar(tmp_path, zoo, cli, monkeypatch):
+    import hubmix.merging
+
+    a, b = zoo.single("sd1", 1), zoo.single("sd1", 2)
+    monkeypatch.setattr(hubmix.merging, "recipe_yaml", _enospc)
+    (tmp_path / "o").mkdir()
+    out = tmp_path / "o" / "m.safetensors"
+    code, _, err = cli("merge", a, b, "-m", "weighted_sum", "--out", out, "-q")
+    assert_one_line_error(code, err, "m.", "No space left on device")
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_racing_merges_never_mix_weights_and_recipes(tmp_path, zoo, monkeypatch):
+    """Merge B runs while merge A is installing its result: the target ends with one merge's weights and that same
+    merge's recipe."""
+    import threading
+
+    import hubmix
+    from hubmix import Recipe
+
+    inputs = [str(zoo.single("sd1", 1)), str(zoo.single("sd1", 2))]
+    out = tmp_path / "m.safetensors"
+    real = os.replace
+    state = {"hooked": False, "error": None}
+
+    def merge_b():
+        try:
+            hubmix.merge(Recipe(models=inputs, method="weighted_sum", params={"alpha": 0.9}), out=out,
+                         overwrite=True, quiet=True)
+        except BaseException as e:  # noqa: BLE001
+            state["error"] = e
+
+    b = threading.Thread(target=merge_b)
+
+    def replace(src, dst, *a, **k):
+        real(src, dst, *a, **k)
+        if Path(dst) == out and not state["hooked"]:  # A's weights just went in
+            state["hooked"] = True
+            b.start()
+            b.join(timeout=3)  # B may run to its end, or wait for A's final step to finish
+
+    monkeypatch.setattr(os, "replace", replace)
+    hubmix.merge(Recipe(models=inputs, method="weighted_sum", params={"alpha": 0.1}), out=out, quiet=True)
+    b.join()
+    assert state["hooked"] and state["error"] is None
+    assert _sidecar_hash(tmp_path / "m.recipe.yaml") == _weights_hash(out)
+    assert _leftovers(tmp_path) == []
+
+
+# ---- replacing a folder while another process takes its name -------------------------------------------------------
+
+def test_folder_replace_race(tmp_path, zoo, monkeypatch):
+    import hubmix
+    from hubmix import Recipe
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous result")
+    real = os.rename
+    state = {"n": 0}
+
+    def rename(src, dst, *a, **k):
+        real(src, dst, *a, **k)
+        if Path(src) == out and state["n"] == 0:  # the old result was parked: another merge takes the name
+            state["n"] += 1
+            out.mkdir()
+            (out / "intruder.txt").write_text("theirs")
+
+    monkeypatch.setattr(os, "rename", rename)
+    hubmix.merge(Recipe(models=[str(zoo.diffusers("sd1", s)) for s in (1, 2)], method="weighted_sum"), out=out,
+                 overwrite=True, quiet=True)
+    assert state["n"] == 1 and (out / "model_index.json").is_file()
+    assert not (out / "intruder.txt").exists() and not (out / "old.txt").exists()
+    assert _leftovers(tmp_path) == []
+
+
+# ---- leftovers of killed runs ---------------------------------------------------------------------------------------
+
+KILLED = """
+import sys, time
+from hubmix.engine import pipeline
+real = pipeline.compute
+def slow(*a, **k):
+    time.sleep(0.05)
+    return real(*a, **k)
+pipeline.compute = slow
+from hubmix.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_later_run_removes_temporaries_of_killed_runs(tmp_path, zoo):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "o").mkdir()
+    out = tmp_path / "o" / "out.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    args = [zoo.single("sd1", 1), zoo.single("sd1", 2), "-m", "weighted_sum", "--out", out, "-q", "--workers", "1"]
+    child = subprocess.Popen([sys.executable, "-c", KILLED, "merge", *map(str, args)], env=env)
+    deadline = time.monotonic() + 120
+    while not _leftovers(tmp_path / "o") and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    stale = _leftovers(tmp_path / "o")
+    assert stale and not out.exists()  # what kill -9 leaves: a hidden temporary
+    # a temporary of a live process (this one) is not touched
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8]
+    live = tmp_path / "o" / f".out.safetensors.hubmix-tmp-{os.getpid()}-{boot}-0123abcd"
+    live.write_bytes(b"in progress")
+    import hubmix
+    from hubmix import Recipe
+
+    hubmix.merge(Recipe(models=[str(a) for a in args[:2]], method="weighted_sum"), out=out, quiet=True)
+    assert _leftovers(tmp_path / "o") == [live.name] and out.is_file()
