@@ -26,3 +26,35 @@ def test_hub_model_index_cannot_point_outside_the_snapshot(hub, cli, tmp_path, z
     assert_one_line_error(code, err, "org/evil", "'../../blobs'", "not a plain folder name")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_home", "hubmix-cache", "o"]
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["p"] and list((tmp_path / "o" / "p").iterdir()) == []
+
+
+NO_SLEEP = """
+import sys, time
+time.sleep = lambda s: None  # huggingface_hub's retries, without their waits
+from hubmix.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _hubmix(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    return subprocess.run([sys.executable, "-c", NO_SLEEP, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_hub_answering_500_is_reported_as_such(hub, tmp_path):
+    fault = hub.fail("resolve", 500, message="Internal Error")
+    try:
+        out = tmp_path / "out"
+        r = _hubmix("merge", "org/a", "org/b@v1", "-m", "weighted_sum", "--out", out, "-q")
+    finally:
+        hub.clear_faults()
+    assert fault.hits > 1  # huggingface_hub retried, and -q kept its warnings quiet: one line
+    line = assert_one_line_error(r.returncode, r.stderr, "org/a", "HTTP 500", "Internal Error")
+    assert "cannot be reached" not in line
+    assert not out.exists()
