@@ -58,3 +58,29 @@ def test_hub_answering_500_is_reported_as_such(hub, tmp_path):
     line = assert_one_line_error(r.returncode, r.stderr, "org/a", "HTTP 500", "Internal Error")
     assert "cannot be reached" not in line
     assert not out.exists()
+
+
+def test_push_whose_reply_was_lost(hub, token, cli, tmp_path):
+    """The commit landed but its reply never came: hubmix looks at the branch and reports the commit it finds."""
+    hub.repos.pop("user/lost", None)
+    fault = hub.fail("commit", kind="drop_reply", times=1)
+    try:
+        out = tmp_path / "m"
+        code, stdout, err = cli("merge", "org/a", "org/d", "-m", "weighted_sum", "--out", out, "--push", "user/lost",
+                                "-q")
+    finally:
+        hub.clear_faults()
+    assert fault.hits == 1 and len(hub.history("user/lost")) == 2  # it did land, once
+    head = hub.resolve("user/lost")
+    assert code == 0, err
+    assert stdout.strip().splitlines()[-1] == f"{hub.url}/user/lost/commit/{head}"
+    assert "reply was lost" in err and "none of the" not in err
+    # a commit that really failed is still reported as such, after looking
+    hub.fail("commit", 500, message="commit service broke")
+    try:
+        code, _, err = cli("merge", "org/a", "org/d", "-m", "weighted_sum", "--alpha", "0.3", "--out",
+                           tmp_path / "m2", "--push", "user/lost", "-q")
+    finally:
+        hub.clear_faults()
+    assert_one_line_error(code, err, "user/lost", "nothing was committed (checked main)", "none of the")
+    assert len(hub.history("user/lost")) == 2
