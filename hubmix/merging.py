@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -229,8 +230,10 @@ def _single_file_metadata(canonical: dict[str, Any], family: Family, title: str,
     return _metadata(canonical, extra)
 
 
-def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, summary: Summary) -> dict[str, Any]:
-    """Run the merge tasks through the engine on the chosen device; returns what the engine did."""
+def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, summary: Summary,
+             names: list[str]) -> dict[str, Any]:
+    """Run the merge tasks through the engine on the chosen device; returns what the engine did. Inputs with
+    NaN/inf elements are counted in the same pass and reported per component and model (summary "nonfinite")."""
     device = resolve_device(settings.device)
     workers = settings.workers or (1 if device.type != "cpu" else engine.default_workers())
     budget = device_budget(device, settings.max_memory)
@@ -242,13 +245,26 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
     for t in merged:
         dtypes = [r.dtype for r in t.refs]
         signatures.setdefault(Kernels.key(t.method, dtypes, t.out_dtype), (t.method, dtypes, t.out_dtype))
+    bad: dict[tuple[str, int], tuple[int, set[str]]] = {}  # (component, model) -> (count, keys)
+    lock = threading.Lock()
+
+    def counter(job: engine.Job, counts: list[int]) -> None:
+        with lock:
+            for i, n in zip(job.task.sources, counts):
+                if n:
+                    total, keys = bad.get((job.task.component, i), (0, set()))
+                    bad[(job.task.component, i)] = (total + n, keys | {job.task.key})
+
     try:
         with engine.parallel_across_chunks(workers):
             kernels.start(list(signatures.values()))
             engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
-                             quiet=settings.quiet)
+                             quiet=settings.quiet, nonfinite=counter)
     finally:
         kernels.close()
+    for (component, i), (n, keys) in sorted(bad.items()):
+        summary.add("nonfinite", f"{component}: {n} non-finite (NaN/inf) elements in {names[i]} ({len(keys)} "
+                                 f"tensors, e.g. {sorted(keys)[0]})")
     return {"device": str(device), "workers": workers, "chunk_elements": chunk, "kernels": dict(kernels.calls),
             "native_build_seconds": kernels.native_build_seconds, "compile_seconds": kernels.compile_seconds}
 
@@ -323,7 +339,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         try:
             router.open()
             stats = _execute(router.wanted(tasks), router.write, settings,
-                             "converting" if recipe.method == "copy" else "merging", summary)
+                             "converting" if recipe.method == "copy" else "merging", summary,
+                             [f"{letter(i)} ({m.name})" for i, m in enumerate(models)])
             canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result())
             final = _metadata(canonical)
             for f in router.files:  # the input hashes were computed during the merge: same-length placeholders

@@ -373,3 +373,42 @@ def test_a_later_run_removes_temporaries_of_killed_runs(tmp_path, zoo):
 
     hubmix.merge(Recipe(models=[str(a) for a in args[:2]], method="weighted_sum"), out=out, quiet=True)
     assert _leftovers(tmp_path / "o") == [live.name] and out.is_file()
+
+
+# ---- silent numerics: NaN/inf inputs ---------------------------------------------------------------------------------
+
+def test_non_finite_inputs_are_counted_per_component(tmp_path, zoo, cli, monkeypatch):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hubmix.engine import pipeline
+
+    src = zoo.single("sd1", 2)
+    tensors = load_file(str(src))
+    unet = sorted(k for k in tensors if k.startswith("model.diffusion_model.") and tensors[k].numel() > 64)
+    te = sorted(k for k in tensors if k.startswith("cond_stage_model.") and tensors[k].dtype.is_floating_point)
+    tensors[unet[0]].view(-1)[:3] = float("nan")
+    tensors[unet[1]].view(-1)[5] = float("inf")
+    tensors[te[0]].view(-1)[0] = float("-inf")
+    bad = tmp_path / "bad.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        save_file(tensors, str(bad), metadata=f.metadata())
+    monkeypatch.setattr(pipeline, "DEFAULT_CHUNK", 1000)  # chunked tensors too
+    for method, models in (("lossless", [zoo.single("sd1", 1), bad, zoo.single("sd1", 3)]),
+                           ("weighted_sum", [zoo.single("sd1", 1), bad])):
+        out = tmp_path / f"{method}.safetensors"
+        code, _, err = cli("merge", *models, "-m", method, "--out", out, "-q", "--workers", "2")
+        assert code == 0, err
+        warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+        assert len(warnings) == 2, err
+        unet_line = next(ln for ln in warnings if "unet:" in ln)
+        assert "unet: 4 non-finite (NaN/inf) elements in b (bad.safetensors) (2 tensors" in unet_line
+        te_line = next(ln for ln in warnings if "text_encoder:" in ln)
+        assert "text_encoder: 1 non-finite (NaN/inf) elements in b (bad.safetensors) (1 tensors" in te_line
+    clean = tmp_path / "clean.safetensors"
+    code, _, err = cli("merge", zoo.single("sd1", 1), zoo.single("sd1", 3), "-m", "weighted_sum", "--out", clean,
+                       "-q")
+    assert code == 0 and "warning" not in err
+    assert torch.isfinite(load_file(str(clean))[unet[0]]).all()

@@ -79,7 +79,7 @@ class Summary:
         "unassigned": "single-file keys outside every component (EMA, schedule buffers), not used",
         "config": "configs inferred from shapes (what shapes cannot tell came from family defaults)",
         "note": "notes",
-    }
+    }  # "nonfinite" events (NaN/inf inputs, per component and model) are printed as warnings, even with -q
 
     def add(self, kind: str, line: str) -> None:
         self.events.setdefault(kind, []).append(line)
