@@ -1,5 +1,5 @@
 """Where merged tensors go: output files planned from the tasks, the routing of every canonical tensor into them,
-the non-weight files of a diffusers folder, and and (re-exported from engine.target) the atomic target.
+and the non-weight files of a diffusers folder (the atomic target that protects the output is engine.target).
 
 A canonical tensor can land in several places at once (`--layout both`: the diffusers component file and the
 single file at the folder's root), each with its own key, byte offset (a third of a fused q/k/v) and transform.
@@ -8,7 +8,6 @@ single file at the folder's root), each with its own key, byte offset (a third o
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,12 @@ from typing import Any
 import torch
 
 from hubmix.engine.pipeline import Job
-from hubmix.errors import InputError, OutputError
+from hubmix.errors import InputError
 from hubmix.formats.families import ComponentSpec, Family
 from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
 from hubmix.formats.layouts import KeyMap, apply_to_original, to_original_shape
 from hubmix.formats.model import check_component_name
 from hubmix.engine.plan import Summary, Task
-from hubmix.engine.target import atomic_target, check_target  # noqa: F401 - where they used to live
 
 
 @dataclass
