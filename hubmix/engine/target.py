@@ -122,11 +122,22 @@ def atomic_target(target: Path, overwrite: bool, companions: tuple[Path, ...] = 
             _install(stage, overwrite)
     except OutputError as e:
         raise OutputError(_unhide(str(e), stage)) from None
-    except (OSError, shutil.Error) as e:
+    except OSError as e:  # shutil.Error (copytree) included
+        if not _about_output(e, stage):
+            raise
         raise OutputError(f"{target}: cannot write ({_unhide(_reason(e), stage)})") from None
     finally:
         for tmp in stage.temporaries():
             _remove(tmp)
+
+
+def _about_output(e: OSError, stage: Staging) -> bool:
+    """Whether an OSError is about writing the result (a staged path, a copy into it, a full or read-only disk),
+    rather than about reading an input."""
+    if isinstance(e, shutil.Error) or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return True
+    temps = [str(t) for t in stage.temporaries()]
+    return any(str(n).startswith(t) for n in (e.filename, e.filename2) if n for t in temps)
 
 
 def _reason(e: BaseException) -> str:
