@@ -412,3 +412,22 @@ def test_non_finite_inputs_are_counted_per_component(tmp_path, zoo, cli, monkeyp
                        "-q")
     assert code == 0 and "warning" not in err
     assert torch.isfinite(load_file(str(clean))[unet[0]]).all()
+
+
+def test_a_sidecar_of_other_weights_is_not_theirs(tmp_path, zoo):
+    """What a crash between the final step's two renames leaves (a newer recipe beside older weights) is not taken
+    as the weights' recipe: not uploaded with them, and the weights' own metadata is read."""
+    import shutil
+
+    import hubmix
+    from hubmix import Recipe
+    from hubmix.result import load_result, result_files
+
+    inputs = [str(zoo.single("sd1", 1)), str(zoo.single("sd1", 2))]
+    for name, alpha in (("m", 0.2), ("n", 0.7)):
+        hubmix.merge(Recipe(models=inputs, method="weighted_sum", params={"alpha": alpha}),
+                     out=tmp_path / f"{name}.safetensors", quiet=True)
+    assert sorted(result_files(tmp_path / "m.safetensors")) == ["m.recipe.yaml", "m.safetensors"]
+    shutil.copy(tmp_path / "n.recipe.yaml", tmp_path / "m.recipe.yaml")
+    assert sorted(result_files(tmp_path / "m.safetensors")) == ["m.safetensors"]
+    assert load_result(tmp_path / "m.safetensors").canonical["params"]["alpha"] == 0.2
