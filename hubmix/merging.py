@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,7 @@ from hubmix.blockweights import expand_block_lists
 from hubmix.lorabake import attach_loras
 from hubmix.engine import analysis
 from hubmix.engine import pipeline as engine
-from hubmix.cache import write_atomically
+from hubmix.cache import write_new
 from hubmix.formats.configs import DEFAULT_DERIVED
 from hubmix.engine.devices import device_budget, resolve_device
 from hubmix.errors import InputError, RecipeError
@@ -26,9 +27,10 @@ from hubmix.hashing import hash_in_background
 from hubmix.engine.kernels import Kernels
 from hubmix.formats.layouts import KeyMap
 from hubmix.formats.prediction import Prediction, marker_tensors, single_file_metadata, update_scheduler
-from hubmix.formats.model import CONFIG_META, LocalModel, check_same_family, open_model, read_json
-from hubmix.engine.output import (Router, atomic_target, check_target, component_config_json, model_index,
-                     need_folder, write_json)
+from hubmix.formats.model import (CONFIG_META, LocalModel, check_component_name, check_same_family, open_model,
+                                  read_json)
+from hubmix.engine.output import Router, component_config_json, model_index, need_folder, write_json
+from hubmix.engine.target import atomic_target, check_target
 from hubmix.engine.plan import TORCH_DTYPES, Summary, Task, plan_merge
 from hubmix.recipe import RECIPE_VERSION, recipe_yaml, Recipe, canonical_json, letter, model_entry, recipe_hash
 from hubmix.hub.refs import ModelRef, parse_ref
@@ -217,6 +219,7 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
         shutil.copytree(src, root / tok, dirs_exist_ok=True)
     if a.layout == "diffusers":
         for name, folder in a.extra_components.items():
+            check_component_name(name, folder)  # open_model refused paths; never copy outside the output
             shutil.copytree(folder, root / name, dirs_exist_ok=True)
     index = model_index(family, a.inpainting, sched["_class_name"], read_json(base / "model_index.json") or None
                         if base else None)
@@ -266,8 +269,10 @@ def _single_file_metadata(canonical: dict[str, Any], family: Family, title: str,
     return _metadata(canonical, extra)
 
 
-def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, summary: Summary) -> dict[str, Any]:
-    """Run the merge tasks through the engine on the chosen device; returns what the engine did."""
+def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, summary: Summary,
+             names: list[str]) -> dict[str, Any]:
+    """Run the merge tasks through the engine on the chosen device; returns what the engine did. Inputs with
+    NaN/inf elements are counted in the same pass and reported per component and model (summary "nonfinite")."""
     device = resolve_device(settings.device)
     workers = settings.workers or (1 if device.type != "cpu" else engine.default_workers())
     budget = device_budget(device, settings.max_memory)
@@ -279,13 +284,26 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
     for t in merged:
         dtypes = [r.dtype for r in t.refs]
         signatures.setdefault(Kernels.key(t.method, dtypes, t.out_dtype), (t.method, dtypes, t.out_dtype))
+    bad: dict[tuple[str, int], tuple[int, set[str]]] = {}  # (component, model) -> (count, keys)
+    lock = threading.Lock()
+
+    def counter(job: engine.Job, counts: list[int]) -> None:
+        with lock:
+            for i, n in zip(job.task.sources, counts):
+                if n:
+                    total, keys = bad.get((job.task.component, i), (0, set()))
+                    bad[(job.task.component, i)] = (total + n, keys | {job.task.key})
+
     try:
         with engine.parallel_across_chunks(workers):
             kernels.start(list(signatures.values()))
             engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
-                             quiet=settings.quiet)
+                             quiet=settings.quiet, nonfinite=counter)
     finally:
         kernels.close()
+    for (component, i), (n, keys) in sorted(bad.items()):
+        summary.add("nonfinite", f"{component}: {n} non-finite (NaN/inf) elements in {names[i]} ({len(keys)} "
+                                 f"tensors, e.g. {sorted(keys)[0]})")
     return {"device": str(device), "workers": workers, "chunk_elements": chunk, "kernels": dict(kernels.calls),
             "native_build_seconds": kernels.native_build_seconds, "compile_seconds": kernels.compile_seconds}
 
@@ -361,13 +379,16 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         m.components[c].config_source == "inferred" for m in models for c in m.components) else None
     configs = output_configs(models + donor, structure, family, source, summary)
     hashes_future = hash_in_background(sorted({r.file.path for t in tasks for r in t.refs}))
-    with atomic_target(target, overwrite) as tmp:
+    sidecar = _sidecar(target) if layout == "single-file" else None
+    with atomic_target(target, overwrite, companions=(sidecar,) if sidecar else ()) as stage:
+        tmp = stage.path
         router = _plan_outputs(tmp, target, layout, tasks, models, structure, family, configs, source, recipe,
                                prediction, placeholder, summary)
         try:
             router.open()
             stats = _execute(router.wanted(tasks), router.write, settings,
-                             "converting" if recipe.method == "copy" else "merging", summary)
+                             "converting" if recipe.method == "copy" else "merging", summary,
+                             [f"{letter(i)} ({m.name})" for i, m in enumerate(models)])
             canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result(), loras)
             final = _metadata(canonical)
             for f in router.files:  # the input hashes were computed during the merge: same-length placeholders
@@ -378,15 +399,11 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         except BaseException:
             router.abort()
             raise
-        if layout != "single-file":
-            (tmp / "recipe.yaml").write_text(recipe_yaml(canonical))
+        # the recipe is staged with the weights and renamed in with them (engine.target): together or not at all
+        recipe_file = stage.beside(sidecar) if sidecar else tmp / "recipe.yaml"
+        write_new(recipe_file, recipe_yaml(canonical))
         written = [target / f.path.relative_to(tmp) if layout != "single-file" else target for f in router.files]
-    if layout == "single-file":
-        sidecar = _sidecar(target)
-        write_atomically(sidecar, recipe_yaml(canonical))
-        written.append(sidecar)
-    else:
-        written.append(target / "recipe.yaml")
+    written.append(sidecar or target / "recipe.yaml")
     return MergeResult(target, layout, family, summary, canonical, files=written, engine=stats)
 
 

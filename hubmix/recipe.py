@@ -130,7 +130,7 @@ class Recipe:
         except OSError as e:
             raise RecipeError(f"{p}: cannot read recipe ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise RecipeError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise RecipeError(f"{p}: not valid YAML{_yaml_position(e)}") from None
         return cls.from_dict(raw, str(p))
 
     # ---- validation ---------------------------------------------------------------------------------------------
@@ -258,6 +258,14 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _yaml_position(e: Exception) -> str:
+    """' at line L, column C: problem' from a PyYAML error (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
 
 
 def _component_from_dict(c: Any, where: str) -> ComponentRecipe:

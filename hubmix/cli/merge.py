@@ -166,6 +166,8 @@ def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, com
 
     settings = Settings(workers=workers, max_memory=max_memory, device=device, kernels=kernels, quiet=quiet)
     result = run_merge(recipe, out=out, overwrite=overwrite, dry=dry, settings=settings)
+    for line in result.summary.events.get("nonfinite", []):  # even with -q: the output may be broken
+        click.echo(f"warning: {line}", err=True)
     if save_recipe:  # only for a merge that ran
         try:
             save_recipe.write_text(recipe.to_yaml())

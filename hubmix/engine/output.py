@@ -1,5 +1,5 @@
 """Where merged tensors go: output files planned from the tasks, the routing of every canonical tensor into them,
-the non-weight files of a diffusers folder, and the atomic temporary-sibling-then-rename that protects the target.
+and the non-weight files of a diffusers folder (the atomic target that protects the output is engine.target).
 
 A canonical tensor can land in several places at once (`--layout both`: the diffusers component file and the
 single file at the folder's root), each with its own key, byte offset (a third of a fused q/k/v) and transform.
@@ -8,21 +8,18 @@ single file at the folder's root), each with its own key, byte offset (a third o
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from hubmix.engine.pipeline import Job
-from hubmix.errors import InputError, OutputError
+from hubmix.errors import InputError
 from hubmix.formats.families import ComponentSpec, Family
 from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
 from hubmix.formats.layouts import COPYING, KeyMap, apply_to_original, part_rows, to_original_shape
+from hubmix.formats.model import check_component_name
 from hubmix.engine.plan import Summary, Task
 
 
@@ -196,6 +193,9 @@ def model_index(family: Family, inpainting: bool, scheduler_cls: str, base: dict
 
     if base is not None:
         idx = dict(base)
+        for name, entry in idx.items():  # a borrowed index (--config-from) names the output's folders
+            if not name.startswith("_") and isinstance(entry, list):
+                check_component_name(name, "model_index.json of the config source")
     else:
         idx = {"_diffusers_version": diffusers.__version__, **family.pipeline_extra,
                "scheduler": ["diffusers", scheduler_cls]}
@@ -214,65 +214,3 @@ def need_folder(path: Path | None, what: str, family: Family) -> Path:
             f"<a diffusers folder or Hub repo of this family>, e.g. --config-from {family.default_config_repo}"
         )
     return path
-
-
-# ---- atomic target -------------------------------------------------------------------------------------------
-
-def check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target}: already exists (pass --overwrite to replace it)")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.exists():
-        raise OutputError(f"{target}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{target}: cannot write to {parent}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    if root.is_file():
-        return  # weight files were fsynced by their writer; small files follow
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-@contextmanager
-def atomic_target(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `target`; on success it replaces `target`, on any failure it is removed."""
-    check_target(target, overwrite)
-    tmp = target.with_name(f".{target.name}.hubmix-tmp-{secrets.token_hex(4)}")
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if tmp.is_file() and not target.is_dir():
-            os.replace(tmp, target)  # one atomic step: the target is the old file or the new one, never absent
-        elif target.exists():  # a folder cannot replace a folder in one step: park the old one aside first
-            old = target.with_name(f".{target.name}.hubmix-old-{secrets.token_hex(4)}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            _remove(old)
-        else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent if str(target.parent) else Path("."))
-    finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink(missing_ok=True)

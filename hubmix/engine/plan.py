@@ -84,7 +84,7 @@ class Summary:
         "config": "configs inferred from shapes (what shapes cannot tell came from family defaults)",
         "lora": "LoRA keys that match no tensor, skipped (--lora-skip-unknown)",
         "note": "notes",
-    }
+    }  # "nonfinite" events (NaN/inf inputs, per component and model) are printed as warnings, even with -q
 
     def add(self, kind: str, line: str) -> None:
         self.events.setdefault(kind, []).append(line)

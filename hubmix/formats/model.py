@@ -20,7 +20,7 @@ from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
 from hubmix.formats.families import (ComponentSpec, Family, all_component_names, detect_family, detect_main_only,
                                      get_family, weight_stem)
-from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file
+from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file, read_regular
 from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
 from hubmix.formats.prediction import MARKER_KEYS, Prediction, from_scheduler, from_single_file
 
@@ -160,7 +160,7 @@ def _weight_files(folder: Path, stem: str, variant: str | None, where: str) -> l
     names = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
     chosen = choose_weights(names, stem, variant, where, folder)
     if len(chosen) == 1 and chosen[0].endswith(".json"):
-        files = [folder / s for s in index_shards((folder / chosen[0]).read_text(), folder / chosen[0])]
+        files = [folder / s for s in index_shards(read_regular(folder / chosen[0]), folder / chosen[0])]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise InputError(f"{folder / chosen[0]}: index names missing shard files: {', '.join(missing[:3])}")
@@ -181,7 +181,7 @@ def _config_ndims(folder: Path, library: str, cls: str) -> dict[str, int]:
         klass = getattr(module, cls)
         if not (isinstance(klass, type) and issubclass(klass, base)):
             raise ValueError(cls)
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads(read_regular(folder / "config.json"))
         with torch.device("meta"):
             model = klass.from_config(config) if library == "diffusers" else klass(
                 klass.config_class.from_dict(config))
@@ -192,10 +192,12 @@ def _config_ndims(folder: Path, library: str, cls: str) -> dict[str, int]:
 
 def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | None = None) -> LocalModel:
     try:
-        index = json.loads((root / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        index = json.loads(read_regular(root / "model_index.json"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{root / 'model_index.json'}: unreadable ({e})") from None
-    subfolders = {name: root / name for name, v in index.items()
+    if not isinstance(index, dict):
+        raise InputError(f"{root / 'model_index.json'}: not a JSON object")
+    subfolders = {check_component_name(name, root / "model_index.json"): root / name for name, v in index.items()
                   if not name.startswith("_") and isinstance(v, list) and v and v[0] is not None}
     opened: dict[str, list[WeightFile]] = {}
     ndims: dict[str, int] = {}
@@ -223,8 +225,8 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
             raise InputError(f"{root}: a {family.name} model needs a {name} component; model_index.json has none")
         folder = subfolders[name]
         try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            config = json.loads(read_regular(folder / "config.json"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{folder / 'config.json'}: unreadable ({e})") from None
         keymap = KeyMap(spec, config)
         comp = Component(name, spec, {}, config, "folder", keymap=keymap, folder=folder)
@@ -246,11 +248,29 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
     return model
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def component_name_ok(name: object) -> bool:
+    """Whether a model_index.json entry is a plain folder name: never a path (`../x`, `/abs`, `a/b`), which would
+    make hubmix read or copy files outside the model, or write them outside --out."""
+    return isinstance(name, str) and bool(PLAIN_NAME.fullmatch(name)) and ".." not in name
+
+
+def check_component_name(name: str, where: object) -> str:
+    if not component_name_ok(name):
+        raise InputError(f"{where}: component {name!r} is not a plain folder name; refusing a path in "
+                         "model_index.json")
+    return name
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON file's object, or {} when it is missing or unreadable (optional configs)."""
+    if not path.exists():
+        return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(read_regular(path))  # a FIFO or device is refused (InputError), not waited on
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
 
 

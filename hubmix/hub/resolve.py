@@ -22,7 +22,7 @@ from hubmix import __version__
 from hubmix.cache import cache_root, write_atomically
 from hubmix.errors import HubError, InputError
 from hubmix.formats.families import all_component_names, weight_stem
-from hubmix.formats.model import choose_weights, index_shards
+from hubmix.formats.model import choose_weights, component_name_ok, index_shards
 from hubmix.hub.client import api, endpoint, hub_error, is_network, is_offline, one_line
 from hubmix.hub.mounts import card_license, listing, mounted
 from hubmix.hub.refs import ModelRef, parse_hub_ref
@@ -184,6 +184,14 @@ def _pipeline_folders(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
             if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
 
 
+def _check_index(repo: str, index: dict[str, Any]) -> None:
+    """Component names are folder names of the repo, never paths: `../../blobs` would read the cache's blobs."""
+    for k, v in index.items():
+        if not k.startswith("_") and isinstance(v, list) and not component_name_ok(k):
+            raise HubError(f"{repo}: model_index.json names component {k!r}, not a plain folder name; refusing a "
+                           "path")
+
+
 def _config_files(names: list[str], index: dict[str, Any]) -> list[str]:
     """Every non-weight file of the folders model_index.json lists: configs, scheduler, tokenizers."""
     out = []
@@ -271,6 +279,7 @@ def _model_index(state: RepoState, revision: str | None) -> tuple[Path, dict[str
         raise HubError(f"{state.repo}: model_index.json is unreadable ({one_line(e, 80)})") from None
     if not isinstance(index, dict):
         raise HubError(f"{state.repo}: model_index.json is not a JSON object")
+    _check_index(state.repo, index)
     return first.parent, index
 
 

@@ -8,6 +8,7 @@ tensors are merged in chunks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -31,8 +32,8 @@ class Param:
             v = float(value)
         except (TypeError, ValueError):
             raise RecipeError(f"{where}: {self.name} must be a number, got {value!r}") from None
-        if v != v:  # NaN
-            raise RecipeError(f"{where}: {self.name} must be a number, got NaN")
+        if not math.isfinite(v):  # NaN or inf would turn a whole model into NaN/inf
+            raise RecipeError(f"{where}: {self.name} must be a finite number, got {value!r}")
         if (self.min is not None and v < self.min) or (self.max is not None and v > self.max):
             raise RecipeError(f"{where}: {self.name}={v} is outside [{self.min}, {self.max}]")
         return v
