@@ -282,11 +282,9 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
 def _magic(p: Path) -> bytes:
-    try:
-        with open(p, "rb") as f:
-            return f.read(4)
-    except OSError:
-        return b""
+    """The first bytes of a regular file (anything else is refused here, before any reader could block on it)."""
+    with os.fdopen(open_regular(p), "rb") as f:
+        return f.read(4)
 
 
 def _is_pickle(path: Path) -> bool:
