@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from hubmix.formats.families import ComponentSpec, layouts
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -289,6 +290,8 @@ class KeyMap:
         return None
 
     def generated_tensor(self, key: str) -> torch.Tensor:
+        import torch
+
         kind = self.generated[key]
         if kind == "positions":
             return torch.arange(self.config["max_position_embeddings"], dtype=torch.int64)[None]

@@ -11,15 +11,16 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterable
-
-import torch
+from typing import TYPE_CHECKING, Any, Collection, Iterable
 
 from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
 from hubmix.formats.families import ComponentSpec, Family, detect_family, weight_stem
 from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file
 from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, to_canonical_shape
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_META = "hubmix.configs"  # single files written by hubmix embed their component configs under this key
 
@@ -161,6 +162,8 @@ def _config_ndims(folder: Path, library: str, cls: str) -> dict[str, int]:
     try:
         import importlib
 
+        import torch
+
         if library not in ("diffusers", "transformers"):  # names from a repo's model_index.json: nothing else runs
             raise ValueError(library)
         module = importlib.import_module(library)
@@ -223,7 +226,7 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
                 if why is not None:
                     comp.dropped.append((f"{name}/{k}", why))
                     continue
-                comp.tensors[canon] = TensorRef(info.dtype, info.shape, f, k)
+                comp.tensors[canon] = TensorRef(info.dtype_name, info.shape, f, k)
         components[name] = comp
     sched = read_json(root / "scheduler" / "scheduler_config.json")
     extra = {n: f for n, f in subfolders.items() if n not in family.components and f.is_dir()}
@@ -305,7 +308,7 @@ def _ref(f: WeightFile, key: str, place: Placement, path: Path) -> TensorRef:
         if not shape or shape[0] % count:
             raise InputError(f"{path}: {key} has shape {list(shape)}, not {count} fused equal parts")
         shape = (shape[0] // count, *shape[1:])
-    return TensorRef(info.dtype, to_canonical_shape(place.transform, shape), f, key, place)
+    return TensorRef(info.dtype_name, to_canonical_shape(place.transform, shape), f, key, place)
 
 
 def _embedded_configs(f: WeightFile, path: Path) -> dict[str, dict[str, Any]]:
