@@ -20,7 +20,7 @@ from hubmix.formats.configs import DEFAULT_DERIVED
 from hubmix.engine.devices import device_budget, resolve_device
 from hubmix.errors import InputError, RecipeError
 from hubmix.formats.families import Family
-from hubmix.hashing import hash_in_background
+from hubmix.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
 from hubmix.formats.layouts import KeyMap
 from hubmix.formats.model import CONFIG_META, LocalModel, check_same_family, open_model, read_json
@@ -312,7 +312,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         m.components[c].config_source == "inferred" for m in models for c in m.components) else None
     configs = output_configs(models, structure, family, source, summary)
     prediction = _prediction_type(models, recipe, summary)
-    hashes_future = hash_in_background(sorted({r.file.path for t in tasks for r in t.refs}))
+    # the input hashes read the mappings the engine reads, on their own threads, while it runs
+    hashes = input_hashes({r.file.path: r.file for t in tasks for r in t.refs}.values()).start()
     with atomic_target(target, overwrite) as tmp:
         router = _plan_outputs(tmp, target, layout, tasks, models, structure, family, configs, source, recipe,
                                prediction, placeholder, summary)
@@ -320,7 +321,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
             router.open()
             stats = _execute(router.wanted(tasks), router.write, settings,
                              "converting" if recipe.method == "copy" else "merging", summary)
-            canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result())
+            canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes.result())
+            stats["hashed_files"] = len(hashes.pending)
             final = _metadata(canonical)
             for f in router.files:  # the input hashes were computed during the merge: same-length placeholders
                 assert f.writer is not None
@@ -328,6 +330,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
                                                                                 "hubmix.recipe_sha256")}})
             router.finish()
         except BaseException:
+            hashes.cancel()
             router.abort()
             raise
         if layout != "single-file":

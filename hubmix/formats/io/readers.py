@@ -12,6 +12,7 @@ import mmap
 import os
 import pickle
 import struct
+import threading
 import weakref
 import zipfile
 from dataclasses import dataclass
@@ -106,6 +107,11 @@ class WeightFile:
     def tensor(self, key: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def mapped(self) -> mmap.mmap | None:
+        """The whole file as the memory map tensors are viewed through (None: the reader has none), so the input
+        hash reads the very pages the merge reads."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -128,6 +134,7 @@ class SafetensorsFile(WeightFile):
             os.close(self._fd)
             raise
         self._mm: mmap.mmap | None = None
+        self._mm_lock = threading.Lock()  # one mapping, shared by the engine and the input hash
         # closed when the file object goes (the mapping keeps its own descriptor, views stay valid)
         self._closer = weakref.finalize(self, os.close, self._fd)
 
@@ -181,10 +188,15 @@ class SafetensorsFile(WeightFile):
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
-            # ACCESS_COPY = MAP_PRIVATE: pages we only read stay shared with the page cache (no anonymous memory),
-            # and the buffer is writable, which torch.frombuffer wants.
-            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+            with self._mm_lock:
+                if self._mm is None:
+                    # ACCESS_COPY = MAP_PRIVATE: pages we only read stay shared with the page cache (no anonymous
+                    # memory), and the buffer is writable, which torch.frombuffer wants.
+                    self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
         return self._mm
+
+    def mapped(self) -> mmap.mmap:
+        return self._map()
 
     def tensor(self, key: str) -> torch.Tensor:
         import torch
