@@ -117,7 +117,6 @@ class InputHashes:
     `cancel()` stops them between blocks."""
 
     def __init__(self, sources: dict[Path, Callable[[], Any] | None], threads: int | None = None):
-        # one thread per file up to the core count: the files finish together, as the merge's reads do
         self._todo: list[Path] = []
         self.digests: dict[Path, str] = {}
         for path in sorted(sources):
@@ -126,8 +125,11 @@ class InputHashes:
                 self._todo.append(path)
             else:
                 self.digests[path] = known
+        self._todo.sort(key=lambda p: -p.stat().st_size)  # largest first: no long file left alone at the end
         self._sources = sources
-        self._threads = threads or max(1, min(len(self._todo), os.cpu_count() or 1, 4))
+        # A thread per file (up to 8), not per core: the hashes share the cores with the merge, and all files then
+        # finish near the merge's end, rather than the last large file hashing alone on one core after it.
+        self._threads = threads or max(1, min(len(self._todo), 8))
         self._error: BaseException | None = None
         self._cancel = threading.Event()
         self._workers: list[threading.Thread] = []
