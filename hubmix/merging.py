@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hubmix import __version__
+from hubmix.blockweights import expand_block_lists
+from hubmix.lorabake import attach_loras
 from hubmix.engine import analysis
 from hubmix.engine import pipeline as engine
 from hubmix.cache import write_atomically
@@ -23,6 +25,7 @@ from hubmix.formats.families import Family
 from hubmix.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
 from hubmix.formats.layouts import KeyMap
+from hubmix.formats.prediction import Prediction, marker_tensors, single_file_metadata, update_scheduler
 from hubmix.formats.model import CONFIG_META, LocalModel, check_same_family, open_model, read_json
 from hubmix.engine.output import (Router, atomic_target, check_target, component_config_json, model_index,
                      need_folder, write_json)
@@ -84,7 +87,8 @@ def choose_layout(recipe: Recipe, out: Path | None) -> str:
 
 
 def canonical_recipe(recipe: Recipe, family: Family, models: list[LocalModel], idents: list[dict[str, Any]],
-                     tasks: list[Task], hashes: dict[Path, str]) -> dict[str, Any]:
+                     tasks: list[Task], hashes: dict[Path, str],
+                     loras: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every default filled in, local paths reduced to names, file hashes of what the merge reads."""
     used: dict[int, set[Path]] = {}
     for t in tasks:
@@ -107,6 +111,10 @@ def canonical_recipe(recipe: Recipe, family: Family, models: list[LocalModel], i
     }
     if recipe.ema:
         out["ema"] = True
+    if loras:
+        out["loras"] = loras
+        if recipe.lora_skip_unknown:
+            out["lora_skip_unknown"] = True
     if recipe.variant:
         out["variant"] = recipe.variant
     if recipe.prediction_type:
@@ -166,30 +174,42 @@ def output_configs(models: list[LocalModel], structure: dict[str, int], family: 
     return configs
 
 
-def _prediction_type(models: list[LocalModel], recipe: Recipe, summary: Summary) -> str | None:
-    chosen = recipe.prediction_type or models[0].prediction_type
-    kinds = {m.prediction_type for m in models if m.prediction_type}
-    if len(kinds) > 1:
-        summary.add("note", f"inputs differ in prediction type ({', '.join(sorted(kinds))}); the output uses "
-                            f"{chosen or 'the scheduler default'}")
-    return chosen
+def choose_prediction(models: list[LocalModel], recipe: Recipe, family: Family, summary: Summary) -> Prediction:
+    """The output's prediction type and zero SNR. The inputs that feed the denoiser (family.main) must agree
+    on the type unless the recipe names it (a v-prediction and an epsilon model merge into a model that is
+    neither); zero SNR follows the first of them that has the chosen type."""
+    den = family.main
+    rp = recipe.plan_for(den)
+    letters = [letter(i) for i in range(len(models))]
+    feeding = [models[letters.index(x)] for x in (rp.get("models") or [rp["from"]])]
+    kinds = {m.prediction.type: m for m in reversed(feeding) if m.prediction.type}  # type -> first model saying it
+    if len(kinds) > 1 and not recipe.prediction_type:
+        desc = ", ".join(f"{m.name} is {k} ({m.prediction.source})" for k, m in sorted(kinds.items()))
+        raise RecipeError(f"inputs differ in prediction type: {desc}; pass --prediction-type (recipe: "
+                          f"prediction_type) to say which the merged {den} predicts")
+    chosen = recipe.prediction_type or next(iter(kinds), None)
+    same = [m for m in feeding if m.prediction.type == chosen]
+    zero_snr = next((m.prediction.zero_snr for m in same if m.prediction.zero_snr is not None), None)
+    if len(kinds) > 1 or len({bool(m.prediction.zero_snr) for m in same}) > 1:
+        summary.add("note", f"inputs differ in prediction type or zero terminal SNR; the output is {chosen}"
+                            f"{' with zero terminal SNR' if zero_snr else ''}")
+    return Prediction(chosen, zero_snr, "the recipe" if recipe.prediction_type else "the inputs")
 
 
 def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict[str, int], family: Family,
                            configs: dict[str, dict[str, Any]], source: Path | None, recipe: Recipe,
-                           prediction: str | None) -> None:
+                           prediction: Prediction) -> None:
     """Everything of a diffusers folder but the weights: model_index, configs, scheduler, tokenizers, extras."""
     a = models[0]
     base = a.path if a.layout == "diffusers" else source
     dtype = TORCH_DTYPES.get(recipe.dtype or "")
     sched = read_json(base / "scheduler" / "scheduler_config.json") if base else {}
-    if not sched:
-        sched = dict(family.defaults.get("scheduler", {}))
-    if prediction:
-        sched["prediction_type"] = prediction
-    write_json(root / "scheduler" / "scheduler_config.json", sched)
-    for cname, spec in family.components.items():
-        write_json(root / cname / "config.json", component_config_json(spec, configs[cname], dtype))
+    if not sched:  # the family's, with the variant's own settings (schnell: no dynamic shifting)
+        variant = family.variants.get(a.model_variant or "", {})
+        sched = {**family.defaults.get("scheduler", {}), **variant.get("scheduler", {})}
+    write_json(root / "scheduler" / "scheduler_config.json", update_scheduler(sched, prediction))
+    for cname, cfg in configs.items():
+        write_json(root / cname / "config.json", component_config_json(family.components[cname], cfg, dtype))
     for tok in family.tokenizers:
         src = need_folder(base, f"tokenizer ({tok})", family) / tok
         if not src.is_dir():
@@ -206,6 +226,26 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
     write_json(root / "model_index.json", index)
 
 
+def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str | None) -> list[LocalModel]:
+    """Components no input has (every input transformer-only) come from --config-from's weights when it names a
+    local diffusers folder; a diffusers output cannot do without them."""
+    missing = [c for c in family.components if not any(c in m.components for m in models)]
+    if not missing or layout is None:
+        return []
+    ref = parse_ref(recipe.config_from) if recipe.config_from else None
+    if ref is not None and not ref.is_hub and ref.local and (ref.local / "model_index.json").is_file():
+        donor = open_model(ref.local, variant=recipe.variant, components=missing)
+        if donor.family.id != family.id:
+            raise InputError(f"{recipe.config_from}: --config-from is {donor.family.name}, the inputs are "
+                             f"{family.name}")
+        return [donor]
+    if layout != "single-file":
+        raise InputError(f"the inputs hold no {', '.join(missing)} (transformer-only files): a diffusers output "
+                         f"needs them; pass --config-from <a local {family.name} diffusers folder> to copy them "
+                         "from, or write a single file")
+    return []
+
+
 def _metadata(canonical: dict[str, Any], extra: dict[str, str] | None = None) -> dict[str, str]:
     meta = {"format": "pt", "hubmix.version": __version__, "hubmix.recipe": canonical_json(canonical),
             "hubmix.recipe_sha256": recipe_hash(canonical)}
@@ -214,7 +254,7 @@ def _metadata(canonical: dict[str, Any], extra: dict[str, str] | None = None) ->
 
 
 def _single_file_metadata(canonical: dict[str, Any], family: Family, title: str, configs: dict[str, Any],
-                          prediction: str | None) -> dict[str, str]:
+                          prediction: Prediction) -> dict[str, str]:
     extra = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.modelspec_architecture,
@@ -222,8 +262,7 @@ def _single_file_metadata(canonical: dict[str, Any], family: Family, title: str,
         "modelspec.title": title,
         CONFIG_META: canonical_json(configs),
     }
-    if prediction:
-        extra["modelspec.prediction_type"] = "v" if prediction == "v_prediction" else prediction
+    extra.update(single_file_metadata(prediction))
     return _metadata(canonical, extra)
 
 
@@ -253,7 +292,7 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
 
 def _plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models: list[LocalModel],
                   structure: dict[str, int], family: Family, configs: dict[str, dict[str, Any]], source: Path | None,
-                  recipe: Recipe, prediction: str | None, placeholder: dict[str, Any], summary: Summary) -> Router:
+                  recipe: Recipe, prediction: Prediction, placeholder: dict[str, Any], summary: Summary) -> Router:
     """The output files of `layout` under `tmp` (the target's temporary sibling), with every task routed into them;
     a diffusers layout also gets its non-weight files here."""
     router = Router()
@@ -269,9 +308,12 @@ def _plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], model
     if layout in ("single-file", "both"):
         path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
         title = target.stem if layout == "single-file" else target.name
-        parts = {c: (KeyMap(family.components[c], configs[c]), by_comp.get(c, [])) for c in family.components}
+        specs = {c: family.components[c] for c in configs}
+        if list(specs) == [family.main] and family.detect.get("main_only"):  # a transformer-only file, bare keys
+            specs[family.main] = dataclasses.replace(specs[family.main], prefix="")
+        parts = {c: (KeyMap(spec, configs[c]), by_comp.get(c, [])) for c, spec in specs.items()}
         router.add_single_file(path, parts, _single_file_metadata(placeholder, family, title, configs, prediction),
-                               summary, f"{title}.safetensors")
+                               summary, f"{title}.safetensors", marker_tensors(prediction, family.marker_keys))
     return router
 
 
@@ -301,8 +343,15 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     family = check_same_family(models)
     if recipe.family and recipe.family != family.id:
         raise RecipeError(f"{recipe.source}: the recipe is for {recipe.family} models, the inputs are {family.id}")
-    tasks, summary, structure = plan_merge(models, recipe, family)
-    placeholder = canonical_recipe(recipe, family, models, idents, tasks, {})
+    recipe = recipe.for_family(family)
+    donor = _donor(models, family, recipe, layout)
+    recipe, notes = expand_block_lists(recipe, family, models)
+    tasks, summary, structure = plan_merge(models + donor, recipe, family)
+    for note in notes:
+        summary.add("note", note)
+    loras = attach_loras(recipe, resolve_local, models, structure, tasks, summary)  # pinned as recorded
+    placeholder = canonical_recipe(recipe, family, models, idents, tasks, {}, loras)
+    prediction = choose_prediction(models, recipe, family, summary)
     if dry:
         names = {c: recipe.plan_for(c).get("models") or [recipe.plan_for(c)["from"]] for c in family.components}
         report = analysis.analyze(tasks, names, quiet=settings.quiet, workers=settings.workers)
@@ -310,8 +359,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     assert target is not None and layout is not None
     source = _config_source(models, family, recipe) if layout != "single-file" or any(
         m.components[c].config_source == "inferred" for m in models for c in m.components) else None
-    configs = output_configs(models, structure, family, source, summary)
-    prediction = _prediction_type(models, recipe, summary)
+    configs = output_configs(models + donor, structure, family, source, summary)
     # the input hashes read the mappings the engine reads, on their own threads, while it runs
     hashes = input_hashes({r.file.path: r.file for t in tasks for r in t.refs}.values()).start()
     with atomic_target(target, overwrite) as tmp:
@@ -321,7 +369,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
             router.open()
             stats = _execute(router.wanted(tasks), router.write, settings,
                              "converting" if recipe.method == "copy" else "merging", summary)
-            canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes.result())
+            canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes.result(), loras)
             stats["hashed_files"] = len(hashes.pending)
             final = _metadata(canonical)
             for f in router.files:  # the input hashes were computed during the merge: same-length placeholders

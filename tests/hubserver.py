@@ -521,7 +521,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             hub.errors.append(traceback.format_exc())  # a bug in this file: surface it, tests should check
             self._json({"error": "fake hub crashed:\n" + hub.errors[-1]}, 500)
-        self._flush()
+        stream, self._stream = getattr(self, "_stream", None), None
+        stream() if stream and self._response[0] == 200 else self._flush()  # streams (SSE) run unlocked
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():  # streamed uploads (file objects)

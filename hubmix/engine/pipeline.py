@@ -106,18 +106,16 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
     kernel writes into `out` (a reused flat buffer) when given."""
     task = job.task
     dtype = task.out_dtype
+    if task.lora is not None:  # baked LoRAs: the merge in float32 (eager, on the CPU) plus the LoRA delta
+        delta = task.lora.take(job.start, job.stop).view(views[0].shape)
+        return (_float32(task, views) + delta).to(dtype)
     if task.method is None:
         x = views[0]
         if x.dtype == dtype:
             return x
         return x.float().to(dtype) if x.dtype.is_floating_point and dtype.is_floating_point else x.to(dtype)
-    if task.channels is not None:  # inpainting conv_in: merge the shared input channels, keep the rest
-        xs = [v.float() for v in views]
-        n = task.channels
-        y = task.method([x.narrow(1, 0, n) for x in xs], task.params)
-        out = xs[0].clone() if xs[0].data_ptr() == views[0].data_ptr() else xs[0]
-        out.narrow(1, 0, n).copy_(y)
-        return out.to(dtype)
+    if task.channels is not None:
+        return _float32(task, views).to(dtype)
     kernels = kernels or _EAGER
     device = kernels.device
     if device.type != "cpu":
@@ -127,6 +125,20 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
         return kernel(views, task.params, out)
     result = kernel(views, task.params)
     return result.to("cpu") if device.type != "cpu" else result
+
+
+def _float32(task: Task, views: list[torch.Tensor]) -> torch.Tensor:
+    """The task's result in float32, computed eagerly (copies, inpainting channels, LoRA bake-in)."""
+    xs = [v.float() for v in views]
+    if task.method is None:
+        return xs[0]
+    if task.channels is None:
+        return task.method(xs, task.params)
+    n = task.channels  # inpainting conv_in: merge the shared input channels, keep the rest
+    y = task.method([x.narrow(1, 0, n) for x in xs], task.params)
+    out = xs[0].clone() if xs[0].data_ptr() == views[0].data_ptr() else xs[0]
+    out.narrow(1, 0, n).copy_(y)
+    return out
 
 
 _EAGER = Kernels("eager")

@@ -7,6 +7,7 @@ to a `TensorRef` that knows where the bytes are and how to view them in canonica
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -15,9 +16,11 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable
 
 from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
-from hubmix.formats.families import ComponentSpec, Family, detect_family, weight_stem
+from hubmix.formats.families import (ComponentSpec, Family, all_component_names, detect_family, detect_main_only,
+                                     get_family, weight_stem)
 from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file
-from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, to_canonical_shape
+from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
+from hubmix.formats.prediction import MARKER_KEYS, Prediction, from_scheduler, from_single_file
 
 if TYPE_CHECKING:
     import torch
@@ -37,9 +40,8 @@ class TensorRef(TensorInfo):
         """A zero-copy view (a copy only for transposed tensors) in canonical shape."""
         t = self.file.tensor(self.key)
         if self.place.part is not None:
-            index, count = self.place.part
-            rows = t.shape[0] // count
-            t = t.narrow(0, index * rows, rows)
+            start, rows = part_rows(self.place.part, t.shape[0])  # type: ignore[misc]  # checked on open
+            t = t.narrow(0, start, rows)
         return apply_to_canonical(self.place.transform, t)
 
 
@@ -65,13 +67,24 @@ class LocalModel:
     files: list[Path]
     metadata: dict[str, str] = field(default_factory=dict)
     extra_components: dict[str, Path] = field(default_factory=dict)  # diffusers subfolders hubmix does not merge
-    prediction_type: str | None = None
+    prediction: Prediction = Prediction()
     inpainting: bool = False
     unassigned: list[str] = field(default_factory=list)  # single-file keys outside every component
+    main_only: bool = False  # a file with the main component alone (a Flux transformer-only file)
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def prediction_type(self) -> str | None:
+        return self.prediction.type
+
+    @property
+    def model_variant(self) -> str | None:
+        """The family's variant this model is (Flux dev or schnell), by its main component's keys."""
+        main = self.components.get(self.family.main)
+        return self.family.variant_of(main.tensors) if main is not None else None
 
 
 def open_model(path: str | Path, *, variant: str | None = None, ema: bool = False,
@@ -192,7 +205,7 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
     skipped: set[str] = set()
     for name, folder in subfolders.items():
         stem = weight_stem(index[name][0])
-        if name not in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        if name not in all_component_names():  # tokenizers, schedulers, safety checkers: not merged
             continue
         if wanted is not None and name not in wanted:
             skipped.add(name)
@@ -231,7 +244,7 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
     sched = read_json(root / "scheduler" / "scheduler_config.json")
     extra = {n: f for n, f in subfolders.items() if n not in family.components and f.is_dir()}
     model = LocalModel(root, "diffusers", family, components, sorted({f.path for fs in opened.values() for f in fs}),
-                       extra_components=extra, prediction_type=sched.get("prediction_type"))
+                       extra_components=extra, prediction=from_scheduler(sched))
     model.inpainting = _is_inpainting(model)
     return model
 
@@ -256,6 +269,10 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
     f = open_weight_file(path)
     ndims = {k: len(f.info(k).shape) for k in f.keys()}
     family = detect_family("single-file", ndims, str(path))
+    only = None if family.matches("single-file", ndims) else detect_main_only(ndims)
+    if only is not None:  # the main component alone, bare or under its prefix: read it under its own prefix
+        main = dataclasses.replace(family.components[family.main], prefix=only[1])
+        family = dataclasses.replace(family, components={family.main: main})
     by_comp: dict[str, dict[str, tuple[int, ...]]] = {}
     unassigned = []
     for k in f.keys():
@@ -268,6 +285,8 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
     inferred, notes = infer_component_configs(family, by_comp, str(path))
     components: dict[str, Component] = {}
     for name, spec in family.components.items():
+        if name not in by_comp and name in family.optional:
+            continue  # plan_merge takes it from another input or --config-from
         if name not in by_comp:
             raise InputError(f"{path}: a {family.name} checkpoint needs its {name} (keys {spec.prefix}*); "
                              "it has none")
@@ -291,11 +310,12 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
         components[name] = comp
     if ema:
         unassigned = [k for k in unassigned if not k.startswith("model_ema.")]
+    unassigned = [k for k in unassigned if k not in MARKER_KEYS]  # read below, kept by outputs that carry them
     model = LocalModel(path, "single-file", family, components, [path], metadata=dict(f.metadata),
-                       unassigned=unassigned)
-    spec_pred = f.metadata.get("modelspec.prediction_type")
-    model.prediction_type = ("v_prediction" if spec_pred == "v" or "v_pred" in f else
-                             "epsilon" if spec_pred == "epsilon" else None)
+                       unassigned=unassigned, main_only=only is not None,
+                       prediction=from_single_file(f.keys(), f.metadata, family.unmarked_prediction))
+    if only is not None:  # the family as every other input knows it (all components), for merging and outputs
+        model.family = get_family(family.id)
     model.inpainting = _is_inpainting(model)
     return model
 
@@ -304,10 +324,11 @@ def _ref(f: WeightFile, key: str, place: Placement, path: Path) -> TensorRef:
     info = f.info(key)
     shape = info.shape
     if place.part is not None:
-        index, count = place.part
-        if not shape or shape[0] % count:
-            raise InputError(f"{path}: {key} has shape {list(shape)}, not {count} fused equal parts")
-        shape = (shape[0] // count, *shape[1:])
+        rows = part_rows(place.part, shape[0]) if shape else None
+        if rows is None:
+            raise InputError(f"{path}: {key} has shape {list(shape)}, which does not split into fused parts of "
+                             f"relative widths {list(place.part[1])}")
+        shape = (rows[1], *shape[1:])
     return TensorRef(info.dtype_name, to_canonical_shape(place.transform, shape), f, key, place)
 
 

@@ -268,6 +268,14 @@ class TorchPickleFile(WeightFile):
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
+def _magic(p: Path) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
+
+
 def _is_pickle(path: Path) -> bool:
     """Whether the file holds a well-formed pickle stream (a torch zip's data.pkl, or the file itself), checked
     by reading its opcodes with pickletools, which never executes anything."""
@@ -290,13 +298,40 @@ def _is_pickle(path: Path) -> bool:
         return False
 
 
+# Quantized formats hubmix does not read, by a key (suffix) that only they have: refused by name, never misread.
+QUANTIZED_KEYS = (
+    (".absmax", "bitsandbytes NF4/FP4 (4-bit) weights"),
+    (".quant_map", "bitsandbytes NF4/FP4 (4-bit) weights"),
+    (".quant_state.bitsandbytes__nf4", "bitsandbytes NF4 (4-bit) weights"),
+    (".quant_state.bitsandbytes__fp4", "bitsandbytes FP4 (4-bit) weights"),
+    (".SCB", "bitsandbytes LLM.int8 weights"),
+    (".scale_weight", "scaled fp8 weights (per-tensor scale_weight)"),
+    (".weight_scale", "scaled fp8 weights (per-tensor weight_scale)"),
+    ("scaled_fp8", "scaled fp8 weights (ComfyUI's scaled_fp8 marker)"),
+)
+
+
+def refuse_quantized(f: WeightFile) -> None:
+    """One line naming the quantized format of a file hubmix cannot merge exactly (dequantize it first)."""
+    for key in f.keys():
+        for suffix, what in QUANTIZED_KEYS:
+            if key.endswith(suffix):
+                raise InputError(f"{f.path}: {what} ({key}): a quantized format hubmix does not read; "
+                                 "dequantize it to fp8/bf16/fp16/fp32 first")
+
+
 def open_weight_file(path: str | os.PathLike) -> WeightFile:
     """Open a weight file by its suffix: `.safetensors`, or a torch pickle loaded without executing code."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
+    if p.suffix.lower() == ".gguf" or _magic(p) == b"GGUF":
+        raise InputError(f"{p}: a GGUF file (llama.cpp / ComfyUI-GGUF quantized format), which hubmix does not "
+                         "read; use the safetensors original")
     if p.suffix == ".safetensors":
-        return SafetensorsFile(p)
+        f = SafetensorsFile(p)
+        refuse_quantized(f)
+        return f
     if p.suffix in PICKLE_SUFFIXES:
         return TorchPickleFile(p)
     raise InputError(f"{p}: unknown weight file type (expected .safetensors, .ckpt, .bin, .pt or .pth)")
