@@ -381,8 +381,8 @@ def bench_family(family: str, args: argparse.Namespace, mecha_py: Path | None, m
     med = {name: median(ms) for name, ms in rec.results.items()}
     hub = {m: med[f"hubmix {m}"].wall_s for m, _ in HUBMIX_METHODS if f"hubmix {m}" in med}
     ratios = {f"hubmix {m} / floor{n}": hub[m] / floors[f"floor{n}_s"] for m, n in HUBMIX_METHODS if m in hub}
-    if "hubmix lossless, first merge" in med:
-        ratios["hubmix lossless, first merge / floor3"] = med["hubmix lossless, first merge"].wall_s / floors["floor3_s"]
+    if (first := med.get("hubmix lossless, first merge")) is not None:
+        ratios["hubmix lossless, first merge / floor3"] = first.wall_s / floors["floor3_s"]
     if "naive lossless" in med and "lossless" in hub:
         ratios["naive / hubmix lossless"] = med["naive lossless"].wall_s / hub["lossless"]
     if "sd-mecha weighted_sum" in med and "weighted_sum" in hub:
@@ -453,8 +453,8 @@ def print_family(r: dict) -> None:
         print(f"{label:36} {m['wall_s']:8.2f}  {rtext:<34} {m['peak_anon_mib']:11.0f} {m['hwm_mib']:10.0f}")
     goals = [("files never merged before", "hubmix lossless, first merge / floor3", 1.5),
              ("the same files again", "hubmix lossless / floor3", 1.25)]
-    got = [f"{what} {r['ratios'][k]:.2f}x the I/O floor (goal {goal}x: {'met' if r['ratios'][k] <= goal else 'NOT met'})"
-           for what, k, goal in goals if k in r["ratios"]]
+    got = [f"{what} {r['ratios'][k]:.2f}x the I/O floor (goal {goal}x: "
+           f"{'met' if r['ratios'][k] <= goal else 'NOT met'})" for what, k, goal in goals if k in r["ratios"]]
     if got:
         print("hubmix lossless 3-way, start-up included: " + "; ".join(got))
     nk = r.get("native_kernels") or {}
