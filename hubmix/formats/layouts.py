@@ -43,6 +43,8 @@ def part_rows(part: tuple[int, tuple[int, ...]], rows: int) -> tuple[int, int] |
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     half = t.shape[0] // 2
+    import torch
+
     return torch.cat([t[half:], t[:half]])
 
 
