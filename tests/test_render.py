@@ -192,3 +192,33 @@ def test_single_file_result_keeps_samples_beside(zoo, cli, tmp_path, layout):
     assert {"m.safetensors", "m.recipe.yaml", "samples/samples.json", "samples/grid.png"} <= set(files)
     widget_files = [f"samples/{i['file']}" for i in _index(tmp_path / "m.samples")["images"] if i.get("result")]
     assert widget_files and all(f in files for f in widget_files)
+
+
+def test_push_uploads_samples_in_the_one_commit(zoo, cli, tmp_path, monkeypatch):
+    """Against the loopback Hub: the card's widget files exist in the pushed repo, folder and single-file results."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import disable_progress_bars
+    from hubserver import configure_hf_client, guard_loopback, start_hub_server
+
+    server = start_hub_server(tokens={"hf_test_token_user": "user"})
+    try:
+        off_loopback = guard_loopback(monkeypatch)
+        configure_hf_client(monkeypatch, server.url, tmp_path / "hf_home")
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token_user")
+        disable_progress_bars()
+        a, b = zoo.diffusers("sd1", 1), zoo.diffusers("sd1", 2)
+        for out, repo in ((tmp_path / "m", "user/m"), (tmp_path / "s.safetensors", "user/s")):
+            code, stdout, err = cli("merge", a, b, "-m", "weighted_sum", "--out", out, "--samples", "--prompt",
+                                    "a cat", "--seed", "0", *FAST, "--push", repo, "--license", "mit", "-q")
+            assert code == 0, err
+            files = server.files(repo)
+            card = ModelCard.load(repo)
+            urls = [w["output"]["url"] for w in card.data.widget]
+            assert len(urls) == 1 and all(u in files for u in urls), (urls, sorted(files))
+            assert {"samples/grid.png", "samples/similarity.png", "samples/samples.json"} <= set(files)
+            local = out / "samples" if out.is_dir() else tmp_path / "s.samples"
+            assert files["samples/grid.png"] == (local / "grid.png").read_bytes()
+            assert len(server.history(repo)) == 2  # the repo's creation, then the one commit
+        assert off_loopback == []
+    finally:
+        server.stop()
