@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from hubmix.cli.app import cli, parse_size, quiet_downloads
+from hubmix.cli.app import cli, parse_components, parse_size, quiet_downloads
 from hubmix.cli.render import render_spec, sampling_options
 from hubmix.errors import RecipeError
 from hubmix.hub.refs import REF_RULE
 from hubmix.methods import methods
-from hubmix.recipe import DTYPES, LAYOUTS, ComponentRecipe, Recipe, letter, model_entry
+from hubmix.recipe import DTYPES, LAYOUTS, Recipe, letter, model_entry
 
 
 def _param_options():
@@ -203,20 +203,6 @@ def merge(models, method, components, dtype, out, layout, variant, ema, config_f
     elif not quiet:
         click.echo(result.summary.render(), err=True)
         click.echo(f"wrote {result.output} ({result.layout}, {result.family.name})", err=True)
-
-
-def parse_components(components: str | None) -> dict[str, ComponentRecipe]:
-    """--components unet,vae -> the other components copied from model a."""
-    if not components:
-        return {}
-    from hubmix.formats.families import all_component_names
-
-    wanted = [c.strip() for c in components.split(",") if c.strip()]
-    known = list(all_component_names())
-    bad = [c for c in wanted if c not in known]
-    if bad:
-        raise RecipeError(f"--components: unknown {', '.join(bad)} (known: {', '.join(known)})")
-    return {c: ComponentRecipe(from_="a") for c in known if c not in wanted}
 
 
 def _legend(recipe: Recipe) -> dict[str, str]:

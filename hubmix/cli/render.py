@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from hubmix.cli.app import cli, quiet_downloads
+from hubmix.cli.app import cli, parse_components, quiet_downloads
 from hubmix.hub.refs import REF_RULE
 
 _KEYS = ("prompts", "seeds", "negative_prompt", "steps", "size", "guidance")
@@ -99,7 +99,6 @@ def samples(models, sampling, out, config_from, device, dtype, overwrite, quiet)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def sweep(models, method, vary, params, components, merge_dtype, recipe_file, sampling, out, device, dtype,
           overwrite, quiet):
-    from hubmix.cli.merge import parse_components
     from hubmix.engine.pipeline import Settings
     from hubmix.errors import RecipeError
     from hubmix.recipe import Recipe
