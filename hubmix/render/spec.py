@@ -43,6 +43,8 @@ class RenderSpec:
             raise RenderError("--seed: give at least one seed")
         if any(not isinstance(s, int) or s < 0 for s in self.seeds):
             raise RenderError(f"--seed: seeds are non-negative integers, got {self.seeds}")
+        if len(set(self.seeds)) < len(self.seeds) or len(set(self.prompts)) < len(self.prompts):
+            raise RenderError("--prompt/--seed: each prompt and each seed once (a repeat would render the same image)")
         if self.steps < 1:
             raise RenderError(f"--steps: at least 1, got {self.steps}")
         if self.size is not None:
