@@ -222,3 +222,21 @@ def test_push_uploads_samples_in_the_one_commit(zoo, cli, tmp_path, monkeypatch)
         assert off_loopback == []
     finally:
         server.stop()
+
+
+def test_vary_names_map_to_recipe_fields():
+    from hubmix.errors import RecipeError
+    from hubmix.recipe import Recipe
+    from hubmix.render.sweep import apply_point, parse_vary
+
+    assert parse_vary(["beta=0.9,1.1", "OUT00.alpha=2"]) == [("beta", [0.9, 1.1]), ("OUT00.alpha", [2.0])]
+    base = Recipe(models=["a", "b", "c"], method="lossless")
+    r = apply_point(base, {"alpha": 0.5, "out00.beta": 1.2, "text_encoder.alpha": 0.7, "unet.IN04.alpha": 0.9})
+    assert r.params == {"alpha": 0.5}
+    assert r.components["unet"].blocks == {"OUT00": {"beta": 1.2}, "IN04": {"alpha": 0.9}}
+    assert r.components["text_encoder"].params == {"alpha": 0.7}
+    assert r.plan_for("unet")["blocks"]["OUT00"] == {"alpha": 0.5, "beta": 1.2}
+    assert base.params == {} and not base.components  # the base recipe is left as it was
+    for bad in ({"gamma": 1.0}, {"vae.gamma": 1.0}, {"a.b.c.alpha": 1.0}):
+        with pytest.raises(RecipeError):
+            apply_point(base, bad)
