@@ -21,9 +21,10 @@ def sampling_options(f):
         return f(*args, **kw)
 
     opts = [
-        click.option("--prompt", "prompts", multiple=True, help="A prompt (repeat for several; default: 'a photo "
-                                                                "of a cat')."),
-        click.option("--seed", "seeds", multiple=True, type=int, help="A seed (repeat for several; default 0)."),
+        click.option("--prompt", "prompts", multiple=True, help="A prompt (repeat for several; merge --samples "
+                                                                "defaults to 'a photo of a cat')."),
+        click.option("--seed", "seeds", multiple=True, type=int, help="A seed (repeat for several; merge --samples "
+                                                                      "defaults to 0)."),
         click.option("--negative-prompt", help="The negative prompt of every image."),
         click.option("--steps", type=int, default=20, show_default=True, help="Denoising steps."),
         click.option("--size", metavar="WxH", help="Image size, multiples of 8 (default: the model's own: 512 "
