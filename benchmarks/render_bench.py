@@ -53,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tok = transformers.CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp)))
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                             scheduler=diffusers.PNDMScheduler(**SD15_SCHED), safety_checker=None,
+                                             scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHED), safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
     pipe = pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
