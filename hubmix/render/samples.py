@@ -111,7 +111,7 @@ def render_grid_of(subjects: list, spec: RenderSpec, out: Path, *, extra: Callab
 
         click.echo(f"rendering {total} images ({len(subjects)} x {len(spec.prompts)} prompt(s) x {len(spec.seeds)} "
                    f"seed(s)) at {shown}, {spec.steps} steps, on {device} ({str(dtype).removeprefix('torch.')})"
-                   + ("; a full-size model takes minutes per image on a CPU" if device.type == "cpu" and
+                   + ("; a full-size SD1.5 takes about 1 min per step at 512x512 on a 2-core CPU (docs/samples.md)" if device.type == "cpu" and
                       max(w * h for w, h in sizes) >= 512 * 512 else ""), err=True)
     renderer = Renderer(device, dtype)
     images: list[Image] = []
