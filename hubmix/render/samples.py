@@ -22,6 +22,8 @@ CONVENTIONS = ("diffusers text-to-image pipeline of the model's family with the 
                "generator=torch.Generator('cpu').manual_seed(seed); no safety checker, no watermark; "
                "the pipeline's image saved as PNG without post-processing")
 
+SLOW_CPU = "a full-size SD1.5 takes about 1 min per step at 512x512 on a 2-core CPU (docs/samples.md)"
+
 
 @dataclass
 class Image:
@@ -111,8 +113,8 @@ def render_grid_of(subjects: list, spec: RenderSpec, out: Path, *, extra: Callab
 
         click.echo(f"rendering {total} images ({len(subjects)} x {len(spec.prompts)} prompt(s) x {len(spec.seeds)} "
                    f"seed(s)) at {shown}, {spec.steps} steps, on {device} ({str(dtype).removeprefix('torch.')})"
-                   + ("; a full-size SD1.5 takes about 1 min per step at 512x512 on a 2-core CPU (docs/samples.md)" if device.type == "cpu" and
-                      max(w * h for w, h in sizes) >= 512 * 512 else ""), err=True)
+                   + (f"; {SLOW_CPU}" if device.type == "cpu" and max(w * h for w, h in sizes) >= 512 * 512
+                      else ""), err=True)
     renderer = Renderer(device, dtype)
     images: list[Image] = []
     used: set[str] = set()
