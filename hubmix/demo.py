@@ -2,7 +2,8 @@
 
 Builds three small SD1.5-architecture models with random weights (a shared base plus different seeds of noise, like
 three fine-tunes of one model), writes b as an original-layout single file to show a mixed-layout merge, prints the
-dry-run similarity report, merges them with `lossless`, loads the result with diffusers and saves a sample image.
+dry-run similarity report, merges them with `lossless`, and renders the inputs and the result with diffusers on the
+same prompt and seeds into a labelled grid (`grid.png`) beside the result's `samples/`.
 """
 
 from __future__ import annotations
@@ -17,17 +18,13 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hubmix.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo-output"), help="working folder (replaced)")
-    ap.add_argument("--steps", type=int, default=10, help="inference steps for the sample image")
+    ap.add_argument("--steps", type=int, default=6, help="denoising steps of the sample images")
     args = ap.parse_args(argv)
-
-    import diffusers
-    import numpy as np
-    from PIL import Image
 
     import hubmix
     from hubmix.engine.analysis import render
     from hubmix.convert import convert
-    from hubmix.formats.tiny import run_pipeline, save_tiny
+    from hubmix.formats.tiny import save_tiny
 
     t0 = time.time()
     root = args.out
@@ -50,13 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     result = hubmix.merge(recipe, out=out)
     print(result.summary.render())
 
-    print("4. loading the result with diffusers and rendering a sample")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(out))
-    pipe.set_progress_bar_config(disable=True)
-    image = run_pipeline(pipe, steps=args.steps, size=64)[0]
-    sample = root / "sample.png"
-    Image.fromarray((np.clip(image, 0, 1) * 255).astype("uint8")).save(sample)
-    print(f"   saved {sample} ({image.shape[1]}x{image.shape[0]}; random weights draw noise, as they should)")
+    print("4. rendering the inputs and the result on the same prompt and seeds (hubmix's sample conventions)")
+    from hubmix.render.samples import add_samples
+    from hubmix.render.spec import RenderSpec
+
+    spec = RenderSpec(prompts=["a photo of a cat"], seeds=[0, 1], steps=args.steps, size=(32, 32), device="cpu",
+                      quiet=True)
+    samples = add_samples(result, recipe, spec)
+    shutil.copyfile(samples / "grid.png", root / "grid.png")
+    shutil.copyfile(samples / "merged-p0-s0.png", root / "sample.png")
+    print(f"   saved {root / 'grid.png'} (rows a, b, c, merged; columns seeds 0 and 1; random weights draw noise, "
+          f"as they should), the images and {samples / 'similarity.png'} in {samples}")
     print(f"done in {time.time() - t0:.1f}s; recipe: {out / 'recipe.yaml'} (sha256 {result.recipe_sha256[:12]}...)")
     return 0
 

@@ -410,9 +410,41 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     return MergeResult(target, layout, family, summary, canonical, files=written, engine=stats)
 
 
+def merge_in_memory(recipe: Recipe, into: Callable[[str, str], Any] | None = None, *, merged_only: bool = False,
+                    settings: engine.Settings | None = None, resolver: Resolver = resolve_local) -> dict[str, Any]:
+    """The merge's output tensors without any file: the same plan and engine as `merge`, each chunk copied into
+    `into(component, key)` (a tensor of the task's shape, in any dtype/device: a pipeline's own parameter), else
+    into a fresh tensor of the output dtype. `merged_only` skips the copied tensors. Returns {component: {key:
+    tensor}}."""
+    import torch
+
+    settings = settings or engine.Settings()
+    recipe = dataclasses.replace(recipe, layout="single-file", output=None)  # the Hub fetches no output extras
+    models, _ = open_inputs(recipe, resolver)
+    tasks, summary, _ = plan_merge(models, recipe, check_same_family(models))
+    tasks = [t for t in tasks if t.method is not None or not merged_only]
+    dest = {(t.component, t.key): (into(t.component, t.key) if into else None) for t in tasks}
+    for t in tasks:
+        d = dest[(t.component, t.key)]
+        if d is None or not d.is_contiguous():  # written flat, chunk by chunk
+            dest[(t.component, t.key)] = torch.empty(t.shape, dtype=t.out_dtype)
+
+    def write(job: engine.Job, data: Any) -> None:
+        dest[(job.task.component, job.task.key)].view(-1)[job.start:job.stop].copy_(data.reshape(-1))
+
+    _execute(tasks, write, settings, "merging", summary)
+    for (c, k), d in dest.items():  # a non-contiguous destination gets its copy now
+        if into and (target := into(c, k)) is not None and target.data_ptr() != d.data_ptr():
+            target.copy_(d)
+    out: dict[str, Any] = {}
+    for (c, k), d in dest.items():
+        out.setdefault(c, {})[k] = d
+    return out
+
+
 def _sidecar(single_file: Path) -> Path:
     """Where a single-file result's recipe goes: `<stem>.recipe.yaml` beside it."""
     return single_file.with_name(f"{single_file.stem}.recipe.yaml")
 
 
-__all__ = ["merge", "MergeResult"]
+__all__ = ["merge", "merge_in_memory", "MergeResult"]

@@ -26,6 +26,12 @@ from hubmix.hub.refs import ModelRef, parse_hub_ref, parse_ref
 NOT_COMPARED = ("README.md", ".gitattributes")  # the card is rewritten per push (repo id, license); not the merge's
 
 
+def _compared(path: str) -> bool:
+    """Files the merge itself writes: not the card, hidden files, or rendered samples (made after the merge)."""
+    return path not in NOT_COMPARED and not path.startswith("samples/") and not any(
+        s.startswith(".") for s in path.split("/"))
+
+
 @dataclass
 class FileCheck:
     path: str
@@ -105,7 +111,7 @@ def _files(root: Path) -> dict[str, Path]:
     """A result's files by the path they have in a repo (what a push uploads), the card left out."""
     from hubmix.result import result_files
 
-    return {k: v for k, v in result_files(root).items() if k not in NOT_COMPARED}
+    return {k: v for k, v in result_files(root).items() if _compared(k)}
 
 
 def _layout_of(names: list[str]) -> tuple[str, str | None]:
@@ -162,7 +168,7 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
         layout, name = _layout_of(names)
         name = name or r.repo_id.split("/")[-1]  # type: ignore[union-attr]
         for path, meta in remote.files.items():
-            if path in NOT_COMPARED or any(s.startswith(".") for s in path.split("/")):
+            if not _compared(path):
                 continue
             if meta.get("sha256"):
                 expected[path] = meta["sha256"]

@@ -38,16 +38,27 @@ class Result:
 
 
 
+def samples_dir(path: Path) -> Path:
+    """Where a result's sample images go: `samples/` in a folder, `<stem>.samples/` beside a single file (uploaded
+    as `samples/` either way)."""
+    return path / "samples" if path.is_dir() else path.with_name(f"{path.stem}.samples")
+
+
 def result_files(path: Path) -> dict[str, Path]:
-    """A result's files by the path they get in a repo: a folder's files (hidden ones left out), or a single file
-    and its `<stem>.recipe.yaml`."""
+    """A result's files by the path they get in a repo: a folder's files (hidden ones left out), or a single file,
+    its `<stem>.recipe.yaml` and its samples."""
+    def tree(root: Path, prefix: str = "") -> dict[str, Path]:
+        return {prefix + p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+
     if path.is_dir():
-        return {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+        return tree(path)
     out = {path.name: path}
     sidecar = path.with_name(f"{path.stem}.recipe.yaml")
     if sidecar.is_file() and _sidecar_matches(sidecar, path):
         out[sidecar.name] = sidecar
+    if samples_dir(path).is_dir():
+        out.update(tree(samples_dir(path), "samples/"))
     return out
 
 
@@ -113,4 +124,4 @@ def recipe_from_card(text: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-__all__ = ["Result", "load_result", "result_files", "recipe_from_card", "RECIPE_MARK"]
+__all__ = ["Result", "load_result", "result_files", "samples_dir", "recipe_from_card", "RECIPE_MARK"]

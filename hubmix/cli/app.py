@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from hubmix import __version__
-from hubmix.errors import HubmixError
+from hubmix.errors import HubmixError, RecipeError
 
 
 class _Ctx:
@@ -50,6 +50,21 @@ def parse_size(text: str) -> int:
         return int(t)
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a size such as 512M or 2G") from None
+
+
+def parse_components(components: str | None) -> dict:
+    """--components unet,vae -> the other components copied from model a."""
+    if not components:
+        return {}
+    from hubmix.formats.families import all_component_names
+    from hubmix.recipe import ComponentRecipe
+
+    wanted = [c.strip() for c in components.split(",") if c.strip()]
+    known = list(all_component_names())
+    bad = [c for c in wanted if c not in known]
+    if bad:
+        raise RecipeError(f"--components: unknown {', '.join(bad)} (known: {', '.join(known)})")
+    return {c: ComponentRecipe(from_="a") for c in known if c not in wanted}
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import click
 
-from hubmix.cli.app import cli, parse_size, quiet_downloads
+from hubmix.cli.app import cli, parse_components, parse_size, quiet_downloads
 from hubmix.cli.jobs import REMOTE_OPTIONS, check_remote, remote_merge, take_remote
+from hubmix.cli.render import render_spec, sampling_options
 from hubmix.errors import RecipeError
 from hubmix.formats.lora import parse_lora_option
 from hubmix.hub.refs import REF_RULE
 from hubmix.methods import methods
-from hubmix.recipe import DTYPES, LAYOUTS, ComponentRecipe, Recipe, letter, model_entry
+from hubmix.recipe import DTYPES, LAYOUTS, Recipe, letter, model_entry
 
 
 def _param_options():
@@ -93,11 +94,17 @@ def _methods_help() -> str:
 @click.option("--commit-message", help="With --push: the commit message.")
 @click.option("--license", "license_", metavar="ID", help="The model card's license (default: the one every input "
                                                          "shares, else none and a warning).")
+@click.option("--samples", is_flag=True, help="Render the inputs and the result into the result's samples/ (with "
+                                              "--prompt, --seed, ... or their defaults); the card shows them.")
+@click.option("--plot", is_flag=False, flag_value="", default=None,
+              metavar="[FILE.png]", help="With --dry: draw the report into FILE.png. Else: put it in the result's "
+                                         "samples/similarity.png (--samples does too).")
+@sampling_options
 @_apply(REMOTE_OPTIONS)
 def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, components, dtype, out, layout, variant,
           ema, config_from, prediction_type, overwrite,
           dry, as_json, recipe_file, save_recipe, quiet, workers, device, max_memory, kernels, push, private, branch,
-          create_pr, commit_message, license_, **params):
+          create_pr, commit_message, license_, samples, plot, sampling, **params):
     from hubmix.merging import merge as run_merge
 
     remote = take_remote(params)
@@ -118,17 +125,8 @@ def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, com
     else:
         if not models or not method:
             raise click.UsageError("give MODELS and --method, or --recipe FILE")
-        comps: dict[str, ComponentRecipe] = {}
-        if components:
-            from hubmix.formats.families import all_component_names
-
-            wanted = [c.strip() for c in components.split(",") if c.strip()]
-            known = list(all_component_names())
-            bad = [c for c in wanted if c not in known]
-            if bad:
-                raise RecipeError(f"--components: unknown {', '.join(bad)} (known: {', '.join(known)})")
-            comps = {c: ComponentRecipe(from_="a") for c in known if c not in wanted}
-        recipe = Recipe(models=list(models), method=method, params=params, components=comps, dtype=dtype,
+        recipe = Recipe(models=list(models), method=method, params=params, components=parse_components(components),
+                        dtype=dtype,
                         layout=layout, variant=variant, ema=ema, config_from=config_from,
                         prediction_type=prediction_type, output=str(out) if out else None,
                         block_lists={k: v for k, v in (("alpha", block_alpha), ("beta", block_beta)) if v},
@@ -160,6 +158,11 @@ def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, com
             tmpdir = tempfile.TemporaryDirectory(prefix="hubmix-push-")
             click.get_current_context().call_on_close(tmpdir.cleanup)
             out = Path(tmpdir.name) / name
+    if dry and (samples or plot == ""):
+        raise click.UsageError("--dry writes nothing: --plot needs a FILE.png there, and --samples a merge")
+    spec = render_spec(sampling, device=device, quiet=quiet) if samples else None
+    if spec:
+        spec.check()  # before the merge
     if quiet:
         quiet_downloads()
     from hubmix.engine.pipeline import Settings
@@ -176,6 +179,10 @@ def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, com
     if dry:
         from hubmix.engine.analysis import render
 
+        if plot:
+            from hubmix.render.plot import save_plot
+
+            save_plot(result.report or {}, plot, f"{recipe.method}: inputs against a")
         if as_json:
             click.echo(json.dumps({"family": result.family.id, "models": _legend(recipe), "report": result.report,
                                    "summary": result.summary.to_dict()}, indent=2))
@@ -185,6 +192,14 @@ def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, com
             if not quiet:
                 click.echo(result.summary.render(), err=True)
         return
+    if samples or plot is not None:
+        from hubmix.render.samples import add_samples
+
+        where = add_samples(result, recipe, spec, settings=settings, plot=True)
+        if plot:
+            import shutil
+
+            shutil.copyfile(where / "similarity.png", plot)
     pushed = None
     if push is not None:
         from hubmix.hub.card import write_card

@@ -15,7 +15,7 @@ from typing import Any
 from hubmix.formats.families import get_family
 from hubmix.methods import get_method
 from hubmix.recipe import model_entry, recipe_hash
-from hubmix.result import RECIPE_MARK, Result, load_result
+from hubmix.result import RECIPE_MARK, Result, load_result, samples_dir
 
 TORCH_DTYPE = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
 
@@ -71,9 +71,12 @@ def build_card(result: Result, *, repo_id: str | None = None, license: str | Non
     family = get_family(c["family"])
     lic, warnings = resolve_license(c, license)
     base = list(dict.fromkeys(m["repo"] for m in models if m.get("repo")))
+    samples = _samples(result)
+    widget = [{"text": im["prompt"], "output": {"url": f"samples/{im['file']}"}}
+              for im in samples.get("images", []) if im.get("result")]
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", base_model=base or None,
                          license=lic, tags=["hubmix", "merge", *family.tags],
-                         **({"base_model_relation": "merge"} if base else {}))
+                         **({"base_model_relation": "merge"} if base else {}), **({"widget": widget} if widget else {}))
     title = repo_id.split("/")[-1] if repo_id else result.name
     where = (f"{repo_id}@{revision}" if revision else repo_id) if repo_id else f"./{result.name}"
     refs = ", ".join(m["ref"] for m in models)
@@ -81,6 +84,7 @@ def build_card(result: Result, *, repo_id: str | None = None, license: str | Non
     lines = [f"# {title}", "",
              f"A merge of {len(models)} {family.name} models made with hubmix: "
              f"**{c['method']}** of {refs}.", ""]
+    lines += _samples_section(samples)
     lines += _method_section(c)
     lines += _inputs_section(models)
     lines += _loras_section(c.get("loras") or [])
@@ -123,6 +127,37 @@ def _job_section() -> list[str]:
             f"In a Hugging Face Job: {job} on flavor `{ctx['flavor']}`, image `{ctx['image']}`, hubmix installed from "
             f"`{ctx['install']}`. The inputs were mounted read-only at their pinned commits (nothing downloaded); "
             "the weights and recipe are the same bytes a local merge of this recipe writes.", ""]
+
+
+def _samples(result: Result) -> dict[str, Any]:
+    """The result's samples/samples.json (written by `hubmix merge --samples`), or {}."""
+    import json
+
+    try:
+        data = json.loads((samples_dir(result.path) / "samples.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _samples_section(samples: dict[str, Any]) -> list[str]:
+    if not samples:
+        return []
+    out = ["## Samples", ""]
+    images = samples.get("images") or []
+    if samples.get("grid") and images:
+        first = images[0]
+        out += ["The inputs and the merge on the same prompts and seeds (rows: models; columns: prompt x seed), "
+                f"{first['width']}x{first['height']}, {first.get('steps')} steps, guidance {first.get('guidance')}, "
+                f"{first.get('scheduler')}, {first.get('dtype')} on {first.get('device')}:", "",
+                f"![samples](samples/{samples['grid']})", "",
+                f"Conventions: {samples.get('conventions', '')}. Every image and its settings: "
+                "`samples/samples.json`.", ""]
+    if samples.get("plot"):
+        out += ["How similar the inputs are (cosine to a) and which share of each tensor each candidate supplies, "
+                "per component and UNet block (`hubmix merge --dry`):", "", f"![similarity](samples/{samples['plot']})",
+                ""]
+    return out
 
 
 def _method_section(c: dict[str, Any]) -> list[str]:
