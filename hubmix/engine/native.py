@@ -62,6 +62,21 @@ static inline void st_bf16(void *p, int64_t i, float f) {
 static inline float ld_f32(const void *p, int64_t i) { return ((const float *)p)[i]; }
 static inline void st_f32(void *p, int64_t i, float f) { ((float *)p)[i] = f; }
 static inline float fabs32(float x) { return __builtin_fabsf(x); }
+/* torch.nan_to_num: NaN -> 0, +-inf -> +-FLT_MAX */
+static inline float nan_to_num32(float x) {
+    return x != x ? 0.0f : (x > 3.40282347e+38f ? 3.40282347e+38f : (x < -3.40282347e+38f ? -3.40282347e+38f : x));
+}
+/* DARE's drop mask (hubmix/methods/dropmask.py): lowbias32, counter-based */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; return x ^ (x >> 16);
+}
+void dare_keep(int64_t start, int64_t n, uint32_t s, uint32_t t, uint8_t *restrict out) {
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t j = (uint64_t)(start + i);
+        uint32_t h = mix32(mix32((uint32_t)j ^ mix32(s ^ (uint32_t)(j >> 32))) ^ s);
+        out[i] = h >= t;
+    }
+}
 #define K const void *restrict a, const void *restrict b, const void *restrict c, void *restrict o, int64_t n, \
           float k1, float k2, float k3, float k4
 """
@@ -69,8 +84,14 @@ static inline float fabs32(float x) { return __builtin_fabsf(x); }
 # name -> (number of inputs, float32 body computing `r`, or for selections `take` and the two candidates)
 # Each body is the eager torch code of hubmix/methods/basic.py, operation for operation.
 _ARITH = {
-    "weighted_sum": (2, "float r = k1 * fa + k2 * fb;"),  # k1 = 1-alpha, k2 = alpha
+    "weighted_sum": (2, "float r = k1 * fa + k2 * fb;"),  # k1 = 1-alpha, k2 = alpha (slerp: its ka, kb)
     "add_difference": (3, "float r = fa + k1 * (fb - fc);"),  # k1 = alpha
+    # hubmix/methods/arithmetic.py and task_vectors.py
+    "triple_sum": (3, "float r = k1 * fa + k2 * fb + k3 * fc;"),  # k1 = 1-alpha-beta, k2 = alpha, k3 = beta
+    "sum_twice": (3, "float r = k1 * (k2 * fa + k3 * fb) + k4 * fc;"),  # 1-beta, 1-alpha, alpha, beta
+    "train_difference": (3, "float x = fabs32(fb - fa); float d = fb - fc; float w = nan_to_num32(x / (x + "
+                            "fabs32(d))); float r = fa + k1 * d * k2 * w;"),  # k1 = alpha, k2 = 1.8
+    "model_stock3": (3, "float r = k1 * ((fb + fc) / k3) + k2 * fa;"),  # k1 = t, k2 = 1-t, k3 = 2
 }
 _SELECT = {
     # k1 = alpha, k2 = beta; two-model forms: k3 = 1-ref_alpha, k4 = ref_alpha, candidates a and b
@@ -115,7 +136,22 @@ def _coefficients(method: str, n: int, p: dict[str, float]) -> tuple[str, tuple[
     if method in ("lossless", "maxdiff"):
         ref = p.get("ref_alpha", 0.5)
         return f"{method}{n}", (p["alpha"], p["beta"], 1 - ref, ref)
+    if method == "slerp":
+        return "weighted_sum", (p["ka"], p["kb"], 0.0, 0.0)
+    if method == "triple_sum":
+        return "triple_sum", (1 - p["alpha"] - p["beta"], p["alpha"], p["beta"], 0.0)
+    if method == "sum_twice":
+        return "sum_twice", (1 - p["beta"], 1 - p["alpha"], p["alpha"], p["beta"])
+    if method == "train_difference":
+        return "train_difference", (p["alpha"], 1.8, 0.0, 0.0)
+    if method == "model_stock" and n == 3:
+        return "model_stock3", (p["t"], 1 - p["t"], 2.0, 0.0)
     return None
+
+
+# method -> the numbers of inputs it has a native kernel for
+SUPPORTED = {"weighted_sum": (2,), "add_difference": (3,), "lossless": (2, 3), "maxdiff": (2, 3), "slerp": (2,),
+             "triple_sum": (3,), "sum_twice": (3,), "train_difference": (3,), "model_stock": (3,)}
 
 
 class Native:
@@ -189,7 +225,7 @@ def kernel(method: str, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> Ca
     the output dtype, a reused buffer) when it fits; None when no native kernel fits."""
     if len(set(dtypes)) != 1 or dtypes[0] not in DTYPES or out_dtype not in DTYPES:
         return None
-    if _coefficients(method, len(dtypes), {"alpha": 0.0, "beta": 0.0}) is None:
+    if len(dtypes) not in SUPPORTED.get(method, ()):
         return None
     lib = Native.library()
     if lib is None:
@@ -212,3 +248,23 @@ def kernel(method: str, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> Ca
         return out.reshape(views[0].shape)
 
     return run
+
+
+def install_dropmask() -> bool:
+    """Give hubmix.methods.dropmask the native mask (the same function as its torch code, which the tests check)."""
+    from hubmix.methods import dropmask
+
+    lib = Native.library()
+    if lib is None:
+        return False
+    fn = lib.dare_keep
+    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
+    fn.restype = None
+
+    def keep(start: int, n: int, s: int, t: int) -> torch.Tensor:
+        out = torch.empty(n, dtype=torch.bool)
+        fn(start, n, s, t, out.data_ptr())
+        return out
+
+    dropmask.native_keep = keep
+    return True
