@@ -13,6 +13,7 @@ from typing import Any
 from hubmix.methods.registry import Param, StatPass, register
 from hubmix.methods.statistics import dot
 
+PARALLEL = 1e-6  # radians
 WEIGHT_B = Param("alpha", 0.5, "weight of b", 0.0, 1.0)
 
 
@@ -69,10 +70,13 @@ def _slerp_sums(xs, p, stats):
 
 def slerp_coefficients(aa: float, bb: float, ab: float, alpha: float) -> tuple[float, float]:
     """(ka, kb) with slerp(a, b) = ka*a + kb*b, in float64; the weighted sum's (1-alpha, alpha) where the slerp is
-    not finite (a zero tensor, parallel tensors)."""
+    not finite (a zero tensor, parallel tensors). Parallel means an angle under PARALLEL: float64 cannot resolve
+    smaller angles from the sums, and there the slerp equals the weighted sum to far below float32 rounding."""
     na, nb = math.sqrt(aa), math.sqrt(bb)
     try:
         w = math.acos(min(1.0, max(-1.0, ab / (na * nb))))
+        if w < PARALLEL:
+            raise ZeroDivisionError
         s = math.sin(w)
         scale = (1 - alpha) * na + alpha * nb
         ka = math.sin((1 - alpha) * w) / s * scale / na
@@ -95,7 +99,7 @@ def _slerp_finish(sums: dict[str, Any], p, stats, numel) -> dict[str, float]:
     params=(WEIGHT_B,),
     formula="na = a/|a|, nb = b/|b|, w = arccos(clamp(<na, nb>, -1, 1)); out = (sin((1-alpha)*w)*na + "
             "sin(alpha*w)*nb) / sin(w) * ((1-alpha)*|a| + alpha*|b|); the weighted sum where that is not finite "
-            "(zero or parallel tensors); per tensor",
+            "(a zero tensor, parallel tensors: w < 1e-6); per tensor",
     reference="https://github.com/ljleb/sd-mecha",
     summary="spherical interpolation of each tensor, norms interpolated linearly (sd-mecha's slerp)",
     stats=(StatPass(_slerp_sums, _slerp_finish),),

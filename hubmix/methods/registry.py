@@ -76,7 +76,9 @@ class Param:
 
 
 def _num(x: float | None) -> str:
-    return "-inf" if x is None else f"{x:g}"
+    if x is None:
+        return "-inf"
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 @dataclass(frozen=True)

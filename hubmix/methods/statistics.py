@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from hubmix.methods.registry import Context, Method
-
 BLOCK = 1 << 12  # elements per block sum; chunk starts are multiples of it (below torch's reduction grain, 32768)
 HI_BINS, LO_BINS = 1 << 15, 1 << 16  # |x| has a zero sign bit: its high half is 15 bits, its low half 16
 
@@ -59,7 +57,7 @@ class Totals:
         return {**{k: math.fsum(v) for k, v in self.floats.items()}, **self.counts}
 
 
-def run_passes(method: Method, chunks, params: dict[str, Any], numel: int) -> dict[str, Any]:
+def run_passes(method: Any, chunks, params: dict[str, Any], numel: int) -> dict[str, Any]:
     """Every statistics pass of `method`; `chunks(partial)` applies a partial function to every chunk and returns
     the parts (the engine runs them on its workers)."""
     stats: dict[str, Any] = {}
@@ -71,7 +69,7 @@ def run_passes(method: Method, chunks, params: dict[str, Any], numel: int) -> di
     return stats
 
 
-def whole_tensor(method: Method, xs: list[torch.Tensor], params: dict[str, Any], ctx: Context) -> torch.Tensor:
+def whole_tensor(method: Any, xs: list[torch.Tensor], params: dict[str, Any], ctx: Any) -> torch.Tensor:
     """A whole-tensor method on whole tensors: its passes over the tensor as one chunk, then its element pass."""
     shape = xs[0].shape
     flat = [x.reshape(-1) for x in xs]
