@@ -16,7 +16,8 @@ from hubmix.engine.pipeline import Settings
 UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
 CASES = [("lossless", 3, None), ("lossless", 2, None), ("maxdiff", 3, "fp32"), ("weighted_sum", 2, None),
          ("add_difference", 3, "bf16"), ("triple_sum", 3, None), ("sum_twice", 3, "bf16"),
-         ("train_difference", 3, "fp32"), ("slerp", 2, None), ("model_stock", 3, None)]
+         ("train_difference", 3, "fp32"), ("slerp", 2, None), ("model_stock", 3, None), ("ties", 3, None),
+         ("dare", 3, "fp32"), ("dare", 2, None)]
 
 
 def _merge(zoo, out, method, n, dtype, settings):
@@ -88,6 +89,39 @@ def test_native_kernels_match_torch_on_every_dtype_and_special_value():
                 m = get_method(name)
                 want = eager_kernel(chunk_function(m, [din] * k, dout), dout, torch.device("cpu"))(xs[:k], params)
                 got = native.kernel(name, [din] * k, dout)(xs[:k], params)
+                bits = torch.int32 if dout == torch.float32 else torch.int16
+                assert torch.equal(want.view(bits), got.view(bits)), (name, k, din, dout, params)
+
+
+def test_native_whole_tensor_kernels_match_eager():
+    """The element passes of slerp, model_stock, ties and dare (statistics given) against their eager torch code,
+    on cancelling and zero task vectors, in every dtype; dare's mask at an offset inside its tensor."""
+    from hubmix.engine import native
+    from hubmix.engine.kernels import chunk_function, eager_kernel
+    from hubmix.methods import get_method
+    from hubmix.methods.registry import Context
+
+    if native.Native.library() is None:
+        pytest.skip(f"no native kernels here: {native.Native.error()}")
+    gen = torch.Generator().manual_seed(1)
+    n = 50_000
+    base = torch.randn(n, generator=gen)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    cases = [("slerp", 2, {"alpha": 0.3, "ka": 0.61, "kb": 0.4}), ("model_stock", 3, {"t": 0.7}),
+             ("ties", 3, {"density": 0.5, "lambda": 0.8, "threshold0": 0.005, "threshold1": 0.007}),
+             ("dare", 3, {"drop": 0.6, "lambda": 0.9, "seed": 5, "combine": "sum"}),
+             ("dare", 3, {"drop": 0.3, "lambda": 1.0, "seed": 6, "combine": "ties"}),
+             ("dare", 2, {"drop": 0.9, "lambda": 0.5, "seed": 7, "combine": "ties"})]
+    for din in dtypes:
+        xs = [(base + 0.01 * torch.randn(n, generator=gen)).to(din) for _ in range(3)]
+        xs[2][:500] = (2 * xs[0][:500].float() - xs[1][:500].float()).to(din)  # cancelling task vectors
+        xs[1][500:600] = xs[0][500:600]  # zero task vector
+        for dout in dtypes:
+            for name, k, params in cases:
+                m = get_method(name)
+                ctx = Context("unet/some.weight", 123_456)
+                want = eager_kernel(chunk_function(m, [din] * k, dout), dout, torch.device("cpu"))(xs[:k], params, ctx)
+                got = native.kernel(name, [din] * k, dout)(xs[:k], params, None, ctx)
                 bits = torch.int32 if dout == torch.float32 else torch.int16
                 assert torch.equal(want.view(bits), got.view(bits)), (name, k, din, dout, params)
 

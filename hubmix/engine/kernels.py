@@ -193,6 +193,9 @@ class Kernels:
         self.calls[hit[1]] += 1  # approximate under threads; only reported
         return hit
 
+    def eager(self, method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> Kernel:
+        return eager_kernel(chunk_function(method, dtypes, out_dtype), out_dtype, self.device)
+
 
 def _configure_inductor() -> None:
     """A persistent compile cache under hubmix's cache folder (unless the user chose one), no worker pool."""

@@ -136,7 +136,10 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
         views = [v.to(device) for v in views]
     kernel, kind = kernels.function(task.method, [v.dtype for v in views], dtype)
     if kind == "native":
-        return kernel(views, params, out)
+        result = kernel(views, params, out, ctx)
+        if result is not None:
+            return result
+        kernel = kernels.eager(task.method, [v.dtype for v in views], dtype)  # parameters it has no form for
     result = kernel(views, params) if ctx is None else kernel(views, params, ctx)
     return result.to("cpu") if device.type != "cpu" else result
 

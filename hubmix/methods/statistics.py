@@ -1,17 +1,18 @@
 """Per-tensor statistics for whole-tensor methods, computed from chunks so memory stays at a chunk's size.
 
-Sums are exact to the last bit whatever the chunking: products are summed in float64 per fixed block of BLOCK
+Sums are the same to the last bit whatever the chunking: products are summed in float32 per fixed block of BLOCK
 elements (a chunk starts at a multiple of BLOCK, and a block is short enough that torch never splits its sum
-across threads), and the block sums are added with math.fsum, which rounds once, so the order of chunks and
-workers does not matter. Quantiles use integer histograms of the float bit patterns (an exact radix select: the
-k-th smallest |t| equals torch.kthvalue's), so a top-k threshold needs no copy of the whole tensor.
+across threads; a float64 sum costs 15 times more), and the block sums are added with math.fsum, which rounds
+once, so the order of chunks and workers does not matter. Quantiles use integer histograms of the float bit
+patterns (an exact radix select: the k-th smallest |t| equals torch.kthvalue's), so a top-k threshold needs no
+copy of the whole tensor; the engine installs a native histogram (counts are counts: the same result).
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -19,17 +20,21 @@ if TYPE_CHECKING:
 BLOCK = 1 << 12  # elements per block sum; chunk starts are multiples of it (below torch's reduction grain, 32768)
 HI_BINS, LO_BINS = 1 << 15, 1 << 16  # |x| has a zero sign bit: its high half is 15 bits, its low half 16
 
+# (x, base, high or -1) -> the histogram of |x - base|'s high half (high = -1) or of the low half of the elements
+# whose high half is `high`, as int64; or None. Set by hubmix.native when it loads.
+native_histogram: Callable[[Any, Any, int], Any] | None = None
+
 
 def block_sums(x: torch.Tensor) -> torch.Tensor:
-    """float64 sums of x's consecutive BLOCK-element blocks (the last one may be short)."""
+    """float32 sums of x's consecutive BLOCK-element blocks (the last one may be short), as float64."""
     import torch
 
     n = x.numel()
     full = n - n % BLOCK
-    parts = [x[:full].view(-1, BLOCK).sum(1, dtype=torch.float64)] if full else []
+    parts = [x[:full].view(-1, BLOCK).sum(1)] if full else []
     if full < n:
-        parts.append(x[full:].sum(dtype=torch.float64).reshape(1))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        parts.append(x[full:].sum().reshape(1))
+    return torch.cat(parts).double() if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -85,15 +90,27 @@ def magnitude_bits(t: torch.Tensor):
     return t.abs().view(torch.int32)  # non-negative floats order as their bit patterns
 
 
-def high_histogram(t: torch.Tensor):
+def high_histogram(x: torch.Tensor, base: torch.Tensor | None = None):
+    """Histogram of the high 16 bits of |x - base| (|x| without a base)."""
     import torch
 
+    if native_histogram is not None and base is not None:
+        h = native_histogram(x, base, -1)
+        if h is not None:
+            return h
+    t = x if base is None else x - base
     return torch.bincount(magnitude_bits(t) >> 16, minlength=HI_BINS).long()
 
 
-def low_histogram(t: torch.Tensor, high: int):
+def low_histogram(x: torch.Tensor, high: int, base: torch.Tensor | None = None):
+    """Histogram of the low 16 bits of |x - base| over the elements whose high 16 bits are `high`."""
     import torch
 
+    if native_histogram is not None and base is not None:
+        h = native_histogram(x, base, high)
+        if h is not None:
+            return h
+    t = x if base is None else x - base
     bits = magnitude_bits(t)
     return torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=LO_BINS).long()
 

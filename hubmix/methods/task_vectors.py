@@ -50,8 +50,7 @@ def ties_rank(density: float, numel: int) -> int:
 
 
 def _ties_high(xs, p, stats):
-    a, ts = _task_vectors(xs)
-    return {f"hi{i}": high_histogram(t) for i, t in enumerate(ts)}
+    return {f"hi{i}": high_histogram(m, xs[0]) for i, m in enumerate(xs[1:])}
 
 
 def _ties_high_finish(sums, p, stats, numel):
@@ -63,8 +62,7 @@ def _ties_high_finish(sums, p, stats, numel):
 
 
 def _ties_low(xs, p, stats):
-    a, ts = _task_vectors(xs)
-    return {f"lo{i}": low_histogram(t, stats[f"hi{i}"]) for i, t in enumerate(ts)}
+    return {f"lo{i}": low_histogram(m, stats[f"hi{i}"], xs[0]) for i, m in enumerate(xs[1:])}
 
 
 def _ties_low_finish(sums, p, stats, numel):
