@@ -6,7 +6,6 @@ forced chunking."""
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
