@@ -2,6 +2,7 @@
 
     python benchmarks/merge_bench.py [--family sd15|sdxl|all] [--cache DIR] [--runs N] [--skip-mecha]
                                      [--skip-naive] [--methods seed|new|all] [--device cpu|cuda] [--json OUT]
+    python benchmarks/merge_bench.py --family flux [--cache DIR] [--runs N] [--keep]   (see flux_bench.py)
 
 What is measured, per family, on three similar random fp16 single files of the real key layout (built once by
 make_checkpoints.py and cached outside the repo):
@@ -483,7 +484,8 @@ def print_family(r: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=["sd15", "sdxl", "all"], default="sd15")
+    ap.add_argument("--family", choices=["sd15", "sdxl", "all", "flux"], default="sd15",
+                    help="flux: full-size fp8 Flux transformers, 3-way lossless vs the I/O floor (flux_bench.py)")
     ap.add_argument("--cache", type=Path, default=Path("~/.cache/hubmix-bench"),
                     help="where the inputs, outputs and the sd-mecha venv live (default ~/.cache/hubmix-bench)")
     ap.add_argument("--runs", type=int, default=1, help="repeat each measurement N times; report medians")
@@ -495,7 +497,14 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="merge device for hubmix (if it has --device), the naive script and sd-mecha")
     ap.add_argument("--json", type=Path, help="also write every number to this file")
-    args = ap.parse_args()
+    args, rest = ap.parse_known_args()
+    if args.family == "flux":
+        import flux_bench
+
+        flux_bench.main([a for a in sys.argv[1:] if a not in ("--family", "flux")])
+        return
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     global HUBMIX_METHODS
     HUBMIX_METHODS = {"seed": SEED_METHODS, "new": NEW_METHODS, "all": SEED_METHODS + NEW_METHODS}[args.methods]
     args.cache = args.cache.expanduser().resolve()

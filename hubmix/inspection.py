@@ -17,8 +17,12 @@ def inspect_model(path: str | Path, *, variant: str | None = None) -> dict[str, 
         "family": m.family.id,
         "family_name": m.family.name,
         "layout": m.layout,
+        "main_only": m.main_only,
+        "variant": m.model_variant,
         "inpainting": m.inpainting,
         "prediction_type": m.prediction_type,
+        "zero_terminal_snr": m.prediction.zero_snr,
+        "prediction_source": m.prediction.source,
         "components": {},
         "files": [str(f) for f in m.files],
     }
@@ -53,10 +57,11 @@ def _embedded_recipe(m) -> dict[str, Any] | None:
 
 def render(info: dict[str, Any]) -> str:
     lines = [f"{info['path']}", f"  family:  {info['family_name']} ({info['family']})"
-             f"{', inpainting' if info['inpainting'] else ''}",
-             f"  layout:  {info['layout']}"]
+             f"{', ' + info['variant'] if info.get('variant') else ''}{', inpainting' if info['inpainting'] else ''}",
+             f"  layout:  {info['layout']}{' (the transformer alone)' if info.get('main_only') else ''}"]
     if info["prediction_type"]:
-        lines.append(f"  prediction type: {info['prediction_type']}")
+        zsnr = ", zero terminal SNR" if info["zero_terminal_snr"] else ""
+        lines.append(f"  prediction type: {info['prediction_type']}{zsnr} ({info['prediction_source']})")
     for name, c in info["components"].items():
         dt = ", ".join(f"{k} x{v}" for k, v in c["dtypes"].items())
         lines.append(f"  {name:<15} {c['tensors']:>5} tensors {c['parameters'] / 1e6:>9.2f}M params "

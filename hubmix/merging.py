@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from hubmix import __version__
+from hubmix.blockweights import expand_block_lists
+from hubmix.lorabake import attach_loras
 from hubmix.engine import analysis
 from hubmix.engine import pipeline as engine
-from hubmix.cache import write_atomically
+from hubmix.cache import write_new
 from hubmix.formats.configs import DEFAULT_DERIVED
 from hubmix.engine.devices import device_budget, resolve_device
 from hubmix.errors import InputError, RecipeError
@@ -23,9 +26,11 @@ from hubmix.formats.families import Family
 from hubmix.hashing import hash_in_background
 from hubmix.engine.kernels import Kernels
 from hubmix.formats.layouts import KeyMap
-from hubmix.formats.model import CONFIG_META, LocalModel, check_same_family, open_model, read_json
-from hubmix.engine.output import (Router, atomic_target, check_target, component_config_json, model_index,
-                     need_folder, write_json)
+from hubmix.formats.prediction import Prediction, marker_tensors, single_file_metadata, update_scheduler
+from hubmix.formats.model import (CONFIG_META, LocalModel, check_component_name, check_same_family, open_model,
+                                  read_json)
+from hubmix.engine.output import Router, component_config_json, model_index, need_folder, write_json
+from hubmix.engine.target import atomic_target, check_target
 from hubmix.engine.plan import TORCH_DTYPES, Summary, Task, plan_merge
 from hubmix.recipe import RECIPE_VERSION, recipe_yaml, Recipe, canonical_json, letter, model_entry, recipe_hash
 from hubmix.hub.refs import ModelRef, parse_ref
@@ -84,7 +89,8 @@ def choose_layout(recipe: Recipe, out: Path | None) -> str:
 
 
 def canonical_recipe(recipe: Recipe, family: Family, models: list[LocalModel], idents: list[dict[str, Any]],
-                     tasks: list[Task], hashes: dict[Path, str]) -> dict[str, Any]:
+                     tasks: list[Task], hashes: dict[Path, str],
+                     loras: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every default filled in, local paths reduced to names, file hashes of what the merge reads."""
     used: dict[int, set[Path]] = {}
     for t in tasks:
@@ -107,6 +113,10 @@ def canonical_recipe(recipe: Recipe, family: Family, models: list[LocalModel], i
     }
     if recipe.ema:
         out["ema"] = True
+    if loras:
+        out["loras"] = loras
+        if recipe.lora_skip_unknown:
+            out["lora_skip_unknown"] = True
     if recipe.variant:
         out["variant"] = recipe.variant
     if recipe.prediction_type:
@@ -166,30 +176,42 @@ def output_configs(models: list[LocalModel], structure: dict[str, int], family: 
     return configs
 
 
-def _prediction_type(models: list[LocalModel], recipe: Recipe, summary: Summary) -> str | None:
-    chosen = recipe.prediction_type or models[0].prediction_type
-    kinds = {m.prediction_type for m in models if m.prediction_type}
-    if len(kinds) > 1:
-        summary.add("note", f"inputs differ in prediction type ({', '.join(sorted(kinds))}); the output uses "
-                            f"{chosen or 'the scheduler default'}")
-    return chosen
+def choose_prediction(models: list[LocalModel], recipe: Recipe, family: Family, summary: Summary) -> Prediction:
+    """The output's prediction type and zero SNR. The inputs that feed the denoiser (family.main) must agree
+    on the type unless the recipe names it (a v-prediction and an epsilon model merge into a model that is
+    neither); zero SNR follows the first of them that has the chosen type."""
+    den = family.main
+    rp = recipe.plan_for(den)
+    letters = [letter(i) for i in range(len(models))]
+    feeding = [models[letters.index(x)] for x in (rp.get("models") or [rp["from"]])]
+    kinds = {m.prediction.type: m for m in reversed(feeding) if m.prediction.type}  # type -> first model saying it
+    if len(kinds) > 1 and not recipe.prediction_type:
+        desc = ", ".join(f"{m.name} is {k} ({m.prediction.source})" for k, m in sorted(kinds.items()))
+        raise RecipeError(f"inputs differ in prediction type: {desc}; pass --prediction-type (recipe: "
+                          f"prediction_type) to say which the merged {den} predicts")
+    chosen = recipe.prediction_type or next(iter(kinds), None)
+    same = [m for m in feeding if m.prediction.type == chosen]
+    zero_snr = next((m.prediction.zero_snr for m in same if m.prediction.zero_snr is not None), None)
+    if len(kinds) > 1 or len({bool(m.prediction.zero_snr) for m in same}) > 1:
+        summary.add("note", f"inputs differ in prediction type or zero terminal SNR; the output is {chosen}"
+                            f"{' with zero terminal SNR' if zero_snr else ''}")
+    return Prediction(chosen, zero_snr, "the recipe" if recipe.prediction_type else "the inputs")
 
 
 def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict[str, int], family: Family,
                            configs: dict[str, dict[str, Any]], source: Path | None, recipe: Recipe,
-                           prediction: str | None) -> None:
+                           prediction: Prediction) -> None:
     """Everything of a diffusers folder but the weights: model_index, configs, scheduler, tokenizers, extras."""
     a = models[0]
     base = a.path if a.layout == "diffusers" else source
     dtype = TORCH_DTYPES.get(recipe.dtype or "")
     sched = read_json(base / "scheduler" / "scheduler_config.json") if base else {}
-    if not sched:
-        sched = dict(family.defaults.get("scheduler", {}))
-    if prediction:
-        sched["prediction_type"] = prediction
-    write_json(root / "scheduler" / "scheduler_config.json", sched)
-    for cname, spec in family.components.items():
-        write_json(root / cname / "config.json", component_config_json(spec, configs[cname], dtype))
+    if not sched:  # the family's, with the variant's own settings (schnell: no dynamic shifting)
+        variant = family.variants.get(a.model_variant or "", {})
+        sched = {**family.defaults.get("scheduler", {}), **variant.get("scheduler", {})}
+    write_json(root / "scheduler" / "scheduler_config.json", update_scheduler(sched, prediction))
+    for cname, cfg in configs.items():
+        write_json(root / cname / "config.json", component_config_json(family.components[cname], cfg, dtype))
     for tok in family.tokenizers:
         src = need_folder(base, f"tokenizer ({tok})", family) / tok
         if not src.is_dir():
@@ -197,6 +219,7 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
         shutil.copytree(src, root / tok, dirs_exist_ok=True)
     if a.layout == "diffusers":
         for name, folder in a.extra_components.items():
+            check_component_name(name, folder)  # open_model refused paths; never copy outside the output
             shutil.copytree(folder, root / name, dirs_exist_ok=True)
     index = model_index(family, a.inpainting, sched["_class_name"], read_json(base / "model_index.json") or None
                         if base else None)
@@ -204,6 +227,26 @@ def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict
         if isinstance(entry, list) and entry and entry[0] is not None and not (root / name).is_dir():
             index[name] = [None, None]
     write_json(root / "model_index.json", index)
+
+
+def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str | None) -> list[LocalModel]:
+    """Components no input has (every input transformer-only) come from --config-from's weights when it names a
+    local diffusers folder; a diffusers output cannot do without them."""
+    missing = [c for c in family.components if not any(c in m.components for m in models)]
+    if not missing or layout is None:
+        return []
+    ref = parse_ref(recipe.config_from) if recipe.config_from else None
+    if ref is not None and not ref.is_hub and ref.local and (ref.local / "model_index.json").is_file():
+        donor = open_model(ref.local, variant=recipe.variant, components=missing)
+        if donor.family.id != family.id:
+            raise InputError(f"{recipe.config_from}: --config-from is {donor.family.name}, the inputs are "
+                             f"{family.name}")
+        return [donor]
+    if layout != "single-file":
+        raise InputError(f"the inputs hold no {', '.join(missing)} (transformer-only files): a diffusers output "
+                         f"needs them; pass --config-from <a local {family.name} diffusers folder> to copy them "
+                         "from, or write a single file")
+    return []
 
 
 def _metadata(canonical: dict[str, Any], extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -214,7 +257,7 @@ def _metadata(canonical: dict[str, Any], extra: dict[str, str] | None = None) ->
 
 
 def _single_file_metadata(canonical: dict[str, Any], family: Family, title: str, configs: dict[str, Any],
-                          prediction: str | None) -> dict[str, str]:
+                          prediction: Prediction) -> dict[str, str]:
     extra = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.modelspec_architecture,
@@ -222,13 +265,14 @@ def _single_file_metadata(canonical: dict[str, Any], family: Family, title: str,
         "modelspec.title": title,
         CONFIG_META: canonical_json(configs),
     }
-    if prediction:
-        extra["modelspec.prediction_type"] = "v" if prediction == "v_prediction" else prediction
+    extra.update(single_file_metadata(prediction))
     return _metadata(canonical, extra)
 
 
-def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, summary: Summary) -> dict[str, Any]:
-    """Run the merge tasks through the engine on the chosen device; returns what the engine did."""
+def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, summary: Summary,
+             names: list[str]) -> dict[str, Any]:
+    """Run the merge tasks through the engine on the chosen device; returns what the engine did. Inputs with
+    NaN/inf elements are counted in the same pass and reported per component and model (summary "nonfinite")."""
     device = resolve_device(settings.device)
     workers = settings.workers or (1 if device.type != "cpu" else engine.default_workers())
     budget = device_budget(device, settings.max_memory)
@@ -240,20 +284,33 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
     for t in merged:
         dtypes = [r.dtype for r in t.refs]
         signatures.setdefault(Kernels.key(t.method, dtypes, t.out_dtype), (t.method, dtypes, t.out_dtype))
+    bad: dict[tuple[str, int], tuple[int, set[str]]] = {}  # (component, model) -> (count, keys)
+    lock = threading.Lock()
+
+    def counter(job: engine.Job, counts: list[int]) -> None:
+        with lock:
+            for i, n in zip(job.task.sources, counts):
+                if n:
+                    total, keys = bad.get((job.task.component, i), (0, set()))
+                    bad[(job.task.component, i)] = (total + n, keys | {job.task.key})
+
     try:
         with engine.parallel_across_chunks(workers):
             kernels.start(list(signatures.values()))
             engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
-                             quiet=settings.quiet)
+                             quiet=settings.quiet, nonfinite=counter)
     finally:
         kernels.close()
+    for (component, i), (n, keys) in sorted(bad.items()):
+        summary.add("nonfinite", f"{component}: {n} non-finite (NaN/inf) elements in {names[i]} ({len(keys)} "
+                                 f"tensors, e.g. {sorted(keys)[0]})")
     return {"device": str(device), "workers": workers, "chunk_elements": chunk, "kernels": dict(kernels.calls),
             "native_build_seconds": kernels.native_build_seconds, "compile_seconds": kernels.compile_seconds}
 
 
 def _plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models: list[LocalModel],
                   structure: dict[str, int], family: Family, configs: dict[str, dict[str, Any]], source: Path | None,
-                  recipe: Recipe, prediction: str | None, placeholder: dict[str, Any], summary: Summary) -> Router:
+                  recipe: Recipe, prediction: Prediction, placeholder: dict[str, Any], summary: Summary) -> Router:
     """The output files of `layout` under `tmp` (the target's temporary sibling), with every task routed into them;
     a diffusers layout also gets its non-weight files here."""
     router = Router()
@@ -269,9 +326,12 @@ def _plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], model
     if layout in ("single-file", "both"):
         path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
         title = target.stem if layout == "single-file" else target.name
-        parts = {c: (KeyMap(family.components[c], configs[c]), by_comp.get(c, [])) for c in family.components}
+        specs = {c: family.components[c] for c in configs}
+        if list(specs) == [family.main] and family.detect.get("main_only"):  # a transformer-only file, bare keys
+            specs[family.main] = dataclasses.replace(specs[family.main], prefix="")
+        parts = {c: (KeyMap(spec, configs[c]), by_comp.get(c, [])) for c, spec in specs.items()}
         router.add_single_file(path, parts, _single_file_metadata(placeholder, family, title, configs, prediction),
-                               summary, f"{title}.safetensors")
+                               summary, f"{title}.safetensors", marker_tensors(prediction, family.marker_keys))
     return router
 
 
@@ -301,8 +361,15 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     family = check_same_family(models)
     if recipe.family and recipe.family != family.id:
         raise RecipeError(f"{recipe.source}: the recipe is for {recipe.family} models, the inputs are {family.id}")
-    tasks, summary, structure = plan_merge(models, recipe, family)
-    placeholder = canonical_recipe(recipe, family, models, idents, tasks, {})
+    recipe = recipe.for_family(family)
+    donor = _donor(models, family, recipe, layout)
+    recipe, notes = expand_block_lists(recipe, family, models)
+    tasks, summary, structure = plan_merge(models + donor, recipe, family)
+    for note in notes:
+        summary.add("note", note)
+    loras = attach_loras(recipe, resolve_local, models, structure, tasks, summary)  # pinned as recorded
+    placeholder = canonical_recipe(recipe, family, models, idents, tasks, {}, loras)
+    prediction = choose_prediction(models, recipe, family, summary)
     if dry:
         names = {c: recipe.plan_for(c).get("models") or [recipe.plan_for(c)["from"]] for c in family.components}
         report = analysis.analyze(tasks, names, quiet=settings.quiet, workers=settings.workers)
@@ -310,17 +377,19 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     assert target is not None and layout is not None
     source = _config_source(models, family, recipe) if layout != "single-file" or any(
         m.components[c].config_source == "inferred" for m in models for c in m.components) else None
-    configs = output_configs(models, structure, family, source, summary)
-    prediction = _prediction_type(models, recipe, summary)
+    configs = output_configs(models + donor, structure, family, source, summary)
     hashes_future = hash_in_background(sorted({r.file.path for t in tasks for r in t.refs}))
-    with atomic_target(target, overwrite) as tmp:
+    sidecar = _sidecar(target) if layout == "single-file" else None
+    with atomic_target(target, overwrite, companions=(sidecar,) if sidecar else ()) as stage:
+        tmp = stage.path
         router = _plan_outputs(tmp, target, layout, tasks, models, structure, family, configs, source, recipe,
                                prediction, placeholder, summary)
         try:
             router.open()
             stats = _execute(router.wanted(tasks), router.write, settings,
-                             "converting" if recipe.method == "copy" else "merging", summary)
-            canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result())
+                             "converting" if recipe.method == "copy" else "merging", summary,
+                             [f"{letter(i)} ({m.name})" for i, m in enumerate(models)])
+            canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result(), loras)
             final = _metadata(canonical)
             for f in router.files:  # the input hashes were computed during the merge: same-length placeholders
                 assert f.writer is not None
@@ -330,15 +399,11 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         except BaseException:
             router.abort()
             raise
-        if layout != "single-file":
-            (tmp / "recipe.yaml").write_text(recipe_yaml(canonical))
+        # the recipe is staged with the weights and renamed in with them (engine.target): together or not at all
+        recipe_file = stage.beside(sidecar) if sidecar else tmp / "recipe.yaml"
+        write_new(recipe_file, recipe_yaml(canonical))
         written = [target / f.path.relative_to(tmp) if layout != "single-file" else target for f in router.files]
-    if layout == "single-file":
-        sidecar = _sidecar(target)
-        write_atomically(sidecar, recipe_yaml(canonical))
-        written.append(sidecar)
-    else:
-        written.append(target / "recipe.yaml")
+    written.append(sidecar or target / "recipe.yaml")
     return MergeResult(target, layout, family, summary, canonical, files=written, engine=stats)
 
 

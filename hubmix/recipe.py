@@ -9,6 +9,7 @@ output's metadata, recipe.yaml and model card record, and what `hubmix reproduce
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import string
@@ -23,9 +24,10 @@ from hubmix.errors import RecipeError
 from hubmix.methods import get_method
 
 RECIPE_VERSION = 1
-DTYPES = ("fp16", "bf16", "fp32")
+DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 LAYOUTS = ("diffusers", "single-file", "both")
 LETTERS = string.ascii_lowercase
+BLOCK_LIST_PARAMS = ("alpha", "beta")  # parameters that take a block list (block_alpha:, --block-alpha)
 
 
 def letter(i: int) -> str:
@@ -75,6 +77,11 @@ class Recipe:
     output: str | None = None
     family: str | None = None  # when set (canonical recipes), the inputs must be of this family
     source: str = "arguments"  # where the recipe came from, for messages
+    # A1111/supermerger block lists by parameter name ({"alpha": "GRAD_V" or [26 numbers]}); merging expands them
+    # into per-component and per-block parameters once the family is known (hubmix.blockweights)
+    block_lists: dict[str, Any] = field(default_factory=dict)
+    loras: list[Any] = field(default_factory=list)  # LoRAs baked into the result (hubmix.loras.lora_entry)
+    lora_skip_unknown: bool = False  # LoRA keys that match no tensor are listed instead of failing the merge
 
     # ---- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -82,7 +89,8 @@ class Recipe:
         if not isinstance(raw, dict):
             raise RecipeError(f"{source}: a recipe is a mapping with at least 'models' and 'method'")
         known = {"models", "method", "params", "components", "dtype", "layout", "variant", "ema", "config_from",
-                 "prediction_type", "output", "recipe_version", "family"}
+                 "prediction_type", "output", "recipe_version", "family", "loras", "lora_skip_unknown",
+                 *(f"block_{p}" for p in BLOCK_LIST_PARAMS)}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise RecipeError(f"{source}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -94,8 +102,11 @@ class Recipe:
         for key in ("params", "components"):
             if not isinstance(raw.get(key) or {}, dict):
                 raise RecipeError(f"{source}: '{key}' must be a mapping, got {raw[key]!r}")
-        if not isinstance(raw.get("ema", False), bool):
-            raise RecipeError(f"{source}: 'ema' must be true or false, got {raw['ema']!r}")
+        for key in ("ema", "lora_skip_unknown"):
+            if not isinstance(raw.get(key, False), bool):
+                raise RecipeError(f"{source}: '{key}' must be true or false, got {raw[key]!r}")
+        if not isinstance(raw.get("loras") or [], list):
+            raise RecipeError(f"{source}: 'loras' must be a list of LoRA references")
         components = {}
         for name, c in (raw.get("components") or {}).items():
             components[name] = _component_from_dict(c, f"{source}: components.{name}")
@@ -105,7 +116,9 @@ class Recipe:
         r = cls(models=models, method=str(raw["method"]), family=raw.get("family"), params=dict(raw.get("params") or {}),
                 components=components, dtype=raw.get("dtype"), layout=raw.get("layout"), variant=raw.get("variant"),
                 ema=raw.get("ema", False), config_from=raw.get("config_from"),
-                prediction_type=raw.get("prediction_type"), output=raw.get("output"), source=source)
+                prediction_type=raw.get("prediction_type"), output=raw.get("output"), source=source,
+                block_lists={p: raw[f"block_{p}"] for p in BLOCK_LIST_PARAMS if raw.get(f"block_{p}") is not None},
+                loras=list(raw.get("loras") or []), lora_skip_unknown=raw.get("lora_skip_unknown", False))
         r.validate()
         return r
 
@@ -117,7 +130,7 @@ class Recipe:
         except OSError as e:
             raise RecipeError(f"{p}: cannot read recipe ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise RecipeError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise RecipeError(f"{p}: not valid YAML{_yaml_position(e)}") from None
         return cls.from_dict(raw, str(p))
 
     # ---- validation ---------------------------------------------------------------------------------------------
@@ -139,12 +152,21 @@ class Recipe:
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise RecipeError(f"{src}: prediction_type must be epsilon or v_prediction")
         letters = [letter(i) for i in range(n)]
-        from hubmix.formats.families import all_component_names
+        from hubmix.formats.families import all_component_names, component_labels
+        from hubmix.methods.presets import parse_block_list
 
+        for param, value in self.block_lists.items():
+            self.block_lists[param] = parse_block_list(value, f"{src}: block_{param}")
+            if param not in method.applicable(n):
+                raise RecipeError(f"{src}: block_{param}: method {method.name} takes no parameter {param}")
+        from hubmix.formats.lora import lora_entry
+
+        self.loras = [lora_entry(x, f"{src}: loras[{i}]") for i, x in enumerate(self.loras)]
         for name, c in self.components.items():
             where = f"{src}: components.{name}"
-            if name not in all_component_names():
-                raise RecipeError(f"{where}: unknown component (known: {', '.join(all_component_names())})")
+            if name not in all_component_names() and name not in component_labels():
+                raise RecipeError(f"{where}: unknown component (known: {', '.join(all_component_names())}, or "
+                                  f"{', '.join(component_labels())} where the family has them)")
             if c.from_ is not None:
                 if c.from_ not in letters:
                     raise RecipeError(f"{where}: from: {c.from_!r} is not one of the models ({', '.join(letters)})")
@@ -188,8 +210,28 @@ class Recipe:
         from hubmix.formats.families import all_component_names
 
         me = letter(i)
+        if set(self.components) - set(all_component_names()):  # a label (CLIP, T5): which part is known later
+            return set(all_component_names())
         return {c for c in all_component_names()
                 if (p := self.plan_for(c)).get("from") == me or me in p.get("models", ())}
+
+    def for_family(self, family) -> "Recipe":
+        """The recipe with component labels (Flux's CLIP, T5) replaced by the family's component names."""
+        from hubmix.formats.families import all_component_names
+
+        comps = {}
+        for name, c in self.components.items():
+            if name not in all_component_names():  # a label; another family's component names are ignored
+                real = [n for n, spec in family.components.items() if spec.label == name]
+                if len(real) != 1:
+                    raise RecipeError(f"{self.source}: components.{name}: not a component of {family.name} "
+                                      f"models (theirs: {', '.join(family.components)})")
+                if real[0] in self.components:
+                    raise RecipeError(f"{self.source}: components.{name} and components.{real[0]} name the same "
+                                      "component")
+                name = real[0]
+            comps[name] = c
+        return dataclasses.replace(self, components=comps)
 
     def global_params(self) -> dict[str, float]:
         """The top-level method's parameters with defaults filled in."""
@@ -206,10 +248,24 @@ class Recipe:
                 d[name] = getattr(self, name)
         if self.ema:
             d["ema"] = True
+        for param, value in self.block_lists.items():
+            d[f"block_{param}"] = value
+        if self.loras:
+            d["loras"] = [dict(x) for x in self.loras]
+        if self.lora_skip_unknown:
+            d["lora_skip_unknown"] = True
         return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _yaml_position(e: Exception) -> str:
+    """' at line L, column C: problem' from a PyYAML error (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
 
 
 def _component_from_dict(c: Any, where: str) -> ComponentRecipe:
@@ -230,7 +286,7 @@ def _component_from_dict(c: Any, where: str) -> ComponentRecipe:
         raise RecipeError(f"{where}: models must be a list of model letters such as [a, c]")
     blocks = c.get("blocks") or {}
     if not isinstance(blocks, dict):
-        raise RecipeError(f"{where}: blocks must map block labels (IN00, M00, OUT11, BASE) to parameters")
+        raise RecipeError(f"{where}: blocks must map UNet block labels (IN00, M00, OUT11) to parameters")
     return ComponentRecipe(method=c.get("method"), params=params, models=models, from_=c.get("from"),
                            blocks={str(k).upper(): v for k, v in blocks.items()})
 

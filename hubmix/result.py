@@ -46,9 +46,22 @@ def result_files(path: Path) -> dict[str, Path]:
                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
     out = {path.name: path}
     sidecar = path.with_name(f"{path.stem}.recipe.yaml")
-    if sidecar.is_file():
+    if sidecar.is_file() and _sidecar_matches(sidecar, path):
         out[sidecar.name] = sidecar
     return out
+
+
+def _sidecar_matches(sidecar: Path, weights: Path) -> bool:
+    """Whether `<stem>.recipe.yaml` is the recipe of these weights: a crash between the two renames of the final
+    step (engine.target) can leave a newer sidecar beside the older weights; their recipe sha256 then differ."""
+    from hubmix.formats.io.readers import SafetensorsFile
+
+    try:
+        own = SafetensorsFile(weights).metadata.get("hubmix.recipe_sha256")
+    except InputError:
+        return True  # not ours to judge (a pickle, a foreign file): keep the sidecar
+    m = re.search(r"sha256 ([0-9a-f]{64})", sidecar.read_text(encoding="utf-8").split("\n", 1)[0])
+    return own is None or m is None or m.group(1) == own
 
 
 def _metadata_recipe(path: Path) -> dict[str, Any] | None:

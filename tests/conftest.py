@@ -104,6 +104,14 @@ def load_tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
+def file_metadata(path: Path) -> dict:
+    """A safetensors file's metadata, read by safetensors itself."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
 def component_tensors(folder: Path, component: str) -> dict:
     """A diffusers component's tensors (all shards), keys as stored."""
     out = {}

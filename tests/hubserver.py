@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-__all__ = ["HubServer", "HubError", "Blob", "RecordedRequest", "start_hub_server", "configure_hf_client"]
+__all__ = ["HubServer", "HubError", "Fault", "Blob", "RecordedRequest", "start_hub_server", "configure_hf_client"]
 
 DEFAULT_TOKENS = {"hf_test_token_user": "user", "hf_other": "other"}
 DEFAULT_BRANCH = "main"
@@ -130,6 +130,19 @@ class Repo:
 
 
 @dataclass
+class Fault:
+    """An injected failure (see HubServer.fail)."""
+
+    route: str
+    method: str | None
+    status: int
+    message: str
+    kind: str
+    times: int | None
+    hits: int = 0
+
+
+@dataclass
 class RecordedRequest:
     method: str
     path: str  # raw path as sent (percent-encoded), without the query string
@@ -159,6 +172,7 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.requests: list[RecordedRequest] = []
         self.errors: list[str] = []  # tracebacks of server-side bugs (answered with 500)
+        self.faults: list[Fault] = []  # injected by `fail`
         self._lock = threading.RLock()
         self._counter = itertools.count()
         self._httpd = ThreadingHTTPServer((host, port), _Handler)
@@ -267,6 +281,32 @@ class HubServer:
         """Paths of files fetched through /resolve (GET by default; "HEAD" for metadata calls)."""
         return [r.params["path"] for r in list(self.requests) if r.route == "resolve" and r.method == method
                 and (repo_id is None or r.params["repo"] == repo_id)]
+
+    def fail(self, route: str, status: int = 500, *, method: str | None = None, times: int | None = None,
+             message: str = "Internal Error", kind: str = "answer") -> Fault:
+        """Inject a fault on `route` (a name of _ROUTES, e.g. "resolve", "commit"; `method` narrows it): kind
+        "answer" replies `status` with `message` instead of handling the request; kind "drop_reply" handles it
+        (its effect stays) and closes the connection without a reply. `times` faults, or every request (None)."""
+        if kind not in ("answer", "drop_reply"):
+            raise ValueError(kind)
+        fault = Fault(route, method, status, message, kind, times)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _take_fault(self, route: str, method: str) -> Fault | None:
+        with self._lock:
+            for f in self.faults:
+                if f.route == route and f.method in (None, method) and (f.times is None or f.times > 0):
+                    if f.times is not None:
+                        f.times -= 1
+                    f.hits += 1
+                    return f
+        return None
 
     def clear_log(self) -> None:
         with self._lock:
@@ -511,8 +551,15 @@ class _Handler(BaseHTTPRequestHandler):
             params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
             self.record.route, self.record.params = name, params
             self.user = self._authenticate(hub)
+            fault = hub._take_fault(name, self.command)
+            if fault is not None and fault.kind == "answer":
+                raise HubError(fault.status, fault.message)
             with hub._lock:
                 getattr(self, f"h_{name}")(hub, **params)
+            if fault is not None:  # "drop_reply": the request took effect, its reply is lost on the way
+                self.record.status = None
+                self.close_connection = True
+                return
         except HubError as e:
             headers = {"X-Error-Message": e.message.encode("ascii", "replace").decode(), **e.headers}
             if e.code:
@@ -521,7 +568,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             hub.errors.append(traceback.format_exc())  # a bug in this file: surface it, tests should check
             self._json({"error": "fake hub crashed:\n" + hub.errors[-1]}, 500)
-        self._flush()
+        stream, self._stream = getattr(self, "_stream", None), None
+        stream() if stream and self._response[0] == 200 else self._flush()  # streams (SSE) run unlocked
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():  # streamed uploads (file objects)

@@ -69,13 +69,14 @@ def test_native_kernels_match_torch_on_every_dtype_and_special_value():
     gen = torch.Generator().manual_seed(0)
     n = 50_000
     base = torch.randn(n, generator=gen)
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
     for din in dtypes:
         xs = [(base + 0.01 * torch.randn(n, generator=gen)).to(din) for _ in range(3)]
         xs[2][:500] = (2 * xs[0][:500].float() - xs[1][:500].float()).to(din)  # exact ties
         xs[0][500:510] = float("inf")
         xs[1][510:520] = 1e-42 if din != torch.float16 else 3e-8
         xs[2][520:530] = -0.0
+        xs[1][530:540] = 6e4  # past fp8's range once merged: e4m3fn saturates, e5m2 overflows to infinity
         for dout in dtypes:
             for name, k, params in [("lossless", 3, {"alpha": 1.0, "beta": 1.0}),
                                     ("lossless", 3, {"alpha": 0.9, "beta": 1.1}),
@@ -89,8 +90,28 @@ def test_native_kernels_match_torch_on_every_dtype_and_special_value():
                 m = get_method(name)
                 want = eager_kernel(chunk_function(m, [din] * k, dout), dout, torch.device("cpu"))(xs[:k], params)
                 got = native.kernel(name, [din] * k, dout)(xs[:k], params)
-                bits = torch.int32 if dout == torch.float32 else torch.int16
+                bits = {4: torch.int32, 2: torch.int16, 1: torch.int8}[dout.itemsize]
                 assert torch.equal(want.view(bits), got.view(bits)), (name, k, din, dout, params)
+
+
+def test_native_fp8_conversions_match_torch_on_every_code_and_float32_bit_pattern():
+    """fp8 loads (all 256 codes) and stores (random float32 bit patterns: every exponent, NaN, infinities,
+    ties) through a native kernel against torch's own conversions."""
+    from hubmix.engine import native
+
+    if native.Native.library() is None:
+        pytest.skip(f"no native kernels here: {native.Native.error()}")
+    gen = torch.Generator().manual_seed(1)
+    patterns = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8)
+        zero = torch.zeros(256, dtype=fp8)
+        got = native.kernel("weighted_sum", [fp8, fp8], torch.float32)([codes, zero], {"alpha": 0.0})
+        want = 1.0 * codes.float() + 0.0 * zero.float()  # the kernel's own arithmetic (-0 + 0 is +0)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), fp8
+        f = torch.cat([patterns.view(torch.float32), torch.tensor([448.0, 464.0, 480.0, 57344.0, 61440.0, 1e-9])])
+        got = native.kernel("weighted_sum", [torch.float32] * 2, fp8)([f, torch.zeros_like(f)], {"alpha": 0.0})
+        assert torch.equal(got.view(torch.uint8), (1.0 * f + 0.0 * torch.zeros_like(f)).to(fp8).view(torch.uint8))
 
 
 def test_native_whole_tensor_kernels_match_eager():

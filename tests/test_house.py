@@ -100,7 +100,7 @@ def test_no_import_circle_between_rooms():
 
 def test_the_card_and_push_do_not_import_the_merge_flow():
     graph = _graph()
-    for name in ("hubmix.hub.card", "hubmix.hub.push", "hubmix.hub.resolve"):
+    for name in ("hubmix.hub.card", "hubmix.hub.push", "hubmix.hub.resolve", "hubmix.hub.jobs", "hubmix.hub.remote"):
         seen, todo = set(), [name]
         while todo:
             n = todo.pop()

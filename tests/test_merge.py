@@ -331,7 +331,7 @@ def test_dry_run_reports_similarity_and_writes_nothing(zoo, tmp_path, cli):
     assert code == 0, err
     data = json.loads(out)
     unet = data["report"]["unet"]
-    assert {"IN00", "IN01", "M00", "OUT00", "BASE"} <= set(unet["blocks"])
+    assert {"IN00", "IN01", "M00", "OUT00"} <= set(unet["blocks"]) and "BASE" not in unet["blocks"]
     # check the totals against an independent computation
     ta, tb, tc = (tensors(p, "unet") for p in (a, b, c))
     av = torch.cat([ta[k].reshape(-1) for k in sorted(ta)]).double()

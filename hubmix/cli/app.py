@@ -27,7 +27,11 @@ def cli(debug: bool) -> None:
 
 
 def quiet_downloads() -> None:
-    """--quiet: no huggingface_hub download bars either."""
+    """--quiet: no huggingface_hub download bars, and none of its warnings (retries); errors still end in one line."""
+    import logging
+
+    os.environ["HF_HUB_VERBOSITY"] = "error"  # read when huggingface_hub is imported, which resets its level
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     if "huggingface_hub" in sys.modules:
         from huggingface_hub.utils import disable_progress_bars
 

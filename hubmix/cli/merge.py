@@ -8,7 +8,9 @@ from pathlib import Path
 import click
 
 from hubmix.cli.app import cli, parse_size, quiet_downloads
+from hubmix.cli.jobs import REMOTE_OPTIONS, check_remote, remote_merge, take_remote
 from hubmix.errors import RecipeError
+from hubmix.formats.lora import parse_lora_option
 from hubmix.hub.refs import REF_RULE
 from hubmix.methods import methods
 from hubmix.recipe import DTYPES, LAYOUTS, ComponentRecipe, Recipe, letter, model_entry
@@ -58,6 +60,16 @@ def _methods_help() -> str:
 @click.argument("models", nargs=-1)
 @click.option("--method", "-m", type=click.Choice(sorted(methods())), help="Merge method.")
 @_apply(_param_options())
+@click.option("--block-alpha", metavar="LIST|PRESET",
+              help="alpha per block as A1111/supermerger write it: 26 comma-separated values for SD1.x/SD2.x (BASE, "
+                   "IN00..IN11, M00, OUT00..OUT11), 20 for SDXL (BASE, IN00..IN08, M00, OUT00..OUT08), or a "
+                   "supermerger preset name (hubmix methods --presets); BASE is the text encoders.")
+@click.option("--block-beta", metavar="LIST|PRESET", help="beta per block, as --block-alpha.")
+@click.option("--lora", "loras", multiple=True, metavar="REF[:STRENGTH]",
+              help="Bake a LoRA (kohya/A1111 or diffusers/PEFT file; a path or Hub reference) into the result with "
+                   "this strength (default 1); repeatable. With --method copy, into a single model.")
+@click.option("--lora-skip-unknown", is_flag=True,
+              help="LoRA keys that match no tensor are listed in the summary instead of failing the merge.")
 @click.option("--components", help="Comma-separated components to merge (default: all of unet, text_encoder(s), "
                                    "vae); the others are copied from model a.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Output dtype (default: model a's).")
@@ -95,16 +107,21 @@ def _methods_help() -> str:
 @click.option("--commit-message", help="With --push: the commit message.")
 @click.option("--license", "license_", metavar="ID", help="The model card's license (default: the one every input "
                                                          "shares, else none and a warning).")
-def merge(models, method, components, dtype, out, layout, variant, ema, config_from, prediction_type, overwrite,
+@_apply(REMOTE_OPTIONS)
+def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, components, dtype, out, layout, variant,
+          ema, config_from, prediction_type, overwrite,
           dry, as_json, recipe_file, save_recipe, quiet, workers, device, max_memory, kernels, push, private, branch,
           create_pr, commit_message, license_, **params):
     from hubmix.merging import merge as run_merge
 
+    remote = take_remote(params)
     params = {k: v for k, v in params.items() if v is not None}
     if recipe_file is not None:
         given = [n for n, v in (("MODELS", models), ("--method", method), ("--components", components),
                                 ("--dtype", dtype), ("--variant", variant), ("--ema", ema),
-                                ("--config-from", config_from), ("--prediction-type", prediction_type)) if v]
+                                ("--config-from", config_from), ("--prediction-type", prediction_type),
+                                ("--block-alpha", block_alpha), ("--block-beta", block_beta), ("--lora", loras),
+                                ("--lora-skip-unknown", lora_skip_unknown)) if v]
         given += [option_names()[k] for k in params]
         if given:
             raise RecipeError(f"{recipe_file}: the recipe says the whole merge; drop {', '.join(given)} "
@@ -127,8 +144,14 @@ def merge(models, method, components, dtype, out, layout, variant, ema, config_f
             comps = {c: ComponentRecipe(from_="a") for c in known if c not in wanted}
         recipe = Recipe(models=list(models), method=method, params=params, components=comps, dtype=dtype,
                         layout=layout, variant=variant, ema=ema, config_from=config_from,
-                        prediction_type=prediction_type, output=str(out) if out else None)
+                        prediction_type=prediction_type, output=str(out) if out else None,
+                        block_lists={k: v for k, v in (("alpha", block_alpha), ("beta", block_beta)) if v},
+                        loras=[parse_lora_option(x) for x in loras], lora_skip_unknown=lora_skip_unknown)
         recipe.validate()
+    if check_remote(remote):
+        return remote_merge(recipe, remote, push=push, out=out, dry=dry, private=private, branch=branch,
+                            create_pr=create_pr, commit_message=commit_message, license_=license_, quiet=quiet,
+                            save_recipe=save_recipe)
     if push is None:
         given = [n for n, v in (("--private", private), ("--branch", branch), ("--create-pr", create_pr),
                                 ("--commit-message", commit_message), ("--license", license_)) if v]
@@ -157,6 +180,8 @@ def merge(models, method, components, dtype, out, layout, variant, ema, config_f
 
     settings = Settings(workers=workers, max_memory=max_memory, device=device, kernels=kernels, quiet=quiet)
     result = run_merge(recipe, out=out, overwrite=overwrite, dry=dry, settings=settings)
+    for line in result.summary.events.get("nonfinite", []):  # even with -q: the output may be broken
+        click.echo(f"warning: {line}", err=True)
     if save_recipe:  # only for a merge that ran
         try:
             save_recipe.write_text(recipe.to_yaml())

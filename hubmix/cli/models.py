@@ -49,8 +49,18 @@ def inspect(src, variant, as_json):
 
 
 @cli.command(name="methods")
-def list_methods() -> None:
+@click.option("--presets", "show_presets", is_flag=True,
+              help="List supermerger's block-weight presets for --block-alpha/--block-beta instead.")
+def list_methods(show_presets: bool) -> None:
     """List the merge methods with their parameters, formula and reference."""
+    if show_presets:
+        from hubmix.methods.presets import SD_LABELS, presets
+
+        click.echo("supermerger's block-weight presets (values for " + ",".join(SD_LABELS) + "; for SDXL the "
+                   "values of BASE, IN00..IN08, M00, OUT00..OUT08):")
+        for name, values in presets().items():
+            click.echo(f"{name}: {','.join(f'{v:.10g}' for v in values)}")
+        return
     for m in methods().values():
         click.echo(f"{m.name} ({m.models_text} models): {m.summary}")
         click.echo(f"  formula:   {m.formula}")

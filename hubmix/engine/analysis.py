@@ -1,4 +1,4 @@
-"""Dry-run statistics: how similar the inputs are, per component and per UNet block, before a long merge.
+"""Dry-run statistics: how similar the inputs are, per component and per block, before a long merge.
 
 For every input x other than the first (a): cosine similarity to a, relative L2 distance |x - a| / |a|, and the
 least-squares scale <a,x>/<x,x> that best maps x onto a (the alpha/beta users of lossless otherwise guess). For
@@ -72,7 +72,8 @@ class Stats:
         for comp in dict.fromkeys(c for c, _ in self.groups):
             total = _Acc()
             blocks = {}
-            for (c, block), acc in sorted(self.groups.items(), key=lambda kv: _block_order(kv[0][1])):
+            order = _order_for([b for c, b in self.groups if c == comp])
+            for (c, block), acc in sorted(self.groups.items(), key=lambda kv: _block_order(kv[0][1], order)):
                 if c != comp:
                     continue
                 total.add(acc)
@@ -97,14 +98,27 @@ class Stats:
         return row
 
 
-def _block_order(label: str | None) -> tuple[int, int]:
+def _split_label(label: str) -> tuple[str, int]:
+    prefix = label.rstrip("0123456789")
+    return prefix, int(label[len(prefix):] or -1)
+
+
+def _order_for(labels: list[str | None]) -> list[str]:
+    """The layout's `block_order` (label prefixes in model order) that covers a component's labels."""
+    from hubmix.formats.families import layouts
+
+    prefixes = {_split_label(x)[0] for x in labels if x is not None}
+    for data in layouts().values():
+        if prefixes <= set(data.get("block_order") or ()):
+            return list(data["block_order"])
+    return sorted(prefixes)
+
+
+def _block_order(label: str | None, order: list[str]) -> tuple[int, int]:
     if label is None:
-        return (9, 0)
-    for rank, prefix in enumerate(("BASE", "IN", "M", "OUT")):
-        if label.startswith(prefix):
-            digits = label[len(prefix):]
-            return (rank, int(digits) if digits.isdigit() else 0)
-    return (8, 0)
+        return (len(order) + 1, 0)
+    prefix, number = _split_label(label)
+    return (order.index(prefix) if prefix in order else len(order), number)
 
 
 def analyze(tasks: list[Task], names: dict[str, list[str]], *, quiet: bool = False,

@@ -32,6 +32,7 @@ SUBCHUNK = 1 << 18  # eager pieces: ~1 MB of float32 per intermediate, so a chai
 NATIVE_MIN_ELEMENTS = 20_000_000  # below this, building the native library once is not worth a second
 COMPILE_MIN_ELEMENTS = 500_000_000  # torch.compile's per-process start-up must be repaid
 MODES = ("auto", "native", "compile", "eager")
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 ChunkFn = Callable[..., torch.Tensor]
 Kernel = Callable[[list[torch.Tensor], dict[str, float]], torch.Tensor]
@@ -146,6 +147,8 @@ class Kernels:
                 self.log(f"no native kernel for {', '.join(sorted({m.name for m, _, _ in rest}))} with these "
                          f"dtypes; those run eagerly")
         rest = [sig for sig in rest if sig[0].element is None]  # their statistics and contexts are not traced
+        # inductor cannot promote fp8 (torch.where, mixed arithmetic): fp8 chunks run native or eagerly
+        rest = [sig for sig in rest if not any(d in FP8 for d in (*sig[1], sig[2]))]
         if self.use_compile and rest:
             if not compiler_available():
                 self.log("torch.compile unavailable (no C++ compiler); running eagerly")

@@ -29,7 +29,9 @@ import torch
 
 from hubmix.cache import cache_root
 
-DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float8_e4m3fn: "e4m3",
+          torch.float8_e5m2: "e5m2"}
+_BITS = {"f16": "u16", "bf16": "u16", "f32": "float", "e4m3": "uint8_t", "e5m2": "uint8_t"}  # selection copies
 
 _PRELUDE = r"""
 #include <stdint.h>
@@ -61,6 +63,31 @@ static inline void st_bf16(void *p, int64_t i, float f) {
 }
 static inline float ld_f32(const void *p, int64_t i) { return ((const float *)p)[i]; }
 static inline void st_f32(void *p, int64_t i, float f) { ((float *)p)[i] = f; }
+/* fp8 -> float32: 256-entry tables of torch's own float32 bits (exact by construction, NaN payloads included) */
+static const uint32_t E4M3[256] = {%E4M3%};
+static const uint32_t E5M2[256] = {%E5M2%};
+static inline float ld_e4m3(const void *p, int64_t i) { return u2f(E4M3[((const uint8_t *)p)[i]]); }
+static inline float ld_e5m2(const void *p, int64_t i) { return u2f(E5M2[((const uint8_t *)p)[i]]); }
+/* float32 -> fp8 exactly as c10 (round to nearest even; e4m3fn saturates to 448, NaN -> 0x7F; e5m2 overflows to
+   infinity) */
+static inline void st_e4m3(void *p, int64_t i, float f) {
+    uint32_t b = f2u(f), sign = b & 0x80000000u; uint8_t r;
+    b ^= sign;
+    if (b >= (1087u << 20)) r = b > 0x7F800000u ? 0x7F : 0x7E;
+    else if (b < (121u << 23)) r = (uint8_t)(f2u(u2f(b) + u2f(141u << 23)) - (141u << 23));
+    else { uint32_t odd = (b >> 20) & 1u; b += ((uint32_t)(7 - 127) << 23) + 0x7FFFFu; b += odd;
+           r = (uint8_t)(b >> 20); if (r == 0x7F) r = 0x7E; }
+    ((uint8_t *)p)[i] = r | (uint8_t)(sign >> 24);
+}
+static inline void st_e5m2(void *p, int64_t i, float f) {
+    uint32_t b = f2u(f), sign = b & 0x80000000u; uint8_t r;
+    b ^= sign;
+    if (b >= (143u << 23)) r = b > (255u << 23) ? 0x7F : 0x7C;
+    else if (b < (113u << 23)) r = (uint8_t)(f2u(u2f(b) + u2f(134u << 23)) - (134u << 23));
+    else { uint32_t odd = (b >> 21) & 1u; b += ((uint32_t)(15 - 127) << 23) + 0xFFFFFu; b += odd;
+           r = (uint8_t)(b >> 21); }
+    ((uint8_t *)p)[i] = r | (uint8_t)(sign >> 24);
+}
 static inline float fabs32(float x) { return __builtin_fabsf(x); }
 /* torch.nan_to_num: NaN -> 0, +-inf -> +-FLT_MAX */
 static inline float nan_to_num32(float x) {
@@ -141,8 +168,15 @@ def _loads(n: int, t: str) -> str:
     return " ".join(f"float f{x} = ld_{t}({x}, i);" for x in _NAMES[:n])
 
 
+def _fp8_table(dtype: torch.dtype) -> str:
+    bits = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float().view(torch.int32)
+    return ", ".join(f"0x{b & 0xFFFFFFFF:08x}u" for b in bits.tolist())
+
+
 def source() -> str:
-    parts = [_PRELUDE]
+    prelude = _PRELUDE.replace("%E4M3%", _fp8_table(torch.float8_e4m3fn)).replace(
+        "%E5M2%", _fp8_table(torch.float8_e5m2))
+    parts = [prelude]
     for t_in in DTYPES.values():
         for t_out in DTYPES.values():
             for name, (n, body) in _ARITH.items():
@@ -153,7 +187,7 @@ def source() -> str:
                              f"{_loads(n, t_in)} {body} st_{t_out}(o, i, r); }} }}")
             for name, (n, body, x, y) in _SELECT.items():
                 if t_in == t_out:  # copy the stored bits of the value taken
-                    ctype = "float" if t_in == "f32" else "u16"
+                    ctype = _BITS[t_in]
                     store = (f"(({ctype} *)o)[i] = take ? ((const {ctype} *){x})[i] : ((const {ctype} *){y})[i];")
                 else:
                     store = f"st_{t_out}(o, i, take ? f{x} : f{y});"

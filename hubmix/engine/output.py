@@ -1,5 +1,5 @@
 """Where merged tensors go: output files planned from the tasks, the routing of every canonical tensor into them,
-the non-weight files of a diffusers folder, and the atomic temporary-sibling-then-rename that protects the target.
+and the non-weight files of a diffusers folder (the atomic target that protects the output is engine.target).
 
 A canonical tensor can land in several places at once (`--layout both`: the diffusers component file and the
 single file at the folder's root), each with its own key, byte offset (a third of a fused q/k/v) and transform.
@@ -8,21 +8,18 @@ single file at the folder's root), each with its own key, byte offset (a third o
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from hubmix.engine.pipeline import Job
-from hubmix.errors import InputError, OutputError
+from hubmix.errors import InputError
 from hubmix.formats.families import ComponentSpec, Family
 from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
-from hubmix.formats.layouts import KeyMap, apply_to_original, to_original_shape
+from hubmix.formats.layouts import COPYING, KeyMap, apply_to_original, part_rows, to_original_shape
+from hubmix.formats.model import check_component_name
 from hubmix.engine.plan import Summary, Task
 
 
@@ -59,12 +56,16 @@ class Router:
         self.files.append(f)
 
     def add_single_file(self, path: Path, parts: dict[str, tuple[KeyMap, list[Task]]], metadata: dict[str, str],
-                        summary: Summary, name: str) -> None:
-        """One original-layout file for all components, through each component's key map."""
+                        summary: Summary, name: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """One original-layout file for all components, through each component's key map; `extra`: tensors
+        outside every component (prediction markers) written as they are."""
         f = OutputFile(path, metadata)
+        for okey, tensor in (extra or {}).items():
+            f.generated[okey] = tensor
+            f.planned[okey] = PlannedTensor(okey, tensor.dtype, tuple(tensor.shape))
         for component, (keymap, tasks) in parts.items():
             fused: dict[str, dict[int, Task]] = {}
-            counts: dict[str, int] = {}
+            widths: dict[str, tuple[int, ...]] = {}
             for t in tasks:
                 place = keymap.to_original(t.key)
                 if place is None:
@@ -76,18 +77,26 @@ class Router:
                     self.routes.setdefault((component, t.key), []).append(Route(f, place.key, 0, place.transform))
                 else:
                     fused.setdefault(place.key, {})[place.part[0]] = t
-                    counts[place.key] = place.part[1]
+                    widths[place.key] = place.part[1]
             for okey, pieces in fused.items():
-                if len(pieces) != counts[okey] or len({p.shape for p in pieces.values()}) != 1:
-                    summary.add("note", f"{component}: {okey} needs {counts[okey]} equal parts, has {len(pieces)}; "
-                                        f"not in {name}")
+                order = _fused_parts(pieces, widths[okey])
+                if order is None:
+                    summary.add("note", f"{component}: {okey} needs {len(widths[okey])} parts of relative widths "
+                                        f"{list(widths[okey])}, has {len(pieces)} that do not fit; not in {name}")
                     continue
-                first = pieces[0]
-                shape = (first.shape[0] * counts[okey], *first.shape[1:])
-                f.planned[okey] = PlannedTensor(okey, first.out_dtype, shape)
-                for index, t in pieces.items():
-                    base = index * t.out_nbytes
+                rows = sum(t.shape[0] for t in order)
+                f.planned[okey] = PlannedTensor(okey, order[0].out_dtype, (rows, *order[0].shape[1:]))
+                base = 0
+                for t in order:
                     self.routes.setdefault((component, t.key), []).append(Route(f, okey, base, None))
+                    base += t.out_nbytes
+            by_key = {t.key: t for t in tasks}
+            for rel, canon in keymap.copies.items():  # the same tensor under a second original key (T5's tied one)
+                t = by_key.get(canon)
+                if t is not None:
+                    okey = keymap.prefix + rel
+                    f.planned[okey] = PlannedTensor(okey, t.out_dtype, t.shape)
+                    self.routes.setdefault((component, t.key), []).append(Route(f, okey, 0, None))
             for rel in keymap.generated:
                 okey = keymap.prefix + rel
                 tensor = keymap.generated_tensor(rel)
@@ -101,7 +110,7 @@ class Router:
         for t in tasks:
             routes = self.routes.get((t.component, t.key))
             if routes:
-                t.whole_only = any(r.transform == "transpose" for r in routes)
+                t.whole_only = any(r.transform in COPYING for r in routes)
                 out.append(t)
         return out
 
@@ -115,9 +124,9 @@ class Router:
     def write(self, job: Job, data: torch.Tensor) -> None:
         for r in self.routes[(job.task.component, job.task.key)]:
             assert r.file.writer is not None
-            if r.transform == "transpose":  # needs the whole tensor: such tasks are never split
-                assert job.whole, f"{job.task.key}: a transposed tensor cannot be written in chunks"
-                r.file.writer.write(r.key, apply_to_original("transpose", data.reshape(job.task.shape)), r.byte_base)
+            if r.transform in COPYING:  # needs the whole tensor: such tasks are never split
+                assert job.whole, f"{job.task.key}: a {r.transform} tensor cannot be written in chunks"
+                r.file.writer.write(r.key, apply_to_original(r.transform, data.reshape(job.task.shape)), r.byte_base)
             else:  # conv1x1 reshapes and row-blocks are the same bytes
                 r.file.writer.write(r.key, data, r.byte_base + job.start * data.dtype.itemsize)
 
@@ -130,6 +139,22 @@ class Router:
         for f in self.files:
             if f.writer is not None:
                 f.writer.abort()
+
+
+def _fused_parts(pieces: dict[int, Task], widths: tuple[int, ...]) -> list[Task] | None:
+    """The parts of one fused original tensor in row order, if all are there, alike in trailing shape and dtype,
+    and sized in the declared relative widths; else None."""
+    order = [pieces.get(i) for i in range(len(widths))]
+    if any(t is None for t in order):
+        return None
+    parts: list[Task] = order  # type: ignore[assignment]
+    if len({(t.shape[1:], t.out_dtype) for t in parts}) != 1:
+        return None
+    rows = sum(t.shape[0] for t in parts)
+    starts = [sum(t.shape[0] for t in parts[:i]) for i in range(len(parts))]
+    if any(part_rows((i, widths), rows) != (starts[i], t.shape[0]) for i, t in enumerate(parts)):
+        return None
+    return parts
 
 
 # ---- diffusers folder files ------------------------------------------------------------------------------------
@@ -150,10 +175,10 @@ def component_config_json(spec: ComponentSpec, config: dict[str, Any], dtype: to
         return cfg
     if "model_type" in cfg:  # a real config.json: keep it as it is
         full = cfg
-    else:  # inferred from shapes: let transformers spell out the rest
+    else:  # inferred from shapes: let transformers spell out the rest, with the model class's own config class
         import transformers
 
-        full = transformers.CLIPTextConfig(**cfg).to_dict()
+        full = getattr(transformers, spec.cls).config_class(**cfg).to_dict()
     full.setdefault("architectures", [spec.cls])
     if dtype is not None:
         for key in ("torch_dtype", "dtype"):
@@ -168,6 +193,9 @@ def model_index(family: Family, inpainting: bool, scheduler_cls: str, base: dict
 
     if base is not None:
         idx = dict(base)
+        for name, entry in idx.items():  # a borrowed index (--config-from) names the output's folders
+            if not name.startswith("_") and isinstance(entry, list):
+                check_component_name(name, "model_index.json of the config source")
     else:
         idx = {"_diffusers_version": diffusers.__version__, **family.pipeline_extra,
                "scheduler": ["diffusers", scheduler_cls]}
@@ -186,65 +214,3 @@ def need_folder(path: Path | None, what: str, family: Family) -> Path:
             f"<a diffusers folder or Hub repo of this family>, e.g. --config-from {family.default_config_repo}"
         )
     return path
-
-
-# ---- atomic target -------------------------------------------------------------------------------------------
-
-def check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target}: already exists (pass --overwrite to replace it)")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.exists():
-        raise OutputError(f"{target}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{target}: cannot write to {parent}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    if root.is_file():
-        return  # weight files were fsynced by their writer; small files follow
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-@contextmanager
-def atomic_target(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `target`; on success it replaces `target`, on any failure it is removed."""
-    check_target(target, overwrite)
-    tmp = target.with_name(f".{target.name}.hubmix-tmp-{secrets.token_hex(4)}")
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if tmp.is_file() and not target.is_dir():
-            os.replace(tmp, target)  # one atomic step: the target is the old file or the new one, never absent
-        elif target.exists():  # a folder cannot replace a folder in one step: park the old one aside first
-            old = target.with_name(f".{target.name}.hubmix-old-{secrets.token_hex(4)}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            _remove(old)
-        else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent if str(target.parent) else Path("."))
-    finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink(missing_ok=True)

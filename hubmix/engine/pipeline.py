@@ -113,18 +113,16 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
     kernel writes into `out` (a reused flat buffer) when given."""
     task = job.task
     dtype = task.out_dtype
+    if task.lora is not None:  # baked LoRAs: the merge in float32 (eager, on the CPU) plus the LoRA delta
+        delta = task.lora.take(job.start, job.stop).view(views[0].shape)
+        return (_float32(task, views, job.start) + delta).to(dtype)
     if task.method is None:
         x = views[0]
         if x.dtype == dtype:
             return x
         return x.float().to(dtype) if x.dtype.is_floating_point and dtype.is_floating_point else x.to(dtype)
-    if task.channels is not None:  # inpainting conv_in: merge the shared input channels, keep the rest
-        xs = [v.float() for v in views]
-        n = task.channels
-        y = task.method([x.narrow(1, 0, n) for x in xs], task.params, Context(f"{task.component}/{task.key}"))
-        out = xs[0].clone() if xs[0].data_ptr() == views[0].data_ptr() else xs[0]
-        out.narrow(1, 0, n).copy_(y)
-        return out.to(dtype)
+    if task.channels is not None:
+        return _float32(task, views).to(dtype)
     kernels = kernels or _EAGER
     device = kernels.device
     params, ctx = task.params, None
@@ -160,7 +158,45 @@ def task_stats(task: Task, jobs: list[Job], submit) -> None:
     task.stats = run_passes(task.method, chunks, task.params, task.numel)
 
 
+def _float32(task: Task, views: list[torch.Tensor], start: int = 0) -> torch.Tensor:
+    """The task's result in float32, computed eagerly (copies, inpainting channels, LoRA bake-in)."""
+    xs = [v.float() for v in views]
+    if task.method is None:
+        return xs[0]
+    name = f"{task.component}/{task.key}"
+    if task.channels is None:
+        if task.method.element is not None and task.stats is not None:  # a chunk: the tensor's statistics
+            flat = [x.reshape(-1) for x in xs]
+            return task.method.element(flat, {**task.params, **task.stats}, Context(name, start)).view(xs[0].shape)
+        return task.method(xs, task.params, Context(name, start))
+    n = task.channels  # inpainting conv_in: merge the shared input channels, keep the rest
+    y = task.method([x.narrow(1, 0, n) for x in xs], task.params, Context(name))
+    out = xs[0].clone() if xs[0].data_ptr() == views[0].data_ptr() else xs[0]
+    out.narrow(1, 0, n).copy_(y)
+    return out
+
+
 _EAGER = Kernels("eager")
+
+
+def count_nonfinite(views: list[torch.Tensor]) -> list[int]:
+    """NaN/inf elements of each input view. A min/max reduction per view is the cheap check (NaN propagates
+    through both, an inf is an extreme; ~4 GB/s on one core against isfinite's ~0.3 GB/s), run on data the kernel
+    is about to read anyway; the exact count runs only on a view that fails it."""
+    out = []
+    for v in views:
+        if not v.dtype.is_floating_point or v.numel() == 0:
+            out.append(0)
+            continue
+        try:
+            lo, hi = torch.aminmax(v)
+            if torch.isfinite(lo) and torch.isfinite(hi):
+                out.append(0)
+                continue
+        except RuntimeError:  # a dtype aminmax lacks (float8): count directly
+            pass
+        out.append(int(v.numel() - torch.isfinite(v).sum()))
+    return out
 
 
 # ---- prefetch: map the next chunks' pages ahead of compute ------------------------------------------------------
@@ -202,14 +238,19 @@ def run(jobs: list[Job], consume: Callable[[Job, list[torch.Tensor]], None], *, 
 
 
 def run_merge(jobs: list[Job], write: Callable[[Job, torch.Tensor], None], kernels: Kernels, *, workers: int,
-              desc: str = "merging", quiet: bool = False) -> None:
+              desc: str = "merging", quiet: bool = False,
+              nonfinite: Callable[[Job, list[int]], None] | None = None) -> None:
     """Compute every job's output chunk and write it: compute on the workers, writes on a background thread.
     Native kernels write into output buffers that circulate between the two (a fresh buffer per chunk would cost
-    a page fault per 4 KB of output)."""
+    a page fault per 4 KB of output). `nonfinite(job, counts)` hears of inputs with NaN/inf elements."""
     free: list[torch.Tensor] = []  # list.pop/append are atomic: no lock needed
     size = max((j.out_nbytes for j in jobs), default=0)  # chunks are bounded by the budget, whole tasks are small
 
     def produce(job: Job, views: list[torch.Tensor]) -> Callable[[], None]:
+        if nonfinite is not None:
+            counts = count_nonfinite(views)
+            if any(counts):
+                nonfinite(job, counts)
         try:
             buf = free.pop()
         except IndexError:

@@ -22,11 +22,14 @@ import torch
 
 from hubmix.errors import RecipeError
 from hubmix.formats.families import Family
+from hubmix.formats.layouts import COPYING
 from hubmix.methods import Method, get_method
 from hubmix.formats.model import LocalModel, TensorRef
 from hubmix.recipe import Recipe, letter
 
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Task:
     channels: int | None = None  # merge only the first `channels` input channels (dim 1); the rest is refs[0]'s
     whole_only: bool = False  # an output needs the whole tensor at once (a transposed copy)
     stats: dict[str, Any] | None = None  # a whole-tensor method's per-tensor statistics, once computed
+    lora: Any = None  # engine.lora.LoraDelta: LoRA updates added to this tensor
 
     @property
     def numel(self) -> int:
@@ -59,7 +63,7 @@ class Task:
         """Element-wise over contiguous views: safe to process in flat chunks."""
         if self.channels is not None or self.whole_only or (self.method is not None and not self.method.elementwise):
             return False
-        return all(r.place.transform != "transpose" for r in self.refs)
+        return all(r.place.transform not in COPYING for r in self.refs)
 
 
 @dataclass
@@ -79,8 +83,9 @@ class Summary:
         "dropped": "original-layout keys with no diffusers counterpart, not used",
         "unassigned": "single-file keys outside every component (EMA, schedule buffers), not used",
         "config": "configs inferred from shapes (what shapes cannot tell came from family defaults)",
+        "lora": "LoRA keys that match no tensor, skipped (--lora-skip-unknown)",
         "note": "notes",
-    }
+    }  # "nonfinite" events (NaN/inf inputs, per component and model) are printed as warnings, even with -q
 
     def add(self, kind: str, line: str) -> None:
         self.events.setdefault(kind, []).append(line)
@@ -101,14 +106,24 @@ class Summary:
         return "\n".join(lines)
 
 
-def out_dtype_for(recipe: Recipe, ref: TensorRef) -> torch.dtype:
+def out_dtype_for(recipe: Recipe, ref: TensorRef, others: list[TensorRef | None] = ()) -> torch.dtype:
+    """--dtype, else model a's dtype; but fp8 only when every input is fp8 (a merge with a wider input keeps the
+    first wider dtype rather than rounding it to 8 bits)."""
     if not ref.dtype.is_floating_point:
         return ref.dtype
-    return TORCH_DTYPES[recipe.dtype] if recipe.dtype else ref.dtype
+    if recipe.dtype:
+        return TORCH_DTYPES[recipe.dtype]
+    if ref.dtype in FP8:
+        wider = [r.dtype for r in others if r is not None and r.dtype.is_floating_point and r.dtype not in FP8]
+        return wider[0] if wider else ref.dtype
+    return ref.dtype
 
 
 def plan_merge(models: list[LocalModel], recipe: Recipe, family: Family) -> tuple[list[Task], Summary, dict[str, int]]:
-    """Tasks for every output tensor, the summary of mismatches, and each component's structure model index."""
+    """Tasks for every output tensor, the summary of mismatches, and each output component's structure model index.
+
+    A component some inputs lack (transformer-only files) is copied from the first of its models that has it;
+    `models` may end with a donor beyond the recipe's inputs (--config-from) that only such copies use."""
     summary = Summary()
     tasks: list[Task] = []
     structure: dict[str, int] = {}
@@ -121,6 +136,16 @@ def plan_merge(models: list[LocalModel], recipe: Recipe, family: Family) -> tupl
             summary.add("unassigned", f"{m.name}: {key}")
     for cname in family.components:
         rp = recipe.plan_for(cname)
+        have = [i for i, m in enumerate(models) if cname in m.components]
+        if not have:
+            summary.add("note", f"{cname}: in none of the inputs (transformer-only files); not in the output")
+            continue
+        wanted = [letters.index(rp["from"])] if "from" in rp else [letters.index(x) for x in rp["models"]]
+        lacking = [models[i].name for i in wanted if i not in have]
+        if lacking:  # a transformer-only input: the component comes whole from the first model that has it
+            src = next((i for i in wanted if i in have), have[0])
+            summary.add("note", f"{cname}: not in {', '.join(lacking)}; copied from {models[src].name}")
+            rp = {"from": letters[src]}
         if "from" in rp:
             idx = letters.index(rp["from"])
             structure[cname] = idx
@@ -143,7 +168,7 @@ def plan_merge(models: list[LocalModel], recipe: Recipe, family: Family) -> tupl
                               f"(this model's: {valid})")
         for key, ref0 in sorted(first.tensors.items()):
             refs = [c.tensors.get(key) for c in comps]
-            dtype = out_dtype_for(recipe, ref0)
+            dtype = out_dtype_for(recipe, ref0, refs)
             block = first.keymap.block_label(key) if first.keymap else None
             params = rp["blocks"].get(block, rp["params"])
             copy = Task(cname, key, ref0.shape, dtype, [ref0], [idxs[0]])

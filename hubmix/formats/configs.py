@@ -17,7 +17,8 @@ Shapes = dict[str, tuple[int, ...]]
 
 # Inferred config fields that come from family defaults, not from shapes: a borrowed real config overrides these.
 DEFAULT_DERIVED = {"attention_head_dim", "sample_size", "scaling_factor", "force_upcast", "num_attention_heads",
-                   "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id"}
+                   "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", "shift_factor", "axes_dims_rope",
+                   "num_heads", "d_kv", "feed_forward_proj", "dense_act_fn", "is_gated_act", "projection_dim"}
 
 
 def _indices(shapes: Shapes, pattern: str) -> list[int]:
@@ -97,14 +98,17 @@ def infer_vae(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) ->
     cfg = {
         "in_channels": s["encoder.conv_in.weight"][1],
         "out_channels": s["decoder.conv_out.weight"][0],
-        "latent_channels": s["post_quant_conv.weight"][0],
+        "latent_channels": s["decoder.conv_in.weight"][1],
         "block_out_channels": channels,
         "layers_per_block": layers,
         "down_block_types": ["DownEncoderBlock2D"] * len(downs),
         "up_block_types": ["UpDecoderBlock2D"] * len(downs),
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in s,
     }
-    cfg.update({k: v for k, v in defaults.items() if k in ("scaling_factor", "sample_size", "force_upcast")})
+    if "quant_conv.weight" not in s:  # Flux's VAE has neither quant conv
+        cfg.update(use_quant_conv=False, use_post_quant_conv="post_quant_conv.weight" in s)
+    cfg.update({k: v for k, v in defaults.items()
+                if k in ("scaling_factor", "shift_factor", "sample_size", "force_upcast")})
     notes = [f"vae scaling_factor: family default {defaults.get('scaling_factor')}", "vae norm groups: default 32"]
     return cfg, notes
 
@@ -147,11 +151,88 @@ def infer_openclip(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes
     return cfg, notes
 
 
+def infer_mmdit(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    """SD3's transformer: everything from shapes but the head split (family default head size, 64 in every SD3)."""
+    inner, in_ch, patch, _ = s["x_embedder.proj.weight"]
+    layers = _indices(s, r"joint_blocks\.(\d+)\.")
+    positions = s["pos_embed"][1]
+    cfg = {
+        "sample_size": defaults.get("sample_size", 128),
+        "patch_size": patch,
+        "in_channels": in_ch,
+        "num_layers": len(layers),
+        "attention_head_dim": defaults.get("head_dim", 64),
+        "num_attention_heads": _heads(inner, defaults.get("head_dim", 64)),
+        "joint_attention_dim": s["context_embedder.weight"][1],
+        "caption_projection_dim": s["context_embedder.weight"][0],
+        "pooled_projection_dim": s["y_embedder.mlp.0.weight"][1],
+        "out_channels": s["final_layer.linear.weight"][0] // (patch * patch),
+        "pos_embed_max_size": round(positions ** 0.5),
+        "dual_attention_layers": _indices(s, r"joint_blocks\.(\d+)\.x_block\.attn2\."),
+        "qk_norm": "rms_norm" if any(".ln_q." in k for k in s) else None,
+    }
+    return cfg, [f"transformer attention heads: family default head size {cfg['attention_head_dim']}"]
+
+
+def infer_clip_projection(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]
+                          ) -> tuple[dict[str, Any], list[str]]:
+    """CLIPTextModelWithProjection in transformers names (SD3's CLIP-L and CLIP-G)."""
+    cfg, notes = infer_clip(s, defaults, others)
+    if "text_projection.weight" in s:
+        cfg["projection_dim"] = s["text_projection.weight"][0]
+    return cfg, notes
+
+
+def infer_flux(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    inner, in_channels = s["img_in.weight"]
+    head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    patch = defaults.get("patch_size", 1)
+    axes = list(defaults.get("axes_dims_rope", [16, 56, 56]))
+    notes = [f"transformer rotary axes: family default {axes}"]
+    if sum(axes) != head_dim:  # not a full-size model: split the head like the original (1:3.5:3.5)
+        first = head_dim // 8
+        axes = [first, (head_dim - first) // 2, head_dim - first - (head_dim - first) // 2]
+        notes = [f"transformer rotary axes: {axes} (the family default does not fit head size {head_dim})"]
+    cfg = {
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "out_channels": s["final_layer.linear.weight"][0] // (patch * patch),
+        "num_layers": len(_indices(s, r"double_blocks\.(\d+)\.")),
+        "num_single_layers": len(_indices(s, r"single_blocks\.(\d+)\.")),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": s["txt_in.weight"][1],
+        "pooled_projection_dim": s["vector_in.in_layer.weight"][1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in s,
+        "axes_dims_rope": axes,
+    }
+    return cfg, notes
+
+
+def infer_t5(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    vocab, d_model = s["shared.weight"]
+    inner = s["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+    buckets, heads = s["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]  # exact head count
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in s
+    ff = s["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"][0]
+    cfg = {"vocab_size": vocab, "d_model": d_model, "d_kv": inner // heads, "d_ff": ff, "num_heads": heads,
+           "num_layers": len(_indices(s, r"encoder\.block\.(\d+)\.")),
+           "relative_attention_num_buckets": buckets,
+           **{k: v for k, v in defaults.items() if k != "num_heads"}}
+    if not gated:
+        cfg.update(feed_forward_proj="relu", dense_act_fn="relu", is_gated_act=False)
+    return cfg, [f"T5 activation: family default ({cfg['feed_forward_proj']}; heads from the position bias)"]
+
+
 INFER: dict[str, Callable[[Shapes, dict[str, Any], dict[str, Shapes]], tuple[dict[str, Any], list[str]]]] = {
     "ldm_unet": infer_unet,
     "ldm_vae": infer_vae,
     "clip": infer_clip,
     "openclip": infer_openclip,
+    "flux_transformer": infer_flux,
+    "t5": infer_t5,
+    "mmdit": infer_mmdit,
+    "clip_projection": infer_clip_projection,
 }
 
 

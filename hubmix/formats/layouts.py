@@ -2,9 +2,12 @@
 two-way map between diffusers keys (hubmix's canonical keys) and original single-file keys, with shape transforms.
 
 Every canonical tensor is found in the original layout as a `Placement`: an original key, optionally one row-block
-of a tensor fused along dim 0 (OpenCLIP's q/k/v `in_proj`), optionally a shape transform (`conv1x1`: the VAE's
-attention projections stored as 1x1 convolutions; `transpose`: OpenCLIP's `text_projection`). Row-blocks and
-reshapes are contiguous byte ranges, so readers and writers never copy or buffer for them.
+of a tensor fused along dim 0 (OpenCLIP's q/k/v `in_proj`; Flux's `linear1` = q, k, v and the MLP input, whose
+rows split in proportion to declared widths), optionally a shape transform (`conv1x1`: the VAE's attention
+projections stored as 1x1 convolutions; `transpose`: OpenCLIP's `text_projection`; `swap_halves`: Flux's final
+adaLN modulation, stored shift-then-scale where diffusers has scale-then-shift). Row-blocks and reshapes are
+contiguous byte ranges, so readers and writers never copy or buffer for them; the copying transforms (transpose,
+swap_halves) only touch small tensors, which are processed whole.
 """
 
 from __future__ import annotations
@@ -21,8 +24,25 @@ from hubmix.formats.families import ComponentSpec, layouts
 @dataclass(frozen=True)
 class Placement:
     key: str  # full original key, component prefix included
-    transform: str | None = None  # None, "conv1x1" or "transpose"
-    part: tuple[int, int] | None = None  # (index, count) of equal row-blocks of a fused tensor
+    transform: str | None = None  # None, "conv1x1", "transpose" or "swap_halves"
+    part: tuple[int, tuple[int, ...]] | None = None  # (index, relative widths) of row-blocks of a fused tensor
+
+
+COPYING = frozenset({"transpose", "swap_halves"})  # transforms that move bytes: whole tensors only, never chunks
+
+
+def part_rows(part: tuple[int, tuple[int, ...]], rows: int) -> tuple[int, int] | None:
+    """(first row, row count) of part `index` in a fused tensor of `rows` rows, or None if they do not divide."""
+    index, widths = part
+    unit, rest = divmod(rows, sum(widths))
+    if rest:
+        return None
+    return unit * sum(widths[:index]), unit * widths[index]
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]])
 
 
 def to_canonical_shape(transform: str | None, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -46,6 +66,8 @@ def apply_to_canonical(transform: str | None, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[:2]) if t.dim() == 4 else t
     if transform == "transpose":
         return t.t()
+    if transform == "swap_halves":
+        return _swap_halves(t)
     return t
 
 
@@ -54,6 +76,8 @@ def apply_to_original(transform: str | None, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(*t.shape, 1, 1) if t.dim() == 2 else t
     if transform == "transpose":
         return t.t().contiguous()
+    if transform == "swap_halves":
+        return _swap_halves(t)
     return t
 
 
@@ -126,6 +150,18 @@ def _openclip(cfg: dict[str, Any]) -> list[Rule]:
             for i in range(cfg["num_hidden_layers"])]
 
 
+def _indexed(stacks: list[dict[str, Any]], cfg: dict[str, Any]) -> list[Rule]:
+    """A transformer's stacks of numbered blocks, as data: [{diffusers: transformer_blocks, original: double_blocks,
+    count: num_layers, kind: double}]: block i of each stack, `count` (a config field) blocks long; an optional
+    `last` kind for the stack's last block (SD3's pre-only context stream)."""
+    rules = []
+    for s in stacks:
+        n = int(cfg.get(s["count"], 0))
+        rules += [(f"{s['diffusers']}.{i}", f"{s['original']}.{i}", s.get("last", s["kind"]) if i == n - 1
+                   else s["kind"]) for i in range(n)]
+    return rules
+
+
 STRUCTURES: dict[str, Callable[[dict[str, Any]], list[Rule]]] = {
     "unet2d": _unet2d,
     "vae": _vae,
@@ -140,13 +176,18 @@ STRUCTURES: dict[str, Callable[[dict[str, Any]], list[Rule]]] = {
 class _Leaf:
     name: str
     transform: str | None = None
-    part: tuple[int, int] | None = None
+    part: tuple[int, tuple[int, ...]] | None = None
 
 
 def _leaf(value: str | dict[str, Any]) -> _Leaf:
+    """A leaf spec: a name, or {name, transform} or {name, part, of}: `of` is a count of equal row-blocks (3 for
+    q/k/v) or a list of relative widths ([1, 1, 1, 4]: q, k, v and an MLP four times as wide)."""
     if isinstance(value, str):
         return _Leaf(value)
-    part = (value["part"], value["of"]) if "part" in value else None
+    part = None
+    if "part" in value:
+        of = value["of"]
+        part = (value["part"], tuple(of) if isinstance(of, list) else (1,) * of)
     return _Leaf(value["name"], value.get("transform"), part)
 
 
@@ -186,10 +227,14 @@ class KeyMap:
         self._d2o: dict[str, tuple[str, str | None, _Leaf | None]] = {}
         for d, o in (data.get("static") or {}).items():
             leaf = _leaf(o)
-            self._d2o[d] = (leaf.name, None, leaf if leaf.transform else None)
-        for d, o, kind in STRUCTURES[data.get("structure", "none")](config):
+            self._d2o[d] = (leaf.name, None, leaf if leaf.transform or leaf.part else None)
+        structure = data.get("structure", "none")
+        walk = STRUCTURES[structure] if isinstance(structure, str) else lambda cfg: _indexed(structure, cfg)
+        for d, o, kind in walk(config):
             self._d2o[d] = (o, kind, None)
-        self._o2d = {o: (d, kind, leaf) for d, (o, kind, leaf) in self._d2o.items()}
+        self._o2d: dict[str, list[tuple[str, str | None, _Leaf | None]]] = {}
+        for d, (o, kind, leaf) in self._d2o.items():
+            self._o2d.setdefault(o, []).append((d, kind, leaf))
         self._modules = {kind: {k: _leaf(v) for k, v in (m or {}).items()}
                          for kind, m in (data.get("modules") or {}).items()}
         self._modules_inv: dict[str, dict[str, list[tuple[str, _Leaf]]]] = {}
@@ -201,7 +246,11 @@ class KeyMap:
         self._aliases = [(re.compile(a["match"]), a["replace"]) for a in data.get("aliases") or []]
         self.dropped: dict[str, str] = {**(data.get("dropped") or {}), **spec.dropped}
         self.generated: dict[str, str] = dict(data.get("generated") or {})
+        self.copies: dict[str, str] = dict(data.get("copies") or {})  # original key -> canonical key it repeats
         self._blocks = [(re.compile(b["match"]), b["label"]) for b in data.get("blocks") or []]
+        # the number of the last `output_blocks.N` of this config: the final `out.` layers go with it
+        self._last_output = max((int(o.split(".")[1]) for o in self._o2d if o.startswith("output_blocks.")),
+                                default=0)
         self.ema = data.get("ema")
 
     # diffusers side ------------------------------------------------------------------------------------------
@@ -219,8 +268,8 @@ class KeyMap:
             return None
         d_prefix, rest = hit
         o_prefix, kind, leaf = self._d2o[d_prefix]
-        if leaf is not None:  # an exact-key rule with a transform
-            return Placement(self.prefix + o_prefix, leaf.transform) if rest == "" else None
+        if leaf is not None:  # an exact-key rule with a transform or a part
+            return Placement(self.prefix + o_prefix, leaf.transform, leaf.part) if rest == "" else None
         if kind is None or not rest:
             return Placement(self.prefix + _join(o_prefix, rest))
         mod = self._modules.get(kind, {})
@@ -231,7 +280,7 @@ class KeyMap:
         lf = mod[m_name]
         if lf.part is not None:
             return Placement(self.prefix + _join(o_prefix, lf.name), part=lf.part) if tail == "" else None
-        transform = lf.transform if tail == "weight" else None
+        transform = lf.transform if tail in ("weight", "") else None
         return Placement(self.prefix + _join(o_prefix, lf.name, tail), transform)
 
     # original side -------------------------------------------------------------------------------------------
@@ -244,9 +293,11 @@ class KeyMap:
         if hit is None:
             return None
         o_prefix, rest = hit
-        d_prefix, kind, leaf = self._o2d[o_prefix]
-        if leaf is not None:
-            return [(d_prefix, Placement(key, leaf.transform))] if rest == "" else None
+        rules = self._o2d[o_prefix]
+        if rules[0][2] is not None:  # exact-key rules (several for a fused tensor)
+            out = [(d, Placement(key, lf.transform, lf.part)) for d, _, lf in rules if lf is not None and rest == ""]
+            return sorted(out, key=lambda kv: kv[1].part or (0, ())) or None
+        d_prefix, kind, leaf = rules[0]
         if kind is None or not rest:
             return [(_join(d_prefix, rest), Placement(key))]
         inv = self._modules_inv.get(kind, {})
@@ -260,9 +311,9 @@ class KeyMap:
                 if tail == "":
                     out.append((_join(d_prefix, d_name), Placement(key, part=lf.part)))
             else:
-                transform = lf.transform if tail == "weight" else None
+                transform = lf.transform if tail in ("weight", "") else None
                 out.append((_join(d_prefix, d_name, tail), Placement(key, transform)))
-        return sorted(out, key=lambda kv: kv[1].part or (0, 0)) or None
+        return sorted(out, key=lambda kv: kv[1].part or (0, ())) or None
 
     def dropped_reason(self, key: str) -> str | None:
         """Why an original key that maps to nothing is not kept, if the layout or family says so."""
@@ -277,16 +328,18 @@ class KeyMap:
         return self.ema["prefix"] + key[len(self.ema["strip"]):].replace(".", "")
 
     def block_label(self, key: str) -> str | None:
-        """The A1111-style block (IN00..OUT11, M00, BASE) a canonical key belongs to, for layouts that have them."""
+        """The block a canonical key belongs to, by the layout's rules (A1111's IN00..OUT11, M00, BASE; Flux's IN,
+        D00.., S00.., OUT), else the component's own label (CLIP, T5), else None."""
         if not self._blocks:
-            return None
+            return self.spec.label
         place = self.to_original(key)
         rel = place.key[len(self.prefix):] if place else key
         for pattern, label in self._blocks:
             m = pattern.match(rel)
             if m:
-                return label.format(*(int(g) for g in m.groups()))
+                return label.format(*(int(g) for g in m.groups()), last_output=self._last_output)
         return None
+
 
     def generated_tensor(self, key: str) -> torch.Tensor:
         kind = self.generated[key]

@@ -7,6 +7,7 @@ to a `TensorRef` that knows where the bytes are and how to view them in canonica
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -17,9 +18,11 @@ import torch
 
 from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
-from hubmix.formats.families import ComponentSpec, Family, detect_family, weight_stem
-from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file
-from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, to_canonical_shape
+from hubmix.formats.families import (ComponentSpec, Family, all_component_names, detect_family, detect_main_only,
+                                     get_family, weight_stem)
+from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file, read_regular
+from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
+from hubmix.formats.prediction import MARKER_KEYS, Prediction, from_scheduler, from_single_file
 
 CONFIG_META = "hubmix.configs"  # single files written by hubmix embed their component configs under this key
 
@@ -36,9 +39,8 @@ class TensorRef(TensorInfo):
         """A zero-copy view (a copy only for transposed tensors) in canonical shape."""
         t = self.file.tensor(self.key)
         if self.place.part is not None:
-            index, count = self.place.part
-            rows = t.shape[0] // count
-            t = t.narrow(0, index * rows, rows)
+            start, rows = part_rows(self.place.part, t.shape[0])  # type: ignore[misc]  # checked on open
+            t = t.narrow(0, start, rows)
         return apply_to_canonical(self.place.transform, t)
 
 
@@ -64,13 +66,24 @@ class LocalModel:
     files: list[Path]
     metadata: dict[str, str] = field(default_factory=dict)
     extra_components: dict[str, Path] = field(default_factory=dict)  # diffusers subfolders hubmix does not merge
-    prediction_type: str | None = None
+    prediction: Prediction = Prediction()
     inpainting: bool = False
     unassigned: list[str] = field(default_factory=list)  # single-file keys outside every component
+    main_only: bool = False  # a file with the main component alone (a Flux transformer-only file)
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def prediction_type(self) -> str | None:
+        return self.prediction.type
+
+    @property
+    def model_variant(self) -> str | None:
+        """The family's variant this model is (Flux dev or schnell), by its main component's keys."""
+        main = self.components.get(self.family.main)
+        return self.family.variant_of(main.tensors) if main is not None else None
 
 
 def open_model(path: str | Path, *, variant: str | None = None, ema: bool = False,
@@ -147,7 +160,7 @@ def _weight_files(folder: Path, stem: str, variant: str | None, where: str) -> l
     names = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
     chosen = choose_weights(names, stem, variant, where, folder)
     if len(chosen) == 1 and chosen[0].endswith(".json"):
-        files = [folder / s for s in index_shards((folder / chosen[0]).read_text(), folder / chosen[0])]
+        files = [folder / s for s in index_shards(read_regular(folder / chosen[0]), folder / chosen[0])]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise InputError(f"{folder / chosen[0]}: index names missing shard files: {', '.join(missing[:3])}")
@@ -168,7 +181,7 @@ def _config_ndims(folder: Path, library: str, cls: str) -> dict[str, int]:
         klass = getattr(module, cls)
         if not (isinstance(klass, type) and issubclass(klass, base)):
             raise ValueError(cls)
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads(read_regular(folder / "config.json"))
         with torch.device("meta"):
             model = klass.from_config(config) if library == "diffusers" else klass(
                 klass.config_class.from_dict(config))
@@ -179,17 +192,19 @@ def _config_ndims(folder: Path, library: str, cls: str) -> dict[str, int]:
 
 def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | None = None) -> LocalModel:
     try:
-        index = json.loads((root / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        index = json.loads(read_regular(root / "model_index.json"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{root / 'model_index.json'}: unreadable ({e})") from None
-    subfolders = {name: root / name for name, v in index.items()
+    if not isinstance(index, dict):
+        raise InputError(f"{root / 'model_index.json'}: not a JSON object")
+    subfolders = {check_component_name(name, root / "model_index.json"): root / name for name, v in index.items()
                   if not name.startswith("_") and isinstance(v, list) and v and v[0] is not None}
     opened: dict[str, list[WeightFile]] = {}
     ndims: dict[str, int] = {}
     skipped: set[str] = set()
     for name, folder in subfolders.items():
         stem = weight_stem(index[name][0])
-        if name not in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        if name not in all_component_names():  # tokenizers, schedulers, safety checkers: not merged
             continue
         if wanted is not None and name not in wanted:
             skipped.add(name)
@@ -210,8 +225,8 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
             raise InputError(f"{root}: a {family.name} model needs a {name} component; model_index.json has none")
         folder = subfolders[name]
         try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            config = json.loads(read_regular(folder / "config.json"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{folder / 'config.json'}: unreadable ({e})") from None
         keymap = KeyMap(spec, config)
         comp = Component(name, spec, {}, config, "folder", keymap=keymap, folder=folder)
@@ -228,16 +243,34 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
     sched = read_json(root / "scheduler" / "scheduler_config.json")
     extra = {n: f for n, f in subfolders.items() if n not in family.components and f.is_dir()}
     model = LocalModel(root, "diffusers", family, components, sorted({f.path for fs in opened.values() for f in fs}),
-                       extra_components=extra, prediction_type=sched.get("prediction_type"))
+                       extra_components=extra, prediction=from_scheduler(sched))
     model.inpainting = _is_inpainting(model)
     return model
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def component_name_ok(name: object) -> bool:
+    """Whether a model_index.json entry is a plain folder name: never a path (`../x`, `/abs`, `a/b`), which would
+    make hubmix read or copy files outside the model, or write them outside --out."""
+    return isinstance(name, str) and bool(PLAIN_NAME.fullmatch(name)) and ".." not in name
+
+
+def check_component_name(name: str, where: object) -> str:
+    if not component_name_ok(name):
+        raise InputError(f"{where}: component {name!r} is not a plain folder name; refusing a path in "
+                         "model_index.json")
+    return name
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON file's object, or {} when it is missing or unreadable (optional configs)."""
+    if not path.exists():
+        return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(read_regular(path))  # a FIFO or device is refused (InputError), not waited on
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
 
 
@@ -253,6 +286,10 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
     f = open_weight_file(path)
     ndims = {k: len(f.info(k).shape) for k in f.keys()}
     family = detect_family("single-file", ndims, str(path))
+    only = None if family.matches("single-file", ndims) else detect_main_only(ndims)
+    if only is not None:  # the main component alone, bare or under its prefix: read it under its own prefix
+        main = dataclasses.replace(family.components[family.main], prefix=only[1])
+        family = dataclasses.replace(family, components={family.main: main})
     by_comp: dict[str, dict[str, tuple[int, ...]]] = {}
     unassigned = []
     for k in f.keys():
@@ -265,6 +302,8 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
     inferred, notes = infer_component_configs(family, by_comp, str(path))
     components: dict[str, Component] = {}
     for name, spec in family.components.items():
+        if name not in by_comp and name in family.optional:
+            continue  # plan_merge takes it from another input or --config-from
         if name not in by_comp:
             raise InputError(f"{path}: a {family.name} checkpoint needs its {name} (keys {spec.prefix}*); "
                              "it has none")
@@ -288,11 +327,12 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
         components[name] = comp
     if ema:
         unassigned = [k for k in unassigned if not k.startswith("model_ema.")]
+    unassigned = [k for k in unassigned if k not in MARKER_KEYS]  # read below, kept by outputs that carry them
     model = LocalModel(path, "single-file", family, components, [path], metadata=dict(f.metadata),
-                       unassigned=unassigned)
-    spec_pred = f.metadata.get("modelspec.prediction_type")
-    model.prediction_type = ("v_prediction" if spec_pred == "v" or "v_pred" in f else
-                             "epsilon" if spec_pred == "epsilon" else None)
+                       unassigned=unassigned, main_only=only is not None,
+                       prediction=from_single_file(f.keys(), f.metadata, family.unmarked_prediction))
+    if only is not None:  # the family as every other input knows it (all components), for merging and outputs
+        model.family = get_family(family.id)
     model.inpainting = _is_inpainting(model)
     return model
 
@@ -301,10 +341,11 @@ def _ref(f: WeightFile, key: str, place: Placement, path: Path) -> TensorRef:
     info = f.info(key)
     shape = info.shape
     if place.part is not None:
-        index, count = place.part
-        if not shape or shape[0] % count:
-            raise InputError(f"{path}: {key} has shape {list(shape)}, not {count} fused equal parts")
-        shape = (shape[0] // count, *shape[1:])
+        rows = part_rows(place.part, shape[0]) if shape else None
+        if rows is None:
+            raise InputError(f"{path}: {key} has shape {list(shape)}, which does not split into fused parts of "
+                             f"relative widths {list(place.part[1])}")
+        shape = (rows[1], *shape[1:])
     return TensorRef(info.dtype, to_canonical_shape(place.transform, shape), f, key, place)
 
 

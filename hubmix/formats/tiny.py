@@ -103,7 +103,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _perturb(module: torch.nn.Module, seed: int, noise: float) -> None:
+# Tiny pipelines of families built elsewhere (their own module: a transformer family is a different pipeline):
+# tiny name -> "module:function(name, seed, base_seed=, noise=, tokenizer_dir=)".
+BUILDERS: dict[str, str] = {
+    "flux": "hubmix.formats.tiny_flux:build",
+    "flux-schnell": "hubmix.formats.tiny_flux:build",
+    "sd3": "hubmix.formats.tiny_sd3:build",
+    "sd35m": "hubmix.formats.tiny_sd3:build",
+    "sd35l": "hubmix.formats.tiny_sd3:build",
+}
+
+
+def perturb(module: torch.nn.Module, seed: int, noise: float) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -113,6 +124,12 @@ def _perturb(module: torch.nn.Module, seed: int, noise: float) -> None:
 def build_pipeline(family: str = "sd1", seed: int = 0, *, base_seed: int = 0, noise: float = 0.02,
                    inpainting: bool = False, tokenizer_dir: str | Path | None = None):
     """A tiny random pipeline of `family`; `seed` picks the noise added to the shared `base_seed` weights."""
+    if family in BUILDERS:
+        import importlib
+
+        module, fn = BUILDERS[family].split(":")
+        return getattr(importlib.import_module(module), fn)(family, seed, base_seed=base_seed, noise=noise,
+                                                            tokenizer_dir=tokenizer_dir)
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -128,7 +145,7 @@ def build_pipeline(family: str = "sd1", seed: int = 0, *, base_seed: int = 0, no
         parts["text_encoder_2"] = transformers.CLIPTextModelWithProjection(
             transformers.CLIPTextConfig(**cfg["text_encoder_2"]))
     for i, name in enumerate(sorted(parts)):
-        _perturb(parts[name], seed * 1000 + i + 1, noise if seed else 0.0)
+        perturb(parts[name], seed * 1000 + i + 1, noise if seed else 0.0)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -83,6 +83,7 @@ def build_card(result: Result, *, repo_id: str | None = None, license: str | Non
              f"**{c['method']}** of {refs}.", ""]
     lines += _method_section(c)
     lines += _inputs_section(models)
+    lines += _loras_section(c.get("loras") or [])
     lines += _components_section(c)
     lines += ["## Recipe", "",
               "The canonical recipe: every default filled in, Hub inputs pinned to a commit, local inputs by name "
@@ -97,6 +98,7 @@ def build_card(result: Result, *, repo_id: str | None = None, license: str | Non
     if local:
         lines += ["Local inputs are not on the Hub: pass each one with `--model NAME=PATH` (the sha256 above tells "
                   "whether it is the same file).", ""]
+    lines += _job_section()
     lines += ["## License", ""]
     if lic and license:
         lines += [f"`{lic}`, chosen when the merge was pushed.", ""]
@@ -107,6 +109,20 @@ def build_card(result: Result, *, repo_id: str | None = None, license: str | Non
     text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip("\n") + "\n"
     card = ModelCard(text)  # parses the front matter as the Hub does
     return Card(result.card_path, str(card), lic, warnings, summary, recipe_hash(c))
+
+
+def _job_section() -> list[str]:
+    """Where the merge ran, when it ran as a hubmix job (`merge --remote`); the only difference to a local card."""
+    from hubmix.hub.jobs import job_context
+
+    ctx = job_context()
+    if ctx is None:
+        return []
+    job = f"job `{ctx['job']}`" if ctx["job"] else "a job"
+    return ["## Where it was merged", "",
+            f"In a Hugging Face Job: {job} on flavor `{ctx['flavor']}`, image `{ctx['image']}`, hubmix installed from "
+            f"`{ctx['install']}`. The inputs were mounted read-only at their pinned commits (nothing downloaded); "
+            "the weights and recipe are the same bytes a local merge of this recipe writes.", ""]
 
 
 def _method_section(c: dict[str, Any]) -> list[str]:
@@ -134,16 +150,32 @@ def _inputs_section(models: list[dict[str, Any]]) -> list[str]:
     return out + [""]
 
 
+def _loras_section(loras: list[dict[str, Any]]) -> list[str]:
+    """The LoRAs baked into the result: W += strength * (alpha/rank) * up @ down, added after the merge."""
+    if not loras:
+        return []
+    out = ["## LoRAs", "", "Baked into the merged weights after the merge: `W += strength * (alpha/rank) * up @ down`.",
+           "", "| reference | commit | file | strength | sha256 |", "|---|---|---|---|---|"]
+    for x in loras:
+        ref = f"[{x['ref']}](/{x['repo']})" if x.get("repo") else f"`{x['ref']}` (local)"
+        strength = ", ".join(f"{c} {v:g}" for c, v in x["components"].items()) if x.get("components") \
+            else f"{x['strength']:g}"
+        commit = f"`{x['revision']}`" if x.get("revision") else "-"
+        out.append(f"| {ref} | {commit} | `{x.get('file') or '-'}` | {strength} | `{x['sha256']}` |")
+    return out + [""]
+
+
 def _components_section(c: dict[str, Any]) -> list[str]:
     out = ["## Components", "", "| component | method | models | parameters |", "|---|---|---|---|"]
     for name, p in c.get("components", {}).items():
         if "from" in p:
             out.append(f"| {name} | copied unchanged | {p['from']} | - |")
             continue
-        out.append(f"| {name} | {p['method']} | {', '.join(p.get('models', []))} | {_params(p.get('params', {}))} |")
-        for block, bp in (p.get("blocks") or {}).items():
-            out.append(f"| {name} block {block} | {p['method']} | {', '.join(p.get('models', []))} | "
-                       f"{_params(bp)} |")
+        blocks = "; per block below" if p.get("blocks") else ""
+        out.append(f"| {name} | {p['method']} | {', '.join(p.get('models', []))} | "
+                   f"{_params(p.get('params', {}))}{blocks} |")
+    for name, p in c.get("components", {}).items():
+        out += _blocks_table(name, p.get("blocks") or {})
     extra = [f"dtype: {c.get('dtype') or 'as model a'}"]
     for key in ("variant", "prediction_type"):
         if c.get(key):
@@ -151,6 +183,18 @@ def _components_section(c: dict[str, Any]) -> list[str]:
     if c.get("ema"):
         extra.append("EMA weights of single-file inputs")
     return out + ["", "; ".join(extra) + ".", ""]
+
+
+def _blocks_table(component: str, blocks: dict[str, dict[str, float]]) -> list[str]:
+    """A component's per-block parameters (a block list expanded, or blocks: in the recipe) as one table."""
+    if not blocks:
+        return []
+    names = list(dict.fromkeys(k for bp in blocks.values() for k in bp))
+    out = ["", f"Per-block parameters of {component}:", "", "| block | " + " | ".join(names) + " |",
+           "|---|" + "---|" * len(names)]
+    for block, bp in blocks.items():
+        out.append(f"| {block} | " + " | ".join(f"{bp[k]:g}" if k in bp else "-" for k in names) + " |")
+    return out
 
 
 def _usage_section(result: Result, family: Any, repo_id: str | None, revision: str | None) -> list[str]:

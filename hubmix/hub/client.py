@@ -58,6 +58,20 @@ def is_network(e: BaseException) -> bool:
     return False
 
 
+def http_answer(e: BaseException) -> tuple[Any, str] | None:
+    """(status, message) of the HTTP error behind `e` (itself or a cause), or None when no answer came."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, HfHubHTTPError):
+            status = e.response.status_code if e.response is not None else "?"
+            return status, getattr(e, "server_message", None) or str(e).splitlines()[0]
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return None
+
+
 def hub_error(e: BaseException, repo: str, *, revision: str | None = None, filename: str | None = None,
               action: str = "") -> HubError:
     """The one-line HubError for a huggingface_hub exception about `repo`."""
@@ -85,6 +99,11 @@ def hub_error(e: BaseException, repo: str, *, revision: str | None = None, filen
         return HubError(f"{repo}: repository not found on {endpoint()} (if it is private or gated: {LOGIN_HINT})")
     if isinstance(e, RevisionNotFoundError):
         return HubError(f"{repo}: revision '{revision or 'main'}' not found (give a branch, a tag or a commit sha)")
+    answer = http_answer(e)
+    if isinstance(e, LocalEntryNotFoundError) and answer is not None and not offline_mode():
+        status, msg = answer  # the Hub answered (a 5xx after huggingface_hub's retries): say what it said
+        return HubError(f"{repo}: the Hub at {endpoint()} answered HTTP {status} for {filename or 'the repo'}{at}: "
+                        f"{one_line(msg, 120)} (not in the local cache either; try again later)")
     if isinstance(e, LocalEntryNotFoundError) or is_offline(e):
         mode = "HF_HUB_OFFLINE is set" if offline_mode() else f"the Hub at {endpoint()} cannot be reached"
         return HubError(f"{repo}: {filename or 'the repo'}{at} is not in the local cache and {mode}; run once with "

@@ -5,13 +5,14 @@ the stored login) and is never printed, logged or written anywhere."""
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hubmix import __version__
 from hubmix.errors import HubError, InputError
-from hubmix.hub.client import LOGIN_HINT, api, endpoint, has_token, hub_error, is_network, one_line
+from hubmix.hub.client import LOGIN_HINT, api, endpoint, has_token, hub_error, one_line
 from hubmix.hub.refs import ModelRef, parse_ref
 from hubmix.recipe import Recipe
 from hubmix.result import result_files
@@ -115,19 +116,41 @@ def push(path: str | Path, repo_id: str, card: Any, *, private: bool = False, br
 
     ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(local)) for rel, local in uploads]
     message = commit_message or f"hubmix: {card.summary}"
+    push_id = secrets.token_hex(6)  # names this very commit, to find it if its reply is lost
     try:
         info = hub.create_commit(target, operations=ops, commit_message=message, revision=branch,
                                  create_pr=create_pr or None,
                                  commit_description=f"Made with hubmix {__version__}; recipe sha256 "
-                                                    f"{card.recipe_sha256}.")
+                                                    f"{card.recipe_sha256}; push {push_id}.")
     except Exception as e:  # noqa: BLE001
         where = f"branch '{branch}'" if branch else ("a pull request" if create_pr else "main")
         reason = hub_error(e, target).args[0].split(": ", 1)[-1]
-        verdict = ("the connection failed mid-upload: nothing was committed unless the repo shows a commit titled "
-                   f"'{one_line(message, 60)}'" if is_network(e) else "nothing was committed")
-        raise HubError(f"{target}: upload to {where} failed ({reason}); {verdict}: none of the {len(uploads)} files "
-                       f"({', '.join(rel for rel, _ in uploads[:4])}{', ...' if len(uploads) > 4 else ''}) is in a "
-                       f"commit, and the repo was {state}") from None
+        landed = None if create_pr else _landed(hub, target, branch, push_id)
+        files = (f"{len(uploads)} files ({', '.join(rel for rel, _ in uploads[:4])}"
+                 f"{', ...' if len(uploads) > 4 else ''})")
+        if isinstance(landed, str):  # the commit went in, only its reply was lost: that is a success
+            return PushResult(target, f"{endpoint()}/{target}/commit/{landed}", landed, branch or "main", None,
+                              [rel for rel, _ in uploads], created,
+                              [*card.warnings, f"the Hub's reply was lost ({reason}), but the commit landed"])
+        if landed is None:
+            verdict = (f"whether the commit landed could not be checked: look for a commit titled "
+                       f"'{one_line(message, 60)}' before pushing again; the {files} are in it or in none")
+        else:
+            verdict = f"nothing was committed (checked {where}): none of the {files} is in a commit"
+        raise HubError(f"{target}: upload to {where} failed ({reason}); {verdict}, and the repo was {state}") from None
     revision = info.pr_revision or branch or "main"
     return PushResult(target, info.commit_url, info.oid, revision, info.pr_url, [rel for rel, _ in uploads], created,
                       card.warnings)
+
+
+def _landed(hub: Any, repo: str, branch: str | None, push_id: str) -> str | bool | None:
+    """After a failed commit call: the sha of the commit that carries `push_id` on the branch (it landed, the reply
+    was lost), False when the branch's recent commits do not have it, None when the Hub cannot be asked."""
+    try:
+        commits = hub.list_repo_commits(repo, revision=branch)
+    except Exception:  # noqa: BLE001 - the Hub is still unreachable: the caller says it could not check
+        return None
+    for c in commits[:50]:
+        if f"push {push_id}." in (c.message or ""):
+            return c.commit_id
+    return False

@@ -21,16 +21,16 @@ from typing import Any
 from hubmix import __version__
 from hubmix.cache import cache_root, write_atomically
 from hubmix.errors import HubError, InputError
-from hubmix.formats.families import weight_stem
-from hubmix.formats.model import choose_weights, index_shards
+from hubmix.formats.families import all_component_names, weight_stem
+from hubmix.formats.model import choose_weights, component_name_ok, index_shards
 from hubmix.hub.client import api, endpoint, hub_error, is_network, is_offline, one_line
+from hubmix.hub.mounts import card_license, listing, mounted
 from hubmix.hub.refs import ModelRef, parse_hub_ref
 from hubmix.recipe import Recipe, model_entry
 
 log = logging.getLogger("hubmix")
 
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
-MERGED = ("unet", "text_encoder", "text_encoder_2", "vae")  # components hubmix merges (formats.model reads)
 # Files that are weights in some framework: never fetched as "configs"; only chosen weights are fetched.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data", ".pb",
                    ".ot", ".tflite", ".gguf", ".npz", ".npy", ".pkl", ".pickle", ".joblib", ".mlmodel")
@@ -49,6 +49,7 @@ class RepoState:
     license: str | None = None
     online: bool = True  # False: served from the caches (offline, or the Hub unreachable)
     revision: str | None = None  # as asked (branch, tag, sha or None for the default branch)
+    mount: Path | None = None  # where a Job mounts the repo at this commit (hub.mounts): read, never downloaded
 
 
 _PINNED: dict[tuple[str, str, str], RepoState] = {}  # (endpoint, repo, commit sha) -> state: commits never change
@@ -101,6 +102,10 @@ def pin(repo: str, revision: str | None = None) -> RepoState:
     """Resolve `revision` (branch, tag, sha; None: the default branch) of `repo` to its commit and file listing."""
     if revision and COMMIT_SHA.match(revision) and (endpoint(), repo, revision) in _PINNED:
         return _PINNED[(endpoint(), repo, revision)]
+    if (root := mounted(repo, revision)) is not None:
+        state = RepoState(repo, str(revision), listing(root), card_license(root), revision=revision, mount=root)
+        _PINNED[(endpoint(), repo, state.sha)] = state
+        return state
     try:
         info = api().model_info(repo, revision=revision)
     except Exception as e:  # noqa: BLE001 - translated below
@@ -131,6 +136,10 @@ def _fetch(state: RepoState, filename: str, revision: str | None = None) -> Path
     """
     from huggingface_hub import hf_hub_download
 
+    if state.mount is not None:
+        if not (state.mount / filename).is_file():
+            raise HubError(f"{state.repo}: file '{filename}' not found in its mount {state.mount}")
+        return state.mount / filename
     rev = revision if (revision and state.online) else state.sha  # a branch/tag: huggingface_hub records its ref
     try:
         path = Path(hf_hub_download(state.repo, filename, revision=rev, local_files_only=not state.online,
@@ -173,6 +182,14 @@ def _pipeline_folders(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """Subfolders model_index.json lists with a class: name -> (library, class)."""
     return {k: (v[0], v[1]) for k, v in index.items()
             if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
+
+
+def _check_index(repo: str, index: dict[str, Any]) -> None:
+    """Component names are folder names of the repo, never paths: `../../blobs` would read the cache's blobs."""
+    for k, v in index.items():
+        if not k.startswith("_") and isinstance(v, list) and not component_name_ok(k):
+            raise HubError(f"{repo}: model_index.json names component {k!r}, not a plain folder name; refusing a "
+                           "path")
 
 
 def _config_files(names: list[str], index: dict[str, Any]) -> list[str]:
@@ -262,19 +279,21 @@ def _model_index(state: RepoState, revision: str | None) -> tuple[Path, dict[str
         raise HubError(f"{state.repo}: model_index.json is unreadable ({one_line(e, 80)})") from None
     if not isinstance(index, dict):
         raise HubError(f"{state.repo}: model_index.json is not a JSON object")
+    _check_index(state.repo, index)
     return first.parent, index
 
 
 def _fetch_diffusers(state: RepoState, r: ModelRef, recipe: Recipe) -> Path:
     root, index = _model_index(state, r.revision)
     idxs = [i for i, m in enumerate(recipe.models) if _ref_text(m) == r.text]
-    needs: set[str] = set().union(*(recipe.needs(i) for i in idxs)) if idxs else set(MERGED)
+    merged = set(all_component_names())  # every family's components: what formats.model reads
+    needs: set[str] = set().union(*(recipe.needs(i) for i in idxs)) if idxs else merged
     extras = 0 in idxs and _diffusers_output(recipe)
     wanted = _config_files(state.names, index)
     indexes: list[str] = []
     for folder, (library, _cls) in _pipeline_folders(index).items():
         where = f"{state.repo}@{state.sha[:12]}"
-        if folder in MERGED:
+        if folder in merged:
             if folder not in needs:
                 continue
             chosen = choose_weights(_children(state.names, folder), weight_stem(library), recipe.variant, where,

@@ -14,6 +14,7 @@ go (hubmix.methods.statistics).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -66,8 +67,8 @@ class Param:
         except (TypeError, ValueError, OverflowError):
             kind = "an integer" if self.integer else "a number"
             raise RecipeError(f"{where}: {self.name} must be {kind}, got {value!r}") from None
-        if v != v:  # NaN
-            raise RecipeError(f"{where}: {self.name} must be a number, got NaN")
+        if not math.isfinite(v):  # NaN or inf would turn a whole model into NaN/inf
+            raise RecipeError(f"{where}: {self.name} must be a finite number, got {value!r}")
         low = self.min is not None and (v <= self.min if self.min_open else v < self.min)
         high = self.max is not None and (v >= self.max if self.max_open else v > self.max)
         if low or high:

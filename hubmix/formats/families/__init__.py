@@ -27,6 +27,7 @@ class ComponentSpec:
     layout: str  # a key of layouts.yaml
     prefix: str  # the component's prefix in the original single-file layout
     dropped: dict[str, str] = field(default_factory=dict)  # original-only keys this family does not keep
+    label: str | None = None  # the block label of every key (supermerger's CLIP, T5), for components without blocks
 
     @property
     def weight_name(self) -> str:
@@ -52,6 +53,28 @@ class Family:
     defaults: dict[str, dict[str, Any]]
     pipeline_extra: dict[str, Any]
     tokenizers: dict[str, str]
+    block_list: tuple[str, ...] = ()  # A1111/supermerger block list labels, in order (BASE, IN00.., M00, OUT00..)
+    block_base: tuple[str, ...] = ()  # the components the list's BASE value applies to
+    main: str = "unet"  # the denoiser: the one component a file may hold alone (a Flux transformer-only file)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {when: rule on main's keys, ...}
+    # components a single file may lack (SD3 files come with and without their text encoders and VAE); the merge
+    # takes them from the inputs that have them, or from --config-from
+    optional: tuple[str, ...] = ()
+    # what an unmarked single file predicts, and which marker keys single files carry (formats/prediction.py)
+    prediction: dict[str, Any] = field(default_factory=dict)
+
+    def variant_of(self, main_keys: Iterable[str]) -> str | None:
+        """Which variant (Flux dev or schnell) a model is, by a rule over its main component's canonical keys."""
+        keys = {k: 0 for k in main_keys}
+        return next((name for name, v in self.variants.items() if _rule_holds(v["when"], keys)), None)
+
+    @property
+    def unmarked_prediction(self) -> str | None:
+        return self.prediction.get("unmarked")
+
+    @property
+    def marker_keys(self) -> tuple[str, ...]:
+        return tuple(self.prediction.get("markers") or ())
 
     def matches(self, layout: str, keys: dict[str, int]) -> bool:
         """Whether every detection rule for `layout` holds for `keys` (key -> ndim)."""
@@ -66,6 +89,12 @@ class Family:
             if original_key.startswith(spec.prefix):
                 return name
         return None
+
+
+def main_only_matches(family: Family, keys: dict[str, int]) -> bool:
+    """Whether `keys` (without any prefix) are the family's main component alone (`detect.main_only` rules)."""
+    rules = family.detect.get("main_only")
+    return bool(rules) and all(_rule_holds(rule, keys) for rule in rules)
 
 
 def _rule_holds(rule: dict[str, Any], keys: dict[str, int]) -> bool:
@@ -83,14 +112,24 @@ def _load_family(path: Path) -> Family:
     raw = yaml.safe_load(path.read_text())
     comps = {
         name: ComponentSpec(name=name, library=c["library"], cls=c["class"], layout=c["layout"], prefix=c["prefix"],
-                            dropped=dict(c.get("dropped") or {}))
+                            dropped=dict(c.get("dropped") or {}), label=c.get("label"))
         for name, c in raw["components"].items()
     }
     return Family(id=raw["id"], name=raw["name"], pipeline=raw["pipeline"], inpaint_pipeline=raw["inpaint_pipeline"],
                   tags=tuple(raw["tags"]), modelspec_architecture=raw["modelspec_architecture"],
                   default_config_repo=raw["default_config_repo"], components=comps, detect=raw["detect"],
                   defaults=raw.get("defaults") or {}, pipeline_extra=raw.get("pipeline_extra") or {},
-                  tokenizers=raw.get("tokenizers") or {})
+                  tokenizers=raw.get("tokenizers") or {}, main=raw.get("main") or next(iter(comps)),
+                  variants=raw.get("variants") or {}, prediction=raw.get("prediction") or {},
+                  optional=tuple(raw.get("optional") or ()), **_block_list(raw.get("block_list")))
+
+
+def _block_list(raw: dict[str, Any] | None) -> dict[str, tuple[str, ...]]:
+    if not raw:
+        return {}
+    labels = (["BASE"] + [f"IN{i:02d}" for i in range(raw["inputs"])] + ["M00"]
+              + [f"OUT{i:02d}" for i in range(raw["outputs"])])
+    return {"block_list": tuple(labels), "block_base": tuple(raw["base"])}
 
 
 @cache
@@ -121,6 +160,10 @@ def detect_family(layout: str, keys: dict[str, int], where: str) -> Family:
     hits = [f for f in families().values() if f.matches(layout, keys)]
     if len(hits) == 1:
         return hits[0]
+    if not hits and layout == "single-file":
+        only = detect_main_only(keys)
+        if only is not None:
+            return only[0]
     if not hits:
         sample = ", ".join(sorted(keys)[:4])
         raise FamilyError(
@@ -128,6 +171,25 @@ def detect_family(layout: str, keys: dict[str, int], where: str) -> Family:
             f"({', '.join(families())}); first keys: {sample or 'none'}"
         )
     raise FamilyError(f"{where}: keys match several families: {', '.join(f.id for f in hits)}")
+
+
+def detect_main_only(keys: dict[str, int]) -> tuple[Family, str] | None:
+    """(family, prefix) when `keys` are one family's main component alone: bare (BFL's transformer-only files) or
+    under the component's usual prefix (`model.diffusion_model.` only)."""
+    for fam in families().values():
+        prefix = fam.components[fam.main].prefix
+        for p in ("", prefix):
+            if p and not all(k.startswith(p) for k in keys):
+                continue
+            rel = {k[len(p):]: n for k, n in keys.items()}
+            if main_only_matches(fam, rel):
+                return fam, p
+    return None
+
+
+def component_labels() -> list[str]:
+    """Labels a recipe may use for a component (supermerger's CLIP, T5), resolved per family by `for_family`."""
+    return sorted({spec.label for fam in families().values() for spec in fam.components.values() if spec.label})
 
 
 def all_component_names() -> Iterable[str]:

@@ -11,6 +11,8 @@ import json
 import mmap
 import os
 import pickle
+import stat
+import re
 import struct
 import weakref
 import zipfile
@@ -54,6 +56,30 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of `path`, refused unless it is a regular file: opening a FIFO for reading blocks
+    until a writer comes (forever), and a device or socket is no model. O_NONBLOCK makes the open itself return."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise InputError(f"{path}: cannot open ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "special")
+        raise InputError(f"{path}: not a regular file ({kind}); hubmix reads models from regular files only")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_regular(path: Path) -> str:
+    """The text of a regular file (configs, indexes), refused like `open_regular` for anything else."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        return f.read().decode("utf-8")
+
+
 class WeightFile:
     """A lazily read file of named tensors."""
 
@@ -83,15 +109,17 @@ class WeightFile:
         return f"{type(self).__name__}({str(self.path)!r}, {len(self._info)} tensors)"
 
 
+def _count(x: object) -> bool:
+    """A JSON value usable as a dimension or offset: a non-negative integer (not a bool, not a float)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 class SafetensorsFile(WeightFile):
     format = "safetensors"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise InputError(f"{self.path}: cannot open ({e.strerror})") from None
+        self._fd = open_regular(self.path)
         try:
             self._parse_header()
         except BaseException:
@@ -102,48 +130,73 @@ class SafetensorsFile(WeightFile):
         self._closer = weakref.finalize(self, os.close, self._fd)
 
     def _parse_header(self) -> None:
+        """Read and validate the header at least as strictly as the safetensors library: a sane size, a JSON
+        object (not nested beyond reason), string metadata, known dtypes, non-negative integer dimensions, and
+        data_offsets that tile the data section exactly (sorted, contiguous from 0, no overlap, no gap, no
+        trailing bytes), each range holding numel * itemsize bytes."""
         size = os.fstat(self._fd).st_size
         head = os.pread(self._fd, 8, 0)
         if len(head) < 8:
             raise InputError(f"{self.path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
+        if n < 2 or n > MAX_HEADER or 8 + n > size:
             raise InputError(
                 f"{self.path}: not a safetensors file or truncated (header of {n} bytes, file of {size} bytes)"
             )
+        raw = os.pread(self._fd, n, 8)
+
+        def bad(why: str) -> InputError:
+            return InputError(f"{self.path}: corrupt safetensors header: {why}")
+
+        if not raw.startswith(b"{"):
+            raise bad("not a JSON object")
         try:
-            header = json.loads(os.pread(self._fd, n, 8))
+            header = json.loads(raw)
+        except RecursionError:
+            raise bad("JSON nested too deeply") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{self.path}: corrupt safetensors header ({e})") from None
+            raise bad(str(e)) from None
         if not isinstance(header, dict):
-            raise InputError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+            raise bad("not a JSON object")
         meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise InputError(f"{self.path}: corrupt safetensors header (__metadata__ is not a mapping)")
-        self._metadata = {str(k): str(v) for k, v in meta.items()}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise bad("__metadata__ is not a mapping of strings")
+        self._metadata = dict(meta)
         self._data_start = 8 + n
         self._info: dict[str, TensorInfo] = {}
         self._offsets: dict[str, int] = {}
-        end = 0
+        ranges = []
         for key, entry in header.items():
-            try:
-                dtype = ST_DTYPES[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                start, stop = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise InputError(f"{self.path}: corrupt safetensors header entry for {key!r}: {entry!r}") from None
-            info = TensorInfo(dtype, shape)
-            if stop - start != info.nbytes or start < 0:
-                raise InputError(f"{self.path}: corrupt safetensors header: {key!r} has {stop - start} bytes for "
-                                 f"shape {list(shape)} {entry['dtype']}")
+            if not isinstance(entry, dict) or entry.get("dtype") not in ST_DTYPES:
+                raise bad(f"{key!r} has no known dtype: {str(entry)[:80]}")
+            shape, offsets = entry.get("shape"), entry.get("data_offsets")
+            if not isinstance(shape, list) or not all(_count(d) for d in shape):
+                raise bad(f"{key!r} has shape {str(shape)[:80]}, not a list of non-negative integers")
+            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(x) for x in offsets)
+                    or offsets[0] > offsets[1]):
+                raise bad(f"{key!r} has data_offsets {str(offsets)[:80]}, not [start, end] with start <= end")
+            info = TensorInfo(ST_DTYPES[entry["dtype"]], tuple(shape))
+            start, stop = offsets
+            if stop - start != info.nbytes:
+                raise bad(f"{key!r} has {stop - start} bytes for shape {shape} {entry['dtype']} "
+                          f"({info.nbytes} expected)")
+            ranges.append((start, stop, key))
             self._info[key] = info
             self._offsets[key] = self._data_start + start
-            end = max(end, stop)
+        end = 0
+        for start, stop, key in sorted(ranges):
+            if start < end:
+                raise bad(f"{key!r} overlaps the tensor before it (data_offsets {start}..{stop}, previous end {end})")
+            if start > end:
+                raise bad(f"{key!r} starts at offset {start}, leaving a gap after {end}")
+            end = stop
         if self._data_start + end > size:
             raise InputError(
                 f"{self.path}: truncated safetensors file: the header describes {self._data_start + end} bytes, "
                 f"the file has {size}"
             )
+        if self._data_start + end < size:
+            raise bad(f"the tensors end at byte {self._data_start + end}, the file has {size} bytes")
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -179,8 +232,7 @@ class TorchPickleFile(WeightFile):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: no such file")
+        os.close(open_regular(self.path))
         obj = self._load()
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
@@ -196,8 +248,7 @@ class TorchPickleFile(WeightFile):
             try:
                 return torch.load(self.path, map_location="cpu", weights_only=True, mmap=use_mmap)
             except pickle.UnpicklingError as e:
-                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-                reason = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else "")
+                reason = _refusal_reason(str(e))
                 if not _is_pickle(self.path):  # not a pickle at all, or a damaged one
                     raise InputError(f"{self.path}: not a readable torch checkpoint, corrupt or truncated "
                                      f"({reason})") from None
@@ -217,7 +268,25 @@ class TorchPickleFile(WeightFile):
         return self._tensors[key]
 
 
+def _refusal_reason(message: str) -> str:
+    """What a pickle refused by weights_only tried to do, from torch's message: the global it names (the function
+    it would call, e.g. posix.system) rather than torch's advice to turn weights_only off."""
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    if m:
+        return f"it would call {m.group(1)}"
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip() and "weights_only" not in ln]
+    return next((ln for ln in lines if ln.startswith(("Unsupported", "Trying"))), lines[0] if lines else "")
+
+
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+def _magic(p: Path) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
 
 
 def _is_pickle(path: Path) -> bool:
@@ -242,13 +311,40 @@ def _is_pickle(path: Path) -> bool:
         return False
 
 
+# Quantized formats hubmix does not read, by a key (suffix) that only they have: refused by name, never misread.
+QUANTIZED_KEYS = (
+    (".absmax", "bitsandbytes NF4/FP4 (4-bit) weights"),
+    (".quant_map", "bitsandbytes NF4/FP4 (4-bit) weights"),
+    (".quant_state.bitsandbytes__nf4", "bitsandbytes NF4 (4-bit) weights"),
+    (".quant_state.bitsandbytes__fp4", "bitsandbytes FP4 (4-bit) weights"),
+    (".SCB", "bitsandbytes LLM.int8 weights"),
+    (".scale_weight", "scaled fp8 weights (per-tensor scale_weight)"),
+    (".weight_scale", "scaled fp8 weights (per-tensor weight_scale)"),
+    ("scaled_fp8", "scaled fp8 weights (ComfyUI's scaled_fp8 marker)"),
+)
+
+
+def refuse_quantized(f: WeightFile) -> None:
+    """One line naming the quantized format of a file hubmix cannot merge exactly (dequantize it first)."""
+    for key in f.keys():
+        for suffix, what in QUANTIZED_KEYS:
+            if key.endswith(suffix):
+                raise InputError(f"{f.path}: {what} ({key}): a quantized format hubmix does not read; "
+                                 "dequantize it to fp8/bf16/fp16/fp32 first")
+
+
 def open_weight_file(path: str | os.PathLike) -> WeightFile:
     """Open a weight file by its suffix: `.safetensors`, or a torch pickle loaded without executing code."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
+    if p.suffix.lower() == ".gguf" or _magic(p) == b"GGUF":
+        raise InputError(f"{p}: a GGUF file (llama.cpp / ComfyUI-GGUF quantized format), which hubmix does not "
+                         "read; use the safetensors original")
     if p.suffix == ".safetensors":
-        return SafetensorsFile(p)
+        f = SafetensorsFile(p)
+        refuse_quantized(f)
+        return f
     if p.suffix in PICKLE_SUFFIXES:
         return TorchPickleFile(p)
     raise InputError(f"{p}: unknown weight file type (expected .safetensors, .ckpt, .bin, .pt or .pth)")

@@ -71,7 +71,7 @@ class SafetensorsWriter:
         self._lock = threading.Lock()
         self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # minus the umask
             os.pwrite(self._fd, header, 0)
             os.ftruncate(self._fd, self.size)
         except OSError as e:

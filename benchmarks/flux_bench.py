@@ -1,0 +1,221 @@
+"""Full-size FLUX.1 transformer benchmark: 3-way lossless on three random fp8 transformer-only files (BFL layout,
+12B parameters, about 12 GB each), against the I/O floor, with peak anonymous memory.
+
+    python benchmarks/merge_bench.py --family flux [--cache DIR] [--runs N] [--keep]
+
+The inputs are written tensor by tensor with hubmix's planned writer (never a whole tensor set in memory): the
+real key names and shapes of FLUX.1-dev (FluxTransformer2DModel's defaults, built on the meta device, mapped to
+BFL's fused names through hubmix's own Flux key map), values base = 0.05*randn (norm scales near 1) and model i =
+base + 0.005*randn (the noise block rolled by a different offset per model), rounded once to float8_e4m3fn. Three
+inputs and the output need about 48 GB of disk: the script checks the free space first (on a shared disk with
+less, it keeps the first double and single blocks that fit, every tensor full size, and says so; --full refuses
+instead) and deletes every file it made at the end unless --keep. The inputs do not fit in the page cache of a small machine, so merges and floor
+both read from disk. This prints numbers; it asserts no timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import merge_bench as mb
+
+N_MODELS = 3
+BASE_STD, NOISE_STD = 0.05, 0.005
+CHUNK = 1 << 24  # elements generated at a time
+DTYPE = torch.float8_e4m3fn
+
+
+FULL_LAYERS = (19, 38)  # FLUX.1's double and single blocks
+FULL_BYTES = 11.9e9  # one fp8 file of the full transformer
+MARGIN = 6e9  # disk left to the other users of a shared machine
+
+
+def original_shapes(layers: tuple[int, int] = FULL_LAYERS) -> dict[str, tuple[int, ...]]:
+    """BFL key -> shape of FLUX.1-dev's transformer (or its first double/single blocks), through hubmix's key map
+    (fused tensors summed by rows)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from hubmix.formats.families import get_family
+    from hubmix.formats.layouts import KeyMap, to_original_shape
+
+    with init_empty_weights():
+        model = diffusers.FluxTransformer2DModel(guidance_embeds=True, num_layers=layers[0],
+                                                 num_single_layers=layers[1])
+    spec = get_family("flux").components["transformer"]
+    import dataclasses
+
+    keymap = KeyMap(dataclasses.replace(spec, prefix=""), dict(model.config))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, t in model.state_dict().items():
+        place = keymap.to_original(key)
+        assert place is not None, key
+        shape = to_original_shape(place.transform, tuple(t.shape))
+        if place.part is not None and place.key in shapes:
+            shape = (shapes[place.key][0] + shape[0], *shape[1:])
+        shapes[place.key] = shape
+    return shapes
+
+
+def input_paths(cache: Path, layers: tuple[int, int]) -> list[Path]:
+    tag = "" if layers == FULL_LAYERS else f"-{layers[0]}d{layers[1]}s"
+    return [cache / "flux" / f"flux-fp8{tag}-model{i}.safetensors" for i in range(N_MODELS)]
+
+
+def build(cache: Path, layers: tuple[int, int]) -> tuple[list[Path], float | None]:
+    from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
+
+    paths = input_paths(cache, layers)
+    if all(p.exists() for p in paths):
+        return paths, None
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    shapes = original_shapes(layers)
+    planned = [PlannedTensor(k, DTYPE, s) for k, s in shapes.items()]
+    need = N_MODELS * sum(p.nbytes for p in planned)
+    print(f"building {N_MODELS} random fp8 Flux transformers ({sum(math.prod(s) for s in shapes.values()) / 1e9:.2f}"
+          f"B parameters, {need / 1e9:.1f} GB in all) under {paths[0].parent}", flush=True)
+    t0 = time.perf_counter()
+    writers = [SafetensorsWriter(p, planned, {"format": "pt"}) for p in paths]
+    try:
+        g = torch.Generator()
+        for j, (key, shape) in enumerate(sorted(shapes.items())):
+            n = math.prod(shape)
+            for s in range(0, n, CHUNK):
+                m = min(CHUNK, n - s)
+                g.manual_seed(j * 1_000_003 + s // CHUNK)
+                base = torch.randn(m, generator=g).mul_(BASE_STD)
+                if key.endswith(".scale"):
+                    base.add_(1.0)
+                noise = torch.randn(m, generator=g).mul_(NOISE_STD)
+                for i, w in enumerate(writers):
+                    w.write(key, (base + noise.roll(7919 * i)).to(DTYPE), s)
+        for w in writers:
+            w.finish()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        for p in paths:
+            p.unlink(missing_ok=True)
+        raise
+    seconds = time.perf_counter() - t0
+    print(f"built in {seconds:.0f} s", flush=True)
+    return paths, seconds
+
+
+def spot_check(out: Path, inputs: list[Path]) -> dict:
+    """Output keys, shapes, dtype equal the inputs'; sampled tensors byte-identical to torch.where in float32."""
+    from safetensors import safe_open
+
+    fs = [safe_open(str(p), "pt") for p in inputs]
+    with safe_open(str(out), "pt") as fo:
+        keys = sorted(fs[0].keys())
+        same = set(fo.keys()) == set(keys) and all(
+            fo.get_slice(k).get_shape() == fs[0].get_slice(k).get_shape() for k in keys)
+        picks = sorted({keys[i * len(keys) // 8] for i in range(8)} | {"final_layer.adaLN_modulation.1.weight",
+                                                                         "single_blocks.0.linear1.weight"})
+        bad = []
+        for k in picks:
+            a, b, c = (f.get_tensor(k).float() for f in fs)
+            want = torch.where((a - 0.9 * b).abs() <= (a - 1.1 * c).abs(), fs[1].get_tensor(k), fs[2].get_tensor(k))
+            got = fo.get_tensor(k)
+            if got.dtype != DTYPE or not torch.equal(want.view(torch.uint8), got.view(torch.uint8)):
+                bad.append(k)
+    return {"same_keys": same, "checked": len(picks), "mismatched": bad}
+
+
+def run(args: argparse.Namespace) -> None:
+    cache = args.cache
+    layers = FULL_LAYERS
+    files = 1 if all(p.exists() for p in input_paths(cache, layers)) else N_MODELS + 1
+    free = shutil.disk_usage(cache).free
+    scale = min(1.0, (free - MARGIN) / (files * FULL_BYTES))
+    if scale < 1.0:  # a shared disk: the first blocks of the model, every tensor at full size
+        if args.full:
+            raise SystemExit(f"{cache}: {free / 1e9:.0f} GB free; the full-size benchmark needs about "
+                             f"{files * FULL_BYTES / 1e9 + MARGIN / 1e9:.0f} GB")
+        layers = (max(1, int(FULL_LAYERS[0] * scale)), max(1, int(FULL_LAYERS[1] * scale)))
+        print(f"note: {free / 1e9:.0f} GB free on {cache}: not enough for three full-size inputs and the output; "
+              f"using the first {layers[0]} double and {layers[1]} single blocks (every tensor full size)", flush=True)
+    busy0, ours0, t0 = *mb.user_cpu_s(), time.perf_counter()
+    paths, build_s = build(cache, layers)
+    work = cache / "out"
+    logs = cache / "logs"
+    work.mkdir(exist_ok=True)
+    logs.mkdir(exist_ok=True)
+    out = work / "flux-merged.safetensors"
+    in_bytes = [p.stat().st_size for p in paths]
+    env = dict(os.environ, HUBMIX_CACHE=str(cache / "hubmix-cache"))
+    Path(env["HUBMIX_CACHE"], "sha256.json").unlink(missing_ok=True)
+    rec = mb.Recorder("flux", logs)
+    runs = max(1, args.runs)
+    try:
+        print("flux: I/O floor (cat 3 inputs + write and fsync an output-sized file)", flush=True)
+        floor = mb.measure_floor(paths, in_bytes[0], work, runs)
+        cmd = mb.hubmix_cmd("lossless", paths, out, args.hub_device) + ["--alpha", "0.9", "--beta", "1.1"]
+        print("flux: hubmix lossless 3-way (first run hashes the inputs)", flush=True)
+        rec.measure("hubmix lossless, cold hash cache", [], cmd, env)
+        check = spot_check(out, paths) if out.exists() else {"same_keys": False, "checked": 0, "mismatched": ["-"]}
+        mb.remove_output(out)
+        for _ in range(runs):
+            rec.measure("hubmix lossless", [], cmd, env)
+            mb.remove_output(out)
+    finally:
+        mb.remove_output(out)
+        if not args.keep:
+            for p in paths:
+                p.unlink(missing_ok=True)
+    busy1, ours1 = mb.user_cpu_s()
+    others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
+    share = others / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+    med = {k: mb.median(v) for k, v in rec.results.items()}
+    size = "full size" if layers == FULL_LAYERS else f"{layers[0]} of 19 double, {layers[1]} of 38 single blocks"
+    print(f"\n=== flux: 3 inputs x {in_bytes[0] / 1e9:.2f} GB fp8 (float8_e4m3fn) transformer-only files ({size}), "
+          f"output {in_bytes[0] / 1e9:.2f} GB; runs per number: {runs} (median)")
+    if build_s is not None:
+        print(f"(built the inputs in {build_s:.0f} s)")
+    print(f"{'':36} {'wall s':>8}  {'ratio':<22} {'RssAnon MiB':>11} {'VmHWM MiB':>10}")
+    print(f"{'I/O floor, 3 inputs':36} {floor['floor3_s']:8.2f}  cat {floor['read3_s']:.1f} s + write {floor['write_s']:.1f} s")
+    for label, name in (("hubmix lossless 3-way", "hubmix lossless"),
+                        ("  first run (empty hash cache)", "hubmix lossless, cold hash cache")):
+        if name in rec.failures:
+            print(f"{label:36} FAILED: {rec.failures[name][0]}")
+        m = med.get(name)
+        if m is not None:
+            ratio = f"{m.wall_s / floor['floor3_s']:.2f}x the I/O floor"
+            print(f"{label:36} {m.wall_s:8.2f}  {ratio:<22} {m.peak_anon_mib:11.0f} {m.hwm_mib:10.0f}")
+    bad = f"; MISMATCHED {check['mismatched']}" if check["mismatched"] else ""
+    print(f"correctness: output keys/shapes {'match' if check['same_keys'] else 'DIFFER from'} the inputs; "
+          f"{check['checked'] - len(check['mismatched'])}/{check['checked']} sampled tensors byte-identical to "
+          f"torch.where on the float32 inputs{bad}")
+    print(f"note: other programs used {others:.0f} CPU-seconds ({share:.0%} of the machine) during these runs")
+    if not args.keep:
+        print("note: the inputs were deleted (--keep keeps them under the cache)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=Path("~/.cache/hubmix-bench"))
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="keep the 36 GB of inputs for another run")
+    ap.add_argument("--full", action="store_true", help="refuse to shrink the model when the disk is short")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = ap.parse_args(argv)
+    args.cache = args.cache.expanduser().resolve()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    args.hub_device = args.device
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

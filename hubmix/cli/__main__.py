@@ -1,0 +1,3 @@
+from hubmix.cli import main
+
+main()

@@ -1,0 +1,238 @@
+"""LoRA files: recipe entries, format detection, and the map from a LoRA's module names to canonical keys.
+
+Two families of files are read:
+- kohya / A1111 (`lora_unet_*`, `lora_te_*`, SDXL's `lora_te1_*` / `lora_te2_*`, with `.lora_down.weight`,
+  `.lora_up.weight` and optional `.alpha`; conv LoRA / LoCon included). A kohya module name is a module path
+  (diffusers' or the original single-file one) with '.' written '_': the lookup is built from the model's own
+  canonical keys and their original-layout placements, never from string rewrites of the LoRA's names.
+- diffusers / PEFT (`<component>.<module>.lora_A.weight` / `.lora_B.weight`, alpha from `.alpha` keys or the
+  file's `lora_adapter_metadata`, else alpha = rank).
+LoHa / LoKr and other LyCORIS variants are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hubmix.errors import InputError, RecipeError
+
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
+UNSUPPORTED = {  # key fragments of LyCORIS formats this reader does not bake
+    ".hada_w1_a": "LoHa", ".hada_w2_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w2": "LoKr", ".oft_blocks": "OFT",
+    ".lora_mid.weight": "LoCon with a CP-decomposed middle (lora_mid)", ".diff": "LyCORIS full diff",
+    ".w_norm": "LyCORIS norm", ".on_input": "(IA)^3",
+}
+
+
+def lora_entry(x: Any, where: str) -> dict[str, Any]:
+    """A recipe's LoRA (`path`, `org/repo/file.safetensors`, or a mapping with ref, strength, components) as a
+    normalised mapping: ref, strength and, when given, per-component strengths; a canonical entry's pins kept."""
+    if isinstance(x, str):
+        x = {"ref": x}
+    if not isinstance(x, dict) or not isinstance(x.get("ref"), str) or not x["ref"]:
+        raise RecipeError(f"{where}: a LoRA is a path or Hub reference, or a mapping with 'ref'")
+    known = {"ref", "strength", "components", "repo", "revision", "file", "sha256"}
+    unknown = sorted(set(x) - known)
+    if unknown:
+        raise RecipeError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    out = dict(x)
+    out["strength"] = _number(x.get("strength", 1.0), f"{where}.strength")
+    comps = x.get("components")
+    if comps is not None:
+        from hubmix.formats.families import all_component_names
+
+        if isinstance(comps, list):
+            comps = {c: out["strength"] for c in comps}
+        if not isinstance(comps, dict):
+            raise RecipeError(f"{where}.components: a list of components or a mapping component -> strength")
+        bad = [c for c in comps if c not in all_component_names()]
+        if bad:
+            raise RecipeError(f"{where}.components: unknown {', '.join(bad)} (known: "
+                              f"{', '.join(all_component_names())})")
+        out["components"] = {c: _number(v, f"{where}.components.{c}") for c, v in sorted(comps.items())}
+    return out
+
+
+def parse_lora_option(text: str) -> dict[str, Any]:
+    """`REF[:STRENGTH]` as the CLI's --lora takes it."""
+    ref, sep, tail = text.rpartition(":")
+    if sep and ref:
+        try:
+            return {"ref": ref, "strength": float(tail)}
+        except ValueError:
+            pass
+    return {"ref": text, "strength": 1.0}
+
+
+def _number(v: Any, where: str) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise RecipeError(f"{where}: must be a number, got {v!r}") from None
+    if f != f:
+        raise RecipeError(f"{where}: must be a number, got NaN")
+    return f
+
+
+# ---- reading a file -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One low-rank update in a LoRA file: W += scale * up @ down, with scale = strength * alpha / rank."""
+
+    lora: str  # the LoRA's name, for messages
+    name: str  # the module's name in the file
+    component: str
+    key: str  # the canonical key it updates
+    up: Any  # TensorRef-like: .load() gives the tensor (kohya lora_up, PEFT lora_B)
+    down: Any
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+@dataclass(frozen=True)
+class _FileRef:
+    file: Any
+    key: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.file.info(self.key).shape
+
+    def load(self):
+        return self.file.tensor(self.key)
+
+
+SUFFIXES = {"kohya": (".lora_up.weight", ".lora_down.weight"), "peft": (".lora_B.weight", ".lora_A.weight")}
+
+
+def read_lora(path: Path, name: str, components: dict[str, Any], strengths: dict[str, float],
+              skip_unknown: bool) -> tuple[list[LoraModule], list[str]]:
+    """The modules of LoRA file `path` mapped onto `components` (name -> formats.model.Component, the output's
+    structure), with their scales; and the keys that matched nothing (an error unless `skip_unknown`)."""
+    from hubmix.formats.io.readers import open_weight_file
+
+    f = open_weight_file(path)
+    keys = f.keys()
+    for k in keys:
+        for frag, fmt in UNSUPPORTED.items():
+            if frag in k:
+                raise InputError(f"{name}: {fmt} files are not supported (key {k}); hubmix bakes LoRA / LoCon "
+                                 "(lora_up/lora_down) and diffusers/PEFT (lora_A/lora_B) files")
+        if k.endswith((".dora_scale", ".lora_magnitude_vector.weight", ".lora_magnitude_vector")):
+            raise InputError(f"{name}: DoRA files are not supported (key {k})")
+    kind = "kohya" if any(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys) else "peft"
+    up_sfx, down_sfx = SUFFIXES[kind]
+    meta = _peft_metadata(f.metadata) if kind == "peft" else {}
+    indexes: dict[str, dict[str, str | None]] = {}
+    modules, unknown = [], []
+    for k in sorted(keys):
+        if not k.endswith(down_sfx):
+            if not (k.endswith(up_sfx) or k.endswith(".alpha")):
+                unknown.append(k)
+            continue
+        mod = k[: -len(down_sfx)]
+        comp, target = _locate(kind, mod, components, indexes)
+        up_key = mod + up_sfx
+        if up_key not in f:
+            raise InputError(f"{name}: {k} has no matching {up_key}")
+        if comp in components and comp not in strengths:
+            continue  # the recipe bakes this LoRA into other components only
+        if target is None:
+            unknown += [k, up_key] + ([mod + ".alpha"] if mod + ".alpha" in f else [])
+            continue
+        down, up = _FileRef(f, k), _FileRef(f, up_key)
+        rank = down.shape[0]
+        alpha = float(f.tensor(mod + ".alpha").float().item()) if mod + ".alpha" in f else \
+            _meta_alpha(meta, comp, mod, rank)
+        m = LoraModule(name, mod, comp, target, up, down, strengths[comp] * alpha / rank)
+        _check_shapes(m, components[comp].tensors[target].shape)
+        modules.append(m)
+    if unknown and not skip_unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise InputError(f"{name}: LoRA key {unknown[0]} matches no tensor of these models{more}; "
+                         "--lora-skip-unknown bakes the rest")
+    return modules, unknown
+
+
+def _locate(kind: str, mod: str, components: dict[str, Any], indexes: dict) -> tuple[str | None, str | None]:
+    """(component, canonical key) a LoRA module updates; (component or None, None) when nothing matches."""
+    if kind == "kohya":
+        prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if mod.startswith(p)), None)
+        if prefix is None:
+            return None, None
+        comp, rest = KOHYA_PREFIXES[prefix], mod[len(prefix):]
+    else:
+        head, _, rest = mod.partition(".")
+        comp = head if head in components else "unet"
+        rest = rest if head in components else mod
+    if comp not in components:
+        return comp, None
+    if comp not in indexes:
+        indexes[comp] = module_index(components[comp])
+    c = components[comp]
+    if kind == "peft" and c.keymap is not None:
+        rest = c.keymap.normalize(rest + ".weight")[: -len(".weight")]
+    return comp, indexes[comp].get(rest)
+
+
+def module_index(component: Any) -> dict[str, str | None]:
+    """Module name -> canonical weight key for one component, from its own keys: each weight's diffusers module
+    path and its original single-file module path, both dotted and with '.' written '_' (kohya's spelling).
+    A name two modules would share maps to None (ambiguous, reported as unknown)."""
+    index: dict[str, str | None] = {}
+    keymap = component.keymap
+    for key in component.tensors:
+        if not key.endswith(".weight"):
+            continue
+        names = {key[: -len(".weight")]}
+        place = keymap.to_original(key) if keymap is not None else None
+        if place is not None and place.part is None and place.transform != "transpose" \
+                and place.key.endswith(".weight"):
+            names.add(place.key[len(keymap.prefix): -len(".weight")])
+        for n in names | {n.replace(".", "_") for n in names}:
+            index[n] = key if index.get(n, key) == key else None
+    return index
+
+
+def _check_shapes(m: LoraModule, target: tuple[int, ...]) -> None:
+    up, down = m.up.shape, m.down.shape
+    numel = 1
+    for s in target:
+        numel *= s
+    inner = 1
+    for s in down[1:]:
+        inner *= s
+    if len(up) < 2 or up[1] != down[0] or any(s != 1 for s in up[2:]) or up[0] * inner != numel:
+        raise InputError(f"{m.lora}: LoRA module {m.name} (up {list(up)}, down {list(down)}) does not fit "
+                         f"{m.component}/{m.key} {list(target)}")
+
+
+def _peft_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    raw = meta.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {}
+
+
+def _meta_alpha(meta: dict[str, Any], comp: str, mod: str, rank: int) -> float:
+    """PEFT's alpha for a module: diffusers' `lora_adapter_metadata` (per component `lora_alpha`, and
+    `alpha_pattern` entries whose key ends the module's name), else alpha = rank (scale 1), as diffusers does."""
+    if meta.get(f"{comp}.use_rslora"):
+        raise InputError(f"{comp}: rank-stabilised LoRA (use_rslora) is not supported")
+    rel = mod.partition(".")[2] if mod.startswith(comp + ".") else mod
+    for pattern, value in (meta.get(f"{comp}.alpha_pattern") or {}).items():
+        if rel == pattern or rel.endswith("." + pattern):
+            return float(value)
+    alpha = meta.get(f"{comp}.lora_alpha")
+    return float(alpha) if alpha is not None else float(rank)
