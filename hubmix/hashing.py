@@ -1,23 +1,29 @@
-"""sha256 of input files, remembered per file version, so recipes can identify local inputs without rehashing.
+"""sha256 of input files for the recipe: hashed from the memory map the merge reads, while it reads, and
+remembered per file version.
 
-Hashing a 2 GB checkpoint costs about 2 s of one core; the cache (keyed by path, size, mtime and inode) makes it a
-once-per-file cost, and files in the Hugging Face cache are named by their sha256 already.
+A merge reads its inputs through memory maps. `InputHashes` hashes each file through that same mapping,
+sequentially, on threads of its own while the engine computes (hashlib releases the GIL for large buffers): every
+page comes from the disk or the page cache once, shared by the merge and the hash, and no second read pass copies
+the bytes. Digests are kept per file version (path, size, mtime, inode) in hubmix's cache, so a file is hashed once;
+files from the Hub are not hashed at all: `record_known` takes the sha256 the Hub records for them (hub.resolve).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import threading
-from concurrent.futures import Future
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from hubmix.cache import cache_root, write_atomically
 
 _lock = threading.Lock()
-BLOCK = 8 << 20
+BLOCK = 16 << 20  # bytes per hashlib call: large enough to release the GIL, small enough to cancel promptly
+_KNOWN: dict[str, str] = {}  # resolved path -> sha256 recorded elsewhere (the Hub's LFS metadata)
 
 
 def cache_file() -> Path:
@@ -47,55 +53,133 @@ def _store(path: str, stamp: str, digest: str) -> None:
             pass  # a read-only home only costs rehashing next time
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def record_known(path: str | os.PathLike, sha256: str) -> None:
+    """The sha256 of `path` is known without reading it (the Hub records it for the downloaded file)."""
+    _KNOWN[str(Path(path).resolve())] = sha256
+
+
+def known_sha256(path: str | os.PathLike) -> str | None:
+    """A digest that needs no hashing: recorded by the Hub, a Hugging Face cache blob's name, or this file
+    version's cached digest; None if the file has to be read."""
     p = Path(path).resolve()
+    if str(p) in _KNOWN:
+        return _KNOWN[str(p)]
     if p.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", p.name):
         return p.name  # a Hugging Face cache blob of an LFS file is named by its sha256
-    stamp = _stamp(p)
     hit = _load().get(str(p))
-    if hit and hit.get("stamp") == stamp:
+    if hit and hit.get("stamp") == _stamp(p):
         return hit["sha256"]
+    return None
+
+
+def sha256_of(buffer: Any, cancelled: Callable[[], bool] = lambda: False) -> str | None:
+    """sha256 of a buffer (a memory map), block by block; None if `cancelled()` became true meanwhile."""
     h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while block := f.read(BLOCK):
-            h.update(block)
-    digest = h.hexdigest()
+    view = memoryview(buffer)
+    try:
+        for start in range(0, len(view), BLOCK):
+            if cancelled():
+                return None
+            with view[start:start + BLOCK] as block:
+                h.update(block)
+    finally:
+        view.release()
+    return h.hexdigest()
+
+
+def _mapped(path: Path):
+    """A read-only map of the file (shares the page cache with any other map of it); b'' for an empty file."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's sha256 from what is known, else by reading it (through a map: no copies)."""
+    p = Path(path).resolve()
+    known = known_sha256(p)
+    if known is not None:
+        return known
+    stamp = _stamp(p)
+    digest = sha256_of(_mapped(p))
+    assert digest is not None
     _store(str(p), stamp, digest)
     return digest
 
 
-def hash_in_background(paths: list[Path]) -> Future:
-    """A future of {path: sha256}, computed while the merge runs, files in parallel (hashlib releases the GIL).
+class InputHashes:
+    """The sha256 of a merge's input files, hashed while the merge runs from the buffers it reads.
 
-    Daemon threads, not an executor: an executor's threads are joined at interpreter exit, so a failed or
-    interrupted merge would wait for every queued file to be hashed before the process could end."""
-    result: Future = Future()
-    digests: dict[Path, str] = {}
-    todo = list(paths)
-    remaining = [len(todo)]
-    guard = threading.Lock()
+    `sources` maps each file to its reader's mapping (`WeightFile.mapped()`), or to None where the reader has
+    none (a torch pickle): such a file is mapped here, which shares the same page cache pages. Files whose digest
+    is known are not read. Threads are daemons, so an interrupted merge does not wait for them at exit, and
+    `cancel()` stops them between blocks."""
 
-    def worker() -> None:
-        while True:
-            with guard:
-                if not todo or result.done():
+    def __init__(self, sources: dict[Path, Callable[[], Any] | None], threads: int | None = None):
+        self._todo: list[Path] = []
+        self.digests: dict[Path, str] = {}
+        for path in sorted(sources):
+            known = known_sha256(path)
+            if known is None:
+                self._todo.append(path)
+            else:
+                self.digests[path] = known
+        self._todo.sort(key=lambda p: -p.stat().st_size)  # largest first: no long file left alone at the end
+        self._sources = sources
+        # A thread per file (up to 8), not per core: the hashes share the cores with the merge, and all files then
+        # finish near the merge's end, rather than the last large file hashing alone on one core after it.
+        self._threads = threads or max(1, min(len(self._todo), 8))
+        self._error: BaseException | None = None
+        self._cancel = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self._guard = threading.Lock()
+
+    @property
+    def pending(self) -> list[Path]:
+        """The files this merge has to hash (no known digest)."""
+        return list(self._todo)
+
+    def start(self) -> InputHashes:
+        queue = list(self._todo)
+        for _ in range(self._threads if queue else 0):
+            t = threading.Thread(target=self._work, args=(queue,), name="hubmix-hash", daemon=True)
+            t.start()
+            self._workers.append(t)
+        return self
+
+    def _work(self, queue: list[Path]) -> None:
+        while not self._cancel.is_set():
+            with self._guard:
+                if not queue:
                     return
-                p = todo.pop(0)
+                path = queue.pop(0)
             try:
-                d = file_sha256(p)
-            except BaseException as e:  # noqa: BLE001 - handed to whoever waits
-                with guard:
-                    if not result.done():
-                        result.set_exception(e)
+                stamp = _stamp(path)
+                source = self._sources.get(path)
+                buffer = source() if source is not None else None
+                digest = sha256_of(_mapped(path) if buffer is None else buffer, self._cancel.is_set)
+                if digest is None:
+                    return
+                with self._guard:
+                    self.digests[path] = digest
+                _store(str(path.resolve()), stamp, digest)
+            except BaseException as e:  # noqa: BLE001 - raised by result()
+                self._error = e
+                self._cancel.set()
                 return
-            with guard:
-                digests[p] = d
-                remaining[0] -= 1
-                if remaining[0] == 0 and not result.done():
-                    result.set_result(dict(digests))
 
-    if not todo:
-        result.set_result({})
-    for _ in range(max(1, min(len(todo), os.cpu_count() or 1))):
-        threading.Thread(target=worker, name="hubmix-hash", daemon=True).start()
-    return result
+    def result(self) -> dict[Path, str]:
+        for t in self._workers:
+            t.join()
+        if self._error is not None:
+            raise self._error
+        return dict(self.digests)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+def input_hashes(files: Iterable[Any]) -> InputHashes:
+    """InputHashes over weight files (readers.WeightFile): each hashed through its own mapping."""
+    return InputHashes({f.path: getattr(f, "mapped", None) for f in files})

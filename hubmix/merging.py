@@ -23,7 +23,7 @@ from hubmix.formats.configs import DEFAULT_DERIVED
 from hubmix.engine.devices import device_budget, resolve_device
 from hubmix.errors import InputError, RecipeError
 from hubmix.formats.families import Family
-from hubmix.hashing import hash_in_background
+from hubmix.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
 from hubmix.formats.layouts import KeyMap
 from hubmix.formats.prediction import Prediction, marker_tensors, single_file_metadata, update_scheduler
@@ -378,7 +378,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     source = _config_source(models, family, recipe) if layout != "single-file" or any(
         m.components[c].config_source == "inferred" for m in models for c in m.components) else None
     configs = output_configs(models + donor, structure, family, source, summary)
-    hashes_future = hash_in_background(sorted({r.file.path for t in tasks for r in t.refs}))
+    # the input hashes read the mappings the engine reads, on their own threads, while it runs
+    hashes = input_hashes({r.file.path: r.file for t in tasks for r in t.refs}.values()).start()
     sidecar = _sidecar(target) if layout == "single-file" else None
     with atomic_target(target, overwrite, companions=(sidecar,) if sidecar else ()) as stage:
         tmp = stage.path
@@ -389,7 +390,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
             stats = _execute(router.wanted(tasks), router.write, settings,
                              "converting" if recipe.method == "copy" else "merging", summary,
                              [f"{letter(i)} ({m.name})" for i, m in enumerate(models)])
-            canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes_future.result(), loras)
+            canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes.result(), loras)
+            stats["hashed_files"] = len(hashes.pending)
             final = _metadata(canonical)
             for f in router.files:  # the input hashes were computed during the merge: same-length placeholders
                 assert f.writer is not None
@@ -397,6 +399,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
                                                                                 "hubmix.recipe_sha256")}})
             router.finish()
         except BaseException:
+            hashes.cancel()
             router.abort()
             raise
         # the recipe is staged with the weights and renamed in with them (engine.target): together or not at all

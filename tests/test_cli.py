@@ -151,6 +151,6 @@ def test_help_lists_methods_and_the_reference_rule(cli):
 
 def test_real_process_exit_code_and_stderr(tmp_path):
     """The installed entry point, as a user runs it."""
-    exe = shutil.which("hubmix") or f"{sys.executable} -m hubmix.cli"
+    exe = shutil.which("hubmix") or f"{sys.executable} -m hubmix"
     r = subprocess.run([*exe.split(), "inspect", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and r.stderr.count("\n") == 1

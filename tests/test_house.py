@@ -1,10 +1,11 @@
 """The house: the package's import graph has no circle (between modules, and between the rooms: formats, engine,
-methods, hub, render, cli and the top-level flows), no module grows far past 400 lines, and `hubmix --help`
-imports none of the heavy libraries."""
+methods, hub, render, cli and the top-level flows), no module grows far past 400 lines, `hubmix --help` and
+`hubmix inspect` import none of the heavy libraries, and a plain merge imports no model library."""
 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,10 +116,36 @@ def test_no_module_far_over_400_lines():
     assert not long, long
 
 
+def _run_cli_listing_heavy(argv: list[str], env: dict[str, str] | None = None) -> tuple[list[str], str]:
+    """Run `hubmix ARGV` in a fresh interpreter; (the heavy libraries it imported, its stdout)."""
+    code = ("import sys\nfrom hubmix.cli import main\ntry:\n    main(%r)\nexcept SystemExit as e:\n"
+            "    print('EXIT', e.code)\nprint('HEAVY', sorted(m for m in %r if m in sys.modules))" % (argv, HEAVY))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **(env or {})})
+    line = [x for x in out.stdout.splitlines() if x.startswith("HEAVY")][-1]
+    return ast.literal_eval(line.removeprefix("HEAVY ")), out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["merge", "--help"], ["methods"], ["merge", "--method", "nope"]])
 def test_start_up_imports_no_heavy_library(argv):
-    code = ("import sys\nfrom hubmix.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-            "print('HEAVY', sorted(m for m in %r if m in sys.modules))" % (argv, HEAVY))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    line = [x for x in out.stdout.splitlines() if x.startswith("HEAVY")][-1]
-    assert line == "HEAVY []", (argv, line)
+    heavy, _ = _run_cli_listing_heavy(argv)
+    assert heavy == [], (argv, heavy)
+
+
+@pytest.mark.parametrize("layout", ["single-file", "diffusers"])
+def test_inspect_reads_headers_without_heavy_libraries(zoo, layout):
+    path = zoo.single("sd1", 1, dtype="fp16") if layout == "single-file" else zoo.diffusers("sd1", 1, dtype="fp16")
+    heavy, out = _run_cli_listing_heavy(["inspect", str(path)])
+    assert heavy == [], heavy
+    assert "EXIT" not in out.replace("EXIT 0", ""), out  # it answered
+    assert f"layout:  {layout}" in out and "(sd1)" in out and "float16 x" in out, out
+
+
+def test_a_plain_merge_imports_no_model_library(zoo, tmp_path):
+    """A merge of diffusers folders into a diffusers folder needs torch for its tensors, nothing of diffusers,
+    transformers or the Hub client."""
+    a, b = zoo.diffusers("sd1", 1), zoo.diffusers("sd1", 2)
+    argv = ["merge", str(a), str(b), "--method", "weighted_sum", "--alpha", "0.5", "--out", str(tmp_path / "m"), "-q"]
+    heavy, out = _run_cli_listing_heavy(argv, {"HUBMIX_CACHE": os.environ.get("HUBMIX_CACHE", str(tmp_path))})
+    assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").is_file(), out
+    assert not {"diffusers", "transformers", "huggingface_hub", "PIL"} & set(heavy), heavy

@@ -212,6 +212,40 @@ def test_only_needed_components_are_fetched(hub, tmp_path):
         "unet/diffusion_pytorch_model.safetensors": hub.blobs("org/b", "v1")["unet/diffusion_pytorch_model.safetensors"].sha256}
 
 
+def test_hub_inputs_take_the_sha256_the_hub_records(hub, tmp_path, monkeypatch):
+    """The recipe's sha256 of a Hub file is the LFS sha256 of model_info(files_metadata) at the pinned commit:
+    downloads are never hashed."""
+    import dataclasses
+
+    import hubmix
+    import hubmix.hashing as hashing
+    from hubmix.hub import resolve
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("a Hub download was hashed")
+
+    monkeypatch.setattr(hashing, "file_sha256", no_hashing)
+    monkeypatch.setattr(hashing, "sha256_of", no_hashing)
+    monkeypatch.setattr(hashing, "_KNOWN", {})
+    result = hubmix.merge(hubmix.Recipe(models=INPUTS, method="lossless"), out=tmp_path / "m", quiet=True)
+    a, b, c = result.canonical["models"]
+    for m, repo, rev in ((a, "org/a", "main"), (b, "org/b", "v1")):
+        blobs = hub.blobs(repo, rev)
+        assert m["files"] and m["files"] == {p: blobs[p].sha256 for p in m["files"]}
+    assert c["files"] == {"c.safetensors": hub.blobs("org/c")["checkpoints/c.safetensors"].sha256}
+    # taken from the metadata itself (not from the bytes or a file name): a doctored listing shows in the recipe
+    real_pin = resolve.pin
+
+    def doctored(repo, revision=None):
+        state = real_pin(repo, revision)
+        return dataclasses.replace(state, sha256={k: "f" * 64 for k in state.sha256})
+
+    monkeypatch.setattr(resolve, "pin", doctored)
+    again = hubmix.merge(hubmix.Recipe(models=["org/c/checkpoints/c.safetensors", "org/d"], method="weighted_sum"),
+                         out=tmp_path / "m2.safetensors", quiet=True)
+    assert [m["files"] for m in again.canonical["models"]] == [{"c.safetensors": "f" * 64}, {"d.safetensors": "f" * 64}]
+
+
 def test_variant_and_shards(hub, tmp_path):
     import hubmix
 

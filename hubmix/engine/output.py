@@ -164,14 +164,19 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def diffusers_version() -> str:
+    """The installed diffusers' version, read from its metadata: importing diffusers to ask costs a second."""
+    from importlib.metadata import version
+
+    return version("diffusers")
+
+
 def component_config_json(spec: ComponentSpec, config: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
     """The config.json of a component: the library's own format, with the output dtype recorded."""
     cfg = {k: v for k, v in config.items()}
     if spec.library == "diffusers":
-        import diffusers
-
         cfg.setdefault("_class_name", spec.cls)
-        cfg.setdefault("_diffusers_version", diffusers.__version__)
+        cfg.setdefault("_diffusers_version", diffusers_version())
         return cfg
     if "model_type" in cfg:  # a real config.json: keep it as it is
         full = cfg
@@ -189,15 +194,13 @@ def component_config_json(spec: ComponentSpec, config: dict[str, Any], dtype: to
 
 def model_index(family: Family, inpainting: bool, scheduler_cls: str, base: dict[str, Any] | None) -> dict[str, Any]:
     """model_index.json: a diffusers input's own when there is one, else built from the family's data."""
-    import diffusers
-
     if base is not None:
         idx = dict(base)
         for name, entry in idx.items():  # a borrowed index (--config-from) names the output's folders
             if not name.startswith("_") and isinstance(entry, list):
                 check_component_name(name, "model_index.json of the config source")
     else:
-        idx = {"_diffusers_version": diffusers.__version__, **family.pipeline_extra,
+        idx = {"_diffusers_version": diffusers_version(), **family.pipeline_extra,
                "scheduler": ["diffusers", scheduler_cls]}
         for name, spec in family.components.items():
             idx[name] = [spec.library, spec.cls]

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from hubmix.formats.families import ComponentSpec, layouts
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ def part_rows(part: tuple[int, tuple[int, ...]], rows: int) -> tuple[int, int] |
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     half = t.shape[0] // 2
+    import torch
+
     return torch.cat([t[half:], t[:half]])
 
 
@@ -342,6 +345,8 @@ class KeyMap:
 
 
     def generated_tensor(self, key: str) -> torch.Tensor:
+        import torch
+
         kind = self.generated[key]
         if kind == "positions":
             return torch.arange(self.config["max_position_embeddings"], dtype=torch.int64)[None]

@@ -12,9 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterable
-
-import torch
+from typing import TYPE_CHECKING, Any, Collection, Iterable
 
 from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
@@ -23,6 +21,9 @@ from hubmix.formats.families import (ComponentSpec, Family, all_component_names,
 from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file, read_regular
 from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
 from hubmix.formats.prediction import MARKER_KEYS, Prediction, from_scheduler, from_single_file
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_META = "hubmix.configs"  # single files written by hubmix embed their component configs under this key
 
@@ -174,6 +175,8 @@ def _config_ndims(folder: Path, library: str, cls: str) -> dict[str, int]:
     try:
         import importlib
 
+        import torch
+
         if library not in ("diffusers", "transformers"):  # names from a repo's model_index.json: nothing else runs
             raise ValueError(library)
         module = importlib.import_module(library)
@@ -238,7 +241,7 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
                 if why is not None:
                     comp.dropped.append((f"{name}/{k}", why))
                     continue
-                comp.tensors[canon] = TensorRef(info.dtype, info.shape, f, k)
+                comp.tensors[canon] = TensorRef(info.dtype_name, info.shape, f, k)
         components[name] = comp
     sched = read_json(root / "scheduler" / "scheduler_config.json")
     extra = {n: f for n, f in subfolders.items() if n not in family.components and f.is_dir()}
@@ -346,7 +349,7 @@ def _ref(f: WeightFile, key: str, place: Placement, path: Path) -> TensorRef:
             raise InputError(f"{path}: {key} has shape {list(shape)}, which does not split into fused parts of "
                              f"relative widths {list(place.part[1])}")
         shape = (rows[1], *shape[1:])
-    return TensorRef(info.dtype, to_canonical_shape(place.transform, shape), f, key, place)
+    return TensorRef(info.dtype_name, to_canonical_shape(place.transform, shape), f, key, place)
 
 
 def _embedded_configs(f: WeightFile, path: Path) -> dict[str, dict[str, Any]]:

@@ -13,9 +13,10 @@ as every SDXL loader assumes); otherwise it stays unknown (SD2's 512 and 768 mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 V_PRED_KEY = "v_pred"
 ZTSNR_KEY = "ztsnr"
@@ -73,6 +74,8 @@ def single_file_metadata(pred: Prediction) -> dict[str, str]:
 
 def marker_tensors(pred: Prediction, keys_family_writes: Collection[str]) -> dict[str, torch.Tensor]:
     """The empty marker tensors a single file gets (ComfyUI writes them as `torch.tensor([])`, float32)."""
+    import torch
+
     out = {}
     if pred.type == "v_prediction" and V_PRED_KEY in keys_family_writes:
         out[V_PRED_KEY] = torch.zeros(0, dtype=torch.float32)

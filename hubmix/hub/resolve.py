@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,6 +22,7 @@ from hubmix import __version__
 from hubmix.cache import cache_root, write_atomically
 from hubmix.errors import HubError, InputError
 from hubmix.formats.families import all_component_names, weight_stem
+from hubmix.hashing import record_known
 from hubmix.formats.model import choose_weights, component_name_ok, index_shards
 from hubmix.hub.client import api, endpoint, hub_error, is_network, is_offline, one_line
 from hubmix.hub.mounts import card_license, listing, mounted
@@ -50,6 +51,7 @@ class RepoState:
     online: bool = True  # False: served from the caches (offline, or the Hub unreachable)
     revision: str | None = None  # as asked (branch, tag, sha or None for the default branch)
     mount: Path | None = None  # where a Job mounts the repo at this commit (hub.mounts): read, never downloaded
+    sha256: dict[str, str] = field(default_factory=dict)  # LFS files: the sha256 the Hub records (no rehashing)
 
 
 _PINNED: dict[tuple[str, str, str], RepoState] = {}  # (endpoint, repo, commit sha) -> state: commits never change
@@ -64,7 +66,8 @@ def _save_listing(state: RepoState) -> None:
     path = _listing_file(state.repo, state.sha)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps({"files": sorted(state.names), "license": state.license}))
+        write_atomically(path, json.dumps({"files": sorted(state.names), "license": state.license,
+                                           "sha256": dict(sorted(state.sha256.items()))}))
     except OSError:
         pass  # a read-only cache only costs offline use
 
@@ -88,14 +91,14 @@ def _from_cache(repo: str, revision: str | None) -> RepoState | None:
             return None
     try:
         data = json.loads(_listing_file(repo, sha).read_text())
-        names, lic = list(data["files"]), data.get("license")
+        names, lic, digests = list(data["files"]), data.get("license"), dict(data.get("sha256") or {})
     except (OSError, ValueError, KeyError):
         snap = storage / "snapshots" / sha
         if not snap.is_dir():
             return None
         names = [p.relative_to(snap).as_posix() for p in sorted(snap.rglob("*")) if p.is_file()]
-        lic = None
-    return RepoState(repo, sha, names, lic, online=False, revision=revision)
+        lic, digests = None, {}
+    return RepoState(repo, sha, names, lic, online=False, revision=revision, sha256=digests)
 
 
 def pin(repo: str, revision: str | None = None) -> RepoState:
@@ -107,7 +110,7 @@ def pin(repo: str, revision: str | None = None) -> RepoState:
         _PINNED[(endpoint(), repo, state.sha)] = state
         return state
     try:
-        info = api().model_info(repo, revision=revision)
+        info = api().model_info(repo, revision=revision, files_metadata=True)  # with each LFS file's sha256
     except Exception as e:  # noqa: BLE001 - translated below
         if is_offline(e) or is_network(e):
             state = _from_cache(repo, revision)
@@ -121,8 +124,10 @@ def pin(repo: str, revision: str | None = None) -> RepoState:
         raise hub_error(e, repo, revision=revision) from None
     card = info.card_data
     lic = card.get("license") if card is not None else None
-    state = RepoState(repo, str(info.sha), [s.rfilename for s in info.siblings or []],
-                      lic if isinstance(lic, str) else None, online=True, revision=revision)
+    siblings = info.siblings or []
+    state = RepoState(repo, str(info.sha), [s.rfilename for s in siblings], lic if isinstance(lic, str) else None,
+                      online=True, revision=revision,
+                      sha256={s.rfilename: s.lfs.sha256 for s in siblings if s.lfs and s.lfs.sha256})
     _save_listing(state)
     _PINNED[(endpoint(), repo, state.sha)] = state
     return state
@@ -150,6 +155,8 @@ def _fetch(state: RepoState, filename: str, revision: str | None = None) -> Path
     if landed is not None and landed != state.sha:
         raise HubError(f"{state.repo}: revision '{revision}' moved to {landed[:12]} while resolving (it was "
                        f"{state.sha[:12]}); run again")
+    if filename in state.sha256:
+        record_known(path, state.sha256[filename])  # the recipe takes the Hub's sha256: no hashing of the download
     return path
 
 

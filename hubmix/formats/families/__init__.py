@@ -108,8 +108,13 @@ def _rule_holds(rule: dict[str, Any], keys: dict[str, int]) -> bool:
     raise ValueError(f"unknown detection rule {rule}")
 
 
+def _data(path: Path) -> Any:
+    """A data file of the package, parsed with libyaml where PyYAML has it (10x faster: `inspect` answers sooner)."""
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def _load_family(path: Path) -> Family:
-    raw = yaml.safe_load(path.read_text())
+    raw = _data(path)
     comps = {
         name: ComponentSpec(name=name, library=c["library"], cls=c["class"], layout=c["layout"], prefix=c["prefix"],
                             dropped=dict(c.get("dropped") or {}), label=c.get("label"))
@@ -145,7 +150,7 @@ def families() -> dict[str, Family]:
 
 @cache
 def layouts() -> dict[str, dict[str, Any]]:
-    return yaml.safe_load((HERE / "layouts.yaml").read_text())
+    return _data(HERE / "layouts.yaml")
 
 
 def get_family(family_id: str) -> Family:

@@ -14,46 +14,77 @@ import pickle
 import stat
 import re
 import struct
+import threading
 import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hubmix.errors import InputError
 
-# safetensors dtype names <-> torch dtypes (the format's own spelling).
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype names -> torch's names for them. Headers keep the name (a string): torch is imported only when a
+# tensor is viewed, so reading headers (`hubmix inspect`) costs no torch import.
+ST_DTYPES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+            "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float16 -> 'float16'."""
+    return str(dtype).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, name)
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (KeyError for one the format cannot hold)."""
+    return ST_NAMES[dtype_name(dtype)]
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    dtype: torch.dtype
+    dtype_name: str  # torch's name ("float16"); `dtype` maps it to torch's dtype on use
     shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
+    def itemsize(self) -> int:
+        size = ITEMSIZE.get(self.dtype_name)
+        return size if size is not None else self.dtype.itemsize
+
+    @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * self.itemsize
 
 
 def open_regular(path: Path) -> int:
@@ -102,6 +133,11 @@ class WeightFile:
     def tensor(self, key: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def mapped(self) -> mmap.mmap | None:
+        """The whole file as the memory map tensors are viewed through (None: the reader has none), so the input
+        hash reads the very pages the merge reads."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -126,6 +162,7 @@ class SafetensorsFile(WeightFile):
             os.close(self._fd)
             raise
         self._mm: mmap.mmap | None = None
+        self._mm_lock = threading.Lock()  # one mapping, shared by the engine and the input hash
         # closed when the file object goes (the mapping keeps its own descriptor, views stay valid)
         self._closer = weakref.finalize(self, os.close, self._fd)
 
@@ -204,17 +241,24 @@ class SafetensorsFile(WeightFile):
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
-            # ACCESS_COPY = MAP_PRIVATE: pages we only read stay shared with the page cache (no anonymous memory),
-            # and the buffer is writable, which torch.frombuffer wants.
-            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+            with self._mm_lock:
+                if self._mm is None:
+                    # ACCESS_COPY = MAP_PRIVATE: pages we only read stay shared with the page cache (no anonymous
+                    # memory), and the buffer is writable, which torch.frombuffer wants.
+                    self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
         return self._mm
 
+    def mapped(self) -> mmap.mmap:
+        return self._map()
+
     def tensor(self, key: str) -> torch.Tensor:
+        import torch
+
         info = self._info[key]
         if info.numel == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         offset = self._offsets[key]
-        if offset % info.dtype.itemsize:
+        if offset % info.itemsize:
             # Misaligned data (a writer that did not pad its header): copy rather than hand out a bad view.
             raw = torch.frombuffer(self._map(), dtype=torch.uint8, count=info.nbytes, offset=offset)
             return raw.clone().view(info.dtype).reshape(info.shape)
@@ -233,17 +277,21 @@ class TorchPickleFile(WeightFile):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         os.close(open_regular(self.path))
+        import torch
+
         obj = self._load()
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
             raise InputError(f"{self.path}: the pickle holds a {type(obj).__name__}, not a dict of tensors")
         self._tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        self._info = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in self._tensors.items()}
+        self._info = {k: TensorInfo(dtype_name(v.dtype), tuple(v.shape)) for k, v in self._tensors.items()}
 
     def _load(self):
         how = ("Convert it with the tool that made it (for example with safetensors in an environment you trust) "
                "and pass the .safetensors file instead.")
+        import torch
+
         for use_mmap in (True, False):
             try:
                 return torch.load(self.path, map_location="cpu", weights_only=True, mmap=use_mmap)
@@ -282,11 +330,9 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
 def _magic(p: Path) -> bytes:
-    try:
-        with open(p, "rb") as f:
-            return f.read(4)
-    except OSError:
-        return b""
+    """The first bytes of a regular file (anything else is refused here, before any reader could block on it)."""
+    with os.fdopen(open_regular(p), "rb") as f:
+        return f.read(4)
 
 
 def _is_pickle(path: Path) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from hubmix.errors import OutputError
-from hubmix.formats.io.readers import ST_NAMES
+from hubmix.formats.io.readers import st_dtype
 
 FLUSH_STEP = 256 << 20  # start writeback after this many new bytes
 
@@ -46,7 +46,7 @@ def plan_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> tuple
     offsets: dict[str, int] = {}
     pos = 0
     for t in order:
-        header[t.key] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        header[t.key] = {"dtype": st_dtype(t.dtype), "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
         offsets[t.key] = pos
         pos += t.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
