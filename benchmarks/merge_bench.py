@@ -1,14 +1,16 @@
 """hubmix merge benchmark: full-size SD1.5 / SDXL checkpoints, against baselines measured in the same run.
 
     python benchmarks/merge_bench.py [--family sd15|sdxl|all] [--cache DIR] [--runs N] [--skip-mecha]
-                                     [--skip-naive] [--device cpu|cuda] [--json OUT]
+                                     [--skip-naive] [--methods seed|new|all] [--device cpu|cuda] [--json OUT]
     python benchmarks/merge_bench.py --family flux [--cache DIR] [--runs N] [--keep]   (see flux_bench.py)
 
 What is measured, per family, on three similar random fp16 single files of the real key layout (built once by
 make_checkpoints.py and cached outside the repo):
 
-- hubmix's CLI (`hubmix merge ... -q`, a subprocess as users run it): 3-way lossless, 3-way maxdiff, 2-way weighted
-  sum. Wall time, and peak anonymous memory (max over time of RssAnon, sampled every 20 ms over the process tree):
+- hubmix's CLI (`hubmix merge ... -q`, a subprocess as users run it): the seed's methods (3-way lossless, 3-way
+  maxdiff, 2-way weighted sum) and, with --methods new or all, the field's methods: element-wise triple_sum,
+  sum_twice, train_difference (3-way; goal: within 1.5x the I/O floor) and whole-tensor slerp (2-way), ties, dare
+  and model_stock (3-way; goal: within 3x), each output spot-checked against the method run on whole tensors. Wall time, and peak anonymous memory (max over time of RssAnon, sampled every 20 ms over the process tree):
   RssAnon is what a merge really costs in RAM, since memory-mapped inputs count in RSS (VmHWM, also shown) but are
   page cache the kernel can drop. hubmix hashes its inputs once per file version, while it merges them: each
   run first merges files never merged before (their entries removed from hubmix's hash cache; the native kernels
@@ -52,7 +54,11 @@ import make_checkpoints  # noqa: E402
 MIB = 1 << 20
 MECHA_VERSION = "1.1.8"
 MECHA_CONFIG = {"sd15": "sd1-ldm", "sdxl": "sdxl-sgm"}
-HUBMIX_METHODS = [("lossless", 3), ("maxdiff", 3), ("weighted_sum", 2)]
+SEED_METHODS = [("lossless", 3), ("maxdiff", 3), ("weighted_sum", 2)]
+NEW_METHODS = [("triple_sum", 3), ("sum_twice", 3), ("train_difference", 3), ("slerp", 2), ("ties", 3), ("dare", 3),
+               ("model_stock", 3)]
+WHOLE_TENSOR = {"slerp", "ties", "dare", "model_stock"}  # statistics pass, then the element pass
+HUBMIX_METHODS = SEED_METHODS  # set from --methods
 
 
 @dataclass
@@ -181,6 +187,10 @@ def hubmix_cmd(method: str, inputs: list[Path], out: Path, device: str | None) -
            "--overwrite", "-q"]
     if method == "weighted_sum":
         cmd += ["--alpha", "0.5"]
+    if method == "ties":
+        cmd += ["--density", "0.2"]
+    if method == "dare":
+        cmd += ["--drop", "0.9", "--dare-seed", "1"]
     if device:  # explicit, since hubmix's own default picks a GPU where there is one
         cmd += ["--device", device]
     return cmd
@@ -274,6 +284,37 @@ def spot_check_lossless(out: Path, inputs: list[Path], n_extra: int = 6) -> dict
             "ok": same_keys and same_shapes and not bad}
 
 
+def spot_check_method(method: str, out: Path, inputs: list[Path], n_picks: int = 6) -> dict:
+    """A few tensors of a merge's output, byte for byte, against the method run on the whole input tensors (in
+    float32, then the output dtype). Fused q/k/v tensors (in_proj) are left out: hubmix merges their three parts as separate tensors,
+    and dare, whose mask depends on the canonical tensor name, is checked on no tensor here (tests/test_dare.py)."""
+    import torch
+    from safetensors import safe_open
+
+    from hubmix.methods import get_method
+
+    if method == "dare":
+        return {"checked": 0, "mismatched": [], "ok": True}
+    m = get_method(method)
+    params = m.resolve_params({"alpha": 0.5} if method == "weighted_sum" else
+                              {"density": 0.2} if method == "ties" else {}, len(inputs), "bench")
+    fs = [safe_open(str(p), "pt") for p in inputs]
+    with safe_open(str(out), "pt") as fo:
+        floats = sorted(k for k in fs[0].keys() if fs[0].get_slice(k).get_dtype() in ("F16", "F32", "BF16")
+                        and "in_proj" not in k)
+        picks = {floats[i * len(floats) // n_picks] for i in range(n_picks)}
+        picks |= {k for k in floats if k.endswith(("attn_1.q.weight", "token_embedding.weight"))}
+        bad = []
+        for k in sorted(picks):
+            xs = [f.get_tensor(k) for f in fs]
+            want = m([x.float() for x in xs], params).to(xs[0].dtype)
+            got = fo.get_tensor(k)
+            # exact: per-tensor sums are block sums added by fsum, the same bits over chunks or whole tensors
+            if got.dtype != want.dtype or not torch.equal(want.view(torch.uint8), got.view(torch.uint8)):
+                bad.append(k)
+    return {"checked": len(picks), "mismatched": bad, "ok": not bad}
+
+
 # ---- one family ---------------------------------------------------------------------------------------------------
 
 class Recorder:
@@ -337,6 +378,7 @@ def bench_family(family: str, args: argparse.Namespace, mecha_py: Path | None, m
     print(f"{family}: hubmix (each run: files never merged before, then the same files again)", flush=True)
     measure("startup", [], [sys.executable, "-c", "import torch, hubmix.cli, hubmix.merging"])
     check = {"ok": False, "same_keys": False, "same_shapes": False, "checked": 0, "mismatched": ["no output"]}
+    checks = {}
     for i in range(runs):
         forget_hashes(hub_env, paths)
         first = hubmix_cmd("lossless", paths, out, args.hub_device)
@@ -345,6 +387,8 @@ def bench_family(family: str, args: argparse.Namespace, mecha_py: Path | None, m
         remove_output(out)
         for method, n in HUBMIX_METHODS:
             measure(f"hubmix {method}", paths[:n], hubmix_cmd(method, paths[:n], out, args.hub_device), hub_env)
+            if i == 0 and method in dict(NEW_METHODS) and out.exists():
+                checks[method] = spot_check_method(method, out, paths[:n])
             remove_output(out)
 
     need = 1.2 * out_bytes  # load_file maps the inputs; the whole output dict is anonymous memory
@@ -391,7 +435,7 @@ def bench_family(family: str, args: argparse.Namespace, mecha_py: Path | None, m
             "inputs_fit_page_cache": fits, "floor": floors, "native_kernels": native,
             "runs": {k: [asdict(m) for m in v] for k, v in rec.results.items()},
             "median": {k: asdict(v) for k, v in med.items()}, "failures": rec.failures, "other_cpu_s": others,
-            "ratios": ratios, "check": check, "notes": notes}
+            "ratios": ratios, "check": check, "method_checks": checks, "notes": notes}
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
@@ -437,6 +481,7 @@ def print_family(r: dict) -> None:
             ("hubmix weighted_sum 2-way", "hubmix weighted_sum", "hubmix weighted_sum / floor2"),
             ("naive load-all lossless 3-way", "naive lossless", "naive / hubmix lossless"),
             ("sd-mecha weighted_sum 2-way", "sd-mecha weighted_sum", "sd-mecha / hubmix weighted_sum")]
+    rows[5:5] = [(f"hubmix {m} {n}-way", f"hubmix {m}", f"hubmix {m} / floor{n}") for m, n in NEW_METHODS]
     for label, name, ratio in rows:
         fails = r["failures"].get(name, [])
         if fails:
@@ -451,6 +496,16 @@ def print_family(r: dict) -> None:
         if name == "startup":
             rtext = "part of every row below"
         print(f"{label:36} {m['wall_s']:8.2f}  {rtext:<34} {m['peak_anon_mib']:11.0f} {m['hwm_mib']:10.0f}")
+    for m, c in r.get("method_checks", {}).items():
+        goal = 3.0 if m in WHOLE_TENSOR else 1.5
+        ratio = r["ratios"].get(f"hubmix {m} / floor{dict(NEW_METHODS)[m]}")
+        verdict = "" if ratio is None else f"; {ratio:.2f}x the floor ({'within' if ratio <= goal else 'OVER'} " \
+                                          f"the {goal}x goal)"
+        peak = r["median"].get(f"hubmix {m}", {}).get("peak_anon_mib")
+        mem = "" if peak is None else f"; RssAnon {peak:.0f} MiB ({'under' if peak < 1024 else 'OVER'} 1 GiB)"
+        bad = f", MISMATCHED {c['mismatched']}" if c["mismatched"] else ""
+        print(f"{m}: {c['checked'] - len(c['mismatched'])}/{c['checked']} spot-checked tensors match the method on "
+              f"whole tensors{bad}{verdict}{mem}")
     goals = [("files never merged before", "hubmix lossless, first merge / floor3", 1.5),
              ("the same files again", "hubmix lossless / floor3", 1.25)]
     got = [f"{what} {r['ratios'][k]:.2f}x the I/O floor (goal {goal}x: "
@@ -482,6 +537,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1, help="repeat each measurement N times; report medians")
     ap.add_argument("--skip-mecha", action="store_true", help="do not install or run sd-mecha")
     ap.add_argument("--skip-naive", action="store_true", help="do not run the naive load-everything script")
+    ap.add_argument("--methods", choices=["seed", "new", "all"], default="seed",
+                    help="hubmix methods to time: the seed's (lossless, maxdiff, weighted_sum), the field's (triple_sum, "
+                         "sum_twice, train_difference, slerp, ties, dare, model_stock), or all")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="merge device for hubmix (if it has --device), the naive script and sd-mecha")
     ap.add_argument("--json", type=Path, help="also write every number to this file")
@@ -493,6 +551,8 @@ def main() -> None:
         return
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    global HUBMIX_METHODS
+    HUBMIX_METHODS = {"seed": SEED_METHODS, "new": NEW_METHODS, "all": SEED_METHODS + NEW_METHODS}[args.methods]
     args.cache = args.cache.expanduser().resolve()
     args.cache.mkdir(parents=True, exist_ok=True)
     mecha_py, mecha_note = (None, "sd-mecha skipped (--skip-mecha)") if args.skip_mecha else ensure_mecha(args.cache)

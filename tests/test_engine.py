@@ -15,12 +15,17 @@ from hubmix.engine.pipeline import Settings
 
 UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
 CASES = [("lossless", 3, None), ("lossless", 2, None), ("maxdiff", 3, "fp32"), ("weighted_sum", 2, None),
-         ("add_difference", 3, "bf16")]
+         ("add_difference", 3, "bf16"), ("triple_sum", 3, None), ("sum_twice", 3, "bf16"),
+         ("train_difference", 3, "fp32"), ("slerp", 2, None), ("model_stock", 3, None), ("ties", 3, None),
+         ("dare", 3, "fp32"), ("dare", 2, None)]
 
 
 def _merge(zoo, out, method, n, dtype, settings):
     inputs = [str(zoo.diffusers("sd1", s, dtype="fp16")) for s in (1, 2, 3)[:n]]
+    from hubmix.methods import get_method
+
     params = {"alpha": 0.9, "beta": 1.1} if method in ("lossless", "maxdiff") else {"alpha": 0.3}
+    params = {k: v for k, v in params.items() if k in get_method(method).applicable(n)}
     return hubmix.merge(Recipe(models=inputs, method=method, params=params, dtype=dtype), out=out, quiet=True,
                         settings=settings)
 
@@ -41,7 +46,11 @@ def test_fused_kernels_give_the_eager_bytes(zoo, tmp_path, kind):
     if kind == "native" and native.Native.library() is None:
         pytest.skip(f"no native kernels here: {native.Native.error()}")
     label = "compiled" if kind == "compile" else kind
+    from hubmix.methods import get_method
+
     for method, n, dtype in CASES:
+        if kind == "compile" and get_method(method).element is not None:
+            continue  # whole-tensor methods are not traced: their statistics and contexts are runtime values
         eager = _merge(zoo, tmp_path / f"{method}{n}-eager", method, n, dtype, Settings(kernels="eager"))
         fused = _merge(zoo, tmp_path / f"{method}{n}-{kind}", method, n, dtype, Settings(kernels=kind))
         assert eager.engine["kernels"]["native"] == eager.engine["kernels"]["compiled"] == 0
@@ -74,7 +83,10 @@ def test_native_kernels_match_torch_on_every_dtype_and_special_value():
                                     ("lossless", 2, {"alpha": 1.0, "beta": 1.0, "ref_alpha": 0.3}),
                                     ("maxdiff", 3, {"alpha": 1.0, "beta": 1.0}),
                                     ("maxdiff", 2, {"alpha": 1.2, "beta": 1.0, "ref_alpha": 0.5}),
-                                    ("weighted_sum", 2, {"alpha": 0.3}), ("add_difference", 3, {"alpha": 0.7})]:
+                                    ("weighted_sum", 2, {"alpha": 0.3}), ("add_difference", 3, {"alpha": 0.7}),
+                                    ("triple_sum", 3, {"alpha": 0.2, "beta": 0.45}),
+                                    ("sum_twice", 3, {"alpha": 0.3, "beta": 0.6}),
+                                    ("train_difference", 3, {"alpha": 0.7})]:
                 m = get_method(name)
                 want = eager_kernel(chunk_function(m, [din] * k, dout), dout, torch.device("cpu"))(xs[:k], params)
                 got = native.kernel(name, [din] * k, dout)(xs[:k], params)
@@ -100,6 +112,39 @@ def test_native_fp8_conversions_match_torch_on_every_code_and_float32_bit_patter
         f = torch.cat([patterns.view(torch.float32), torch.tensor([448.0, 464.0, 480.0, 57344.0, 61440.0, 1e-9])])
         got = native.kernel("weighted_sum", [torch.float32] * 2, fp8)([f, torch.zeros_like(f)], {"alpha": 0.0})
         assert torch.equal(got.view(torch.uint8), (1.0 * f + 0.0 * torch.zeros_like(f)).to(fp8).view(torch.uint8))
+
+
+def test_native_whole_tensor_kernels_match_eager():
+    """The element passes of slerp, model_stock, ties and dare (statistics given) against their eager torch code,
+    on cancelling and zero task vectors, in every dtype; dare's mask at an offset inside its tensor."""
+    from hubmix.engine import native
+    from hubmix.engine.kernels import chunk_function, eager_kernel
+    from hubmix.methods import get_method
+    from hubmix.methods.registry import Context
+
+    if native.Native.library() is None:
+        pytest.skip(f"no native kernels here: {native.Native.error()}")
+    gen = torch.Generator().manual_seed(1)
+    n = 50_000
+    base = torch.randn(n, generator=gen)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    cases = [("slerp", 2, {"alpha": 0.3, "ka": 0.61, "kb": 0.4}), ("model_stock", 3, {"t": 0.7}),
+             ("ties", 3, {"density": 0.5, "lambda": 0.8, "threshold0": 0.005, "threshold1": 0.007}),
+             ("dare", 3, {"drop": 0.6, "lambda": 0.9, "seed": 5, "combine": "sum"}),
+             ("dare", 3, {"drop": 0.3, "lambda": 1.0, "seed": 6, "combine": "ties"}),
+             ("dare", 2, {"drop": 0.9, "lambda": 0.5, "seed": 7, "combine": "ties"})]
+    for din in dtypes:
+        xs = [(base + 0.01 * torch.randn(n, generator=gen)).to(din) for _ in range(3)]
+        xs[2][:500] = (2 * xs[0][:500].float() - xs[1][:500].float()).to(din)  # cancelling task vectors
+        xs[1][500:600] = xs[0][500:600]  # zero task vector
+        for dout in dtypes:
+            for name, k, params in cases:
+                m = get_method(name)
+                ctx = Context("unet/some.weight", 123_456)
+                want = eager_kernel(chunk_function(m, [din] * k, dout), dout, torch.device("cpu"))(xs[:k], params, ctx)
+                got = native.kernel(name, [din] * k, dout)(xs[:k], params, None, ctx)
+                bits = torch.int32 if dout == torch.float32 else torch.int16
+                assert torch.equal(want.view(bits), got.view(bits)), (name, k, din, dout, params)
 
 
 def test_chunking_workers_and_budget_do_not_change_bytes(zoo, tmp_path, monkeypatch):

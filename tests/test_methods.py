@@ -63,7 +63,13 @@ def test_registry_declares_everything_the_cli_and_card_need():
     for m in methods().values():
         assert m.formula and m.reference and m.summary and m.models
         for p in m.params:
-            assert p.help and isinstance(p.default, float)
+            assert p.help
+            if p.choices:
+                assert p.default in p.choices
+            else:
+                assert isinstance(p.default, int if p.integer else float)
+                assert p.check(p.default, "default") == p.default  # the default is within its own range
+        assert m.reference.startswith("https://")
 
 
 @pytest.mark.parametrize("name, n, params, msg", [

@@ -18,16 +18,30 @@ from hubmix.recipe import DTYPES, LAYOUTS, Recipe, letter, model_entry
 
 
 def _param_options():
-    """One option per parameter name across the registry, with help assembled from every method that has it."""
-    by_name: dict[str, list[str]] = {}
+    """One option per parameter name across the registry, with help assembled from every method that has it. A
+    name shared by several methods must have one kind (number, integer, choice) and one CLI spelling; a parameter
+    may spell its option otherwise (dare's seed is --dare-seed, the recipe key stays seed)."""
+    by_name: dict[str, list] = {}
     for m in methods().values():
         for p in m.params:
-            by_name.setdefault(p.name, []).append(f"{m.name}: {p.help} (default {p.default:g})")
+            by_name.setdefault(p.name, []).append((m, p))
     opts = []
-    for name, helps in by_name.items():
-        opts.append(click.option(f"--{name.replace('_', '-')}", name, type=float, default=None,
-                                 help="; ".join(helps)))
+    for name, entries in by_name.items():
+        first = entries[0][1]
+        for _, p in entries[1:]:
+            if (p.option, p.integer, p.choices) != (first.option, first.integer, first.choices):
+                raise AssertionError(f"parameter {name!r} means different things in {entries[0][0].name} and "
+                                     f"{_.name}: give one of them another name")
+        kind = click.Choice(first.choices) if first.choices else int if first.integer else float
+        helps = "; ".join(f"{m.name}: {p.help} (default {p.default:g})" if not p.choices else
+                          f"{m.name}: {p.help} (default {p.default})" for m, p in entries)
+        opts.append(click.option(first.option, name, type=kind, default=None, help=helps))
     return opts
+
+
+def option_names() -> dict[str, str]:
+    """Recipe key -> CLI option, for messages."""
+    return {p.name: p.option for m in methods().values() for p in m.params}
 
 
 def _apply(options):
@@ -39,7 +53,7 @@ def _apply(options):
 
 
 def _methods_help() -> str:
-    return "; ".join(f"{m.name} ({'/'.join(map(str, m.models))} models): {m.formula}" for m in methods().values())
+    return "; ".join(f"{m.name} ({m.models_text} models): {m.formula}" for m in methods().values())
 
 
 @cli.command(help=f"Merge MODELS (a, b, c, ... in order) with --method.\n\nModel references: {REF_RULE}\n\n"
@@ -115,7 +129,7 @@ def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, com
                                 ("--config-from", config_from), ("--prediction-type", prediction_type),
                                 ("--block-alpha", block_alpha), ("--block-beta", block_beta), ("--lora", loras),
                                 ("--lora-skip-unknown", lora_skip_unknown)) if v]
-        given += [f"--{k.replace('_', '-')}" for k in params]
+        given += [option_names()[k] for k in params]
         if given:
             raise RecipeError(f"{recipe_file}: the recipe says the whole merge; drop {', '.join(given)} "
                               "(--out, --layout and --overwrite may still be given)")

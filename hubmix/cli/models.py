@@ -62,10 +62,12 @@ def list_methods(show_presets: bool) -> None:
             click.echo(f"{name}: {','.join(f'{v:.10g}' for v in values)}")
         return
     for m in methods().values():
-        click.echo(f"{m.name} ({' or '.join(map(str, m.models))} models): {m.summary}")
+        click.echo(f"{m.name} ({m.models_text} models): {m.summary}")
         click.echo(f"  formula:   {m.formula}")
         for p in m.params:
-            rng = "" if p.min is None and p.max is None else f", range [{p.min}, {p.max}]"
+            rng = f", {p.range_text}" if p.range_text else ""
             only = f", only with {'/'.join(map(str, p.only_with))} models" if p.only_with else ""
-            click.echo(f"  --{p.name.replace('_', '-')}: {p.help} (default {p.default:g}{rng}{only})")
+            key = f"; recipe key {p.name}" if p.cli else ""
+            default = f"{p.default:g}" if not p.choices else p.default
+            click.echo(f"  {p.option}: {p.help} (default {default}{rng}{only}{key})")
         click.echo(f"  reference: {m.reference}")

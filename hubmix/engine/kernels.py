@@ -49,6 +49,13 @@ def selects_in_storage(method: Method, dtypes: list[torch.dtype], out_dtype: tor
 def chunk_function(method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> ChunkFn:
     """The whole computation of one chunk as one function of the stored views: what eager runs and what
     torch.compile fuses into a single pass over memory."""
+    if method.element is not None:  # a whole-tensor method's element pass: statistics are in params
+        element = method.element
+
+        def whole(*views: torch.Tensor, ctx, **params) -> torch.Tensor:
+            return element([v.float() for v in views], params, ctx).to(out_dtype)
+
+        return whole
     if selects_in_storage(method, dtypes, out_dtype):
         choose = method.choose
         x_i, y_i = method.candidate_names(len(dtypes))  # type: ignore[misc]
@@ -67,15 +74,19 @@ def chunk_function(method: Method, dtypes: list[torch.dtype], out_dtype: torch.d
 
 
 def eager_kernel(fn: ChunkFn, out_dtype: torch.dtype, device: torch.device) -> Kernel:
-    """`fn` over flat CPU views in cache-sized pieces into one output buffer; on a GPU, in one go."""
-    def run(views: list[torch.Tensor], params: dict[str, float]) -> torch.Tensor:
+    """`fn` over flat CPU views in cache-sized pieces into one output buffer; on a GPU, in one go. A whole-tensor
+    method's element pass also gets each piece's place in the tensor (`ctx`)."""
+    def run(views: list[torch.Tensor], params: dict[str, float], ctx=None) -> torch.Tensor:
         n = views[0].numel()
+        where = {} if ctx is None else {"ctx": ctx}
         if device.type != "cpu" or n <= SUBCHUNK or views[0].dim() != 1:
-            return fn(*views, **params)
+            return fn(*views, **where, **params)
         out = torch.empty(n, dtype=out_dtype)
         for s in range(0, n, SUBCHUNK):
             e = min(s + SUBCHUNK, n)
-            out[s:e] = fn(*(v[s:e] for v in views), **params)
+            if ctx is not None:
+                where["ctx"] = ctx.at(s)
+            out[s:e] = fn(*(v[s:e] for v in views), **where, **params)
         return out
 
     return run
@@ -129,11 +140,13 @@ class Kernels:
                     self._kernels[self.key(method, dtypes, out_dtype)] = (k, "native")
             if native.Native.build_seconds is not None:
                 self.native_build_seconds = native.Native.build_seconds
+            native.install_dropmask()
             if native.Native.error():
                 self.log(f"native kernels unavailable ({native.Native.error()}); using the next fastest")
             elif self.mode == "native" and rest:
                 self.log(f"no native kernel for {', '.join(sorted({m.name for m, _, _ in rest}))} with these "
                          f"dtypes; those run eagerly")
+        rest = [sig for sig in rest if sig[0].element is None]  # their statistics and contexts are not traced
         # inductor cannot promote fp8 (torch.where, mixed arithmetic): fp8 chunks run native or eagerly
         rest = [sig for sig in rest if not any(d in FP8 for d in (*sig[1], sig[2]))]
         if self.use_compile and rest:
@@ -182,6 +195,9 @@ class Kernels:
                                                        self.device), "eager")
         self.calls[hit[1]] += 1  # approximate under threads; only reported
         return hit
+
+    def eager(self, method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> Kernel:
+        return eager_kernel(chunk_function(method, dtypes, out_dtype), out_dtype, self.device)
 
 
 def _configure_inductor() -> None:

@@ -89,6 +89,42 @@ static inline void st_e5m2(void *p, int64_t i, float f) {
     ((uint8_t *)p)[i] = r | (uint8_t)(sign >> 24);
 }
 static inline float fabs32(float x) { return __builtin_fabsf(x); }
+/* torch.nan_to_num: NaN -> 0, +-inf -> +-FLT_MAX */
+static inline float nan_to_num32(float x) {
+    return x != x ? 0.0f : (x > 3.40282347e+38f ? 3.40282347e+38f : (x < -3.40282347e+38f ? -3.40282347e+38f : x));
+}
+/* DARE's drop mask (hubmix/methods/dropmask.py): lowbias32, counter-based */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; return x ^ (x >> 16);
+}
+/* TIES's top-k threshold (hubmix/methods/statistics.py): histograms of the bits of |x - base| in float32 */
+void hist_high(const float *restrict x, const float *restrict base, int64_t n, int64_t *restrict hist) {
+    for (int64_t i = 0; i < n; i++) hist[f2u(fabs32(x[i] - base[i])) >> 16]++;
+}
+void hist_low(const float *restrict x, const float *restrict base, int64_t n, uint32_t high, int64_t *restrict hist) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = f2u(fabs32(x[i] - base[i]));
+        if ((u >> 16) == high) hist[u & 0xFFFFu]++;
+    }
+}
+static inline int dare_kept(int64_t start, int64_t i, uint32_t s, uint32_t t) {
+    uint64_t j = (uint64_t)(start + i);
+    return mix32(mix32((uint32_t)j ^ mix32(s ^ (uint32_t)(j >> 32))) ^ s) >= t;
+}
+void dare_keep(int64_t start, int64_t n, uint32_t s, uint32_t t, uint8_t *restrict out) {
+    for (int64_t i = 0; i < n; i++) out[i] = dare_kept(start, i, s, t);
+}
+static inline float sgn32(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
+/* TIES's sign election and disjoint mean of two task vectors (task_vectors._elect) */
+static inline float elect2(float u1, float u2) {
+    float s = sgn32(u1 + u2);
+    int g1 = sgn32(u1) == s, g2 = sgn32(u2) == s;
+    float sum = (g1 ? u1 : 0.0f) + (g2 ? u2 : 0.0f);
+    float cnt = (float)g1 + (float)g2;
+    return cnt > 0.0f ? sum / (cnt < 1.0f ? 1.0f : cnt) : 0.0f;
+}
+#define KD const void *restrict a, const void *restrict b, const void *restrict c, void *restrict o, int64_t n, \
+           int64_t start, uint32_t s1, uint32_t s2, uint32_t t, float k1, float k2
 #define K const void *restrict a, const void *restrict b, const void *restrict c, void *restrict o, int64_t n, \
           float k1, float k2, float k3, float k4
 """
@@ -96,8 +132,25 @@ static inline float fabs32(float x) { return __builtin_fabsf(x); }
 # name -> (number of inputs, float32 body computing `r`, or for selections `take` and the two candidates)
 # Each body is the eager torch code of hubmix/methods/basic.py, operation for operation.
 _ARITH = {
-    "weighted_sum": (2, "float r = k1 * fa + k2 * fb;"),  # k1 = 1-alpha, k2 = alpha
+    "weighted_sum": (2, "float r = k1 * fa + k2 * fb;"),  # k1 = 1-alpha, k2 = alpha (slerp: its ka, kb)
     "add_difference": (3, "float r = fa + k1 * (fb - fc);"),  # k1 = alpha
+    # hubmix/methods/arithmetic.py and task_vectors.py
+    "triple_sum": (3, "float r = k1 * fa + k2 * fb + k3 * fc;"),  # k1 = 1-alpha-beta, k2 = alpha, k3 = beta
+    "sum_twice": (3, "float r = k1 * (k2 * fa + k3 * fb) + k4 * fc;"),  # 1-beta, 1-alpha, alpha, beta
+    "train_difference": (3, "float x = fabs32(fb - fa); float d = fb - fc; float w = nan_to_num32(x / (x + "
+                            "fabs32(d))); float r = fa + k1 * d * k2 * w;"),  # k1 = alpha, k2 = 1.8
+    "model_stock3": (3, "float r = k1 * ((fb + fc) / k3) + k2 * fa;"),  # k1 = t, k2 = 1-t, k3 = 2
+    # k1, k2 = the top-k thresholds of b - a and c - a, k3 = lambda
+    "ties3": (3, "float t1 = fb - fa, t2 = fc - fa; float r = fa + k3 * elect2(fabs32(t1) >= k1 ? t1 : 0.0f, "
+                 "fabs32(t2) >= k2 ? t2 : 0.0f);"),
+}
+# DARE: s1, s2 = the mask streams of b and c, t = the drop threshold, k1 = 1-drop, k2 = lambda (KD arguments)
+_DARE = {
+    "dare2": (2, "float d1 = dare_kept(start, i, s1, t) ? (fb - fa) / k1 : 0.0f; float r = fa + k2 * d1;"),
+    "dare3sum": (3, "float d1 = dare_kept(start, i, s1, t) ? (fb - fa) / k1 : 0.0f; "
+                    "float d2 = dare_kept(start, i, s2, t) ? (fc - fa) / k1 : 0.0f; float r = fa + k2 * (d1 + d2);"),
+    "dare3ties": (3, "float d1 = dare_kept(start, i, s1, t) ? (fb - fa) / k1 : 0.0f; "
+                     "float d2 = dare_kept(start, i, s2, t) ? (fc - fa) / k1 : 0.0f; float r = fa + k2 * elect2(d1, d2);"),
 }
 _SELECT = {
     # k1 = alpha, k2 = beta; two-model forms: k3 = 1-ref_alpha, k4 = ref_alpha, candidates a and b
@@ -129,6 +182,9 @@ def source() -> str:
             for name, (n, body) in _ARITH.items():
                 parts.append(f"void {name}_{t_in}_{t_out}(K) {{ for (int64_t i = 0; i < n; i++) {{ "
                              f"{_loads(n, t_in)} {body} st_{t_out}(o, i, r); }} }}")
+            for name, (n, body) in _DARE.items():
+                parts.append(f"void {name}_{t_in}_{t_out}(KD) {{ for (int64_t i = 0; i < n; i++) {{ "
+                             f"{_loads(n, t_in)} {body} st_{t_out}(o, i, r); }} }}")
             for name, (n, body, x, y) in _SELECT.items():
                 if t_in == t_out:  # copy the stored bits of the value taken
                     ctype = _BITS[t_in]
@@ -149,7 +205,27 @@ def _coefficients(method: str, n: int, p: dict[str, float]) -> tuple[str, tuple[
     if method in ("lossless", "maxdiff"):
         ref = p.get("ref_alpha", 0.5)
         return f"{method}{n}", (p["alpha"], p["beta"], 1 - ref, ref)
+    if method == "slerp":
+        return "weighted_sum", (p["ka"], p["kb"], 0.0, 0.0)
+    if method == "triple_sum":
+        return "triple_sum", (1 - p["alpha"] - p["beta"], p["alpha"], p["beta"], 0.0)
+    if method == "sum_twice":
+        return "sum_twice", (1 - p["beta"], 1 - p["alpha"], p["alpha"], p["beta"])
+    if method == "train_difference":
+        return "train_difference", (p["alpha"], 1.8, 0.0, 0.0)
+    if method == "model_stock" and n == 3:
+        return "model_stock3", (p["t"], 1 - p["t"], 2.0, 0.0)
+    if method == "ties" and n == 3:
+        return "ties3", (p["threshold0"], p["threshold1"], p["lambda"], 0.0)
+    if method == "dare" and p.get("drop", 0.0) > 0:  # drop 0 divides by nothing (the eager code)
+        return ("dare2" if n == 2 else f"dare3{p['combine']}"), (1 - p["drop"], p["lambda"], 0.0, 0.0)
     return None
+
+
+# method -> the numbers of inputs it has a native kernel for
+SUPPORTED = {"weighted_sum": (2,), "add_difference": (3,), "lossless": (2, 3), "maxdiff": (2, 3), "slerp": (2,),
+             "triple_sum": (3,), "sum_twice": (3,), "train_difference": (3,), "model_stock": (3,), "ties": (3,),
+             "dare": (2, 3)}
 
 
 class Native:
@@ -216,6 +292,7 @@ def _cpu_signature() -> str:
 
 
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 4
+_DARE_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_uint32] * 3 + [ctypes.c_float] * 2
 
 
 def kernel(method: str, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
@@ -223,7 +300,7 @@ def kernel(method: str, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> Ca
     the output dtype, a reused buffer) when it fits; None when no native kernel fits."""
     if len(set(dtypes)) != 1 or dtypes[0] not in DTYPES or out_dtype not in DTYPES:
         return None
-    if _coefficients(method, len(dtypes), {"alpha": 0.0, "beta": 0.0}) is None:
+    if len(dtypes) not in SUPPORTED.get(method, ()):
         return None
     lib = Native.library()
     if lib is None:
@@ -231,18 +308,66 @@ def kernel(method: str, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> Ca
     t_in, t_out = DTYPES[dtypes[0]], DTYPES[out_dtype]
     fns = {}
 
-    def run(views: list[torch.Tensor], params: dict[str, float], out: torch.Tensor | None = None) -> torch.Tensor:
-        name, ks = _coefficients(method, len(views), params)  # type: ignore[misc]
+    def run(views: list[torch.Tensor], params: dict[str, float], out: torch.Tensor | None = None,
+            ctx=None) -> torch.Tensor:
+        coef = _coefficients(method, len(views), params)
+        if coef is None:  # parameters without a native form (dare with drop 0): the eager code
+            return None  # type: ignore[return-value]
+        name, ks = coef
         fn = fns.get(name)
         if fn is None:
             fn = fns[name] = getattr(lib, f"{name}_{t_in}_{t_out}")
-            fn.argtypes, fn.restype = _ARGTYPES, None
+            fn.argtypes, fn.restype = (_DARE_ARGTYPES if name in _DARE else _ARGTYPES), None
         flat = [v.reshape(-1) if v.is_contiguous() else v.contiguous().reshape(-1) for v in views]
         n = flat[0].numel()
         if out is None or not out.is_contiguous() or out.dtype != out_dtype or out.numel() != n:
             out = torch.empty(n, dtype=out_dtype)
         ptrs = [v.data_ptr() for v in flat] + [0] * (3 - len(flat))
-        fn(*ptrs, out.data_ptr(), n, *ks)
+        if name in _DARE:
+            from hubmix.methods.dropmask import stream, threshold
+
+            streams = [stream(params["seed"], ctx.key, i) for i in (1, 2)]
+            fn(*ptrs, out.data_ptr(), n, ctx.start, *streams, threshold(params["drop"]), ks[0], ks[1])
+        else:
+            fn(*ptrs, out.data_ptr(), n, *ks)
         return out.reshape(views[0].shape)
 
     return run
+
+
+def install_dropmask() -> bool:
+    """Give hubmix.methods.dropmask the native mask and hubmix.methods.statistics the native histograms (the same
+    functions as their torch code, which the tests check)."""
+    from hubmix.methods import dropmask, statistics
+
+    lib = Native.library()
+    if lib is None:
+        return False
+    fn = lib.dare_keep
+    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
+    fn.restype = None
+
+    def keep(start: int, n: int, s: int, t: int) -> torch.Tensor:
+        out = torch.empty(n, dtype=torch.bool)
+        fn(start, n, s, t, out.data_ptr())
+        return out
+
+    dropmask.native_keep = keep
+    hi, lo = lib.hist_high, lib.hist_low
+    hi.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lo.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p]
+    hi.restype = lo.restype = None
+
+    def histogram(x: torch.Tensor, base: torch.Tensor, high: int) -> torch.Tensor | None:
+        if x.dtype != torch.float32 or base.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        x, base = x.contiguous(), base.contiguous()
+        out = torch.zeros(statistics.HI_BINS if high < 0 else statistics.LO_BINS, dtype=torch.int64)
+        if high < 0:
+            hi(x.data_ptr(), base.data_ptr(), x.numel(), out.data_ptr())
+        else:
+            lo(x.data_ptr(), base.data_ptr(), x.numel(), high, out.data_ptr())
+        return out
+
+    statistics.native_histogram = histogram
+    return True

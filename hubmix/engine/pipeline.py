@@ -1,7 +1,9 @@
 """The one streaming loop every command uses: tasks -> chunks -> float32 -> method -> output dtype -> sink.
 
-Inputs are memory-mapped views. Large tensors are cut into flat chunks (every built-in method is element-wise)
-sized from a memory budget. Three kinds of thread overlap the work: a prefetcher maps the next chunks' input pages
+Inputs are memory-mapped views. Large tensors are cut into flat chunks sized from a memory budget. Every
+built-in method is element-wise once it knows a few per-tensor statistics: for whole-tensor methods (slerp, ties,
+dare, model_stock) the statistics passes run first over the tensor's chunks on the same workers (the loop waits
+for them; memory stays at a chunk per worker), then the tensor's chunks are merged with those statistics. Three kinds of thread overlap the work: a prefetcher maps the next chunks' input pages
 (so compute never waits on page faults or, with a cold cache, on the disk), compute workers turn views into output
 chunks (fused kernels once compiled, eagerly before that or where compiling is unavailable, on the chosen device),
 and the sink writes finished chunks in the background. Chunks in flight are bounded by bytes, so memory stays
@@ -24,6 +26,8 @@ from tqdm.auto import tqdm
 
 from hubmix.engine.kernels import Kernels
 from hubmix.engine.plan import Task
+from hubmix.methods.registry import Context
+from hubmix.methods.statistics import BLOCK, run_passes
 
 DEFAULT_CHUNK = 1 << 22  # elements per chunk when no budget says otherwise
 DEFAULT_MAX_MEMORY = 512 << 20  # bytes of chunk buffers in flight (not counting torch itself, ~300 MB)
@@ -82,7 +86,10 @@ def parallel_across_chunks(workers: int):
 
 
 def split_jobs(tasks: Iterable[Task], chunk: int | None = None) -> list[Job]:
+    """Jobs in task order; chunks start at multiples of statistics.BLOCK, so per-tensor sums are the same bits
+    with any budget."""
     chunk = chunk or DEFAULT_CHUNK
+    chunk = max(BLOCK, chunk - chunk % BLOCK)
     jobs = []
     for t in tasks:
         if t.chunkable and t.numel > chunk:
@@ -108,7 +115,7 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
     dtype = task.out_dtype
     if task.lora is not None:  # baked LoRAs: the merge in float32 (eager, on the CPU) plus the LoRA delta
         delta = task.lora.take(job.start, job.stop).view(views[0].shape)
-        return (_float32(task, views) + delta).to(dtype)
+        return (_float32(task, views, job.start) + delta).to(dtype)
     if task.method is None:
         x = views[0]
         if x.dtype == dtype:
@@ -118,24 +125,52 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
         return _float32(task, views).to(dtype)
     kernels = kernels or _EAGER
     device = kernels.device
+    params, ctx = task.params, None
+    if task.method.element is not None:  # a whole-tensor method's element pass: flat, with the tensor's statistics
+        views = [v.reshape(-1) for v in views]
+        params = {**params, **(task.stats or {})}
+        ctx = Context(f"{task.component}/{task.key}", job.start)
     if device.type != "cpu":
         views = [v.to(device) for v in views]
     kernel, kind = kernels.function(task.method, [v.dtype for v in views], dtype)
     if kind == "native":
-        return kernel(views, task.params, out)
-    result = kernel(views, task.params)
+        result = kernel(views, params, out, ctx)
+        if result is not None:
+            return result
+        kernel = kernels.eager(task.method, [v.dtype for v in views], dtype)  # parameters it has no form for
+    result = kernel(views, params) if ctx is None else kernel(views, params, ctx)
     return result.to("cpu") if device.type != "cpu" else result
 
 
-def _float32(task: Task, views: list[torch.Tensor]) -> torch.Tensor:
+def needs_stats(task: Task) -> bool:
+    return task.method is not None and bool(task.method.stats) and task.channels is None and task.stats is None
+
+
+def task_stats(task: Task, jobs: list[Job], submit) -> None:
+    """Run the task's statistics passes over its chunks with `submit` (a pool's), in order; sets task.stats."""
+    def partial_of(fn, job: Job):
+        return fn([v.reshape(-1).float() for v in load_views(job)])
+
+    def chunks(fn):
+        futures = [submit(partial_of, fn, j) for j in jobs]
+        return [f.result() for f in futures]
+
+    task.stats = run_passes(task.method, chunks, task.params, task.numel)
+
+
+def _float32(task: Task, views: list[torch.Tensor], start: int = 0) -> torch.Tensor:
     """The task's result in float32, computed eagerly (copies, inpainting channels, LoRA bake-in)."""
     xs = [v.float() for v in views]
     if task.method is None:
         return xs[0]
+    name = f"{task.component}/{task.key}"
     if task.channels is None:
-        return task.method(xs, task.params)
+        if task.method.element is not None and task.stats is not None:  # a chunk: the tensor's statistics
+            flat = [x.reshape(-1) for x in xs]
+            return task.method.element(flat, {**task.params, **task.stats}, Context(name, start)).view(xs[0].shape)
+        return task.method(xs, task.params, Context(name, start))
     n = task.channels  # inpainting conv_in: merge the shared input channels, keep the rest
-    y = task.method([x.narrow(1, 0, n) for x in xs], task.params)
+    y = task.method([x.narrow(1, 0, n) for x in xs], task.params, Context(name))
     out = xs[0].clone() if xs[0].data_ptr() == views[0].data_ptr() else xs[0]
     out.narrow(1, 0, n).copy_(y)
     return out
@@ -236,11 +271,12 @@ def run_merge(jobs: list[Job], write: Callable[[Job, torch.Tensor], None], kerne
 
         return finish
 
-    _pipeline(jobs, produce, workers=workers, desc=desc, quiet=quiet, in_flight=None, prefetch_views=True)
+    _pipeline(jobs, produce, workers=workers, desc=desc, quiet=quiet, in_flight=None, prefetch_views=True,
+              stats=True)
 
 
 def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool, in_flight: int | None,
-              prefetch_views: bool) -> None:
+              prefetch_views: bool, stats: bool = False) -> None:
     """prefetcher -> `workers` compute threads -> one writer thread, with at most `in_flight` jobs between the
     first and the last stage."""
     in_flight = in_flight or 2 * workers + 2
@@ -281,8 +317,14 @@ def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool,
         wthread = threading.Thread(target=writer, name="hubmix-writer", daemon=True)
         wthread.start()
         try:
+            by_task: dict[int, list[Job]] = {}
+            if stats:
+                for job in jobs:
+                    by_task.setdefault(id(job.task), []).append(job)
             with ThreadPoolExecutor(workers, thread_name_prefix="hubmix") as pool:
                 for job in jobs:
+                    if stats and needs_stats(job.task):
+                        task_stats(job.task, by_task[id(job.task)], pool.submit)
                     while not slots.acquire(timeout=0.1):
                         if stop.is_set():
                             break

@@ -47,6 +47,7 @@ class Task:
     block: str | None = None
     channels: int | None = None  # merge only the first `channels` input channels (dim 1); the rest is refs[0]'s
     whole_only: bool = False  # an output needs the whole tensor at once (a transposed copy)
+    stats: dict[str, Any] | None = None  # a whole-tensor method's per-tensor statistics, once computed
     lora: Any = None  # engine.lora.LoraDelta: LoRA updates added to this tensor
 
     @property
