@@ -7,32 +7,27 @@ bytes to output bytes.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hubmix import __version__
 from hubmix.blockweights import expand_block_lists
 from hubmix.lorabake import attach_loras
 from hubmix.engine import analysis
 from hubmix.engine import pipeline as engine
 from hubmix.cache import write_new
-from hubmix.formats.configs import DEFAULT_DERIVED
 from hubmix.engine.devices import device_budget, resolve_device
 from hubmix.errors import InputError, RecipeError
 from hubmix.formats.families import Family
 from hubmix.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
-from hubmix.formats.layouts import KeyMap
-from hubmix.formats.prediction import Prediction, marker_tensors, single_file_metadata, update_scheduler
-from hubmix.formats.model import (CONFIG_META, LocalModel, check_component_name, check_same_family, open_model,
-                                  read_json)
-from hubmix.engine.output import Router, component_config_json, model_index, need_folder, write_json
+from hubmix.outputs import (choose_prediction, config_source, file_metadata, output_configs,
+                            plan_outputs)
+from hubmix.formats.model import LocalModel, check_same_family, open_model
 from hubmix.engine.target import atomic_target, check_target
-from hubmix.engine.plan import TORCH_DTYPES, Summary, Task, plan_merge
-from hubmix.recipe import RECIPE_VERSION, recipe_yaml, Recipe, canonical_json, letter, model_entry, recipe_hash
+from hubmix.engine.plan import Summary, Task, plan_merge
+from hubmix.recipe import RECIPE_VERSION, recipe_yaml, Recipe, letter, model_entry, recipe_hash
 from hubmix.hub.refs import ModelRef, parse_ref
 
 PLACEHOLDER = "0" * 64
@@ -139,96 +134,6 @@ def _config_from_ident(text: str) -> str:
     return ref.local.resolve().name if ref.local else text
 
 
-def _config_source(models: list[LocalModel], family: Family, recipe: Recipe) -> Path | None:
-    """A diffusers folder to take configs and tokenizers from: a diffusers input, else --config-from."""
-    for m in models:
-        if m.layout == "diffusers":
-            return m.path
-    if recipe.config_from:
-        ref = parse_ref(recipe.config_from)
-        if not ref.is_hub:
-            if not (ref.local and (ref.local / "model_index.json").is_file()):
-                raise InputError(f"{recipe.config_from}: --config-from needs a diffusers folder (with "
-                                 "model_index.json) or a Hub repo")
-            return ref.local
-        from hubmix.hub.resolve import config_folder
-
-        return config_folder(ref, family)
-    return None
-
-
-def output_configs(models: list[LocalModel], structure: dict[str, int], family: Family, source: Path | None,
-                   summary: Summary) -> dict[str, dict[str, Any]]:
-    """The config of each output component: its structure model's own, or shapes plus a borrowed config."""
-    configs = {}
-    for cname, idx in structure.items():
-        comp = models[idx].components[cname]
-        cfg = dict(comp.config or {})
-        if comp.config_source == "inferred":
-            borrowed = read_json(source / cname / "config.json") if source else {}
-            if borrowed:
-                cfg = {**borrowed, **{k: v for k, v in cfg.items() if k not in DEFAULT_DERIVED}}
-                summary.add("config", f"{cname}: structure from {models[idx].name}'s shapes, the rest from {source}")
-            else:
-                for note in comp.notes:
-                    summary.add("config", f"{cname}: {note}")
-        configs[cname] = cfg
-    return configs
-
-
-def choose_prediction(models: list[LocalModel], recipe: Recipe, family: Family, summary: Summary) -> Prediction:
-    """The output's prediction type and zero SNR. The inputs that feed the denoiser (family.main) must agree
-    on the type unless the recipe names it (a v-prediction and an epsilon model merge into a model that is
-    neither); zero SNR follows the first of them that has the chosen type."""
-    den = family.main
-    rp = recipe.plan_for(den)
-    letters = [letter(i) for i in range(len(models))]
-    feeding = [models[letters.index(x)] for x in (rp.get("models") or [rp["from"]])]
-    kinds = {m.prediction.type: m for m in reversed(feeding) if m.prediction.type}  # type -> first model saying it
-    if len(kinds) > 1 and not recipe.prediction_type:
-        desc = ", ".join(f"{m.name} is {k} ({m.prediction.source})" for k, m in sorted(kinds.items()))
-        raise RecipeError(f"inputs differ in prediction type: {desc}; pass --prediction-type (recipe: "
-                          f"prediction_type) to say which the merged {den} predicts")
-    chosen = recipe.prediction_type or next(iter(kinds), None)
-    same = [m for m in feeding if m.prediction.type == chosen]
-    zero_snr = next((m.prediction.zero_snr for m in same if m.prediction.zero_snr is not None), None)
-    if len(kinds) > 1 or len({bool(m.prediction.zero_snr) for m in same}) > 1:
-        summary.add("note", f"inputs differ in prediction type or zero terminal SNR; the output is {chosen}"
-                            f"{' with zero terminal SNR' if zero_snr else ''}")
-    return Prediction(chosen, zero_snr, "the recipe" if recipe.prediction_type else "the inputs")
-
-
-def _write_diffusers_files(root: Path, models: list[LocalModel], structure: dict[str, int], family: Family,
-                           configs: dict[str, dict[str, Any]], source: Path | None, recipe: Recipe,
-                           prediction: Prediction) -> None:
-    """Everything of a diffusers folder but the weights: model_index, configs, scheduler, tokenizers, extras."""
-    a = models[0]
-    base = a.path if a.layout == "diffusers" else source
-    dtype = TORCH_DTYPES.get(recipe.dtype or "")
-    sched = read_json(base / "scheduler" / "scheduler_config.json") if base else {}
-    if not sched:  # the family's, with the variant's own settings (schnell: no dynamic shifting)
-        variant = family.variants.get(a.model_variant or "", {})
-        sched = {**family.defaults.get("scheduler", {}), **variant.get("scheduler", {})}
-    write_json(root / "scheduler" / "scheduler_config.json", update_scheduler(sched, prediction))
-    for cname, cfg in configs.items():
-        write_json(root / cname / "config.json", component_config_json(family.components[cname], cfg, dtype))
-    for tok in family.tokenizers:
-        src = need_folder(base, f"tokenizer ({tok})", family) / tok
-        if not src.is_dir():
-            raise InputError(f"{base}: has no {tok}/ folder to take the tokenizer from")
-        shutil.copytree(src, root / tok, dirs_exist_ok=True)
-    if a.layout == "diffusers":
-        for name, folder in a.extra_components.items():
-            check_component_name(name, folder)  # open_model refused paths; never copy outside the output
-            shutil.copytree(folder, root / name, dirs_exist_ok=True)
-    index = model_index(family, a.inpainting, sched["_class_name"], read_json(base / "model_index.json") or None
-                        if base else None)
-    for name, entry in index.items():  # a borrowed index may list parts (safety checker...) that were not copied
-        if isinstance(entry, list) and entry and entry[0] is not None and not (root / name).is_dir():
-            index[name] = [None, None]
-    write_json(root / "model_index.json", index)
-
-
 def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str | None) -> list[LocalModel]:
     """Components no input has (every input transformer-only) come from --config-from's weights when it names a
     local diffusers folder; a diffusers output cannot do without them."""
@@ -247,26 +152,6 @@ def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str
                          f"needs them; pass --config-from <a local {family.name} diffusers folder> to copy them "
                          "from, or write a single file")
     return []
-
-
-def _metadata(canonical: dict[str, Any], extra: dict[str, str] | None = None) -> dict[str, str]:
-    meta = {"format": "pt", "hubmix.version": __version__, "hubmix.recipe": canonical_json(canonical),
-            "hubmix.recipe_sha256": recipe_hash(canonical)}
-    meta.update(extra or {})
-    return meta
-
-
-def _single_file_metadata(canonical: dict[str, Any], family: Family, title: str, configs: dict[str, Any],
-                          prediction: Prediction) -> dict[str, str]:
-    extra = {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.modelspec_architecture,
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": title,
-        CONFIG_META: canonical_json(configs),
-    }
-    extra.update(single_file_metadata(prediction))
-    return _metadata(canonical, extra)
 
 
 def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, summary: Summary,
@@ -306,33 +191,6 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
                                  f"tensors, e.g. {sorted(keys)[0]})")
     return {"device": str(device), "workers": workers, "chunk_elements": chunk, "kernels": dict(kernels.calls),
             "native_build_seconds": kernels.native_build_seconds, "compile_seconds": kernels.compile_seconds}
-
-
-def _plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models: list[LocalModel],
-                  structure: dict[str, int], family: Family, configs: dict[str, dict[str, Any]], source: Path | None,
-                  recipe: Recipe, prediction: Prediction, placeholder: dict[str, Any], summary: Summary) -> Router:
-    """The output files of `layout` under `tmp` (the target's temporary sibling), with every task routed into them;
-    a diffusers layout also gets its non-weight files here."""
-    router = Router()
-    by_comp: dict[str, list[Task]] = {}
-    for t in tasks:
-        by_comp.setdefault(t.component, []).append(t)
-    if layout in ("diffusers", "both"):
-        _write_diffusers_files(tmp, models, structure, family, configs, source, recipe, prediction)
-        variant = f".{recipe.variant}" if recipe.variant else ""
-        for cname, spec in family.components.items():
-            router.add_component_file(tmp / cname / f"{spec.weight_name}{variant}.safetensors", cname,
-                                      by_comp.get(cname, []), _metadata(placeholder))
-    if layout in ("single-file", "both"):
-        path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
-        title = target.stem if layout == "single-file" else target.name
-        specs = {c: family.components[c] for c in configs}
-        if list(specs) == [family.main] and family.detect.get("main_only"):  # a transformer-only file, bare keys
-            specs[family.main] = dataclasses.replace(specs[family.main], prefix="")
-        parts = {c: (KeyMap(spec, configs[c]), by_comp.get(c, [])) for c, spec in specs.items()}
-        router.add_single_file(path, parts, _single_file_metadata(placeholder, family, title, configs, prediction),
-                               summary, f"{title}.safetensors", marker_tensors(prediction, family.marker_keys))
-    return router
 
 
 def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = False, dry: bool = False,
@@ -375,7 +233,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         report = analysis.analyze(tasks, names, quiet=settings.quiet, workers=settings.workers)
         return MergeResult(None, None, family, summary, placeholder, report=report)
     assert target is not None and layout is not None
-    source = _config_source(models, family, recipe) if layout != "single-file" or any(
+    source = config_source(models, family, recipe) if layout != "single-file" or any(
         m.components[c].config_source == "inferred" for m in models for c in m.components) else None
     configs = output_configs(models + donor, structure, family, source, summary)
     # the input hashes read the mappings the engine reads, on their own threads, while it runs
@@ -383,7 +241,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     sidecar = _sidecar(target) if layout == "single-file" else None
     with atomic_target(target, overwrite, companions=(sidecar,) if sidecar else ()) as stage:
         tmp = stage.path
-        router = _plan_outputs(tmp, target, layout, tasks, models, structure, family, configs, source, recipe,
+        router = plan_outputs(tmp, target, layout, tasks, models, structure, family, configs, source, recipe,
                                prediction, placeholder, summary)
         try:
             router.open()
@@ -392,7 +250,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
                              [f"{letter(i)} ({m.name})" for i, m in enumerate(models)])
             canonical = canonical_recipe(recipe, family, models, idents, tasks, hashes.result(), loras)
             stats["hashed_files"] = len(hashes.pending)
-            final = _metadata(canonical)
+            final = file_metadata(canonical)
             for f in router.files:  # the input hashes were computed during the merge: same-length placeholders
                 assert f.writer is not None
                 f.writer.set_metadata({**f.metadata, **{k: final[k] for k in ("hubmix.recipe",

@@ -14,7 +14,8 @@ from typing import Any, Callable
 from hubmix.errors import InputError
 from hubmix.formats.families import all_component_names
 from hubmix.formats.model import open_model
-from hubmix.merging import _config_source, output_configs, resolve_local
+from hubmix.merging import resolve_local
+from hubmix.outputs import config_source, output_configs
 from hubmix.recipe import ComponentRecipe, Recipe, letter, model_entry
 from hubmix.render.spec import RenderError, RenderSpec
 
@@ -53,7 +54,7 @@ def open_subjects(refs: list[tuple[str, Path]], config_from: str | Path | None =
     from hubmix.render.pipes import Subject
 
     models = [(name, open_model(path)) for name, path in refs]
-    source = _config_source([], models[0][1].family, Recipe(models=[], method="copy", config_from=str(config_from))
+    source = config_source([], models[0][1].family, Recipe(models=[], method="copy", config_from=str(config_from))
                             ) if config_from else None
     subjects = []
     for name, m in models:

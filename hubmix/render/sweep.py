@@ -19,7 +19,9 @@ from typing import Any
 
 from hubmix.errors import RecipeError
 from hubmix.formats.families import all_component_names
-from hubmix.merging import check_same_family, merge, merge_in_memory, open_inputs, plan_merge, resolve_local
+from hubmix.engine.plan import plan_merge
+from hubmix.formats.model import check_same_family
+from hubmix.merging import merge, merge_in_memory, open_inputs, resolve_local
 from hubmix.recipe import ComponentRecipe, Recipe
 from hubmix.render.samples import open_subjects, render_grid_of, resolve_for_render, write_index
 from hubmix.render.spec import RenderSpec
