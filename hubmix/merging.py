@@ -193,6 +193,24 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
             "native_build_seconds": kernels.native_build_seconds, "compile_seconds": kernels.compile_seconds}
 
 
+def _plan(recipe: Recipe, resolver: Resolver, layout: str | None) -> tuple:
+    """Inputs opened and every task planned, the same for a merge to files and one in memory: (recipe for the
+    family with block lists expanded, models, their identities, family, the --config-from donor, tasks, summary,
+    structure, LoRAs)."""
+    models, idents = open_inputs(recipe, resolver)
+    family = check_same_family(models)
+    if recipe.family and recipe.family != family.id:
+        raise RecipeError(f"{recipe.source}: the recipe is for {recipe.family} models, the inputs are {family.id}")
+    recipe = recipe.for_family(family)
+    donor = _donor(models, family, recipe, layout)
+    recipe, notes = expand_block_lists(recipe, family, models)
+    tasks, summary, structure = plan_merge(models + donor, recipe, family)
+    for note in notes:
+        summary.add("note", note)
+    loras = attach_loras(recipe, resolve_local, models, structure, tasks, summary)  # pinned as recorded
+    return recipe, models, idents, family, donor, tasks, summary, structure, loras
+
+
 def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = False, dry: bool = False,
           quiet: bool = False, workers: int | None = None, settings: engine.Settings | None = None,
           resolver: Resolver = resolve_local) -> MergeResult:
@@ -215,17 +233,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
             check_target(_sidecar(target), overwrite)
     # resolvers (the Hub) see where the output goes: a diffusers folder also copies model a's other components
     recipe = dataclasses.replace(recipe, layout=layout, output=str(target) if target else None)
-    models, idents = open_inputs(recipe, resolver)
-    family = check_same_family(models)
-    if recipe.family and recipe.family != family.id:
-        raise RecipeError(f"{recipe.source}: the recipe is for {recipe.family} models, the inputs are {family.id}")
-    recipe = recipe.for_family(family)
-    donor = _donor(models, family, recipe, layout)
-    recipe, notes = expand_block_lists(recipe, family, models)
-    tasks, summary, structure = plan_merge(models + donor, recipe, family)
-    for note in notes:
-        summary.add("note", note)
-    loras = attach_loras(recipe, resolve_local, models, structure, tasks, summary)  # pinned as recorded
+    recipe, models, idents, family, donor, tasks, summary, structure, loras = _plan(recipe, resolver, layout)
     placeholder = canonical_recipe(recipe, family, models, idents, tasks, {}, loras)
     prediction = choose_prediction(models, recipe, family, summary)
     if dry:
@@ -278,8 +286,7 @@ def merge_in_memory(recipe: Recipe, into: Callable[[str, str], Any] | None = Non
 
     settings = settings or engine.Settings()
     recipe = dataclasses.replace(recipe, layout="single-file", output=None)  # the Hub fetches no output extras
-    models, _ = open_inputs(recipe, resolver)
-    tasks, summary, _ = plan_merge(models, recipe, check_same_family(models))
+    _, models, _, _, _, tasks, summary, _, _ = _plan(recipe, resolver, None)
     tasks = [t for t in tasks if t.method is not None or not merged_only]
     dest = {(t.component, t.key): (into(t.component, t.key) if into else None) for t in tasks}
     for t in tasks:
@@ -290,7 +297,7 @@ def merge_in_memory(recipe: Recipe, into: Callable[[str, str], Any] | None = Non
     def write(job: engine.Job, data: Any) -> None:
         dest[(job.task.component, job.task.key)].view(-1)[job.start:job.stop].copy_(data.reshape(-1))
 
-    _execute(tasks, write, settings, "merging", summary)
+    _execute(tasks, write, settings, "merging", summary, [f"{letter(i)} ({m.name})" for i, m in enumerate(models)])
     for (c, k), d in dest.items():  # a non-contiguous destination gets its copy now
         if into and (target := into(c, k)) is not None and target.data_ptr() != d.data_ptr():
             target.copy_(d)

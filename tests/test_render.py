@@ -227,9 +227,9 @@ def test_push_uploads_samples_in_the_one_commit(zoo, cli, tmp_path, monkeypatch)
 def test_vary_names_map_to_recipe_fields():
     from hubmix.errors import RecipeError
     from hubmix.recipe import Recipe
-    from hubmix.render.sweep import apply_point, parse_vary
+    from hubmix.vary import Axis, apply as apply_point, parse_vary
 
-    assert parse_vary(["beta=0.9,1.1", "OUT00.alpha=2"]) == [("beta", [0.9, 1.1]), ("OUT00.alpha", [2.0])]
+    assert parse_vary(["beta=0.9,1.1", "OUT00.alpha=2"]) == [Axis("beta", (0.9, 1.1)), Axis("OUT00.alpha", (2.0,))]
     base = Recipe(models=["a", "b", "c"], method="lossless")
     r = apply_point(base, {"alpha": 0.5, "out00.beta": 1.2, "text_encoder.alpha": 0.7, "unet.IN04.alpha": 0.9})
     assert r.params == {"alpha": 0.5}

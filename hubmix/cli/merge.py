@@ -147,6 +147,9 @@ def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, com
                         loras=[parse_lora_option(x) for x in loras], lora_skip_unknown=lora_skip_unknown)
         recipe.validate()
     if check_remote(remote):
+        if samples or plot is not None:
+            raise click.UsageError("--samples and --plot render on this machine; a --remote merge renders nothing "
+                                   "(run `hubmix samples ORG/NAME` on its result)")
         return remote_merge(recipe, remote, push=push, out=out, dry=dry, private=private, branch=branch,
                             create_pr=create_pr, commit_message=commit_message, license_=license_, quiet=quiet,
                             save_recipe=save_recipe)

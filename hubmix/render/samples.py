@@ -171,7 +171,7 @@ def write_index(out: Path, images: list[Image], spec: RenderSpec | None, *, labe
 def render_samples(models: list[str | Path], spec: RenderSpec, out: str | Path, *, overwrite: bool = False,
                    config_from: str | Path | None = None, names: list[str] | None = None) -> Path:
     """`hubmix samples`: every model on every prompt x seed into `out` (written atomically)."""
-    from hubmix.engine.output import atomic_target, check_target
+    from hubmix.engine.target import atomic_target, check_target
 
     spec.check()
     if not models:
@@ -180,7 +180,8 @@ def render_samples(models: list[str | Path], spec: RenderSpec, out: str | Path, 
     check_target(out, overwrite)
     refs = [(names[i] if names else display_name(m), resolve_for_render(m)) for i, m in enumerate(models)]
     subjects = open_subjects(refs, config_from)
-    with atomic_target(out, overwrite) as tmp:
+    with atomic_target(out, overwrite) as stage:
+        tmp = stage.path
         tmp.mkdir()
         images = render_grid_of(subjects, spec, tmp)
         write_index(tmp, images, spec)
@@ -191,7 +192,7 @@ def add_samples(result: Any, recipe: Recipe, spec: RenderSpec | None, *, plot: b
                 resolver: Any = resolve_local) -> Path:
     """After a merge: render its inputs and the result into the result's samples folder (replaced), with the
     dry-run plot as `similarity.png` (`spec` None: the plot only). `result` is a MergeResult (hubmix.merging)."""
-    from hubmix.engine.output import atomic_target
+    from hubmix.engine.target import atomic_target
     from hubmix.result import samples_dir
 
     target = samples_dir(result.output)
@@ -201,7 +202,8 @@ def add_samples(result: Any, recipe: Recipe, spec: RenderSpec | None, *, plot: b
         refs = [(f"{letter(i)}: {display_name(m)}", resolve_for_render(m)) for i, m in enumerate(recipe.models)]
         refs.append(("merged", result.output))
         subjects = open_subjects(refs, recipe.config_from)
-    with atomic_target(target, True) as tmp:
+    with atomic_target(target, True) as stage:
+        tmp = stage.path
         tmp.mkdir()
         if spec is not None:
             images = render_grid_of(subjects, spec, tmp, extra=lambda i: {"result": True} if i == len(refs) - 1
