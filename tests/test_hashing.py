@@ -84,3 +84,57 @@ def test_first_merge_hashes_inputs_from_the_merge_own_mapping(fresh_inputs, tmp_
     assert again.engine["hashed_files"] == 0
     assert again.canonical == result.canonical
 
+
+
+def test_the_cli_hashes_single_files_ahead_through_the_merge_own_mapping(fresh_inputs, tmp_path, monkeypatch, cli):
+    """`hubmix merge` starts hashing local single files before it imports the engine; the merge adopts those
+    digests and reads each file through the same mapping (the file opened ahead is the one it merges)."""
+    import json
+
+    import hubmix.hashing as hashing
+    from hubmix.formats.io import readers
+
+    a, b, c = fresh_inputs
+    a2 = tmp_path / "a2.safetensors"
+    shutil.copy(a, a2)
+    a2.write_bytes(a2.read_bytes())  # another file version, the same bytes
+    started, opened, adopted = [], [], []
+    real_ahead, real_open, real_init = hashing.hash_ahead, readers.SafetensorsFile.__init__, hashing.InputHashes.__init__
+
+    def recording_ahead(paths):
+        n = real_ahead(paths)
+        started.extend(hashing._AHEAD)
+        return n
+
+    def recording_open(self, path):
+        opened.append(str(Path(path).resolve()))
+        real_open(self, path)
+
+    def recording_init(self, sources, threads=None):
+        real_init(self, sources, threads)
+        adopted.extend(str(p.resolve()) for p in self._adopted)
+
+    monkeypatch.setattr(hashing, "hash_ahead", recording_ahead)
+    monkeypatch.setattr(readers.SafetensorsFile, "__init__", recording_open)
+    monkeypatch.setattr(hashing.InputHashes, "__init__", recording_init)
+    code, out, err = cli("merge", a, b, a2, "-m", "lossless", "--out", tmp_path / "m.safetensors", "-q", "--json")
+    assert code == 0, err
+    singles = sorted(str(p.resolve()) for p in (a, a2))
+    assert sorted(started) == singles and sorted(adopted) == singles  # the folder is left to the merge
+    for p in singles:  # opened once: ahead, and the merge took that same object
+        assert opened.count(p) == 1, p
+    assert hashing._AHEAD == {} and readers._PREOPENED == {}
+    assert json.loads(out)["engine"]["hashed_files"] == 2 + len(list(b.glob("*/*.safetensors")))
+    text = (tmp_path / "m.recipe.yaml").read_text()  # the digests the ahead threads computed
+    assert _true_sha256(a) in text and _true_sha256(a2) in text
+
+
+def test_hashes_ahead_that_no_merge_adopts_are_dropped(fresh_inputs, tmp_path, cli):
+    import hubmix.hashing as hashing
+    from hubmix.formats.io import readers
+
+    a, b, _ = fresh_inputs
+    code, _, err = cli("merge", a, b, "-m", "no_such_method", "--out", tmp_path / "m.safetensors")
+    assert code != 0 and "no_such_method" in err
+    assert hashing._AHEAD == {} and readers._PREOPENED == {}
+    assert not (tmp_path / "m.safetensors").exists()

@@ -379,6 +379,31 @@ def refuse_quantized(f: WeightFile) -> None:
                                  "dequantize it to fp8/bf16/fp16/fp32 first")
 
 
+_PREOPENED: dict[str, tuple[str, SafetensorsFile]] = {}  # resolved path -> (file version, the file opened ahead)
+
+
+def _version(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def preopen(path: Path) -> SafetensorsFile | None:
+    """Open a safetensors file ahead of the merge that will read it (hashing.hash_ahead hashes its mapping while
+    the merge's imports run); `open_weight_file` then hands out this same object, so the file keeps one mapping.
+    None where it cannot be opened: the merge's own open reports why."""
+    try:
+        f = SafetensorsFile(path)
+        _PREOPENED[str(path.resolve())] = (_version(path), f)
+    except (InputError, OSError):
+        return None
+    return f
+
+
+def forget_preopened() -> None:
+    """Drop files opened ahead that no merge took (a merge that failed before opening them)."""
+    _PREOPENED.clear()
+
+
 def open_weight_file(path: str | os.PathLike) -> WeightFile:
     """Open a weight file by its suffix: `.safetensors`, or a torch pickle loaded without executing code."""
     p = Path(path)
@@ -388,7 +413,8 @@ def open_weight_file(path: str | os.PathLike) -> WeightFile:
         raise InputError(f"{p}: a GGUF file (llama.cpp / ComfyUI-GGUF quantized format), which hubmix does not "
                          "read; use the safetensors original")
     if p.suffix == ".safetensors":
-        f = SafetensorsFile(p)
+        ahead = _PREOPENED.pop(str(p.resolve()), None)
+        f = ahead[1] if ahead is not None and ahead[0] == _version(p) else SafetensorsFile(p)
         refuse_quantized(f)
         return f
     if p.suffix in PICKLE_SUFFIXES:

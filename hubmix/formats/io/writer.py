@@ -2,11 +2,21 @@
 
 Because every tensor's byte range is fixed up front, parts of a tensor can be written in any order and from any
 thread with `pwrite` (a chunk of a large tensor, one third of a fused q/k/v projection), and nothing is buffered.
-A background thread starts writeback of what is already written, so the final fsync has little left to wait for.
+
+Large files are written with O_DIRECT where the filesystem allows it: the bytes go from an aligned staging buffer
+to the disk without a page-cache copy. Allocating and filling fresh page-cache pages is most of what a buffered
+write costs the CPU (measured here: 2.3 s of kernel time for 2 GB against 0.3 s direct; on a VM whose fresh pages
+are slow to touch, three times that), and a merge's output, never read back by the merge, only evicts its inputs
+from the cache. O_DIRECT wants offsets and lengths in whole blocks; writes arrive as tensor ranges, so the blocks at
+their edges are assembled in memory until every byte of the block has arrived, and the blocks under the header are
+held until the end, when the final header is known. Small files, and filesystems without O_DIRECT (tmpfs), are
+written through the page cache, where a background thread starts writeback early so the final fsync has little
+left to wait for.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import json
 import os
@@ -20,6 +30,22 @@ from hubmix.errors import OutputError
 from hubmix.formats.io.readers import st_dtype
 
 FLUSH_STEP = 256 << 20  # start writeback after this many new bytes
+BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and memory (what every Linux filesystem accepts)
+DIRECT_MIN = 64 << 20  # smaller files go through the page cache: a direct write waits for the disk each time
+STAGE = 16 << 20  # bytes of the aligned staging buffer a direct write copies through
+
+
+def direct_wanted(size: int, direct: bool | None) -> bool:
+    """O_DIRECT for this file? `direct` decides when given; else HUBMIX_DIRECT_IO (0: never, 1: always), else
+    by size. Only where the OS has O_DIRECT (Linux); the open still falls back where the filesystem refuses."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    if direct is not None:
+        return direct
+    env = os.environ.get("HUBMIX_DIRECT_IO", "")
+    if env in ("0", "1"):
+        return env == "1"
+    return size >= DIRECT_MIN
 
 
 @dataclass(frozen=True)
@@ -56,7 +82,7 @@ def plan_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> tuple
 
 class SafetensorsWriter:
     def __init__(self, path: str | os.PathLike, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
-                 background_flush: bool = True):
+                 background_flush: bool = True, direct: bool | None = None):
         self.path = Path(path)
         keys = [t.key for t in tensors]
         if len(set(keys)) != len(keys):
@@ -70,10 +96,14 @@ class SafetensorsWriter:
         self._written = dict.fromkeys(self.planned, 0)
         self._lock = threading.Lock()
         self._fd = -1
+        self._direct: _DirectBlocks | None = None
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # minus the umask
-            os.pwrite(self._fd, header, 0)
-            os.ftruncate(self._fd, self.size)
+            if direct_wanted(self.size, direct):
+                self._fd, self._direct = _open_direct(self.path, self.size, len(header))
+            if self._direct is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # minus the umask
+                os.ftruncate(self._fd, self.size)
+            self._pwrite(header, 0)
         except OSError as e:
             if self._fd >= 0:
                 os.close(self._fd)
@@ -82,7 +112,7 @@ class SafetensorsWriter:
         self._flush_wanted = threading.Event()
         self._closing = False
         self._flusher = None
-        if background_flush:
+        if background_flush and self._direct is None:  # direct writes leave no dirty pages
             self._flusher = threading.Thread(target=self._flush_loop, name="hubmix-flush", daemon=True)
             self._flusher.start()
 
@@ -107,10 +137,8 @@ class SafetensorsWriter:
         if byte_offset + n > planned.nbytes:
             raise AssertionError(f"{key}: write past the planned end ({byte_offset}+{n} > {planned.nbytes})")
         pos = self._offsets[key] + byte_offset
-        done = 0
         try:
-            while done < n:
-                done += os.pwrite(self._fd, buf[done:], pos + done)
+            self._pwrite(buf, pos)
         except OSError as e:  # a full disk, a quota: one clear line, and the caller removes the partial output
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
         with self._lock:
@@ -120,6 +148,15 @@ class SafetensorsWriter:
                 self._dirty = 0
                 self._flush_wanted.set()
 
+    def _pwrite(self, buf, pos: int) -> None:
+        if self._direct is not None:
+            with self._lock:
+                self._direct.write(self._fd, memoryview(buf).cast("B"), pos)
+            return
+        done, n = 0, len(buf)
+        while done < n:
+            done += os.pwrite(self._fd, buf[done:], pos + done)
+
     def set_metadata(self, metadata: dict[str, str]) -> None:
         """Rewrite the header's metadata, which must encode to the same length (values known only at the end,
         such as input hashes computed during the merge, are planned as same-length placeholders)."""
@@ -127,7 +164,7 @@ class SafetensorsWriter:
         if len(header) != self._header_len:
             raise AssertionError(f"{self.path}: final metadata changes the header size")
         try:
-            os.pwrite(self._fd, header, 0)
+            self._pwrite(header, 0)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
 
@@ -149,6 +186,8 @@ class SafetensorsWriter:
             self.abort()
             raise AssertionError(f"{self.path}: {len(missing)} planned tensors not fully written, e.g. {missing[:3]}")
         try:
+            if self._direct is not None:
+                self._direct.finish(self._fd, self.size)
             os.fsync(self._fd)
         except OSError as e:
             self.abort()
@@ -161,3 +200,102 @@ class SafetensorsWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _open_direct(path: Path, size: int, header_len: int) -> tuple[int, "_DirectBlocks | None"]:
+    """The file opened with O_DIRECT and its space reserved (a full disk fails here, before any work), or (-1, None)
+    where the filesystem refuses O_DIRECT (tmpfs answers EINVAL at the open or at the first write)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return -1, None
+        raise
+    blocks = _DirectBlocks(size, header_len)
+    try:
+        blocks.probe(fd)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    except OSError as e:
+        os.close(fd)
+        if e.errno == errno.EINVAL:
+            return -1, None
+        raise
+    return fd, blocks
+
+
+class _DirectBlocks:
+    """Turns writes of any byte range into O_DIRECT writes of whole aligned blocks (see the module's docstring).
+
+    Edge blocks wait in memory until all their bytes have arrived (the file's last block is complete at its end
+    and is written padded, then the file is truncated to its size); the blocks under the header are held until
+    finish(), so the final header can replace the planned one. Not thread-safe: the writer holds its lock."""
+
+    def __init__(self, size: int, header_len: int):
+        self.size = size
+        self.held_end = min(-(-header_len // BLOCK) * BLOCK, -(-size // BLOCK) * BLOCK)
+        self.held = bytearray(self.held_end)
+        self.partial: dict[int, list] = {}  # block index -> [bytearray(BLOCK), bytes arrived]
+        raw = torch.empty(STAGE + BLOCK, dtype=torch.uint8)  # kept alive by self: the view below points into it
+        off = -raw.data_ptr() % BLOCK
+        self._raw = raw
+        self.stage = memoryview(raw[off:off + STAGE].numpy())
+
+    def probe(self, fd: int) -> None:
+        """One aligned write at offset 0 (the header's place, written again at the end): EINVAL means no O_DIRECT."""
+        self._aligned(fd, bytes(BLOCK), 0)
+
+    def write(self, fd: int, buf: memoryview, pos: int) -> None:
+        end = pos + len(buf)
+        if pos < self.held_end:
+            k = min(end, self.held_end) - pos
+            self.held[pos:pos + k] = buf[:k]
+            buf, pos = buf[k:], pos + k
+            if pos == end:
+                return
+        first = -(-pos // BLOCK) * BLOCK  # the first and last block boundaries inside the range
+        last = end // BLOCK * BLOCK
+        if first < last:
+            self._edge(fd, buf[:first - pos], pos)
+            self._aligned(fd, buf[first - pos:last - pos], first)
+            self._edge(fd, buf[last - pos:], last)
+        else:  # within one block, or across one boundary
+            cut = min(end, (pos // BLOCK + 1) * BLOCK) - pos
+            self._edge(fd, buf[:cut], pos)
+            self._edge(fd, buf[cut:], pos + cut)
+
+    def _edge(self, fd: int, data: memoryview, pos: int) -> None:
+        if not len(data):
+            return
+        index = pos // BLOCK
+        entry = self.partial.setdefault(index, [bytearray(BLOCK), 0])
+        off = pos - index * BLOCK
+        entry[0][off:off + len(data)] = data
+        entry[1] += len(data)
+        if entry[1] >= min(BLOCK, self.size - index * BLOCK):
+            del self.partial[index]
+            self._aligned(fd, entry[0], index * BLOCK)
+
+    def _aligned(self, fd: int, data, pos: int) -> None:
+        """Write whole blocks (the last one padded with zeros) through the staging buffer."""
+        data = memoryview(data).cast("B")
+        for i in range(0, len(data), STAGE):
+            piece = data[i:i + STAGE]
+            n = len(piece)
+            padded = -(-n // BLOCK) * BLOCK
+            self.stage[:n] = piece
+            if padded != n:
+                self.stage[n:padded] = bytes(padded - n)
+            done = 0
+            while done < padded:
+                done += os.pwrite(fd, self.stage[done:padded], pos + i + done)
+
+    def finish(self, fd: int, size: int) -> None:
+        if self.partial:  # every planned byte was counted, so this is a bug, not bad input
+            raise AssertionError(f"direct write: blocks {sorted(self.partial)[:3]} never completed")
+        self._aligned(fd, self.held, 0)
+        if size % BLOCK:
+            os.ftruncate(fd, size)
