@@ -154,3 +154,18 @@ def test_real_process_exit_code_and_stderr(tmp_path):
     exe = shutil.which("hubmix") or f"{sys.executable} -m hubmix"
     r = subprocess.run([*exe.split(), "inspect", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_the_program_exits_with_main_code_and_all_its_output(tmp_path, cli):
+    """`hubmix` (cli.run) skips the interpreter's teardown: its output must still be complete and its exit code
+    main's, for a success, a one-line error and a usage error."""
+    import subprocess
+    import sys
+
+    for args in (["methods"], ["merge", str(tmp_path / "none.safetensors"), "x", "-m", "lossless", "--out",
+                               str(tmp_path / "o.safetensors")], ["merge"]):
+        code, out, err = cli(*args)
+        p = subprocess.run([sys.executable, "-m", "hubmix", *args], capture_output=True, text=True)
+        assert (p.returncode, p.stdout) == (code, out), args
+        assert p.stderr.strip().splitlines()[-1:] == err.strip().splitlines()[-1:], args
+    assert code == 2 and not (tmp_path / "o.safetensors").exists()

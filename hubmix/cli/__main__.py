@@ -1,3 +1,3 @@
-from hubmix.cli import main
+from hubmix.cli import run
 
-main()
+run()
