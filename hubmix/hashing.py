@@ -7,10 +7,10 @@ page comes from the disk or the page cache once, shared by the merge and the has
 the bytes. Digests are kept per file version (path, size, mtime, inode) in hubmix's cache, so a file is hashed once;
 files from the Hub are not hashed at all: `record_known` takes the sha256 the Hub records for them (hub.resolve).
 
-The CLI starts hashing local single files even earlier (`hash_ahead`): a merge's first 1.5 s go to importing
+The CLI starts reading local single files even earlier (`hash_ahead`): a merge's first 1.5 s go to importing
 torch on one core while the other is idle, and the files are known from the command line. They are opened with the
-reader the merge then uses (readers.preopen), so each is still read through one mapping, and the merge's
-InputHashes adopts the digests.
+reader the merge then uses (readers.preopen), so each is still read through one mapping; files never merged before
+are hashed there (the merge's InputHashes adopts the digests), the others have their pages faulted in.
 """
 
 from __future__ import annotations
@@ -115,16 +115,18 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 class _Ahead:
-    """One file hashed ahead of its merge, on its own thread."""
+    """One input read ahead of its merge, on its own thread: hashed when its digest is unknown, else only its
+    pages faulted in (what the merge's prefetcher would do on its critical path)."""
 
-    def __init__(self, path: Path, stamp: str, buffer: Any):
+    def __init__(self, path: Path, stamp: str, buffer: Any, hash_it: bool):
         self.path, self.stamp = path, stamp
         self.digest: str | None = None
         self.error: BaseException | None = None
         self.cancel = threading.Event()
-        self.thread = threading.Thread(target=self._work, args=(buffer,), name="hubmix-hash-ahead", daemon=True)
+        self.thread = threading.Thread(target=self._hash if hash_it else self._populate, args=(buffer,),
+                                       name="hubmix-ahead", daemon=True)
 
-    def _work(self, buffer: Any) -> None:
+    def _hash(self, buffer: Any) -> None:
         try:
             self.digest = sha256_of(buffer, self.cancel.is_set)
             if self.digest is not None:
@@ -132,17 +134,25 @@ class _Ahead:
         except BaseException as e:  # noqa: BLE001 - InputHashes hashes it again and reports then
             self.error = e
 
+    def _populate(self, buffer: Any) -> None:
+        from hubmix.formats.io.pages import populate_mapping
 
-_AHEAD: dict[str, _Ahead] = {}  # resolved path -> its hash ahead of the merge
+        populate_mapping(buffer, self.cancel.is_set)
+
+
+_AHEAD: dict[str, _Ahead] = {}  # resolved path -> its hash ahead of the merge (digest unknown)
+_WARMING: list[_Ahead] = []  # inputs whose pages are faulted in ahead (digest known)
 
 
 def hash_ahead(paths: Iterable[str]) -> int:
-    """Start hashing the local `.safetensors` files among `paths` whose digest is unknown; returns how many.
+    """Open the local `.safetensors` files among `paths` for the merge and start reading them on threads:
+    hashing those whose digest is unknown, faulting in the pages of the others; returns how many are hashed.
     Anything else (Hub ids, folders, pickles, missing files) is left to the merge."""
     from hubmix.formats.io.readers import preopen
 
     cached = _load()
     started = 0
+    seen = set(_AHEAD) | {str(w.path) for w in _WARMING}
     for raw in dict.fromkeys(paths):
         p = Path(raw)
         try:
@@ -152,15 +162,21 @@ def hash_ahead(paths: Iterable[str]) -> int:
             stamp = _stamp(p)
         except OSError:
             continue
-        hit = cached.get(str(p))
-        if str(p) in _AHEAD or str(p) in _KNOWN or (hit and hit.get("stamp") == stamp):
+        if str(p) in seen:
             continue
+        seen.add(str(p))
+        hit = cached.get(str(p))
+        known = str(p) in _KNOWN or (hit and hit.get("stamp") == stamp)
         f = preopen(p)
         if f is None:
             continue
-        ahead = _AHEAD[str(p)] = _Ahead(p, stamp, f.mapped())
+        ahead = _Ahead(p, stamp, f.mapped(), hash_it=not known)
+        if known:
+            _WARMING.append(ahead)
+        else:
+            _AHEAD[str(p)] = ahead
+            started += 1
         ahead.thread.start()
-        started += 1
     return started
 
 
@@ -173,9 +189,10 @@ def ahead(paths: Iterable[str]) -> Iterator[int]:
     try:
         yield hash_ahead(paths)
     finally:
-        for left in _AHEAD.values():
+        for left in [*_AHEAD.values(), *_WARMING]:
             left.cancel.set()
         _AHEAD.clear()
+        _WARMING.clear()
         forget_preopened()
 
 

@@ -12,7 +12,6 @@ within the budget whatever the model's size.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
 import threading
@@ -25,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hubmix.engine.kernels import Kernels
+from hubmix.formats.io.pages import populate
 from hubmix.engine.plan import Task
 from hubmix.methods.registry import Context
 from hubmix.methods.statistics import BLOCK, run_passes
@@ -206,26 +206,10 @@ def count_nonfinite(views: list[torch.Tensor]) -> list[int]:
 
 # ---- prefetch: map the next chunks' pages ahead of compute ------------------------------------------------------
 
-_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault pages in without touching them from Python
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _madvise = _libc.madvise
-    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-except (OSError, AttributeError):  # not Linux/glibc: prefetching is only an optimisation
-    _madvise = None
-
-
 def prefetch(views: list[torch.Tensor]) -> None:
-    if _madvise is None:
-        return
     for v in views:
-        if v.device.type != "cpu" or v.numel() == 0:
-            continue
-        start = v.data_ptr()
-        end = start + v.numel() * v.element_size()
-        base = start - start % _PAGE
-        _madvise(base, end - base, _MADV_POPULATE_READ)  # ctypes releases the GIL; errors are harmless
+        if v.device.type == "cpu" and v.numel():
+            populate(v.data_ptr(), v.numel() * v.element_size())
 
 
 # ---- the runner ------------------------------------------------------------------------------------------------
