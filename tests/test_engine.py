@@ -114,6 +114,78 @@ def test_native_fp8_conversions_match_torch_on_every_code_and_float32_bit_patter
         assert torch.equal(got.view(torch.uint8), (1.0 * f + 0.0 * torch.zeros_like(f)).to(fp8).view(torch.uint8))
 
 
+def test_native_f16_loads_match_torch_on_every_code():
+    """Every float16 code (NaN payloads, infinities, subnormals, signed zeros) through the kernels' f16 load (F16C
+    blocks where the compiler targets it, the table elsewhere), at a length with a ragged last block and lane tail;
+    and every f16-input kernel on all codes against its eager code. torch's own half -> float keeps a NaN's payload
+    in its vector loop but returns 0x7FFFFFFF in its scalar tail, so NaN results are compared as NaN only."""
+    from hubmix.engine import native
+    from hubmix.engine.kernels import chunk_function, eager_kernel
+    from hubmix.methods import get_method
+
+    if native.Native.library() is None:
+        pytest.skip(f"no native kernels here: {native.Native.error()}")
+    codes = torch.cat([torch.arange(65536, dtype=torch.int32), torch.arange(0x7BF8, 0x7C0D)])  # 21 past 65536
+    a = codes.to(torch.int16).view(torch.float16)  # int32 -> int16 wraps: the high codes are the negative halves
+    zero = torch.zeros_like(a)
+    got = native.kernel("weighted_sum", [torch.float16] * 2, torch.float32)([a, zero], {"alpha": 0.0})
+    nan = (codes & 0x7C00 == 0x7C00) & (codes & 0x3FF != 0)
+    # a NaN's payload is kept and made quiet (the hardware's and the table's value)
+    quiet = (((codes & 0x8000) << 16) | 0x7FC00000 | ((codes & 0x3FF) << 13)).to(torch.int32)
+    want = torch.where(nan, quiet, (1.0 * a.float() + 0.0 * zero.float()).view(torch.int32))
+    assert torch.equal(got.view(torch.int32), want)
+    gen = torch.Generator().manual_seed(2)
+    xs = [a, a[torch.randperm(a.numel(), generator=gen)], a[torch.randperm(a.numel(), generator=gen)]]
+    for dout in (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2):
+        bits = {4: torch.int32, 2: torch.int16, 1: torch.int8}[dout.itemsize]
+        for name, k, params in [("lossless", 3, {"alpha": 0.9, "beta": 1.1}), ("maxdiff", 3, {"alpha": 1.0, "beta": 1.0}),
+                                ("lossless", 2, {"alpha": 1.0, "beta": 1.0, "ref_alpha": 0.3}),
+                                ("weighted_sum", 2, {"alpha": 0.3}), ("add_difference", 3, {"alpha": 0.7}),
+                                ("train_difference", 3, {"alpha": 0.7})]:
+            want = eager_kernel(chunk_function(get_method(name), [torch.float16] * k, dout), dout,
+                                torch.device("cpu"))(xs[:k], params)
+            got = native.kernel(name, [torch.float16] * k, dout)(xs[:k], params)
+            nan = want.float().isnan()
+            assert torch.equal(nan, got.float().isnan()), (name, k, dout)
+            assert torch.equal(want.view(bits)[~nan], got.view(bits)[~nan]), (name, k, dout)
+
+
+def test_native_nonfinite_count_equals_isfinite_on_every_dtype_and_edge_value():
+    """The native NaN/inf scan against torch.isfinite: all fp16, bf16 and fp8 codes, float32 bit patterns and edge
+    values, lengths past a counter block (nothing overflows), empty views; count_nonfinite gives the same counts
+    with and without the library, and non-contiguous views are left to torch."""
+    from hubmix.engine import native, pipeline
+
+    lib = native.Native.library()
+    if lib is None:
+        pytest.skip(f"no native kernels here: {native.Native.error()}")
+    gen = torch.Generator().manual_seed(3)
+    f32_edges = torch.tensor([0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0x7FBFFFFF, 0x7F7FFFFF,
+                              0xFF7FFFFF, 0x00000001, 0x807FFFFF, 0x00800000, 0, 0x80000000], dtype=torch.int64)
+    patterns = torch.randint(-2**31, 2**31 - 1, (300_000,), generator=gen, dtype=torch.int64)
+    cases = {
+        torch.float16: torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16),
+        torch.bfloat16: torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16),
+        torch.float32: torch.cat([f32_edges, patterns]).to(torch.int32).view(torch.float32),
+        torch.float8_e4m3fn: torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn),
+        torch.float8_e5m2: torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e5m2),
+    }
+    for dtype, codes in cases.items():
+        for x in (codes, codes.repeat(5)[:-3], codes[:0], codes[7:20],
+                  codes[~torch.isfinite(codes.float())][:1].repeat(200_003)):  # every element NaN or inf
+            want = int((~torch.isfinite(x.float())).sum())
+            assert native.nonfinite_count(x) == want, (dtype, x.numel())
+            assert pipeline.count_nonfinite([x]) == [want], dtype
+            try:
+                native.Native._lib = None  # the torch fallback gives the same count
+                assert native.nonfinite_count(x) is None
+                assert pipeline.count_nonfinite([x]) == [want], dtype
+            finally:
+                native.Native._lib = lib
+        assert native.nonfinite_count(codes[::2]) is None  # strided: torch counts it
+    assert native.nonfinite_count(torch.zeros(4, dtype=torch.float64)) is None
+
+
 def test_native_whole_tensor_kernels_match_eager():
     """The element passes of slerp, model_stock, ties and dare (statistics given) against their eager torch code,
     on cancelling and zero task vectors, in every dtype; dare's mask at an offset inside its tensor."""

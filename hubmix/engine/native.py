@@ -28,111 +28,11 @@ from typing import Callable
 import torch
 
 from hubmix.cache import cache_root
+from hubmix.engine.native_source import PRELUDE
 
 DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float8_e4m3fn: "e4m3",
           torch.float8_e5m2: "e5m2"}
 _BITS = {"f16": "u16", "bf16": "u16", "f32": "float", "e4m3": "uint8_t", "e5m2": "uint8_t"}  # selection copies
-
-_PRELUDE = r"""
-#include <stdint.h>
-#include <string.h>
-typedef uint16_t u16;
-/* float16 <-> float32 with integer and float operations only (the FP16 library's method, which c10::Half
-   uses too): exact, round to nearest even, and unlike the compiler's _Float16 it vectorizes */
-static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
-    float normalized = u2f((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-    float denormalized = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
-    return u2f(sign | (two_w < (1u << 27) ? f2u(denormalized) : f2u(normalized)));
-}
-/* Loads go through a 256 KiB table of those exact values (filled once by init_f16 when the library loads): on
-   CPUs whose vector float ops are slow a gather from L2 is about 4x faster than the arithmetic per element. */
-static float F16[65536];
-void init_f16(void) { for (uint32_t h = 0; h < 65536; h++) F16[h] = f16_to_f32((uint16_t)h); }
-static inline float ld_f16(const void *p, int64_t i) { return F16[((const u16 *)p)[i]]; }
-static inline void st_f16(void *p, int64_t i, float f) {
-    float base = (f < 0 ? -f : f) * 0x1.0p+112f * 0x1.0p-110f;
-    uint32_t w = f2u(f), shl1_w = w + w, sign = w & 0x80000000u, bias = shl1_w & 0xFF000000u;
-    if (bias < 0x71000000u) bias = 0x71000000u;
-    base = u2f((bias >> 1) + 0x07800000u) + base;
-    uint32_t bits = f2u(base), exp_bits = (bits >> 13) & 0x00007C00u, mant = bits & 0x00000FFFu;
-    ((u16 *)p)[i] = (u16)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : exp_bits + mant));
-}
-/* bfloat16 <-> float32 exactly as c10::BFloat16 (round to nearest even, NaN -> 0x7FC0) */
-static inline float ld_bf16(const void *p, int64_t i) { uint32_t u = (uint32_t)((const u16 *)p)[i] << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline void st_bf16(void *p, int64_t i, float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    ((u16 *)p)[i] = (f != f) ? (u16)0x7FC0 : (u16)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-static inline float ld_f32(const void *p, int64_t i) { return ((const float *)p)[i]; }
-static inline void st_f32(void *p, int64_t i, float f) { ((float *)p)[i] = f; }
-/* fp8 -> float32: 256-entry tables of torch's own float32 bits (exact by construction, NaN payloads included) */
-static const uint32_t E4M3[256] = {%E4M3%};
-static const uint32_t E5M2[256] = {%E5M2%};
-static inline float ld_e4m3(const void *p, int64_t i) { return u2f(E4M3[((const uint8_t *)p)[i]]); }
-static inline float ld_e5m2(const void *p, int64_t i) { return u2f(E5M2[((const uint8_t *)p)[i]]); }
-/* float32 -> fp8 exactly as c10 (round to nearest even; e4m3fn saturates to 448, NaN -> 0x7F; e5m2 overflows to
-   infinity) */
-static inline void st_e4m3(void *p, int64_t i, float f) {
-    uint32_t b = f2u(f), sign = b & 0x80000000u; uint8_t r;
-    b ^= sign;
-    if (b >= (1087u << 20)) r = b > 0x7F800000u ? 0x7F : 0x7E;
-    else if (b < (121u << 23)) r = (uint8_t)(f2u(u2f(b) + u2f(141u << 23)) - (141u << 23));
-    else { uint32_t odd = (b >> 20) & 1u; b += ((uint32_t)(7 - 127) << 23) + 0x7FFFFu; b += odd;
-           r = (uint8_t)(b >> 20); if (r == 0x7F) r = 0x7E; }
-    ((uint8_t *)p)[i] = r | (uint8_t)(sign >> 24);
-}
-static inline void st_e5m2(void *p, int64_t i, float f) {
-    uint32_t b = f2u(f), sign = b & 0x80000000u; uint8_t r;
-    b ^= sign;
-    if (b >= (143u << 23)) r = b > (255u << 23) ? 0x7F : 0x7C;
-    else if (b < (113u << 23)) r = (uint8_t)(f2u(u2f(b) + u2f(134u << 23)) - (134u << 23));
-    else { uint32_t odd = (b >> 21) & 1u; b += ((uint32_t)(15 - 127) << 23) + 0xFFFFFu; b += odd;
-           r = (uint8_t)(b >> 21); }
-    ((uint8_t *)p)[i] = r | (uint8_t)(sign >> 24);
-}
-static inline float fabs32(float x) { return __builtin_fabsf(x); }
-/* torch.nan_to_num: NaN -> 0, +-inf -> +-FLT_MAX */
-static inline float nan_to_num32(float x) {
-    return x != x ? 0.0f : (x > 3.40282347e+38f ? 3.40282347e+38f : (x < -3.40282347e+38f ? -3.40282347e+38f : x));
-}
-/* DARE's drop mask (hubmix/methods/dropmask.py): lowbias32, counter-based */
-static inline uint32_t mix32(uint32_t x) {
-    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; return x ^ (x >> 16);
-}
-/* TIES's top-k threshold (hubmix/methods/statistics.py): histograms of the bits of |x - base| in float32 */
-void hist_high(const float *restrict x, const float *restrict base, int64_t n, int64_t *restrict hist) {
-    for (int64_t i = 0; i < n; i++) hist[f2u(fabs32(x[i] - base[i])) >> 16]++;
-}
-void hist_low(const float *restrict x, const float *restrict base, int64_t n, uint32_t high, int64_t *restrict hist) {
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u = f2u(fabs32(x[i] - base[i]));
-        if ((u >> 16) == high) hist[u & 0xFFFFu]++;
-    }
-}
-static inline int dare_kept(int64_t start, int64_t i, uint32_t s, uint32_t t) {
-    uint64_t j = (uint64_t)(start + i);
-    return mix32(mix32((uint32_t)j ^ mix32(s ^ (uint32_t)(j >> 32))) ^ s) >= t;
-}
-void dare_keep(int64_t start, int64_t n, uint32_t s, uint32_t t, uint8_t *restrict out) {
-    for (int64_t i = 0; i < n; i++) out[i] = dare_kept(start, i, s, t);
-}
-static inline float sgn32(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
-/* TIES's sign election and disjoint mean of two task vectors (task_vectors._elect) */
-static inline float elect2(float u1, float u2) {
-    float s = sgn32(u1 + u2);
-    int g1 = sgn32(u1) == s, g2 = sgn32(u2) == s;
-    float sum = (g1 ? u1 : 0.0f) + (g2 ? u2 : 0.0f);
-    float cnt = (float)g1 + (float)g2;
-    return cnt > 0.0f ? sum / (cnt < 1.0f ? 1.0f : cnt) : 0.0f;
-}
-#define KD const void *restrict a, const void *restrict b, const void *restrict c, void *restrict o, int64_t n, \
-           int64_t start, uint32_t s1, uint32_t s2, uint32_t t, float k1, float k2
-#define K const void *restrict a, const void *restrict b, const void *restrict c, void *restrict o, int64_t n, \
-          float k1, float k2, float k3, float k4
-"""
 
 # name -> (number of inputs, float32 body computing `r`, or for selections `take` and the two candidates)
 # Each body is the eager torch code of hubmix/methods/basic.py, operation for operation.
@@ -169,8 +69,21 @@ _SELECT = {
 _NAMES = ("a", "b", "c")
 
 
-def _loads(n: int, t: str) -> str:
-    return " ".join(f"float f{x} = ld_{t}({x}, i);" for x in _NAMES[:n])
+def _loop(n: int, t: str, body: str) -> str:
+    """A kernel's element loop over `n` inputs stored as `t`; `body` reads fa, fb, fc and the index i. float16
+    inputs are converted a block at a time by F16C where the compiler targets it, else loaded through the table."""
+    xs = _NAMES[:n]
+    loads = " ".join(f"float f{x} = ld_{t}({x}, i);" for x in xs)
+    plain = f"for (int64_t i = 0; i < n; i++) {{ {loads} {body} }}"
+    if t != "f16":
+        return plain
+    bufs = ", ".join(f"h{x}[F16_BLOCK]" for x in xs)
+    fill = " ".join(f"ld_f16_block(h{x}, {x}, i0, m);" for x in xs)
+    reads = " ".join(f"float f{x} = h{x}[j];" for x in xs)
+    blocked = (f"for (int64_t i0 = 0; i0 < n; i0 += F16_BLOCK) {{ int64_t m = n - i0 < F16_BLOCK ? n - i0 : "
+               f"F16_BLOCK; float {bufs}; {fill} for (int64_t j = 0; j < m; j++) {{ int64_t i = i0 + j; {reads} "
+               f"{body} }} }}")
+    return f"\n#ifdef __F16C__\n{blocked}\n#else\n{plain}\n#endif\n"
 
 
 def _fp8_table(dtype: torch.dtype) -> str:
@@ -179,25 +92,24 @@ def _fp8_table(dtype: torch.dtype) -> str:
 
 
 def source() -> str:
-    prelude = _PRELUDE.replace("%E4M3%", _fp8_table(torch.float8_e4m3fn)).replace(
+    prelude = PRELUDE.replace("%E4M3%", _fp8_table(torch.float8_e4m3fn)).replace(
         "%E5M2%", _fp8_table(torch.float8_e5m2))
     parts = [prelude]
     for t_in in DTYPES.values():
         for t_out in DTYPES.values():
+            store = f"st_{t_out}(o, i, r);"
             for name, (n, body) in _ARITH.items():
-                parts.append(f"void {name}_{t_in}_{t_out}(K) {{ for (int64_t i = 0; i < n; i++) {{ "
-                             f"{_loads(n, t_in)} {body} st_{t_out}(o, i, r); }} }}")
+                parts.append(f"void {name}_{t_in}_{t_out}(K) {{ {_loop(n, t_in, f'{body} {store}')} }}")
             for name, (n, body) in _DARE.items():
-                parts.append(f"void {name}_{t_in}_{t_out}(KD) {{ for (int64_t i = 0; i < n; i++) {{ "
-                             f"{_loads(n, t_in)} {body} st_{t_out}(o, i, r); }} }}")
+                parts.append(f"void {name}_{t_in}_{t_out}(KD) {{ {_loop(n, t_in, f'{body} {store}')} }}")
             for name, (n, body, x, y) in _SELECT.items():
-                if t_in == t_out:  # copy the stored bits of the value taken
-                    ctype = _BITS[t_in]
-                    store = (f"(({ctype} *)o)[i] = take ? ((const {ctype} *){x})[i] : ((const {ctype} *){y})[i];")
+                if t_in == t_out:  # copy the stored bits of the value taken; both read unconditionally, so
+                    ctype = _BITS[t_in]  # the select vectorizes when the loads come from f16 blocks
+                    store = (f"{ctype} x = ((const {ctype} *){x})[i], y = ((const {ctype} *){y})[i]; "
+                             f"(({ctype} *)o)[i] = take ? x : y;")
                 else:
                     store = f"st_{t_out}(o, i, take ? f{x} : f{y});"
-                parts.append(f"void {name}_{t_in}_{t_out}(K) {{ for (int64_t i = 0; i < n; i++) {{ "
-                             f"{_loads(n, t_in)} {body} {store} }} }}")
+                parts.append(f"void {name}_{t_in}_{t_out}(K) {{ {_loop(n, t_in, f'{body} {store}')} }}")
     return "\n".join(parts) + "\n"
 
 
@@ -284,6 +196,9 @@ class Native:
             cls.build_seconds = time.perf_counter() - t0
         loaded = ctypes.CDLL(str(lib))
         loaded.init_f16()  # the float16 load table, before any kernel runs
+        for t in DTYPES.values():  # typed once here, so nonfinite_count's threads only call them
+            fn = getattr(loaded, f"nonfinite_{t}")
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64
         return loaded
 
 
@@ -340,6 +255,16 @@ def kernel(method: str, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> Ca
         return out.reshape(views[0].shape)
 
     return run
+
+
+def nonfinite_count(view: torch.Tensor) -> int | None:
+    """NaN/inf elements of a contiguous CPU view in a storage dtype the library covers; None otherwise, and while
+    the library is not loaded: a merge too small for native kernels does not build it just for this scan."""
+    lib = Native._lib
+    t = DTYPES.get(view.dtype)
+    if lib is None or t is None or view.device.type != "cpu" or not view.is_contiguous():
+        return None
+    return getattr(lib, f"nonfinite_{t}")(view.data_ptr(), view.numel())
 
 
 def install_dropmask() -> bool:
