@@ -37,8 +37,9 @@ def cache_file() -> Path:
 
 
 def _stamp(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    from hubmix.formats.io.readers import file_version
+
+    return file_version(path)
 
 
 def _load() -> dict[str, dict[str, str]]:
@@ -120,8 +121,7 @@ class _Ahead:
 
     def __init__(self, path: Path, stamp: str, buffer: Any, hash_it: bool):
         self.path, self.stamp = path, stamp
-        self.digest: str | None = None
-        self.error: BaseException | None = None
+        self.digest: str | None = None  # stays None if cancelled or failed: InputHashes then hashes it itself
         self.cancel = threading.Event()
         self.thread = threading.Thread(target=self._hash if hash_it else self._populate, args=(buffer,),
                                        name="hubmix-ahead", daemon=True)
@@ -131,8 +131,8 @@ class _Ahead:
             self.digest = sha256_of(buffer, self.cancel.is_set)
             if self.digest is not None:
                 _store(str(self.path), self.stamp, self.digest)
-        except BaseException as e:  # noqa: BLE001 - InputHashes hashes it again and reports then
-            self.error = e
+        except BaseException:  # noqa: BLE001 - InputHashes hashes it again and reports the error then
+            pass
 
     def _populate(self, buffer: Any) -> None:
         from hubmix.formats.io.pages import populate_mapping
@@ -150,7 +150,6 @@ def hash_ahead(paths: Iterable[str]) -> int:
     Anything else (Hub ids, folders, pickles, missing files) is left to the merge."""
     from hubmix.formats.io.readers import preopen
 
-    cached = _load()
     started = 0
     seen = set(_AHEAD) | {str(w.path) for w in _WARMING}
     for raw in dict.fromkeys(paths):
@@ -165,8 +164,7 @@ def hash_ahead(paths: Iterable[str]) -> int:
         if str(p) in seen:
             continue
         seen.add(str(p))
-        hit = cached.get(str(p))
-        known = str(p) in _KNOWN or (hit and hit.get("stamp") == stamp)
+        known = known_sha256(p) is not None
         f = preopen(p)
         if f is None:
             continue
@@ -266,8 +264,7 @@ class InputHashes:
         for path, ahead in self._adopted.items():
             ahead.thread.join()
             if ahead.digest is None:  # failed or cancelled: hash it here, where an error is reported
-                queue = [path]
-                self._work(queue)
+                self._work([path])
             else:
                 self.digests[path] = ahead.digest
         for t in self._workers:

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from hubmix.engine import native
 from hubmix.engine.kernels import Kernels
-from hubmix.formats.io.pages import populate
 from hubmix.engine.plan import Task
+from hubmix.formats.io.pages import populate
 from hubmix.methods.registry import Context
 from hubmix.methods.statistics import BLOCK, run_passes
 

@@ -382,7 +382,9 @@ def refuse_quantized(f: WeightFile) -> None:
 _PREOPENED: dict[str, tuple[str, SafetensorsFile]] = {}  # resolved path -> (file version, the file opened ahead)
 
 
-def _version(path: Path) -> str:
+def file_version(path: Path) -> str:
+    """What tells one version of a file from another (size, mtime, inode): the key of files opened ahead here and
+    of cached digests (hashing)."""
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
@@ -393,7 +395,7 @@ def preopen(path: Path) -> SafetensorsFile | None:
     None where it cannot be opened: the merge's own open reports why."""
     try:
         f = SafetensorsFile(path)
-        _PREOPENED[str(path.resolve())] = (_version(path), f)
+        _PREOPENED[str(path.resolve())] = (file_version(path), f)
     except (InputError, OSError):
         return None
     return f
@@ -414,7 +416,7 @@ def open_weight_file(path: str | os.PathLike) -> WeightFile:
                          "read; use the safetensors original")
     if p.suffix == ".safetensors":
         ahead = _PREOPENED.pop(str(p.resolve()), None)
-        f = ahead[1] if ahead is not None and ahead[0] == _version(p) else SafetensorsFile(p)
+        f = ahead[1] if ahead is not None and ahead[0] == file_version(p) else SafetensorsFile(p)
         refuse_quantized(f)
         return f
     if p.suffix in PICKLE_SUFFIXES:
