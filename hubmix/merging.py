@@ -6,6 +6,7 @@ bytes to output bytes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from dataclasses import dataclass, field
@@ -14,10 +15,9 @@ from typing import Any, Callable
 
 from hubmix.blockweights import expand_block_lists
 from hubmix.lorabake import attach_loras
-from hubmix.engine import analysis
 from hubmix.engine import pipeline as engine
 from hubmix.cache import write_new
-from hubmix.engine.devices import device_budget, resolve_device
+from hubmix.engine.devices import device_budget, plain_cpu, resolve_device
 from hubmix.errors import InputError, RecipeError
 from hubmix.formats.families import Family
 from hubmix.hashing import input_hashes
@@ -157,9 +157,11 @@ def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str
 def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, summary: Summary,
              names: list[str]) -> dict[str, Any]:
     """Run the merge tasks through the engine on the chosen device; returns what the engine did. Inputs with
-    NaN/inf elements are counted in the same pass and reported per component and model (summary "nonfinite")."""
-    device = resolve_device(settings.device)
-    workers = settings.workers or (1 if device.type != "cpu" else engine.default_workers())
+    NaN/inf elements are counted in the same pass and reported per component and model (summary "nonfinite").
+    On the CPU, a merge whose every task has a native kernel (or is a copy) runs on spans, without torch."""
+    device = None if plain_cpu(settings.device) else resolve_device(settings.device)  # None: the CPU, no torch
+    on_cpu = device is None or device.type == "cpu"
+    workers = settings.workers or (engine.default_workers() if on_cpu else 1)
     budget = device_budget(device, settings.max_memory)
     chunk = engine.chunk_elements(dataclasses.replace(settings, max_memory=budget), workers)
     merged = [t for t in tasks if t.method is not None and t.channels is None]
@@ -167,8 +169,8 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
                       log=lambda msg: summary.add("note", msg))
     signatures: dict[tuple, tuple] = {}
     for t in merged:
-        dtypes = [r.dtype for r in t.refs]
-        signatures.setdefault(Kernels.key(t.method, dtypes, t.out_dtype), (t.method, dtypes, t.out_dtype))
+        dtypes = [r.dtype_name for r in t.refs]
+        signatures.setdefault(Kernels.key(t.method, dtypes, t.dtype_name), (t.method, dtypes, t.dtype_name))
     bad: dict[tuple[str, int], tuple[int, set[str]]] = {}  # (component, model) -> (count, keys)
     lock = threading.Lock()
 
@@ -180,16 +182,18 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
                     bad[(job.task.component, i)] = (total + n, keys | {job.task.key})
 
     try:
-        with engine.parallel_across_chunks(workers):
+        # spans need the native library: its kernels, and its scan for NaN/inf (decided before torch is imported)
+        spans = device is None and kernels.use_native and all(engine.span_ready(t, kernels) for t in tasks)
+        with contextlib.nullcontext() if spans else engine.parallel_across_chunks(workers):
             kernels.start(list(signatures.values()))
             engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
-                             quiet=settings.quiet, nonfinite=counter)
+                             quiet=settings.quiet, nonfinite=counter, spans=spans)
     finally:
         kernels.close()
     for (component, i), (n, keys) in sorted(bad.items()):
         summary.add("nonfinite", f"{component}: {n} non-finite (NaN/inf) elements in {names[i]} ({len(keys)} "
                                  f"tensors, e.g. {sorted(keys)[0]})")
-    return {"device": str(device), "workers": workers, "chunk_elements": chunk, "kernels": dict(kernels.calls),
+    return {"device": str(device or "cpu"), "torch": not spans, "workers": workers, "chunk_elements": chunk, "kernels": dict(kernels.calls),
             "native_build_seconds": kernels.native_build_seconds, "compile_seconds": kernels.compile_seconds}
 
 
@@ -238,6 +242,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     prediction = choose_prediction(models, recipe, family, summary)
     if dry:
         names = {c: recipe.plan_for(c).get("models") or [recipe.plan_for(c)["from"]] for c in family.components}
+        from hubmix.engine import analysis
+
         report = analysis.analyze(tasks, names, quiet=settings.quiet, workers=settings.workers)
         return MergeResult(None, None, family, summary, placeholder, report=report)
     assert target is not None and layout is not None

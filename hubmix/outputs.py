@@ -11,7 +11,7 @@ from typing import Any
 
 from hubmix import __version__
 from hubmix.engine.output import Router, component_config_json, model_index, need_folder, write_json
-from hubmix.engine.plan import TORCH_DTYPES, Summary, Task
+from hubmix.engine.plan import DTYPE_NAMES, Summary, Task
 from hubmix.errors import InputError, RecipeError
 from hubmix.formats.configs import DEFAULT_DERIVED
 from hubmix.formats.families import Family
@@ -87,7 +87,7 @@ def write_diffusers_files(root: Path, models: list[LocalModel], structure: dict[
     """Everything of a diffusers folder but the weights: model_index, configs, scheduler, tokenizers, extras."""
     a = models[0]
     base = a.path if a.layout == "diffusers" else source
-    dtype = TORCH_DTYPES.get(recipe.dtype or "")
+    dtype = DTYPE_NAMES.get(recipe.dtype or "")
     sched = read_json(base / "scheduler" / "scheduler_config.json") if base else {}
     if not sched:  # the family's, with the variant's own settings (schnell: no dynamic shifting)
         variant = family.variants.get(a.model_variant or "", {})

@@ -149,3 +149,47 @@ def test_a_plain_merge_imports_no_model_library(zoo, tmp_path):
     heavy, out = _run_cli_listing_heavy(argv, {"HUBMIX_CACHE": os.environ.get("HUBMIX_CACHE", str(tmp_path))})
     assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").is_file(), out
     assert not {"diffusers", "transformers", "huggingface_hub", "PIL"} & set(heavy), heavy
+
+
+@pytest.mark.parametrize("layout", ["single-file", "diffusers"])
+def test_a_merge_with_native_kernels_imports_no_torch(zoo, tmp_path, layout):
+    """Every task a copy or a native kernel on the CPU: the merge runs on spans (formats.io.span), torch is never
+    imported, and the bytes are the eager torch path's."""
+    from hubmix.engine import native
+
+    if native.Native.library() is None:
+        pytest.skip(f"no native kernels here: {native.Native.error()}")
+    if layout == "single-file":
+        models = [str(zoo.single("sd1", s, dtype="fp16")) for s in (1, 2, 3)]
+        outs = {k: tmp_path / f"{k}.safetensors" for k in ("native", "eager")}
+    else:
+        models = [str(zoo.diffusers("sd1", s, dtype="fp16")) for s in (1, 2, 3)]
+        outs = {k: tmp_path / k for k in ("native", "eager")}
+    env = {"HUBMIX_CACHE": os.environ.get("HUBMIX_CACHE", str(tmp_path))}
+    for kind, out in outs.items():  # --dtype bf16: the copies convert too
+        argv = ["merge", *models, "--method", "lossless", "--alpha", "0.9", "--dtype", "bf16", "--out", str(out),
+                "-q", "--kernels", kind]
+        heavy, text = _run_cli_listing_heavy(argv, env)
+        assert "EXIT" not in text.replace("EXIT 0", ""), text
+        if kind == "native":
+            assert "torch" not in heavy and "numpy" not in heavy, heavy
+        else:
+            assert "torch" in heavy
+    files = sorted(p.relative_to(outs["eager"]) for p in outs["eager"].rglob("*.safetensors")) or [None]
+    for rel in files:
+        a = outs["eager"] / rel if rel else outs["eager"]
+        b = outs["native"] / rel if rel else outs["native"]
+        assert _tensor_bytes(a) == _tensor_bytes(b), rel
+
+
+def _tensor_bytes(path: Path) -> bytes:
+    """A safetensors file's tensors (its header without metadata, and its data): the output name and the recipe,
+    which records the kernels option, differ between two runs."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    return json.dumps(header, sort_keys=True).encode() + raw[8 + n:]

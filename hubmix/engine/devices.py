@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
-import torch
+import glob
+import os
+import sys
+from typing import TYPE_CHECKING
 
 from hubmix.errors import HubmixError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def plain_cpu(spec: str | None) -> bool:
+    """Whether `spec` means the CPU, decided without importing torch: `cpu`, or `auto` on a machine with no GPU a
+    torch build could use (no NVIDIA or AMD device nodes, not macOS, no CUDA_VISIBLE_DEVICES naming one)."""
+    spec = (spec or "auto").lower()
+    if spec == "cpu":
+        return True
+    if spec != "auto" or sys.platform == "darwin":
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1"):
+        return False
+    return not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd") or os.path.exists("/dev/dxg"))
 
 
 def resolve_device(spec: str | None) -> torch.device:
     """`auto` takes a GPU when one is present (CUDA, then Apple's MPS), else the CPU."""
+    import torch
+
     spec = (spec or "auto").lower()
     if spec == "auto":
         if torch.cuda.is_available():
@@ -32,9 +53,10 @@ def resolve_device(spec: str | None) -> torch.device:
     return dev
 
 
-def device_budget(device: torch.device, requested: int) -> int:
-    """Bytes of chunk buffers that fit on `device`: the request, capped at 80% of what accelerate reports free."""
-    if device.type != "cuda":
+def device_budget(device: torch.device | None, requested: int) -> int:
+    """Bytes of chunk buffers that fit on `device` (None: the CPU): the request, capped at 80% of what accelerate
+    reports free."""
+    if device is None or device.type != "cuda":
         return requested
     from accelerate.utils import get_max_memory
 

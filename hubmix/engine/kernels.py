@@ -20,22 +20,23 @@ import shutil
 import sys
 import threading
 import time
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import native
 from hubmix.cache import cache_root
+from hubmix.formats.io.span import FP8, dtype_name
 from hubmix.methods import Method
+
+if TYPE_CHECKING:
+    import torch
 
 SUBCHUNK = 1 << 18  # eager pieces: ~1 MB of float32 per intermediate, so a chain of ops stays in cache
 NATIVE_MIN_ELEMENTS = 20_000_000  # below this, building the native library once is not worth a second
 COMPILE_MIN_ELEMENTS = 500_000_000  # torch.compile's per-process start-up must be repaid
 MODES = ("auto", "native", "compile", "eager")
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
-ChunkFn = Callable[..., torch.Tensor]
-Kernel = Callable[[list[torch.Tensor], dict[str, float]], torch.Tensor]
+ChunkFn = Callable[..., "torch.Tensor"]
+Kernel = Callable[[list["torch.Tensor"], dict[str, float]], "torch.Tensor"]
 
 
 def selects_in_storage(method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> bool:
@@ -49,6 +50,8 @@ def selects_in_storage(method: Method, dtypes: list[torch.dtype], out_dtype: tor
 def chunk_function(method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> ChunkFn:
     """The whole computation of one chunk as one function of the stored views: what eager runs and what
     torch.compile fuses into a single pass over memory."""
+    import torch
+
     if method.element is not None:  # a whole-tensor method's element pass: statistics are in params
         element = method.element
 
@@ -76,6 +79,8 @@ def chunk_function(method: Method, dtypes: list[torch.dtype], out_dtype: torch.d
 def eager_kernel(fn: ChunkFn, out_dtype: torch.dtype, device: torch.device) -> Kernel:
     """`fn` over flat CPU views in cache-sized pieces into one output buffer; on a GPU, in one go. A whole-tensor
     method's element pass also gets each piece's place in the tensor (`ctx`)."""
+    import torch
+
     def run(views: list[torch.Tensor], params: dict[str, float], ctx=None) -> torch.Tensor:
         n = views[0].numel()
         where = {} if ctx is None else {"ctx": ctx}
@@ -99,7 +104,7 @@ def compiler_available() -> bool:
     return any(shutil.which(c) for c in (cxx, "g++", "clang++"))
 
 
-Signature = tuple[Method, list[torch.dtype], torch.dtype]
+Signature = tuple[Method, list[Any], Any]  # method, input dtypes, output dtype (torch dtypes or their names)
 
 
 class Kernels:
@@ -107,24 +112,45 @@ class Kernels:
 
     def __init__(self, mode: str = "auto", *, device: torch.device | None = None, total_elements: int = 0,
                  log: Callable[[str], None] | None = None):
+        """`device` None is the CPU, without importing torch (a merge on spans may never need it)."""
         if mode not in MODES:
             raise ValueError(f"kernels mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        self.device = device or torch.device("cpu")
+        self.device = device
         self.log = log or (lambda msg: None)
-        cpu = self.device.type == "cpu"
+        cpu = device is None or device.type == "cpu"
         self.use_native = cpu and (mode == "native" or (mode == "auto" and total_elements >= NATIVE_MIN_ELEMENTS))
         self.use_compile = cpu and (mode == "compile" or (mode == "auto" and total_elements >= COMPILE_MIN_ELEMENTS))
         self._kernels: dict[tuple, tuple[Kernel, str]] = {}
+        self._native: dict[tuple, Callable[..., Any] | None] = {}
         self._compiled: dict[tuple, Kernel] = {}
         self._thread: threading.Thread | None = None
         self.calls = {"native": 0, "compiled": 0, "eager": 0}
         self.compile_seconds: float | None = None
         self.native_build_seconds: float | None = None
 
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is None:
+            import torch
+
+            self.device = torch.device("cpu")
+        return self.device
+
     @staticmethod
-    def key(method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> tuple:
-        return (method.name, tuple(dtypes), out_dtype)
+    def key(method: Method | str, dtypes: list[Any], out_dtype: Any) -> tuple:
+        name = method if isinstance(method, str) else method.name
+        return (name, tuple(dtype_name(d) for d in dtypes), dtype_name(out_dtype))
+
+    def native_kernel(self, method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any] | None:
+        """The native kernel for a signature (a method's name, or "convert" for a copy into another dtype) when
+        this merge uses native kernels and the library has one; None otherwise."""
+        if not self.use_native:
+            return None
+        k = self.key(method, dtypes, out_dtype)
+        if k not in self._native:
+            self._native[k] = native.kernel(method, dtypes, out_dtype)
+        return self._native[k]
 
     def start(self, signatures: list[Signature]) -> None:
         """Prepare fused kernels for the signatures a merge uses: native ones now (a build costs about a second,
@@ -133,7 +159,7 @@ class Kernels:
         if self.use_native and signatures:
             rest = []
             for method, dtypes, out_dtype in signatures:
-                k = native.kernel(method.name, dtypes, out_dtype)
+                k = self.native_kernel(method.name, dtypes, out_dtype)
                 if k is None:
                     rest.append((method, dtypes, out_dtype))
                 else:
@@ -148,7 +174,7 @@ class Kernels:
                          f"dtypes; those run eagerly")
         rest = [sig for sig in rest if sig[0].element is None]  # their statistics and contexts are not traced
         # inductor cannot promote fp8 (torch.where, mixed arithmetic): fp8 chunks run native or eagerly
-        rest = [sig for sig in rest if not any(d in FP8 for d in (*sig[1], sig[2]))]
+        rest = [sig for sig in rest if not any(dtype_name(d) in FP8 for d in (*sig[1], sig[2]))]
         if self.use_compile and rest:
             if not compiler_available():
                 self.log("torch.compile unavailable (no C++ compiler); running eagerly")
@@ -160,10 +186,14 @@ class Kernels:
                 self._thread.join()  # asked for fused kernels: every chunk runs fused
 
     def _compile_all(self, signatures: list[Signature]) -> None:
+        import torch
+
         t0 = time.perf_counter()
         try:
             _configure_inductor()
-            for method, dtypes, out_dtype in signatures:
+            for method, names, out_name in signatures:
+                dtypes = [getattr(torch, dtype_name(d)) for d in names]
+                out_dtype = getattr(torch, dtype_name(out_name))
                 fn = torch.compile(chunk_function(method, dtypes, out_dtype), dynamic=True)
                 probe = [torch.zeros(4096, dtype=d) for d in dtypes]  # compile now, off the critical path
                 with torch.no_grad():
@@ -191,13 +221,12 @@ class Kernels:
             if compiled is not None:
                 hit = self._kernels[k] = (compiled, "compiled")
             elif hit is None:
-                hit = self._kernels[k] = (eager_kernel(chunk_function(method, dtypes, out_dtype), out_dtype,
-                                                       self.device), "eager")
+                hit = self._kernels[k] = (self.eager(method, dtypes, out_dtype), "eager")
         self.calls[hit[1]] += 1  # approximate under threads; only reported
         return hit
 
     def eager(self, method: Method, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> Kernel:
-        return eager_kernel(chunk_function(method, dtypes, out_dtype), out_dtype, self.device)
+        return eager_kernel(chunk_function(method, dtypes, out_dtype), out_dtype, self.torch_device)
 
 
 def _configure_inductor() -> None:

@@ -9,10 +9,12 @@ the chunk size or worker count, so the output bytes do not depend on --max-memor
 from __future__ import annotations
 
 import threading
-
-import torch
+from typing import TYPE_CHECKING
 
 from hubmix.formats.lora import LoraModule
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LoraDelta:

@@ -23,15 +23,18 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
-
-import torch
+import struct
+from typing import TYPE_CHECKING, Any, Callable
 
 from hubmix.cache import cache_root
 from hubmix.engine.native_source import PRELUDE
+from hubmix.formats.io.span import Span, dtype_name
 
-DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float8_e4m3fn: "e4m3",
-          torch.float8_e5m2: "e5m2"}
+if TYPE_CHECKING:
+    import torch
+
+# torch's dtype names -> the kernels' names for them (the library itself needs no torch: spans call it too)
+DTYPES = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}
 _BITS = {"f16": "u16", "bf16": "u16", "f32": "float", "e4m3": "uint8_t", "e5m2": "uint8_t"}  # selection copies
 
 # name -> (number of inputs, float32 body computing `r`, or for selections `take` and the two candidates)
@@ -39,6 +42,7 @@ _BITS = {"f16": "u16", "bf16": "u16", "f32": "float", "e4m3": "uint8_t", "e5m2":
 _ARITH = {
     "weighted_sum": (2, "float r = k1 * fa + k2 * fb;"),  # k1 = 1-alpha, k2 = alpha (slerp: its ka, kb)
     "add_difference": (3, "float r = fa + k1 * (fb - fc);"),  # k1 = alpha
+    "convert": (1, "float r = fa;"),  # not a method: a copy into another dtype (x.float().to(dtype))
     # hubmix/methods/arithmetic.py and task_vectors.py
     "triple_sum": (3, "float r = k1 * fa + k2 * fb + k3 * fc;"),  # k1 = 1-alpha-beta, k2 = alpha, k3 = beta
     "sum_twice": (3, "float r = k1 * (k2 * fa + k3 * fb) + k4 * fc;"),  # 1-beta, 1-alpha, alpha, beta
@@ -86,14 +90,33 @@ def _loop(n: int, t: str, body: str) -> str:
     return f"\n#ifdef __F16C__\n{blocked}\n#else\n{plain}\n#endif\n"
 
 
-def _fp8_table(dtype: torch.dtype) -> str:
-    bits = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float().view(torch.int32)
-    return ", ".join(f"0x{b & 0xFFFFFFFF:08x}u" for b in bits.tolist())
+def fp8_float32_bits(name: str) -> list[int]:
+    """The float32 bit pattern of each of the 256 codes of a float8 dtype, as torch's conversion gives them (a NaN
+    keeps its sign and payload, quieted)."""
+    ebits, mbits, bias = (4, 3, 7) if name == "float8_e4m3fn" else (5, 2, 15)
+    out = []
+    for code in range(256):
+        sign = code >> 7
+        e, m = (code >> mbits) & ((1 << ebits) - 1), code & ((1 << mbits) - 1)
+        if (e == 15 and m == 7) if name == "float8_e4m3fn" else (e == 31 and m):  # NaN
+            out.append(sign << 31 | 0x7FC00000 | m << (23 - mbits))
+            continue
+        if name == "float8_e5m2" and e == 31:
+            value = float("inf")
+        elif e == 0:  # subnormal (or zero)
+            value = m / (1 << mbits) * 2.0 ** (1 - bias)
+        else:
+            value = (1 + m / (1 << mbits)) * 2.0 ** (e - bias)
+        out.append(sign << 31 | struct.unpack("<I", struct.pack("<f", value))[0])
+    return out
+
+
+def _fp8_table(name: str) -> str:
+    return ", ".join(f"0x{b:08x}u" for b in fp8_float32_bits(name))
 
 
 def source() -> str:
-    prelude = PRELUDE.replace("%E4M3%", _fp8_table(torch.float8_e4m3fn)).replace(
-        "%E5M2%", _fp8_table(torch.float8_e5m2))
+    prelude = PRELUDE.replace("%E4M3%", _fp8_table("float8_e4m3fn")).replace("%E5M2%", _fp8_table("float8_e5m2"))
     parts = [prelude]
     for t_in in DTYPES.values():
         for t_out in DTYPES.values():
@@ -137,6 +160,11 @@ def _coefficients(method: str, n: int, p: dict[str, float]) -> tuple[str, tuple[
     if method == "dare" and p.get("drop", 0.0) > 0:  # drop 0 divides by nothing (the eager code)
         return ("dare2" if n == 2 else f"dare3{p['combine']}"), (1 - p["drop"], p["lambda"], 0.0, 0.0)
     return None
+
+
+def covers(method: str, params: dict[str, float], n: int) -> bool:
+    """Whether a native kernel computes `method` over `n` inputs with these parameters."""
+    return n in SUPPORTED.get(method, ()) and _coefficients(method, n, params) is not None
 
 
 # method -> the numbers of inputs it has a native kernel for
@@ -199,6 +227,9 @@ class Native:
         for t in DTYPES.values():  # typed once here, so nonfinite_count's threads only call them
             fn = getattr(loaded, f"nonfinite_{t}")
             fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64
+        loaded.scanned.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int32] * 3 + [ctypes.c_void_p] * 4
+                                   + [ctypes.c_int64] + [ctypes.c_float] * 4 + [ctypes.c_void_p])
+        loaded.scanned.restype = None
         return loaded
 
 
@@ -213,55 +244,80 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
+_SIZES = {"f16": 2, "bf16": 2, "f32": 4, "e4m3": 1, "e5m2": 1}
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 4
 _DARE_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_uint32] * 3 + [ctypes.c_float] * 2
 
 
-def kernel(method: str, dtypes: list[torch.dtype], out_dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
-    """A function (CPU views, params, out=None) -> output chunk, written into `out` (a contiguous flat tensor of
-    the output dtype, a reused buffer) when it fits; None when no native kernel fits."""
-    if len(set(dtypes)) != 1 or dtypes[0] not in DTYPES or out_dtype not in DTYPES:
+def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any] | None:
+    """A function (views, params, out=None, ctx=None, counts=None) -> output chunk for CPU views that are torch
+    tensors or spans (dtypes as torch dtypes or their names). The result is written into `out` (a reused flat
+    buffer of the output dtype: a tensor, or a span that must be given) when it fits; None when no native kernel
+    fits. With `counts` (a list), the inputs' NaN/inf elements are counted in the same pass and put there."""
+    names = [dtype_name(d) for d in dtypes]
+    out_name = dtype_name(out_dtype)
+    if len(set(names)) != 1 or names[0] not in DTYPES or out_name not in DTYPES:
         return None
-    if len(dtypes) not in SUPPORTED.get(method, ()):
+    if method != "convert" and len(names) not in SUPPORTED.get(method, ()):
         return None
     lib = Native.library()
     if lib is None:
         return None
-    t_in, t_out = DTYPES[dtypes[0]], DTYPES[out_dtype]
+    t_in, t_out = DTYPES[names[0]], DTYPES[out_name]
+    sizes = (_SIZES[t_in], _SIZES[t_out])
+    scan = ctypes.cast(getattr(lib, f"nonfinite_{t_in}"), ctypes.c_void_p)
     fns = {}
 
-    def run(views: list[torch.Tensor], params: dict[str, float], out: torch.Tensor | None = None,
-            ctx=None) -> torch.Tensor:
-        coef = _coefficients(method, len(views), params)
+    def run(views: list[Any], params: dict[str, float], out: Any = None, ctx=None,
+            counts: list[int] | None = None) -> Any:
+        coef = ("convert", (0.0,) * 4) if method == "convert" else _coefficients(method, len(views), params)
         if coef is None:  # parameters without a native form (dare with drop 0): the eager code
-            return None  # type: ignore[return-value]
+            return None
         name, ks = coef
         fn = fns.get(name)
         if fn is None:
             fn = fns[name] = getattr(lib, f"{name}_{t_in}_{t_out}")
             fn.argtypes, fn.restype = (_DARE_ARGTYPES if name in _DARE else _ARGTYPES), None
-        flat = [v.reshape(-1) if v.is_contiguous() else v.contiguous().reshape(-1) for v in views]
-        n = flat[0].numel()
-        if out is None or not out.is_contiguous() or out.dtype != out_dtype or out.numel() != n:
-            out = torch.empty(n, dtype=out_dtype)
-        ptrs = [v.data_ptr() for v in flat] + [0] * (3 - len(flat))
+        if isinstance(views[0], Span):
+            n = views[0].numel
+            assert out is not None and out.numel == n and out.dtype == out_name, "a span merge passes its buffer"
+            ptrs, dest = [v.address for v in views], out.address
+        else:
+            import torch
+
+            flat = [v.reshape(-1) if v.is_contiguous() else v.contiguous().reshape(-1) for v in views]
+            n = flat[0].numel()
+            if out is None or not out.is_contiguous() or dtype_name(out.dtype) != out_name or out.numel() != n:
+                out = torch.empty(n, dtype=getattr(torch, out_name))
+            ptrs, dest = [v.data_ptr() for v in flat], out.data_ptr()
+        ptrs += [0] * (3 - len(ptrs))
         if name in _DARE:
             from hubmix.methods.dropmask import stream, threshold
 
             streams = [stream(params["seed"], ctx.key, i) for i in (1, 2)]
-            fn(*ptrs, out.data_ptr(), n, ctx.start, *streams, threshold(params["drop"]), ks[0], ks[1])
+            fn(*ptrs, dest, n, ctx.start, *streams, threshold(params["drop"]), ks[0], ks[1])
+            if counts is not None:
+                counts[:] = [nonfinite_count(v) for v in views]
+        elif counts is not None:
+            found = (ctypes.c_int64 * 3)()
+            lib.scanned(ctypes.cast(fn, ctypes.c_void_p), scan, len(views), *sizes, *ptrs, dest, n, *ks, found)
+            counts[:] = found[:len(views)]
         else:
-            fn(*ptrs, out.data_ptr(), n, *ks)
+            fn(*ptrs, dest, n, *ks)
         return out.reshape(views[0].shape)
 
     return run
 
 
-def nonfinite_count(view: torch.Tensor) -> int | None:
-    """NaN/inf elements of a contiguous CPU view in a storage dtype the library covers; None otherwise, and while
-    the library is not loaded: a merge too small for native kernels does not build it just for this scan."""
+def nonfinite_count(view: Any) -> int | None:
+    """NaN/inf elements of a contiguous CPU view (a tensor or a span) in a storage dtype the library covers; None
+    otherwise, and while the library is not loaded: a merge too small for native kernels does not build it just for
+    this scan."""
     lib = Native._lib
-    t = DTYPES.get(view.dtype)
+    if isinstance(view, Span):
+        t = DTYPES.get(view.dtype)
+        return None if lib is None or t is None else getattr(lib, f"nonfinite_{t}")(view.address, view.numel)
+    t = DTYPES.get(dtype_name(view.dtype))
     if lib is None or t is None or view.device.type != "cpu" or not view.is_contiguous():
         return None
     return getattr(lib, f"nonfinite_{t}")(view.data_ptr(), view.numel())
@@ -280,6 +336,8 @@ def install_dropmask() -> bool:
     fn.restype = None
 
     def keep(start: int, n: int, s: int, t: int) -> torch.Tensor:
+        import torch
+
         out = torch.empty(n, dtype=torch.bool)
         fn(start, n, s, t, out.data_ptr())
         return out
@@ -291,6 +349,8 @@ def install_dropmask() -> bool:
     hi.restype = lo.restype = None
 
     def histogram(x: torch.Tensor, base: torch.Tensor, high: int) -> torch.Tensor | None:
+        import torch
+
         if x.dtype != torch.float32 or base.dtype != torch.float32 or x.device.type != "cpu":
             return None
         x, base = x.contiguous(), base.contiguous()

@@ -133,4 +133,21 @@ NONFINITE(e5m2, uint8_t, u16, 0x7Cu, 65535)
            int64_t start, uint32_t s1, uint32_t s2, uint32_t t, float k1, float k2
 #define K const void *restrict a, const void *restrict b, const void *restrict c, void *restrict o, int64_t n, \
           float k1, float k2, float k3, float k4
+/* A kernel run step by step, each step's inputs scanned for NaN/inf just before the kernel reads them: the step's
+   bytes are still in cache, so the merge reads its inputs from memory once instead of twice. Kernels are
+   element-wise, so steps (multiples of F16_BLOCK) give the bytes of one call. counts[i] += input i's count. */
+typedef void (*kernel_fn)(const void *, const void *, const void *, void *, int64_t, float, float, float, float);
+typedef int64_t (*scan_fn)(const void *, int64_t);
+#define SCAN_STEP 16384
+void scanned(void *kernel, void *scan, int32_t inputs, int32_t in_size, int32_t out_size, const void *a,
+             const void *b, const void *c, void *o, int64_t n, float k1, float k2, float k3, float k4,
+             int64_t *counts) {
+    const char *x[3] = {(const char *)a, (const char *)b, (const char *)c};
+    for (int64_t s = 0; s < n; s += SCAN_STEP) {
+        int64_t m = n - s < SCAN_STEP ? n - s : SCAN_STEP;
+        for (int i = 0; i < inputs; i++) counts[i] += ((scan_fn)scan)(x[i] + s * in_size, m);
+        ((kernel_fn)kernel)(inputs > 0 ? x[0] + s * in_size : 0, inputs > 1 ? x[1] + s * in_size : 0,
+                            inputs > 2 ? x[2] + s * in_size : 0, (char *)o + s * out_size, m, k1, k2, k3, k4);
+    }
+}
 """

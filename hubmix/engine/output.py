@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hubmix.engine.pipeline import Job
 from hubmix.errors import InputError
@@ -21,6 +19,10 @@ from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
 from hubmix.formats.layouts import COPYING, KeyMap, apply_to_original, part_rows, to_original_shape
 from hubmix.formats.model import check_component_name
 from hubmix.engine.plan import Summary, Task
+from hubmix.formats.io.span import Span
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -28,7 +30,7 @@ class OutputFile:
     path: Path
     metadata: dict[str, str]
     planned: dict[str, PlannedTensor] = field(default_factory=dict)
-    generated: dict[str, torch.Tensor] = field(default_factory=dict)
+    generated: dict[str, Span] = field(default_factory=dict)
     writer: SafetensorsWriter | None = None
 
 
@@ -51,12 +53,12 @@ class Router:
         """A diffusers component's weight file: canonical keys as they are."""
         f = OutputFile(path, metadata)
         for t in tasks:
-            f.planned[t.key] = PlannedTensor(t.key, t.out_dtype, t.shape)
+            f.planned[t.key] = PlannedTensor(t.key, t.dtype_name, t.shape)
             self.routes.setdefault((component, t.key), []).append(Route(f, t.key, 0, None))
         self.files.append(f)
 
     def add_single_file(self, path: Path, parts: dict[str, tuple[KeyMap, list[Task]]], metadata: dict[str, str],
-                        summary: Summary, name: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+                        summary: Summary, name: str, extra: dict[str, Span] | None = None) -> None:
         """One original-layout file for all components, through each component's key map; `extra`: tensors
         outside every component (prediction markers) written as they are."""
         f = OutputFile(path, metadata)
@@ -73,7 +75,7 @@ class Router:
                     continue
                 if place.part is None:
                     shape = to_original_shape(place.transform, t.shape)
-                    f.planned[place.key] = PlannedTensor(place.key, t.out_dtype, shape)
+                    f.planned[place.key] = PlannedTensor(place.key, t.dtype_name, shape)
                     self.routes.setdefault((component, t.key), []).append(Route(f, place.key, 0, place.transform))
                 else:
                     fused.setdefault(place.key, {})[place.part[0]] = t
@@ -85,7 +87,7 @@ class Router:
                                         f"{list(widths[okey])}, has {len(pieces)} that do not fit; not in {name}")
                     continue
                 rows = sum(t.shape[0] for t in order)
-                f.planned[okey] = PlannedTensor(okey, order[0].out_dtype, (rows, *order[0].shape[1:]))
+                f.planned[okey] = PlannedTensor(okey, order[0].dtype_name, (rows, *order[0].shape[1:]))
                 base = 0
                 for t in order:
                     self.routes.setdefault((component, t.key), []).append(Route(f, okey, base, None))
@@ -95,7 +97,7 @@ class Router:
                 t = by_key.get(canon)
                 if t is not None:
                     okey = keymap.prefix + rel
-                    f.planned[okey] = PlannedTensor(okey, t.out_dtype, t.shape)
+                    f.planned[okey] = PlannedTensor(okey, t.dtype_name, t.shape)
                     self.routes.setdefault((component, t.key), []).append(Route(f, okey, 0, None))
             for rel in keymap.generated:
                 okey = keymap.prefix + rel
@@ -121,14 +123,14 @@ class Router:
             for key, tensor in f.generated.items():
                 f.writer.write(key, tensor)
 
-    def write(self, job: Job, data: torch.Tensor) -> None:
+    def write(self, job: Job, data: torch.Tensor | Span) -> None:
         for r in self.routes[(job.task.component, job.task.key)]:
             assert r.file.writer is not None
             if r.transform in COPYING:  # needs the whole tensor: such tasks are never split
                 assert job.whole, f"{job.task.key}: a {r.transform} tensor cannot be written in chunks"
                 r.file.writer.write(r.key, apply_to_original(r.transform, data.reshape(job.task.shape)), r.byte_base)
             else:  # conv1x1 reshapes and row-blocks are the same bytes
-                r.file.writer.write(r.key, data, r.byte_base + job.start * data.dtype.itemsize)
+                r.file.writer.write(r.key, data, r.byte_base + job.start * job.task.out_itemsize)
 
     def finish(self) -> None:
         for f in self.files:
@@ -148,7 +150,7 @@ def _fused_parts(pieces: dict[int, Task], widths: tuple[int, ...]) -> list[Task]
     if any(t is None for t in order):
         return None
     parts: list[Task] = order  # type: ignore[assignment]
-    if len({(t.shape[1:], t.out_dtype) for t in parts}) != 1:
+    if len({(t.shape[1:], t.dtype_name) for t in parts}) != 1:
         return None
     rows = sum(t.shape[0] for t in parts)
     starts = [sum(t.shape[0] for t in parts[:i]) for i in range(len(parts))]
@@ -171,7 +173,7 @@ def diffusers_version() -> str:
     return version("diffusers")
 
 
-def component_config_json(spec: ComponentSpec, config: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
+def component_config_json(spec: ComponentSpec, config: dict[str, Any], dtype: str | None) -> dict[str, Any]:
     """The config.json of a component: the library's own format, with the output dtype recorded."""
     cfg = {k: v for k, v in config.items()}
     if spec.library == "diffusers":

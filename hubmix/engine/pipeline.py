@@ -8,6 +8,9 @@ for them; memory stays at a chunk per worker), then the tensor's chunks are merg
 chunks (fused kernels once compiled, eagerly before that or where compiling is unavailable, on the chosen device),
 and the sink writes finished chunks in the background. Chunks in flight are bounded by bytes, so memory stays
 within the budget whatever the model's size.
+
+Views are torch tensors, or spans (formats.io.span) when every task of a merge is a copy or has a native kernel
+on the CPU (`span_ready`): then the whole loop runs without torch, which is not even imported.
 """
 
 from __future__ import annotations
@@ -18,17 +21,20 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-import torch
 from tqdm.auto import tqdm
 
 from hubmix.engine import native
 from hubmix.engine.kernels import Kernels
 from hubmix.engine.plan import Task
 from hubmix.formats.io.pages import populate
+from hubmix.formats.io.span import Span, is_float
 from hubmix.methods.registry import Context
 from hubmix.methods.statistics import BLOCK, run_passes
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CHUNK = 1 << 22  # elements per chunk when no budget says otherwise
 DEFAULT_MAX_MEMORY = 512 << 20  # bytes of chunk buffers in flight (not counting torch itself, ~300 MB)
@@ -50,7 +56,7 @@ class Job:
 
     @property
     def out_nbytes(self) -> int:
-        return self.numel * self.task.out_dtype.itemsize
+        return self.numel * self.task.out_itemsize
 
 
 @dataclass
@@ -77,6 +83,8 @@ def chunk_elements(settings: Settings, workers: int, bytes_per_element: int = 32
 def parallel_across_chunks(workers: int):
     """With several workers, each torch op runs on one thread: the parallelism is across chunks (and a fused kernel
     compiled meanwhile is built single-threaded to match), not inside each op."""
+    import torch
+
     threads = torch.get_num_threads()
     if workers > 1:
         torch.set_num_threads(1)
@@ -100,12 +108,53 @@ def split_jobs(tasks: Iterable[Task], chunk: int | None = None) -> list[Job]:
     return jobs
 
 
-def load_views(job: Job) -> list[torch.Tensor]:
-    """The job's input tensors in storage dtype: whole canonical views, or flat slices for a chunk."""
+def load_views(job: Job, spans: bool = False) -> list[Any]:
+    """The job's input tensors in storage dtype: whole canonical views, or flat slices for a chunk; as spans when
+    asked (the task must be `span_ready`)."""
+    if spans:
+        whole = [r.span() for r in job.task.refs]
+        return [s.flat(job.start, job.stop) for s in whole] if job.task.chunkable else whole  # type: ignore[union-attr]
     views = [r.load() for r in job.task.refs]
     if job.task.chunkable:
         return [v.reshape(-1)[job.start:job.stop] for v in views]
     return views
+
+
+def span_ready(task: Task, kernels: Kernels) -> bool:
+    """Whether the task runs on spans: every input has one, and the result is a plain copy of it (the same dtype,
+    or a float dtype the native library converts) or comes from a native kernel of an element-wise method with
+    these parameters; no LoRA, channel merge or whole-tensor output transform."""
+    if task.lora is not None or task.channels is not None or task.whole_only:
+        return False
+    if any(r.span() is None for r in task.refs):
+        return False
+    dtypes = [r.dtype_name for r in task.refs]
+    if task.method is None:
+        return dtypes[0] == task.dtype_name or kernels.native_kernel("convert", dtypes, task.dtype_name) is not None
+    if task.method.element is not None or task.method.stats or not native.covers(task.method.name, task.params,
+                                                                                  len(dtypes)):
+        return False
+    return kernels.native_kernel(task.method.name, dtypes, task.dtype_name) is not None
+
+
+def compute_span(job: Job, views: list[Span], kernels: Kernels, out: Span, counts: list[int] | None = None) -> Span:
+    """`compute` on spans: the input itself (a copy in its own dtype), else a native kernel's output in `out`.
+    With `counts`, the inputs' NaN/inf elements are counted into it, by the kernel in its own pass."""
+    task = job.task
+    names = [v.dtype for v in views]
+    if task.method is None:
+        if names[0] == task.dtype_name:
+            if counts is not None:
+                counts[:] = count_nonfinite(views)
+            return views[0]
+        kernel = kernels.native_kernel("convert", names, task.dtype_name)
+        params: dict[str, float] = {}
+    else:
+        kernel = kernels.native_kernel(task.method.name, names, task.dtype_name)
+        params = task.params
+    assert kernel is not None, f"{task.key}: planned for spans without a native kernel"
+    kernels.calls["native"] += 1
+    return kernel(views, params, out, Context(f"{task.component}/{task.key}", job.start), counts)
 
 
 def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
@@ -124,8 +173,8 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
         return x.float().to(dtype) if x.dtype.is_floating_point and dtype.is_floating_point else x.to(dtype)
     if task.channels is not None:
         return _float32(task, views).to(dtype)
-    kernels = kernels or _EAGER
-    device = kernels.device
+    kernels = kernels or Kernels("eager")
+    device = kernels.torch_device
     params, ctx = task.params, None
     if task.method.element is not None:  # a whole-tensor method's element pass: flat, with the tensor's statistics
         views = [v.reshape(-1) for v in views]
@@ -177,14 +226,11 @@ def _float32(task: Task, views: list[torch.Tensor], start: int = 0) -> torch.Ten
     return out
 
 
-_EAGER = Kernels("eager")
-
-
 # float8 codes that are not finite: e4m3fn has only NaN (S.1111.111), e5m2 has inf and NaN (S.11111.xx)
-_FP8_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+_FP8_NONFINITE = {"float8_e4m3fn": 0x7F, "float8_e5m2": 0x7C}
 
 
-def count_nonfinite(views: list[torch.Tensor]) -> list[int]:
+def count_nonfinite(views: list[Any]) -> list[int]:
     """NaN/inf elements of each input view, on data the kernel is about to read anyway. The native library's scan
     of the exponent bits where it is loaded (exact in one pass: 1.4-3x faster than aminmax on clean fp16 here, 20x
     and more on fp8 or a view with NaN/inf); else a min/max reduction per view is the cheap check (NaN propagates
@@ -192,30 +238,38 @@ def count_nonfinite(views: list[torch.Tensor]) -> list[int]:
     only on a view that fails it."""
     out = []
     for v in views:
+        if isinstance(v, Span):  # a span merge has the library loaded, and only its dtypes (span_ready)
+            out.append((native.nonfinite_count(v) or 0) if is_float(v.dtype) else 0)
+            continue
         if not v.dtype.is_floating_point or v.numel() == 0:
             out.append(0)
             continue
         n = native.nonfinite_count(v)
-        if n is not None:
-            out.append(n)
-            continue
-        if v.dtype in _FP8_NONFINITE:  # torch has no aminmax/isfinite for float8: read the bit patterns
-            mask = _FP8_NONFINITE[v.dtype]
-            out.append(int(((v.view(torch.uint8) & mask) == mask).sum()))
-            continue
-        lo, hi = torch.aminmax(v)
-        if torch.isfinite(lo) and torch.isfinite(hi):
-            out.append(0)
-            continue
-        out.append(int(v.numel() - torch.isfinite(v).sum()))
+        out.append(n if n is not None else _count_with_torch(v))
     return out
+
+
+def _count_with_torch(v: torch.Tensor) -> int:
+    import torch
+
+    name = str(v.dtype).removeprefix("torch.")
+    if name in _FP8_NONFINITE:  # torch has no aminmax/isfinite for float8: read the bit patterns
+        mask = _FP8_NONFINITE[name]
+        return int(((v.view(torch.uint8) & mask) == mask).sum())
+    lo, hi = torch.aminmax(v)
+    if torch.isfinite(lo) and torch.isfinite(hi):
+        return 0
+    return int(v.numel() - torch.isfinite(v).sum())
 
 
 # ---- prefetch: map the next chunks' pages ahead of compute ------------------------------------------------------
 
-def prefetch(views: list[torch.Tensor]) -> None:
+def prefetch(views: list[Any]) -> None:
     for v in views:
-        if v.device.type == "cpu" and v.numel():
+        if isinstance(v, Span):
+            if v.numel:
+                populate(v.address, v.nbytes)
+        elif v.device.type == "cpu" and v.numel():
             populate(v.data_ptr(), v.numel() * v.element_size())
 
 
@@ -233,26 +287,34 @@ def run(jobs: list[Job], consume: Callable[[Job, list[torch.Tensor]], None], *, 
               in_flight=in_flight, prefetch_views=True)
 
 
-def run_merge(jobs: list[Job], write: Callable[[Job, torch.Tensor], None], kernels: Kernels, *, workers: int,
+def run_merge(jobs: list[Job], write: Callable[[Job, Any], None], kernels: Kernels, *, workers: int,
               desc: str = "merging", quiet: bool = False,
-              nonfinite: Callable[[Job, list[int]], None] | None = None) -> None:
+              nonfinite: Callable[[Job, list[int]], None] | None = None, spans: bool = False) -> None:
     """Compute every job's output chunk and write it: compute on the workers, writes on a background thread.
     Native kernels write into output buffers that circulate between the two (a fresh buffer per chunk would cost
-    a page fault per 4 KB of output). `nonfinite(job, counts)` hears of inputs with NaN/inf elements."""
-    free: list[torch.Tensor] = []  # list.pop/append are atomic: no lock needed
+    a page fault per 4 KB of output). `nonfinite(job, counts)` hears of inputs with NaN/inf elements. With
+    `spans`, every task must be `span_ready`: views, buffers and results are spans, and torch is not used."""
+    free: list[Any] = []  # list.pop/append are atomic: no lock needed
     size = max((j.out_nbytes for j in jobs), default=0)  # chunks are bounded by the budget, whole tasks are small
 
-    def produce(job: Job, views: list[torch.Tensor]) -> Callable[[], None]:
-        if nonfinite is not None:
-            counts = count_nonfinite(views)
-            if any(counts):
-                nonfinite(job, counts)
+    def produce(job: Job, views: list[Any]) -> Callable[[], None]:
         try:
             buf = free.pop()
         except IndexError:
-            buf = torch.empty(size, dtype=torch.uint8)
-        out = compute(job, views, kernels, buf[:job.out_nbytes].view(job.task.out_dtype))
-        if out.data_ptr() != buf.data_ptr():
+            buf = Span.allocate(size) if spans else _torch_buffer(size)
+        counts = None if nonfinite is None else [0] * len(views)
+        if spans:  # the kernel counts NaN/inf in its own pass over the inputs
+            dest = Span(buf.owner, buf.address, job.task.dtype_name, (job.numel,))
+            out = compute_span(job, views, kernels, dest, counts)
+            used = out.address == buf.address
+        else:
+            if counts is not None:
+                counts = count_nonfinite(views)
+            out = compute(job, views, kernels, buf[:job.out_nbytes].view(job.task.out_dtype))
+            used = out.data_ptr() == buf.data_ptr()
+        if counts is not None and any(counts):
+            nonfinite(job, counts)  # type: ignore[misc]
+        if not used:
             free.append(buf)  # the kernel did not use it (eager, a copy)
             return lambda: write(job, out)
 
@@ -263,11 +325,17 @@ def run_merge(jobs: list[Job], write: Callable[[Job, torch.Tensor], None], kerne
         return finish
 
     _pipeline(jobs, produce, workers=workers, desc=desc, quiet=quiet, in_flight=None, prefetch_views=True,
-              stats=True)
+              stats=True, spans=spans)
+
+
+def _torch_buffer(size: int) -> torch.Tensor:
+    import torch
+
+    return torch.empty(size, dtype=torch.uint8)
 
 
 def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool, in_flight: int | None,
-              prefetch_views: bool, stats: bool = False) -> None:
+              prefetch_views: bool, stats: bool = False, spans: bool = False) -> None:
     """prefetcher -> `workers` compute threads -> one writer thread, with at most `in_flight` jobs between the
     first and the last stage."""
     in_flight = in_flight or 2 * workers + 2
@@ -321,7 +389,7 @@ def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool,
                             break
                     if stop.is_set():
                         break
-                    views = load_views(job)
+                    views = load_views(job, spans)
                     if prefetch_views:
                         prefetch(views)  # this thread maps pages while the workers compute earlier chunks
                     pool.submit(work, job, views)

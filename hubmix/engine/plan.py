@@ -16,20 +16,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hubmix.errors import RecipeError
 from hubmix.formats.families import Family
 from hubmix.formats.layouts import COPYING
 from hubmix.methods import Method, get_method
+from hubmix.formats.io.span import FP8, ITEMSIZE, is_float
 from hubmix.formats.model import LocalModel, TensorRef
 from hubmix.recipe import Recipe, letter
 
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-                "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp8_e4m3fn": "float8_e4m3fn",
+               "fp8_e5m2": "float8_e5m2"}  # --dtype -> torch's name
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Task:
     component: str
     key: str
     shape: tuple[int, ...]
-    out_dtype: torch.dtype
+    dtype_name: str  # the output dtype, torch's name for it ("float16"): planning needs no torch
     refs: list[TensorRef]
     sources: list[int]  # index of the model each ref comes from
     method: Method | None = None
@@ -55,8 +56,18 @@ class Task:
         return math.prod(self.shape)
 
     @property
+    def out_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+    @property
+    def out_itemsize(self) -> int:
+        return ITEMSIZE[self.dtype_name]
+
+    @property
     def out_nbytes(self) -> int:
-        return self.numel * self.out_dtype.itemsize
+        return self.numel * self.out_itemsize
 
     @property
     def chunkable(self) -> bool:
@@ -106,17 +117,17 @@ class Summary:
         return "\n".join(lines)
 
 
-def out_dtype_for(recipe: Recipe, ref: TensorRef, others: list[TensorRef | None] = ()) -> torch.dtype:
-    """--dtype, else model a's dtype; but fp8 only when every input is fp8 (a merge with a wider input keeps the
-    first wider dtype rather than rounding it to 8 bits)."""
-    if not ref.dtype.is_floating_point:
-        return ref.dtype
+def out_dtype_for(recipe: Recipe, ref: TensorRef, others: list[TensorRef | None] = ()) -> str:
+    """The output dtype's name: --dtype, else model a's dtype; but fp8 only when every input is fp8 (a merge with a
+    wider input keeps the first wider dtype rather than rounding it to 8 bits)."""
+    if not is_float(ref.dtype_name):
+        return ref.dtype_name
     if recipe.dtype:
-        return TORCH_DTYPES[recipe.dtype]
-    if ref.dtype in FP8:
-        wider = [r.dtype for r in others if r is not None and r.dtype.is_floating_point and r.dtype not in FP8]
-        return wider[0] if wider else ref.dtype
-    return ref.dtype
+        return DTYPE_NAMES[recipe.dtype]
+    if ref.dtype_name in FP8:
+        wider = [r.dtype_name for r in others if r is not None and is_float(r.dtype_name) and r.dtype_name not in FP8]
+        return wider[0] if wider else ref.dtype_name
+    return ref.dtype_name
 
 
 def plan_merge(models: list[LocalModel], recipe: Recipe, family: Family) -> tuple[list[Task], Summary, dict[str, int]]:
@@ -172,7 +183,7 @@ def plan_merge(models: list[LocalModel], recipe: Recipe, family: Family) -> tupl
             block = first.keymap.block_label(key) if first.keymap else None
             params = rp["blocks"].get(block, rp["params"])
             copy = Task(cname, key, ref0.shape, dtype, [ref0], [idxs[0]])
-            if not ref0.dtype.is_floating_point:
+            if not is_float(ref0.dtype_name):
                 summary.add("nonfloat", f"{cname}/{key}")
                 tasks.append(copy)
                 continue

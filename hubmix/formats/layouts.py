@@ -21,6 +21,8 @@ from hubmix.formats.families import ComponentSpec, layouts
 if TYPE_CHECKING:
     import torch
 
+    from hubmix.formats.io.span import Span
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -344,10 +346,11 @@ class KeyMap:
         return None
 
 
-    def generated_tensor(self, key: str) -> torch.Tensor:
-        import torch
+    def generated_tensor(self, key: str) -> Span:
+        from hubmix.formats.io.span import Span, int64_range
 
         kind = self.generated[key]
         if kind == "positions":
-            return torch.arange(self.config["max_position_embeddings"], dtype=torch.int64)[None]
+            n = self.config["max_position_embeddings"]
+            return Span.of_bytes(int64_range(n), "int64", (1, n))
         raise ValueError(f"unknown generated tensor kind {kind!r}")

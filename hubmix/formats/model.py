@@ -19,7 +19,8 @@ from hubmix.errors import FamilyError, InputError
 from hubmix.formats.families import (ComponentSpec, Family, all_component_names, detect_family, detect_main_only,
                                      get_family, weight_stem)
 from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file, read_regular
-from hubmix.formats.layouts import KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
+from hubmix.formats.io.span import Span
+from hubmix.formats.layouts import COPYING, KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
 from hubmix.formats.prediction import MARKER_KEYS, Prediction, from_scheduler, from_single_file
 
 if TYPE_CHECKING:
@@ -43,6 +44,19 @@ class TensorRef(TensorInfo):
             start, rows = part_rows(self.place.part, t.shape[0])  # type: ignore[misc]  # checked on open
             t = t.narrow(0, start, rows)
         return apply_to_canonical(self.place.transform, t)
+
+    def span(self) -> Span | None:
+        """The same tensor as a torch-free span (no copy), or None where it needs torch: a transposed or
+        reordered tensor, a pickle, misaligned data."""
+        if self.place.transform in COPYING:
+            return None
+        s = self.file.span(self.key)
+        if s is None:
+            return None
+        if self.place.part is not None:
+            start, rows = part_rows(self.place.part, s.shape[0])  # type: ignore[misc]  # checked on open
+            s = s.rows(start, rows)
+        return s.reshape(self.shape)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 if TYPE_CHECKING:
-    import torch
+    from hubmix.formats.io.span import Span
 
 V_PRED_KEY = "v_pred"
 ZTSNR_KEY = "ztsnr"
@@ -72,13 +72,13 @@ def single_file_metadata(pred: Prediction) -> dict[str, str]:
     return {"modelspec.predict_key": short, "modelspec.prediction_type": short}
 
 
-def marker_tensors(pred: Prediction, keys_family_writes: Collection[str]) -> dict[str, torch.Tensor]:
+def marker_tensors(pred: Prediction, keys_family_writes: Collection[str]) -> dict[str, Span]:
     """The empty marker tensors a single file gets (ComfyUI writes them as `torch.tensor([])`, float32)."""
-    import torch
+    from hubmix.formats.io.span import Span
 
     out = {}
     if pred.type == "v_prediction" and V_PRED_KEY in keys_family_writes:
-        out[V_PRED_KEY] = torch.zeros(0, dtype=torch.float32)
+        out[V_PRED_KEY] = Span.of_bytes(b"", "float32", (0,))
         if pred.zero_snr and ZTSNR_KEY in keys_family_writes:
-            out[ZTSNR_KEY] = torch.zeros(0, dtype=torch.float32)
+            out[ZTSNR_KEY] = Span.of_bytes(b"", "float32", (0,))
     return out

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hubmix.errors import InputError
+from hubmix.formats.io.span import ITEMSIZE, Span, address_of, dtype_name
 
 if TYPE_CHECKING:
     import torch
@@ -43,14 +44,7 @@ ST_DTYPES: dict[str, str] = {
     "F8_E5M2": "float8_e5m2",
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
-            "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.float16 -> 'float16'."""
-    return str(dtype).removeprefix("torch.")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -59,7 +53,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def st_dtype(dtype: torch.dtype) -> str:
+def st_dtype(dtype: torch.dtype | str) -> str:
     """The safetensors name of a torch dtype (KeyError for one the format cannot hold)."""
     return ST_NAMES[dtype_name(dtype)]
 
@@ -133,6 +127,11 @@ class WeightFile:
     def tensor(self, key: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def span(self, key: str) -> Span | None:
+        """The tensor as a torch-free span of the mapped file, or None where the reader has no mapping to offer
+        (a pickle, misaligned data): such tensors are read through torch."""
+        return None
+
     def mapped(self) -> mmap.mmap | None:
         """The whole file as the memory map tensors are viewed through (None: the reader has none), so the input
         hash reads the very pages the merge reads."""
@@ -162,6 +161,7 @@ class SafetensorsFile(WeightFile):
             os.close(self._fd)
             raise
         self._mm: mmap.mmap | None = None
+        self._address = 0
         self._mm_lock = threading.Lock()  # one mapping, shared by the engine and the input hash
         # closed when the file object goes (the mapping keeps its own descriptor, views stay valid)
         self._closer = weakref.finalize(self, os.close, self._fd)
@@ -245,7 +245,9 @@ class SafetensorsFile(WeightFile):
                 if self._mm is None:
                     # ACCESS_COPY = MAP_PRIVATE: pages we only read stay shared with the page cache (no anonymous
                     # memory), and the buffer is writable, which torch.frombuffer wants.
-                    self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+                    mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+                    self._address = address_of(mm)
+                    self._mm = mm
         return self._mm
 
     def mapped(self) -> mmap.mmap:
@@ -264,6 +266,14 @@ class SafetensorsFile(WeightFile):
             return raw.clone().view(info.dtype).reshape(info.shape)
         t = torch.frombuffer(self._map(), dtype=info.dtype, count=info.numel, offset=offset)
         return t.reshape(info.shape)
+
+    def span(self, key: str) -> Span | None:
+        info = self._info[key]
+        offset = self._offsets[key]
+        if offset % info.itemsize:
+            return None
+        mm = self._map()
+        return Span(mm, self._address + offset, info.dtype_name, info.shape)
 
     def close(self) -> None:
         self._closer()

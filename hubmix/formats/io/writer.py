@@ -19,15 +19,19 @@ from __future__ import annotations
 import errno
 import math
 import json
+import mmap
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hubmix.errors import OutputError
 from hubmix.formats.io.readers import st_dtype
+from hubmix.formats.io.span import Span, dtype_name, itemsize
+
+if TYPE_CHECKING:
+    import torch
 
 FLUSH_STEP = 256 << 20  # start writeback after this many new bytes
 BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and memory (what every Linux filesystem accepts)
@@ -51,12 +55,16 @@ def direct_wanted(size: int, direct: bool | None) -> bool:
 @dataclass(frozen=True)
 class PlannedTensor:
     key: str
-    dtype: torch.dtype
+    dtype: Any  # a torch dtype or its name ("float16")
     shape: tuple[int, ...]
 
     @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * self.itemsize
 
 
 def plan_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
@@ -65,7 +73,7 @@ def plan_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> tuple
     Tensors are ordered by alignment, then name (as safetensors does), so every tensor starts aligned to its
     itemsize; metadata keys are sorted, so the same plan always gives the same bytes.
     """
-    order = sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.key))
+    order = sorted(tensors, key=lambda t: (-t.itemsize, t.key))
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
@@ -127,12 +135,18 @@ class SafetensorsWriter:
             except OSError:
                 return
 
-    def write(self, key: str, data: torch.Tensor, byte_offset: int = 0) -> None:
-        """Write `data` (already in the planned dtype) into tensor `key`, starting `byte_offset` bytes in."""
+    def write(self, key: str, data: torch.Tensor | Span, byte_offset: int = 0) -> None:
+        """Write `data` (a tensor or span already in the planned dtype) into tensor `key`, starting `byte_offset`
+        bytes in."""
         planned = self.planned[key]
-        if data.dtype != planned.dtype:
+        if dtype_name(data.dtype) != dtype_name(planned.dtype):
             raise AssertionError(f"{key}: writing {data.dtype} into planned {planned.dtype}")
-        buf = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        if isinstance(data, Span):
+            buf = data.memoryview()
+        else:
+            import torch
+
+            buf = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
         n = len(buf)
         if byte_offset + n > planned.nbytes:
             raise AssertionError(f"{key}: write past the planned end ({byte_offset}+{n} > {planned.nbytes})")
@@ -239,10 +253,8 @@ class _DirectBlocks:
         self.held_end = min(-(-header_len // BLOCK) * BLOCK, -(-size // BLOCK) * BLOCK)
         self.held = bytearray(self.held_end)
         self.partial: dict[int, list] = {}  # block index -> [bytearray(BLOCK), bytes arrived]
-        raw = torch.empty(STAGE + BLOCK, dtype=torch.uint8)  # kept alive by self: the view below points into it
-        off = -raw.data_ptr() % BLOCK
-        self._raw = raw
-        self.stage = memoryview(raw[off:off + STAGE].numpy())
+        self._raw = mmap.mmap(-1, STAGE)  # anonymous memory is page-aligned, as O_DIRECT wants
+        self.stage = memoryview(self._raw)
 
     def probe(self, fd: int) -> None:
         """One aligned write at offset 0 (the header's place, written again at the end): EINVAL means no O_DIRECT."""
