@@ -21,7 +21,9 @@ import math
 import json
 import mmap
 import os
+import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
 FLUSH_STEP = 256 << 20  # start writeback after this many new bytes
 BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and memory (what every Linux filesystem accepts)
 DIRECT_MIN = 64 << 20  # smaller files go through the page cache: a direct write waits for the disk each time
-STAGE = 16 << 20  # bytes of the aligned staging buffer a direct write copies through
+STAGE = 16 << 20  # bytes of each aligned staging buffer a direct write copies through
+QUEUE = 3  # direct writes in flight: one at a time, 4 MB writes took 1.7x as long as with two (this VM's disk)
 
 
 def direct_wanted(size: int, direct: bool | None) -> bool:
@@ -211,6 +214,8 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._stop_flusher()
+        if self._direct is not None:
+            self._direct.drain(cancel=True)  # no write may reach a descriptor number reused after the close
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -253,12 +258,23 @@ class _DirectBlocks:
         self.held_end = min(-(-header_len // BLOCK) * BLOCK, -(-size // BLOCK) * BLOCK)
         self.held = bytearray(self.held_end)
         self.partial: dict[int, list] = {}  # block index -> [bytearray(BLOCK), bytes arrived]
-        self._raw = mmap.mmap(-1, STAGE)  # anonymous memory is page-aligned, as O_DIRECT wants
-        self.stage = memoryview(self._raw)
+        self._raw = mmap.mmap(-1, STAGE * QUEUE)  # anonymous memory is page-aligned, as O_DIRECT wants
+        stages = memoryview(self._raw)
+        self._free: queue.Queue = queue.Queue()  # staging buffers not in flight
+        for i in range(QUEUE):
+            self._free.put(stages[i * STAGE:(i + 1) * STAGE])
+        self._pool = ThreadPoolExecutor(QUEUE, thread_name_prefix="hubmix-direct")
+        self._errors: list[OSError] = []
 
     def probe(self, fd: int) -> None:
-        """One aligned write at offset 0 (the header's place, written again at the end): EINVAL means no O_DIRECT."""
-        self._aligned(fd, bytes(BLOCK), 0)
+        """One aligned write at offset 0 (the header's place, written again at the end), waited for: EINVAL means
+        no O_DIRECT."""
+        stage = self._free.get()
+        try:
+            stage[:BLOCK] = bytes(BLOCK)
+            os.pwrite(fd, stage[:BLOCK], 0)
+        finally:
+            self._free.put(stage)
 
     def write(self, fd: int, buf: memoryview, pos: int) -> None:
         end = pos + len(buf)
@@ -298,16 +314,37 @@ class _DirectBlocks:
             piece = data[i:i + STAGE]
             n = len(piece)
             padded = -(-n // BLOCK) * BLOCK
-            self.stage[:n] = piece
+            stage = self._free.get()  # waits while QUEUE writes are in flight
+            if self._errors:
+                self._free.put(stage)
+                raise self._errors[0]
+            stage[:n] = piece
             if padded != n:
-                self.stage[n:padded] = bytes(padded - n)
+                stage[n:padded] = bytes(padded - n)
+            self._pool.submit(self._pwrite, fd, stage, padded, pos + i)
+
+    def _pwrite(self, fd: int, stage: memoryview, n: int, pos: int) -> None:
+        """One staged write, on a pool thread: several in flight keep the disk's queue full."""
+        try:
             done = 0
-            while done < padded:
-                done += os.pwrite(fd, self.stage[done:padded], pos + i + done)
+            while done < n:
+                done += os.pwrite(fd, stage[done:n], pos + done)
+        except OSError as e:
+            self._errors.append(e)
+        finally:
+            self._free.put(stage)
+
+    def drain(self, cancel: bool = False) -> None:
+        """Wait for the writes in flight (dropping those not started, with `cancel`: an abort); raise the first that
+        failed. The descriptor must stay open until this returns."""
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+        if self._errors and not cancel:
+            raise self._errors[0]
 
     def finish(self, fd: int, size: int) -> None:
         if self.partial:  # every planned byte was counted, so this is a bug, not bad input
             raise AssertionError(f"direct write: blocks {sorted(self.partial)[:3]} never completed")
         self._aligned(fd, self.held, 0)
+        self.drain()
         if size % BLOCK:
             os.ftruncate(fd, size)
