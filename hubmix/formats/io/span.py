@@ -36,6 +36,13 @@ def is_float(dtype: Any) -> bool:
     return dtype_name(dtype) in FLOATS
 
 
+def private_memory(nbytes: int) -> mmap.mmap:
+    """Page-aligned private anonymous memory (MAP_PRIVATE where the platform has it)."""
+    if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS"):
+        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, nbytes)
+
+
 def address_of(buffer: Any) -> int:
     """The address of a writable buffer (an mmap, a bytearray); it stays valid while the buffer lives."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
@@ -92,8 +99,9 @@ class Span:
 
     @classmethod
     def allocate(cls, nbytes: int, dtype: str = "uint8") -> Span:
-        """A fresh page-aligned buffer (anonymous memory: untouched pages cost nothing)."""
-        buf = mmap.mmap(-1, max(nbytes, 1))
+        """A fresh page-aligned buffer (private anonymous memory: untouched pages cost nothing; Python's default,
+        a shared mapping, is shmem, whose page faults cost more)."""
+        buf = private_memory(max(nbytes, 1))
         return cls(buf, address_of(buf), dtype, (nbytes // ITEMSIZE[dtype],))
 
     @classmethod

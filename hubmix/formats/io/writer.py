@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import math
 import json
-import mmap
 import os
 import queue
 import threading
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from hubmix.errors import OutputError
 from hubmix.formats.io.readers import st_dtype
-from hubmix.formats.io.span import Span, dtype_name, itemsize
+from hubmix.formats.io.span import Span, dtype_name, itemsize, private_memory
 
 if TYPE_CHECKING:
     import torch
@@ -258,7 +257,7 @@ class _DirectBlocks:
         self.held_end = min(-(-header_len // BLOCK) * BLOCK, -(-size // BLOCK) * BLOCK)
         self.held = bytearray(self.held_end)
         self.partial: dict[int, list] = {}  # block index -> [bytearray(BLOCK), bytes arrived]
-        self._raw = mmap.mmap(-1, STAGE * QUEUE)  # anonymous memory is page-aligned, as O_DIRECT wants
+        self._raw = private_memory(STAGE * QUEUE)  # anonymous memory is page-aligned, as O_DIRECT wants
         stages = memoryview(self._raw)
         self._free: queue.Queue = queue.Queue()  # staging buffers not in flight
         for i in range(QUEUE):
