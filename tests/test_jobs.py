@@ -328,3 +328,28 @@ def test_detached_sweep_writes_its_summary_at_once(hub, cli):
         if job.spec["labels"].get("hubmix-sweep") == "user--later-sweep":
             assert f"[user/{job.id}]({hub.url}/jobs/user/{job.id})" in card
     assert card.count("| started |") == 2
+
+
+def test_sweep_remote_runs_a_job_per_point(hub, cli):
+    """`hubmix sweep --remote` is merge --vary --remote from the sweep's command line: a branch per point and a
+    summary card, no local rendering; its misuses are usage errors."""
+    code, out, err = cli("sweep", "org/a", "org/b@v1", "--method", "weighted_sum", "--vary", "alpha=0.25,0.75",
+                         "--push", "user/rsweep", "--remote", "--max-jobs", "2", "-q")
+    assert code == 0, err
+    branches = {"alpha-0.25": 0.25, "alpha-0.75": 0.75}
+    refs = hub.refs("user/rsweep")
+    assert {r.split("/")[-1] for r in refs if r.startswith("refs/heads/")} == {"main", *branches}
+    for branch, alpha in branches.items():
+        assert yaml.safe_load(hub.files("user/rsweep", branch)["recipe.yaml"])["params"] == {"alpha": alpha}
+    card = hub.files("user/rsweep")["README.md"].decode()
+    assert all(f"[{b}]({hub.url}/user/rsweep/tree/{b})" in card for b in branches)
+    assert out.strip() == f"{hub.url}/user/rsweep/commit/{hub.resolve('user/rsweep')}"
+    for argv, needle in ((["--push", "user/x", "--remote", "--out", "d"], "drop --out"),
+                         (["--remote"], "drop --out"),
+                         (["--push", "user/x", "--out", "d"], "only go with --remote"),
+                         (["--flavor", "cpu-upgrade", "--out", "d"], "only go with --remote"),
+                         (["--out", "d", "--push", "user/x", "--remote"], "drop --out")):
+        code, _, err = cli("sweep", "org/a", "org/b", "--method", "weighted_sum", "--vary", "alpha=0.5", *argv)
+        assert code == 2 and needle in err, (argv, err)
+    code, _, err = cli("sweep", "org/a", "org/b", "--method", "weighted_sum", "--push", "user/x", "--remote")
+    assert code == 2 and "--vary NAME=V1,V2,..." in err

@@ -10,7 +10,7 @@ import click
 from hubmix.cli.app import cli
 
 REMOTE_KEYS = ("remote", "flavor", "timeout", "detach", "remote_install", "upload_inputs", "max_jobs", "vary")
-REMOTE_OPTIONS = [
+JOB_OPTIONS = [  # how a remote merge runs (merge and sweep)
     click.option("--remote", is_flag=True, help="Run the merge as a Hugging Face Job next to the Hub: inputs mounted "
                                                 "at their pinned commits, the result pushed (see docs/remote.md)."),
     click.option("--flavor", metavar="NAME", help="With --remote: the job's hardware (default cpu-basic; "
@@ -23,6 +23,9 @@ REMOTE_OPTIONS = [
                                                        "yours first (else they are refused)."),
     click.option("--max-jobs", type=click.IntRange(1, 64), default=4, show_default=True,
                  help="With --vary: jobs running at once."),
+]
+REMOTE_OPTIONS = [  # merge's: the job options and --vary
+    *JOB_OPTIONS,
     click.option("--vary", multiple=True, metavar="NAME=V1,V2,...", help="With --remote: one job per value (per "
                                                                          "combination), each pushed to a branch."),
 ]

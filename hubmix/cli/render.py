@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from hubmix.cli.app import cli, parse_components, quiet_downloads
+from hubmix.cli.jobs import JOB_OPTIONS, check_remote, remote_merge
 from hubmix.hub.refs import REF_RULE
 
 _KEYS = ("prompts", "seeds", "negative_prompt", "steps", "size", "guidance")
@@ -50,6 +51,13 @@ def render_spec(sampling: dict, *, device: str = "auto", dtype: str | None = Non
     return spec
 
 
+def _remote(f):
+    """merge's --remote options but --vary: a sweep's own --vary is what its jobs vary."""
+    for o in reversed(JOB_OPTIONS):
+        f = o(f)
+    return f
+
+
 _DEVICE = click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda, "
                                                                            "cuda:N or mps.")
 _DTYPE = click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
@@ -82,7 +90,10 @@ def samples(models, sampling, out, config_from, device, dtype, overwrite, quiet)
                   "DIR/grid.png (rows: points), one PNG per image and DIR/sweep.json (each point's parameters, "
                   "images and dry-run selection shares).\n\n--vary NAME=V1,V2,...: NAME is a method parameter "
                   "(alpha), a UNet block's (OUT00.beta), a component's (text_encoder.alpha) or both "
-                  "(unet.IN04.alpha); several --vary make every combination.")
+                  "(unet.IN04.alpha); several --vary make every combination.\n\n--remote --push ORG/NAME: each "
+                  "point is merged by its own Hugging Face Job instead and pushed to branch NAME-VALUE of ORG/NAME, "
+                  "with a summary card on main (as merge --vary --remote); nothing is rendered (run `hubmix "
+                  "samples ORG/NAME@BRANCH` on a point).")
 @click.argument("models", nargs=-1)
 @click.option("--method", "-m", help="Merge method (as for merge).")
 @click.option("--vary", multiple=True, metavar="NAME=V1,V2,...", help="A parameter and its values (repeatable).")
@@ -93,13 +104,16 @@ def samples(models, sampling, out, config_from, device, dtype, overwrite, quiet)
                                                                                   "merge --dtype).")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="Take the base merge from a recipe.")
 @sampling_options
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Output folder (not with --remote).")
 @_DEVICE
 @_DTYPE
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--push", metavar="ORG/NAME", help="With --remote: the repo whose branches get the points.")
+@click.option("--private", is_flag=True, help="With --remote: create the repo private.")
+@_remote
 def sweep(models, method, vary, params, components, merge_dtype, recipe_file, sampling, out, device, dtype,
-          overwrite, quiet):
+          overwrite, quiet, push, private, **remote):
     from hubmix.engine.pipeline import Settings
     from hubmix.errors import RecipeError
     from hubmix.recipe import Recipe
@@ -123,6 +137,18 @@ def sweep(models, method, vary, params, components, merge_dtype, recipe_file, sa
         recipe = Recipe(models=list(models), method=method, params=fixed, components=parse_components(components),
                         dtype=merge_dtype)
     recipe.validate()
+    if check_remote(remote):
+        if out is not None or not push:
+            raise click.UsageError("--remote pushes each point to a branch of --push ORG/NAME; drop --out")
+        if not vary:
+            raise click.UsageError("--vary NAME=V1,V2,... says what the sweep varies")
+        return remote_merge(recipe, {**remote, "vary": list(vary)}, push=push, out=None, dry=False, private=private,
+                            branch=None, create_pr=False, commit_message=None, license_=None, quiet=quiet,
+                            save_recipe=None)
+    if push or private:
+        raise click.UsageError("--push and --private only go with --remote (a local sweep writes no model)")
+    if out is None:
+        raise click.UsageError("give --out DIR (or --remote --push ORG/NAME)")
     if quiet:
         quiet_downloads()
     spec = render_spec(sampling, device=device, dtype=dtype, quiet=quiet, defaults=False)
