@@ -151,19 +151,21 @@ def test_a_plain_merge_imports_no_model_library(zoo, tmp_path):
     assert not {"diffusers", "transformers", "huggingface_hub", "PIL"} & set(heavy), heavy
 
 
-@pytest.mark.parametrize("layout", ["single-file", "diffusers"])
-def test_a_merge_with_native_kernels_imports_no_torch(zoo, tmp_path, layout):
+@pytest.mark.parametrize("family,layout", [("sd1", "single-file"), ("sd1", "diffusers"), ("sd2", "single-file"),
+                                           ("sdxl", "single-file")])
+def test_a_merge_with_native_kernels_imports_no_torch(zoo, tmp_path, family, layout):
     """Every task a copy or a native kernel on the CPU: the merge runs on spans (formats.io.span), torch is never
-    imported, and the bytes are the eager torch path's."""
+    imported, and the bytes are the eager torch path's. SD2's and SDXL's single files store OpenCLIP's
+    text_projection transposed and its q/k/v fused: read and written through native transposes and row blocks."""
     from hubmix.engine import native
 
     if native.Native.library() is None:
         pytest.skip(f"no native kernels here: {native.Native.error()}")
     if layout == "single-file":
-        models = [str(zoo.single("sd1", s, dtype="fp16")) for s in (1, 2, 3)]
+        models = [str(zoo.single(family, s, dtype="fp16")) for s in (1, 2, 3)]
         outs = {k: tmp_path / f"{k}.safetensors" for k in ("native", "eager")}
     else:
-        models = [str(zoo.diffusers("sd1", s, dtype="fp16")) for s in (1, 2, 3)]
+        models = [str(zoo.diffusers(family, s, dtype="fp16")) for s in (1, 2, 3)]
         outs = {k: tmp_path / k for k in ("native", "eager")}
     env = {"HUBMIX_CACHE": os.environ.get("HUBMIX_CACHE", str(tmp_path))}
     for kind, out in outs.items():  # --dtype bf16: the copies convert too

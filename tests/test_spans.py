@@ -138,3 +138,26 @@ def test_non_finite_inputs_are_counted_on_spans(tmp_path, zoo, cli):
         lines[kind] = [ln for ln in err.splitlines() if ln.startswith("warning:")]
     assert lines["native"] == lines["eager"] and len(lines["native"]) == 1, lines
     assert "unet: 4 non-finite (NaN/inf) elements in b (bad.safetensors) (2 tensors" in lines["native"][0]
+
+
+def test_span_transforms_equal_the_torch_layout_transforms():
+    """transpose (OpenCLIP's text_projection) and swap_halves (Flux's adaLN) on spans: the bytes of
+    formats.layouts' torch transforms, both directions, for every element width."""
+    native = _library()
+    from hubmix.formats.layouts import apply_to_canonical, apply_to_original, to_canonical_shape
+
+    for dtype in (torch.float8_e4m3fn, torch.float16, torch.float32):
+        for shape in ((7, 5), (64, 33), (1, 9), (40, 40)):
+            x = torch.randn(shape).to(dtype)
+            name = str(dtype).removeprefix("torch.")
+            span = Span(x, x.data_ptr(), name, shape)
+            for transform in ("transpose", "swap_halves"):
+                if transform == "swap_halves" and shape[0] % 2:
+                    continue
+                canon = to_canonical_shape(transform, shape)
+                got = native.transformed(transform, span, canon)
+                assert got.shape == canon
+                assert bytes(got.memoryview()) == _bytes(apply_to_canonical(transform, x)), (dtype, shape)
+                back = native.transformed(transform, got, shape)
+                assert bytes(back.memoryview()) == _bytes(apply_to_original(transform, apply_to_canonical(
+                    transform, x))) == _bytes(x)

@@ -323,6 +323,28 @@ def nonfinite_count(view: Any) -> int | None:
     return getattr(lib, f"nonfinite_{t}")(view.data_ptr(), view.numel())
 
 
+def transformed(transform: str | None, span: Span, shape: tuple[int, ...]) -> Span | None:
+    """A layout transform (formats.layouts) applied to a span, giving `shape`: conv1x1 is a reshape; transpose (a
+    2-D tensor) and swap_halves (its two halves along dim 0 exchanged) copy into a fresh buffer. Both directions
+    are the same operation. None where the library is needed and not loaded."""
+    if transform in (None, "conv1x1"):
+        return span.reshape(shape)
+    out = Span.allocate(span.nbytes, span.dtype).reshape(shape)
+    if transform == "swap_halves":
+        src, dst = span.memoryview(), out.memoryview()
+        half = span.nbytes // 2
+        dst[:half], dst[half:] = src[half:], src[:half]
+        return out
+    assert transform == "transpose" and len(span.shape) == 2, (transform, span.shape)
+    lib = Native._lib
+    if lib is None:
+        return None
+    fn = getattr(lib, f"transpose_b{span.itemsize}")
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64], None
+    fn(span.address, out.address, span.shape[0], span.shape[1])
+    return out
+
+
 def install_dropmask() -> bool:
     """Give hubmix.methods.dropmask the native mask and hubmix.methods.statistics the native histograms (the same
     functions as their torch code, which the tests check)."""

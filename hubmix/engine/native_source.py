@@ -133,6 +133,16 @@ NONFINITE(e5m2, uint8_t, u16, 0x7Cu, 65535)
            int64_t start, uint32_t s1, uint32_t s2, uint32_t t, float k1, float k2
 #define K const void *restrict a, const void *restrict b, const void *restrict c, void *restrict o, int64_t n, \
           float k1, float k2, float k3, float k4
+/* dst (cols x rows) = the transpose of src (rows x cols), elements of 1, 2 or 4 bytes, in cache-sized tiles */
+#define TRANSPOSE(w, T) void transpose_b##w(const void *restrict src, void *restrict dst, int64_t rows, \
+                                            int64_t cols) { \
+    const T *s = (const T *)src; T *d = (T *)dst; \
+    for (int64_t i0 = 0; i0 < rows; i0 += 32) for (int64_t j0 = 0; j0 < cols; j0 += 32) { \
+        int64_t i1 = i0 + 32 < rows ? i0 + 32 : rows, j1 = j0 + 32 < cols ? j0 + 32 : cols; \
+        for (int64_t i = i0; i < i1; i++) for (int64_t j = j0; j < j1; j++) d[j * rows + i] = s[i * cols + j]; } }
+TRANSPOSE(1, uint8_t)
+TRANSPOSE(2, u16)
+TRANSPOSE(4, uint32_t)
 /* A kernel run step by step, each step's inputs scanned for NaN/inf just before the kernel reads them: the step's
    bytes are still in cache, so the merge reads its inputs from memory once instead of twice. Kernels are
    element-wise, so steps (multiples of F16_BLOCK) give the bytes of one call. counts[i] += input i's count. */

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hubmix.engine import native
 from hubmix.engine.pipeline import Job
 from hubmix.errors import InputError
 from hubmix.formats.families import ComponentSpec, Family
@@ -128,7 +129,10 @@ class Router:
             assert r.file.writer is not None
             if r.transform in COPYING:  # needs the whole tensor: such tasks are never split
                 assert job.whole, f"{job.task.key}: a {r.transform} tensor cannot be written in chunks"
-                r.file.writer.write(r.key, apply_to_original(r.transform, data.reshape(job.task.shape)), r.byte_base)
+                shaped = data.reshape(job.task.shape)
+                stored = (native.transformed(r.transform, shaped, to_original_shape(r.transform, job.task.shape))
+                          if isinstance(shaped, Span) else apply_to_original(r.transform, shaped))
+                r.file.writer.write(r.key, stored, r.byte_base)
             else:  # conv1x1 reshapes and row-blocks are the same bytes
                 r.file.writer.write(r.key, data, r.byte_base + job.start * job.task.out_itemsize)
 

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from hubmix.engine import native
 from hubmix.engine.kernels import Kernels
 from hubmix.engine.plan import Task
+from hubmix.formats.layouts import COPYING
+from hubmix.formats.model import TensorRef
 from hubmix.formats.io.pages import populate
 from hubmix.formats.io.span import Span, is_float
 from hubmix.methods.registry import Context
@@ -112,7 +114,7 @@ def load_views(job: Job, spans: bool = False) -> list[Any]:
     """The job's input tensors in storage dtype: whole canonical views, or flat slices for a chunk; as spans when
     asked (the task must be `span_ready`)."""
     if spans:
-        whole = [r.span() for r in job.task.refs]
+        whole = [input_span(r) for r in job.task.refs]
         return [s.flat(job.start, job.stop) for s in whole] if job.task.chunkable else whole  # type: ignore[union-attr]
     views = [r.load() for r in job.task.refs]
     if job.task.chunkable:
@@ -120,13 +122,22 @@ def load_views(job: Job, spans: bool = False) -> list[Any]:
     return views
 
 
+def input_span(ref: TensorRef) -> Span | None:
+    """A canonical input as a span: a view of the mapped file, or for a transposed or reordered tensor (always
+    small: such tasks are never chunked) a native copy in canonical layout."""
+    s = ref.span()
+    if s is None and ref.place.transform in COPYING and (stored := ref.stored_span()) is not None:
+        s = native.transformed(ref.place.transform, stored, ref.shape)
+    return s
+
+
 def span_ready(task: Task, kernels: Kernels) -> bool:
     """Whether the task runs on spans: every input has one, and the result is a plain copy of it (the same dtype,
     or a float dtype the native library converts) or comes from a native kernel of an element-wise method with
-    these parameters; no LoRA, channel merge or whole-tensor output transform."""
-    if task.lora is not None or task.channels is not None or task.whole_only:
+    these parameters; no LoRA or channel merge. Spans need the native library: its NaN/inf scan and transposes."""
+    if task.lora is not None or task.channels is not None or native.Native.library() is None:
         return False
-    if any(r.span() is None for r in task.refs):
+    if any(r.stored_span() is None for r in task.refs):
         return False
     dtypes = [r.dtype_name for r in task.refs]
     if task.method is None:

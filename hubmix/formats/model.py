@@ -45,18 +45,22 @@ class TensorRef(TensorInfo):
             t = t.narrow(0, start, rows)
         return apply_to_canonical(self.place.transform, t)
 
-    def span(self) -> Span | None:
-        """The same tensor as a torch-free span (no copy), or None where it needs torch: a transposed or
-        reordered tensor, a pickle, misaligned data."""
-        if self.place.transform in COPYING:
-            return None
+    def stored_span(self) -> Span | None:
+        """The stored bytes as a torch-free span (no copy; a fused tensor's rows narrowed) in the file's shape, or
+        None where the reader has no mapping to offer (a pickle, misaligned data)."""
         s = self.file.span(self.key)
-        if s is None:
-            return None
-        if self.place.part is not None:
+        if s is not None and self.place.part is not None:
             start, rows = part_rows(self.place.part, s.shape[0])  # type: ignore[misc]  # checked on open
             s = s.rows(start, rows)
-        return s.reshape(self.shape)
+        return s
+
+    def span(self) -> Span | None:
+        """The tensor in canonical shape as a span without a copy; None also for transforms that move bytes
+        (transpose, swap_halves), which the engine applies to `stored_span()`."""
+        if self.place.transform in COPYING:
+            return None
+        s = self.stored_span()
+        return None if s is None else s.reshape(self.shape)
 
 
 @dataclass
