@@ -16,6 +16,7 @@ from typing import Any, Callable
 from hubmix.blockweights import expand_block_lists
 from hubmix.lorabake import attach_loras
 from hubmix.engine import pipeline as engine
+from hubmix.engine.chunk import span_ready
 from hubmix.cache import write_new
 from hubmix.engine.devices import device_budget, plain_cpu, resolve_device
 from hubmix.errors import InputError, RecipeError
@@ -155,10 +156,11 @@ def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str
 
 
 def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, summary: Summary,
-             names: list[str]) -> dict[str, Any]:
+             names: list[str], spans_allowed: bool = True) -> dict[str, Any]:
     """Run the merge tasks through the engine on the chosen device; returns what the engine did. Inputs with
     NaN/inf elements are counted in the same pass and reported per component and model (summary "nonfinite").
-    On the CPU, a merge whose every task has a native kernel (or is a copy) runs on spans, without torch."""
+    On the CPU, a merge whose every task has a native kernel (or is a copy) runs on spans, without torch, unless
+    `write` wants tensors (spans_allowed=False)."""
     device = None if plain_cpu(settings.device) else resolve_device(settings.device)  # None: the CPU, no torch
     on_cpu = device is None or device.type == "cpu"
     workers = settings.workers or (engine.default_workers() if on_cpu else 1)
@@ -183,7 +185,8 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
 
     try:
         # spans need the native library: its kernels, and its scan for NaN/inf (decided before torch is imported)
-        spans = device is None and kernels.use_native and all(engine.span_ready(t, kernels) for t in tasks)
+        spans = (spans_allowed and device is None and kernels.use_native
+                 and all(span_ready(t, kernels) for t in tasks))
         with contextlib.nullcontext() if spans else engine.parallel_across_chunks(workers):
             kernels.start(list(signatures.values()))
             engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
@@ -303,7 +306,8 @@ def merge_in_memory(recipe: Recipe, into: Callable[[str, str], Any] | None = Non
     def write(job: engine.Job, data: Any) -> None:
         dest[(job.task.component, job.task.key)].view(-1)[job.start:job.stop].copy_(data.reshape(-1))
 
-    _execute(tasks, write, settings, "merging", summary, [f"{letter(i)} ({m.name})" for i, m in enumerate(models)])
+    _execute(tasks, write, settings, "merging", summary, [f"{letter(i)} ({m.name})" for i, m in enumerate(models)],
+             spans_allowed=False)  # the chunks are copied into tensors
     for (c, k), d in dest.items():  # a non-contiguous destination gets its copy now
         if into and (target := into(c, k)) is not None and target.data_ptr() != d.data_ptr():
             target.copy_(d)

@@ -161,3 +161,25 @@ def test_span_transforms_equal_the_torch_layout_transforms():
                 back = native.transformed(transform, got, shape)
                 assert bytes(back.memoryview()) == _bytes(apply_to_original(transform, apply_to_canonical(
                     transform, x))) == _bytes(x)
+
+
+def test_an_in_memory_merge_with_native_kernels_gets_tensors(zoo, tmp_path):
+    """merge_in_memory (sweeps, samples) copies every chunk into tensors: it never runs on spans, even where a merge
+    to files would, and its tensors are the written file's."""
+    _library()
+    import hubmix
+    from hubmix import Recipe
+    from hubmix.engine.pipeline import Settings
+    from hubmix.merging import merge_in_memory
+
+    models = [str(zoo.single("sd1", s, dtype="fp16")) for s in (1, 2, 3)]
+    recipe = Recipe(models=models, method="lossless", params={"alpha": 0.9})
+    out = tmp_path / "m.safetensors"
+    result = hubmix.merge(recipe, out=out, quiet=True, settings=Settings(kernels="native", quiet=True))
+    assert result.engine["torch"] is False  # the file merge ran on spans
+    got = merge_in_memory(recipe, settings=Settings(kernels="native", quiet=True))
+    written = load_file(str(out))
+    unet = got["unet"]
+    assert unet and all(isinstance(t, torch.Tensor) for t in unet.values())
+    key = "conv_in.weight"
+    assert torch.equal(unet[key], written[f"model.diffusion_model.input_blocks.0.0.weight"])
