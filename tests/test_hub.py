@@ -511,3 +511,30 @@ def test_reproduce_needs_local_inputs(hub, token, cli, tmp_path, zoo):
     assert_one_line_error(code, err, "user/mixed", f"b ({local.name})", "--model")
     code, stdout, err = cli("reproduce", "user/mixed", "--model", f"b={local}", "-q")
     assert code == 0 and "files identical" in stdout, err + stdout
+
+
+def test_a_hub_merge_on_spans_pushes_the_eager_bytes(hub, token, cli, tmp_path, monkeypatch):
+    """Hub inputs merged with native kernels (on spans: no torch tensor) push the bytes the eager torch path
+    writes, recipe included."""
+    from hubmix.engine import native, pipeline
+
+    if native.Native.library() is None:
+        pytest.skip(f"no native kernels here: {native.Native.error()}")
+    calls = []
+    real = pipeline.compute_span
+    monkeypatch.setattr(pipeline, "compute_span", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = {}
+    for kind in ("native", "eager"):
+        outs[kind] = tmp_path / kind
+        args = ["merge", *INPUTS, "--method", "lossless", "--out", outs[kind], "-q", "--kernels", kind]
+        code, _, err = cli(*args, *(["--push", "user/spans"] if kind == "native" else []))
+        assert code == 0, err
+        assert bool(calls) == (kind == "native"), kind  # the native merge ran on spans, the eager one did not
+        calls.clear()
+    weights = sorted(p.relative_to(outs["eager"]) for p in outs["eager"].rglob("*.safetensors"))
+    assert weights
+    pushed = hub.files("user/spans")
+    for rel in weights:
+        assert (outs["native"] / rel).read_bytes() == (outs["eager"] / rel).read_bytes(), rel
+        assert pushed[rel.as_posix()] == (outs["native"] / rel).read_bytes(), rel
+    assert yaml.safe_load(pushed["recipe.yaml"]) == yaml.safe_load((outs["eager"] / "recipe.yaml").read_text())

@@ -7,7 +7,7 @@ in between. inductor compiles CPU code without floating-point contraction or uns
 runtime floats (no recompiling per alpha). Selection methods pick from the stored values directly when the output
 dtype is the candidates' own, so a value taken is the value stored.
 
-Fusing pays only on large merges: a native build costs about a second once per machine, torch.compile several
+Fusing pays only on large merges: a native build costs 11 to 17 s once per machine, torch.compile several
 seconds per process even with its persistent cache, so `auto` uses them only above a size, compiling on a
 background thread while chunks run eagerly; where they are unavailable (no compiler, an unsupported platform, an
 error) everything runs eagerly.
@@ -153,7 +153,7 @@ class Kernels:
         return self._native[k]
 
     def start(self, signatures: list[Signature]) -> None:
-        """Prepare fused kernels for the signatures a merge uses: native ones now (a build costs about a second,
+        """Prepare fused kernels for the signatures a merge uses: native ones now (a build costs seconds,
         once), torch.compile for the rest on a background thread."""
         rest = signatures
         if self.use_native and signatures:

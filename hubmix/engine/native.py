@@ -7,7 +7,7 @@ takes. So its bytes equal the eager path's, which the tests check for every kern
 
 Why not only torch.compile: on a small machine inductor needs 4 to 6 seconds per process before its first kernel
 runs (imports, a CPU-ISA probe that compiles and runs test programs, cache loading), as long as a whole SD1.5 merge
-should take. This C source is compiled once per machine (about a second, with the system's C compiler) into
+should take. This C source is compiled once per machine (11 to 17 s on a 2-core machine, with the system's C compiler) into
 hubmix's cache and then loaded with ctypes; ctypes releases the GIL, so worker threads run kernels in parallel.
 Methods without a native kernel (a user's own) are fused by torch.compile instead (hubmix.kernels).
 """
