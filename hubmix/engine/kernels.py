@@ -7,7 +7,7 @@ in between. inductor compiles CPU code without floating-point contraction or uns
 runtime floats (no recompiling per alpha). Selection methods pick from the stored values directly when the output
 dtype is the candidates' own, so a value taken is the value stored.
 
-Fusing pays only on large merges: a native build costs 11 to 17 s once per machine, torch.compile several
+Fusing pays only on large merges: a native build costs about 8.5 s once per machine, torch.compile several
 seconds per process even with its persistent cache, so `auto` uses them only above a size, compiling on a
 background thread while chunks run eagerly; where they are unavailable (no compiler, an unsupported platform, an
 error) everything runs eagerly.

@@ -7,8 +7,9 @@ takes. So its bytes equal the eager path's, which the tests check for every kern
 
 Why not only torch.compile: on a small machine inductor needs 4 to 6 seconds per process before its first kernel
 runs (imports, a CPU-ISA probe that compiles and runs test programs, cache loading), as long as a whole SD1.5 merge
-should take. This C source is compiled once per machine (11 to 17 s on a 2-core machine, with the system's C compiler) into
-hubmix's cache and then loaded with ctypes; ctypes releases the GIL, so worker threads run kernels in parallel.
+should take. This C source is compiled once per machine (about 8.5 s on 2 cores, in parallel parts, with the
+system's C compiler) into hubmix's cache and then loaded with ctypes; ctypes releases the GIL, so worker threads run
+kernels in parallel.
 Methods without a native kernel (a user's own) are fused by torch.compile instead (hubmix.kernels).
 """
 
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import struct
 from typing import TYPE_CHECKING, Any, Callable
@@ -115,9 +117,14 @@ def _fp8_table(name: str) -> str:
     return ", ".join(f"0x{b:08x}u" for b in fp8_float32_bits(name))
 
 
-def source() -> str:
+PARTS = 4  # the library is compiled as this many translation units, in parallel on the cores there are
+
+
+def source() -> list[str]:
+    """The library's C source in PARTS translation units: each has the prelude, the first also its exported
+    helpers (the others declare the float16 table extern), and a share of the kernels."""
     prelude = PRELUDE.replace("%E4M3%", _fp8_table("float8_e4m3fn")).replace("%E5M2%", _fp8_table("float8_e5m2"))
-    parts = [prelude]
+    parts = []
     for t_in in DTYPES.values():
         for t_out in DTYPES.values():
             store = f"st_{t_out}(o, i, r);"
@@ -133,7 +140,8 @@ def source() -> str:
                 else:
                     store = f"st_{t_out}(o, i, take ? f{x} : f{y});"
                 parts.append(f"void {name}_{t_in}_{t_out}(K) {{ {_loop(n, t_in, f'{body} {store}')} }}")
-    return "\n".join(parts) + "\n"
+    return [("" if i == 0 else "#define HUBMIX_PART 1\n") + prelude + "\n".join(parts[i::PARTS]) + "\n"
+            for i in range(PARTS)]
 
 
 # Which native kernel computes a method, and its float32 scalars derived from the parameters as torch would.
@@ -204,22 +212,19 @@ class Native:
         cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
         if cc is None:
             raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-        src = source()
+        units = source()
         flags = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native",
-                 "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-shared", "-fPIC"]
-        key = hashlib.sha256("\n".join([src, cc, *flags, platform.machine(), _cpu_signature()]).encode())
+                 "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fPIC"]
+        key = hashlib.sha256("\n".join([*units, cc, *flags, platform.machine(), _cpu_signature()]).encode())
         folder = cache_root() / "native"
         lib = folder / f"kernels-{key.hexdigest()[:16]}.so"
         if not lib.exists():
             t0 = time.perf_counter()
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                c_file = Path(tmp) / "kernels.c"
-                c_file.write_text(src)
                 out = Path(tmp) / "kernels.so"
-                r = subprocess.run([cc, *flags, "-o", str(out), str(c_file)], capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+                objects = _compile(cc, flags, units, Path(tmp))
+                _run([cc, "-shared", "-o", str(out), *map(str, objects)], cc)
                 os.replace(out, lib)  # atomic: concurrent builders agree
             cls.build_seconds = time.perf_counter() - t0
         loaded = ctypes.CDLL(str(lib))
@@ -231,6 +236,26 @@ class Native:
                                    + [ctypes.c_int64] + [ctypes.c_float] * 4 + [ctypes.c_void_p])
         loaded.scanned.restype = None
         return loaded
+
+
+def _compile(cc: str, flags: list[str], units: list[str], tmp: Path) -> list[Path]:
+    """Each unit compiled to an object, as many at once as there are cores (the build is one-off but long)."""
+    objects, pending = [], []
+    for i, text in enumerate(units):
+        c_file, obj = tmp / f"kernels{i}.c", tmp / f"kernels{i}.o"
+        c_file.write_text(text)
+        objects.append(obj)
+        pending.append([cc, *flags, "-c", "-o", str(obj), str(c_file)])
+    with ThreadPoolExecutor(max(1, min(len(units), os.cpu_count() or 1))) as pool:
+        for _ in pool.map(lambda cmd: _run(cmd, cc), pending):
+            pass
+    return objects
+
+
+def _run(cmd: list[str], cc: str) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-300:]}")
 
 
 def _cpu_signature() -> str:

@@ -20,8 +20,12 @@ static inline float f16_to_f32(uint16_t h) {
 }
 /* Loads go through a 256 KiB table of those exact values (filled once by init_f16 when the library loads): on
    CPUs whose vector float ops are slow a gather from L2 is about 4x faster than the arithmetic per element. */
-static float F16[65536];
+#ifdef HUBMIX_PART /* the library is compiled in parts (in parallel); the first defines what is exported once */
+extern float F16[65536];
+#else
+float F16[65536];
 void init_f16(void) { for (uint32_t h = 0; h < 65536; h++) F16[h] = f16_to_f32((uint16_t)h); }
+#endif
 static inline float ld_f16(const void *p, int64_t i) { return F16[((const u16 *)p)[i]]; }
 #ifdef __F16C__
 #include <immintrin.h>
@@ -89,6 +93,7 @@ static inline float nan_to_num32(float x) {
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; return x ^ (x >> 16);
 }
+#ifndef HUBMIX_PART
 /* TIES's top-k threshold (hubmix/methods/statistics.py): histograms of the bits of |x - base| in float32 */
 void hist_high(const float *restrict x, const float *restrict base, int64_t n, int64_t *restrict hist) {
     for (int64_t i = 0; i < n; i++) hist[f2u(fabs32(x[i] - base[i])) >> 16]++;
@@ -99,13 +104,16 @@ void hist_low(const float *restrict x, const float *restrict base, int64_t n, ui
         if ((u >> 16) == high) hist[u & 0xFFFFu]++;
     }
 }
+#endif
 static inline int dare_kept(int64_t start, int64_t i, uint32_t s, uint32_t t) {
     uint64_t j = (uint64_t)(start + i);
     return mix32(mix32((uint32_t)j ^ mix32(s ^ (uint32_t)(j >> 32))) ^ s) >= t;
 }
+#ifndef HUBMIX_PART
 void dare_keep(int64_t start, int64_t n, uint32_t s, uint32_t t, uint8_t *restrict out) {
     for (int64_t i = 0; i < n; i++) out[i] = dare_kept(start, i, s, t);
 }
+#endif
 static inline float sgn32(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
 /* TIES's sign election and disjoint mean of two task vectors (task_vectors._elect) */
 static inline float elect2(float u1, float u2) {
@@ -124,11 +132,13 @@ static inline float elect2(float u1, float u2) {
         for (int64_t j = 0; j < m; j++) c += (C)((x[i0 + j] & MASK) == MASK); \
         total += c; } \
     return total; }
+#ifndef HUBMIX_PART
 NONFINITE(f16, u16, u16, 0x7C00u, 65535)
 NONFINITE(bf16, u16, u16, 0x7F80u, 65535)
 NONFINITE(f32, uint32_t, uint32_t, 0x7F800000u, 1 << 24)
 NONFINITE(e4m3, uint8_t, u16, 0x7Fu, 65535)
 NONFINITE(e5m2, uint8_t, u16, 0x7Cu, 65535)
+#endif
 #define KD const void *restrict a, const void *restrict b, const void *restrict c, void *restrict o, int64_t n, \
            int64_t start, uint32_t s1, uint32_t s2, uint32_t t, float k1, float k2
 #define K const void *restrict a, const void *restrict b, const void *restrict c, void *restrict o, int64_t n, \
@@ -140,15 +150,18 @@ NONFINITE(e5m2, uint8_t, u16, 0x7Cu, 65535)
     for (int64_t i0 = 0; i0 < rows; i0 += 32) for (int64_t j0 = 0; j0 < cols; j0 += 32) { \
         int64_t i1 = i0 + 32 < rows ? i0 + 32 : rows, j1 = j0 + 32 < cols ? j0 + 32 : cols; \
         for (int64_t i = i0; i < i1; i++) for (int64_t j = j0; j < j1; j++) d[j * rows + i] = s[i * cols + j]; } }
+#ifndef HUBMIX_PART
 TRANSPOSE(1, uint8_t)
 TRANSPOSE(2, u16)
 TRANSPOSE(4, uint32_t)
+#endif
 /* A kernel run step by step, each step's inputs scanned for NaN/inf just before the kernel reads them: the step's
    bytes are still in cache, so the merge reads its inputs from memory once instead of twice. Kernels are
    element-wise, so steps (multiples of F16_BLOCK) give the bytes of one call. counts[i] += input i's count. */
 typedef void (*kernel_fn)(const void *, const void *, const void *, void *, int64_t, float, float, float, float);
 typedef int64_t (*scan_fn)(const void *, int64_t);
 #define SCAN_STEP 16384
+#ifndef HUBMIX_PART
 void scanned(void *kernel, void *scan, int32_t inputs, int32_t in_size, int32_t out_size, const void *a,
              const void *b, const void *c, void *o, int64_t n, float k1, float k2, float k3, float k4,
              int64_t *counts) {
@@ -160,4 +173,5 @@ void scanned(void *kernel, void *scan, int32_t inputs, int32_t in_size, int32_t 
                             inputs > 2 ? x[2] + s * in_size : 0, (char *)o + s * out_size, m, k1, k2, k3, k4);
     }
 }
+#endif
 """
