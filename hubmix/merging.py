@@ -196,7 +196,8 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
     for (component, i), (n, keys) in sorted(bad.items()):
         summary.add("nonfinite", f"{component}: {n} non-finite (NaN/inf) elements in {names[i]} ({len(keys)} "
                                  f"tensors, e.g. {sorted(keys)[0]})")
-    return {"device": str(device or "cpu"), "torch": not spans, "workers": workers, "chunk_elements": chunk, "kernels": dict(kernels.calls),
+    return {"device": str(device or "cpu"), "torch": not spans, "workers": workers, "chunk_elements": chunk,
+            "kernels": dict(kernels.calls),
             "native_build_seconds": kernels.native_build_seconds, "compile_seconds": kernels.compile_seconds}
 
 

@@ -183,3 +183,23 @@ def test_an_in_memory_merge_with_native_kernels_gets_tensors(zoo, tmp_path):
     assert unet and all(isinstance(t, torch.Tensor) for t in unet.values())
     key = "conv_in.weight"
     assert torch.equal(unet[key], written[f"model.diffusion_model.input_blocks.0.0.weight"])
+
+
+def test_span_ready_leaves_float64_to_torch(tmp_path):
+    """A float64 copy stays on torch, whose NaN/inf count reads it; the native scan has no float64 form."""
+    _library()
+    from hubmix.engine.chunk import span_ready
+    from hubmix.engine.kernels import Kernels
+    from hubmix.engine.plan import Task
+    from hubmix.formats.model import TensorRef
+
+    path = tmp_path / "t.safetensors"
+    save_file({"d": torch.zeros(4, dtype=torch.float64), "f": torch.zeros(4), "i": torch.zeros(4, dtype=torch.int64)},
+              str(path))
+    f = SafetensorsFile(path)
+    kernels = Kernels("native", total_elements=1)
+    ready = {}
+    for key in ("d", "f", "i"):
+        ref = TensorRef(f.info(key).dtype_name, (4,), f, key)
+        ready[key] = span_ready(Task("unet", key, (4,), ref.dtype_name, [ref], [0]), kernels)
+    assert ready == {"d": False, "f": True, "i": True}

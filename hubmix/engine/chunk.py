@@ -73,6 +73,8 @@ def span_ready(task: Task, kernels: Kernels) -> bool:
     if any(r.stored_span() is None for r in task.refs):
         return False
     dtypes = [r.dtype_name for r in task.refs]
+    if is_float(dtypes[0]) and dtypes[0] not in native.DTYPES:
+        return False  # float64: the native NaN/inf scan does not read it (the torch path counts it)
     if task.method is None:
         return dtypes[0] == task.dtype_name or kernels.native_kernel("convert", dtypes, task.dtype_name) is not None
     if task.method.element is not None or task.method.stats or not native.covers(task.method.name, task.params,
