@@ -14,7 +14,7 @@ from hubmix.engine import native
 from hubmix.engine.kernels import Kernels
 from hubmix.engine.plan import Task
 from hubmix.formats.io.pages import populate
-from hubmix.formats.io.span import Span, is_float
+from hubmix.formats.io.span import Span, dtype_name, is_float
 from hubmix.formats.layouts import COPYING
 from hubmix.formats.model import TensorRef
 from hubmix.methods.registry import Context
@@ -198,7 +198,7 @@ def count_nonfinite(views: list[Any]) -> list[int]:
 def _count_with_torch(v: torch.Tensor) -> int:
     import torch
 
-    name = str(v.dtype).removeprefix("torch.")
+    name = dtype_name(v.dtype)
     if name in _FP8_NONFINITE:  # torch has no aminmax/isfinite for float8: read the bit patterns
         mask = _FP8_NONFINITE[name]
         return int(((v.view(torch.uint8) & mask) == mask).sum())

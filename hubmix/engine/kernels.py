@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import native
 from hubmix.cache import cache_root
-from hubmix.formats.io.span import FP8, dtype_name
+from hubmix.formats.io.span import FP8, dtype_name, torch_dtype
 from hubmix.methods import Method
 
 if TYPE_CHECKING:
@@ -192,8 +192,8 @@ class Kernels:
         try:
             _configure_inductor()
             for method, names, out_name in signatures:
-                dtypes = [getattr(torch, dtype_name(d)) for d in names]
-                out_dtype = getattr(torch, dtype_name(out_name))
+                dtypes = [torch_dtype(d) for d in names]
+                out_dtype = torch_dtype(out_name)
                 fn = torch.compile(chunk_function(method, dtypes, out_dtype), dynamic=True)
                 probe = [torch.zeros(4096, dtype=d) for d in dtypes]  # compile now, off the critical path
                 with torch.no_grad():

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from hubmix.cache import cache_root
 from hubmix.engine.native_source import PRELUDE
-from hubmix.formats.io.span import Span, dtype_name
+from hubmix.formats.io.span import Span, dtype_name, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -313,7 +313,7 @@ def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any]
             flat = [v.reshape(-1) if v.is_contiguous() else v.contiguous().reshape(-1) for v in views]
             n = flat[0].numel()
             if out is None or not out.is_contiguous() or dtype_name(out.dtype) != out_name or out.numel() != n:
-                out = torch.empty(n, dtype=getattr(torch, out_name))
+                out = torch.empty(n, dtype=torch_dtype(out_name))
             ptrs, dest = [v.data_ptr() for v in flat], out.data_ptr()
         ptrs += [0] * (3 - len(ptrs))
         if name in _DARE:

@@ -20,7 +20,7 @@ from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
 from hubmix.formats.layouts import COPYING, KeyMap, apply_to_original, part_rows, to_original_shape
 from hubmix.formats.model import check_component_name
 from hubmix.engine.plan import Summary, Task
-from hubmix.formats.io.span import Span
+from hubmix.formats.io.span import Span, dtype_name
 
 if TYPE_CHECKING:
     import torch
@@ -194,7 +194,7 @@ def component_config_json(spec: ComponentSpec, config: dict[str, Any], dtype: st
     if dtype is not None:
         for key in ("torch_dtype", "dtype"):
             if key in full or key == "dtype":
-                full[key] = str(dtype).removeprefix("torch.")
+                full[key] = dtype_name(dtype)
     return full
 
 

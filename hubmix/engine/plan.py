@@ -22,7 +22,7 @@ from hubmix.errors import RecipeError
 from hubmix.formats.families import Family
 from hubmix.formats.layouts import COPYING
 from hubmix.methods import Method, get_method
-from hubmix.formats.io.span import FP8, ITEMSIZE, is_float
+from hubmix.formats.io.span import FP8, ITEMSIZE, is_float, torch_dtype
 from hubmix.formats.model import LocalModel, TensorRef
 from hubmix.recipe import Recipe, letter
 
@@ -57,9 +57,7 @@ class Task:
 
     @property
     def out_dtype(self) -> torch.dtype:
-        import torch
-
-        return getattr(torch, self.dtype_name)
+        return torch_dtype(self.dtype_name)
 
     @property
     def out_itemsize(self) -> int:

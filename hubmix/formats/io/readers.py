@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hubmix.errors import InputError
-from hubmix.formats.io.span import ITEMSIZE, Span, address_of, dtype_name
+from hubmix.formats.io.span import ITEMSIZE, Span, address_of, dtype_name, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -45,12 +45,6 @@ ST_DTYPES: dict[str, str] = {
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return getattr(torch, name)
 
 
 def st_dtype(dtype: torch.dtype | str) -> str:

@@ -26,6 +26,13 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def torch_dtype(dtype: Any) -> Any:
+    """'float16' (or torch.float16) -> torch.float16; imports torch."""
+    import torch
+
+    return getattr(torch, dtype_name(dtype))
+
+
 def itemsize(dtype: Any) -> int:
     name = dtype_name(dtype)
     size = ITEMSIZE.get(name)
@@ -82,14 +89,7 @@ class Span:
     def rows(self, start: int, count: int) -> Span:
         """Rows start..start+count along dim 0 (a contiguous range)."""
         row = self.numel // self.shape[0] if self.shape and self.shape[0] else 0
-        return Span(self.owner, self.address + start * row * self.itemsize, self.dtype,
-                    (count, *self.shape[1:])).reshape((count, *self.shape[1:]))
-
-    def view(self, dtype: str) -> Span:
-        """The same bytes as another dtype of the same itemsize."""
-        if ITEMSIZE[dtype] != self.itemsize:
-            raise ValueError(f"cannot view {self.dtype} as {dtype}")
-        return Span(self.owner, self.address, dtype, self.shape)
+        return Span(self.owner, self.address + start * row * self.itemsize, self.dtype, (count, *self.shape[1:]))
 
     def memoryview(self) -> memoryview:
         """The bytes, without a copy (valid while this span lives)."""

@@ -169,9 +169,7 @@ class SafetensorsWriter:
             with self._lock:
                 self._direct.write(self._fd, memoryview(buf).cast("B"), pos)
             return
-        done, n = 0, len(buf)
-        while done < n:
-            done += os.pwrite(self._fd, buf[done:], pos + done)
+        _write_all(self._fd, buf, pos)
 
     def set_metadata(self, metadata: dict[str, str]) -> None:
         """Rewrite the header's metadata, which must encode to the same length (values known only at the end,
@@ -218,6 +216,13 @@ class SafetensorsWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _write_all(fd: int, buf, pos: int) -> None:
+    """pwrite until every byte is written (a short write continues where it stopped)."""
+    done, n = 0, len(buf)
+    while done < n:
+        done += os.pwrite(fd, buf[done:], pos + done)
 
 
 def _open_direct(path: Path, size: int, header_len: int) -> tuple[int, "_DirectBlocks | None"]:
@@ -325,9 +330,7 @@ class _DirectBlocks:
     def _pwrite(self, fd: int, stage: memoryview, n: int, pos: int) -> None:
         """One staged write, on a pool thread: several in flight keep the disk's queue full."""
         try:
-            done = 0
-            while done < n:
-                done += os.pwrite(fd, stage[done:n], pos + done)
+            _write_all(fd, stage[:n], pos)
         except OSError as e:
             self._errors.append(e)
         finally:
