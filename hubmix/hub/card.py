@@ -125,7 +125,7 @@ def _job_section() -> list[str]:
     job = f"job `{ctx['job']}`" if ctx["job"] else "a job"
     return ["## Where it was merged", "",
             f"In a Hugging Face Job: {job} on flavor `{ctx['flavor']}`, image `{ctx['image']}`, hubmix installed from "
-            f"`{ctx['install']}`. The inputs were mounted read-only at their pinned commits (nothing downloaded); "
+            f"{ctx['install']}. The inputs were mounted read-only at their pinned commits (nothing downloaded); "
             "the weights and recipe are the same bytes a local merge of this recipe writes.", ""]
 
 
