@@ -144,6 +144,10 @@ def test_failing_job_prints_its_last_lines(hub, cli):
     assert err.strip().splitlines()[-1].startswith("error: job user/")
     assert "ERROR: Job failed with exit code: 1" in err
     assert "user/fails" not in hub.repos
+    (spec,) = _creates(hub)  # --remote-install: that spec as given, no wheel built, uploaded or mounted
+    assert spec["environment"]["HUBMIX_INSTALL"] == "hubmix @ https://example.invalid/broken.whl"
+    assert {v["source"] for v in spec["volumes"]} == {"org/a", "org/b"}
+    assert not [r for r in hub.requests if "hubmix-wheels" in r.path]
     job_id = err.split("started job ")[1].split(":")[0]
     code, out, _ = cli("jobs", "status", job_id)
     assert code == 1 and "ERROR (Job failed with exit code: 1)" in out and "No matching distribution" in out
@@ -159,7 +163,7 @@ def test_detach_upload_inputs_then_follow(hub, cli, zoo):
     uploaded = f"user/hubmix-input-{local.name}"
     assert hub.repos[uploaded].private
     (spec,) = _creates(hub)
-    assert {v["source"] for v in spec["volumes"]} == {uploaded, "org/b"}
+    assert {v["source"] for v in spec["volumes"]} == {uploaded, "org/b", "user/hubmix-wheels"}
 
     code, out, err = cli("jobs", "list")
     assert code == 0 and job_id in out and "user/later" in out
