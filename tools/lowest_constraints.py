@@ -1,0 +1,57 @@
+"""Print a pip constraints file pinning every direct dependency of hubmix to its lowest allowed version.
+
+    python tools/lowest_constraints.py [--extra test] [--skip torch] > lowest.txt
+    pip install -c lowest.txt -e '.[test]'
+
+Reads pyproject.toml's [project] dependencies (and the named extras): each `name>=X` (or `~=X`, `==X`) becomes
+`name==X`; a requirement without a lower bound is left free. The transitive dependencies then resolve as pip
+chooses: this is uv's `--resolution lowest-direct`. `--skip NAME` leaves NAME free (torch: its lowest CPU build is
+not on this machine's disk). Standard library only (tomllib: Python 3.11+)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+REQ = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*([^;]*)(;.*)?$")
+
+
+def lowest(req: str) -> tuple[str, str | None]:
+    """(name, lowest allowed version or None) of one requirement string."""
+    m = REQ.match(req)
+    if not m:
+        raise SystemExit(f"pyproject.toml: cannot read the requirement {req!r}")
+    name, spec = m.group(1), m.group(3)
+    low = re.search(r"(?:>=|~=|===?)\s*([0-9][^,\s]*)", spec)
+    return re.sub(r"[-_.]+", "-", name).lower(), (low.group(1) if low else None)
+
+
+def constraints(pyproject: Path, extras: list[str], skip: set[str]) -> list[str]:
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    reqs = list(project.get("dependencies", []))
+    for extra in extras:
+        reqs += project.get("optional-dependencies", {}).get(extra, [])
+    pins: dict[str, str] = {}
+    for req in reqs:
+        name, low = lowest(req)
+        if low and name not in skip:
+            pins[name] = max(pins.get(name, low), low, key=lambda v: [int(x) if x.isdigit() else 0
+                                                                      for x in re.split(r"[.+-]", v)])
+    return [f"{name}=={version}" for name, version in sorted(pins.items())]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pyproject", type=Path, default=Path(__file__).resolve().parents[1] / "pyproject.toml")
+    ap.add_argument("--extra", action="append", default=[], help="also pin this extra's requirements")
+    ap.add_argument("--skip", action="append", default=[], help="leave this dependency free")
+    args = ap.parse_args(argv)
+    sys.stdout.write("".join(f"{line}\n" for line in constraints(args.pyproject, args.extra,
+                                                                 {s.lower() for s in args.skip})))
+
+
+if __name__ == "__main__":
+    main()
