@@ -2,6 +2,7 @@
 
     python tools/lowest_constraints.py [--extra test] [--skip torch] > lowest.txt
     pip install -c lowest.txt -e '.[test]'
+    python tools/lowest_constraints.py --extra test --skip torch --check   # in that environment: all at the pins?
 
 Reads pyproject.toml's [project] dependencies (and the named extras): each `name>=X` (or `~=X`, `==X`) becomes
 `name==X`; a requirement without a lower bound is left free. The transitive dependencies then resolve as pip
@@ -48,9 +49,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pyproject", type=Path, default=Path(__file__).resolve().parents[1] / "pyproject.toml")
     ap.add_argument("--extra", action="append", default=[], help="also pin this extra's requirements")
     ap.add_argument("--skip", action="append", default=[], help="leave this dependency free")
+    ap.add_argument("--check", action="store_true", help="check the running environment has exactly these versions")
     args = ap.parse_args(argv)
-    sys.stdout.write("".join(f"{line}\n" for line in constraints(args.pyproject, args.extra,
-                                                                 {s.lower() for s in args.skip})))
+    pins = constraints(args.pyproject, args.extra, {s.lower() for s in args.skip})
+    if not args.check:
+        sys.stdout.write("".join(f"{line}\n" for line in pins))
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    wrong = []
+    for pin in pins:
+        name, want = pin.split("==")
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            have = "missing"
+        if have == "missing" or Version(have) != Version(want):
+            wrong.append(f"{name} {have} (want {want})")
+    print("lowest direct dependencies: " + ("; ".join(wrong) if wrong else ", ".join(pins)))
+    sys.exit(1 if wrong else 0)
 
 
 if __name__ == "__main__":
