@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
+import re
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -69,11 +68,14 @@ def index_url() -> str | None:
     """The index the job's pip should use (PIP_INDEX_URL, else PyPI); None when it holds credentials, which must
     not travel in a job's environment."""
     url = (os.environ.get("PIP_INDEX_URL") or PYPI).rstrip("/")
-    return None if urllib.parse.urlsplit(url).password or "@" in urllib.parse.urlsplit(url).netloc else url
+    return None if "@" in urllib.parse.urlsplit(url).netloc else url
 
 
 def index_files(url: str, project: str = "hubmix") -> list[str]:
     """File names on the index's simple page of `project` (PEP 691 JSON or PEP 503 HTML); [] when it has none."""
+    import urllib.error
+    import urllib.request
+
     req = urllib.request.Request(f"{url}/{project}/", headers={
         "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1", "User-Agent": f"hubmix/{__version__}"})
     try:
@@ -87,8 +89,6 @@ def index_files(url: str, project: str = "hubmix") -> list[str]:
         raise HubError(f"{url}: could not read the index ({one_line(e, 120)})") from None
     if "json" in ctype:
         return [f.get("filename", "") for f in json.loads(body).get("files", [])]
-    import re
-
     return [urllib.parse.unquote(h.split("#")[0].rsplit("/", 1)[-1])
             for h in re.findall(r'href=["\']([^"\']+)["\']', body.decode("utf-8", "replace"))]
 
