@@ -7,7 +7,9 @@
   KeyboardInterrupt, SIGTERM on the main thread), its compiler processes killed first; a build killed outright
   (SIGKILL, a power cut) leaves its folder, which the next build removes once its process is gone.
 - A cached library that does not load (truncated, corrupt, another architecture, a symbol missing) is removed and
-  built again, once, instead of leaving every later merge on the slow path.
+  built again, once, instead of leaving every later merge on the slow path. Its file name ends in the sha256 of
+  its bytes, checked before it is opened: dlopen of a truncated library can kill the process with SIGBUS instead
+  of failing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import signal
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -78,11 +80,31 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-def library_path(units: list[str], cmd: list[str]) -> Path:
-    """Where the library of these units, built by `cmd`, is cached."""
+def library_stem(units: list[str], cmd: list[str]) -> Path:
+    """Where the library of these units, built by `cmd`, is cached: `<stem>-<sha256 of its bytes>.so`."""
     key = hashlib.sha256("\n".join([*units, shlex.join(cmd), compiler_version(tuple(cmd)), *flags(),
                                     platform.machine(), _cpu_signature()]).encode())
-    return cache_root() / "native" / f"kernels-{key.hexdigest()[:16]}.so"
+    return cache_root() / "native" / f"kernels-{key.hexdigest()[:16]}"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def cached(stem: Path) -> list[Path]:
+    """The complete cached libraries of a stem (their bytes match the digest in their name); the others are
+    removed."""
+    good = []
+    for path in sorted(stem.parent.glob(stem.name + "-*.so")):
+        try:
+            ok = path.name == f"{stem.name}-{_digest(path)}.so"
+        except OSError:
+            continue
+        if ok:
+            good.append(path)
+        else:
+            path.unlink(missing_ok=True)
+    return good
 
 
 def sweep(folder: Path) -> list[Path]:
@@ -100,10 +122,10 @@ def sweep(folder: Path) -> list[Path]:
     return removed
 
 
-def build(units: list[str], cmd: list[str], lib: Path) -> None:
-    """Compile every unit (in parallel, as many at once as there are cores), link, and rename into `lib`
-    (atomic: concurrent builders agree). Nothing is left behind on any way out that runs Python code."""
-    folder = lib.parent
+def build(units: list[str], cmd: list[str], stem: Path) -> Path:
+    """Compile every unit (in parallel, as many at once as there are cores), link, and rename into the cache as
+    `<stem>-<digest>.so` (atomic). Nothing is left behind on any way out that runs Python code."""
+    folder = stem.parent
     folder.mkdir(parents=True, exist_ok=True)
     sweep(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-{BOOT}-", dir=folder))
@@ -116,39 +138,46 @@ def build(units: list[str], cmd: list[str], lib: Path) -> None:
                 c_file, obj = tmp / f"unit{i}.c", tmp / f"unit{i}.o"
                 c_file.write_text(text)
                 objects.append(obj)
-                pending.append([*cmd, *flags(), "-c", "-o", str(obj), str(c_file)])
+                pending.append([*cmd, *flags(), "-c", "-o", obj.name, c_file.name])
+            # relative names, compiled in the build folder: no temporary path ends up in the library's bytes
+            out = tmp / "kernels.so"
             with ThreadPoolExecutor(max(1, min(len(units), os.cpu_count() or 1))) as pool:
                 try:
-                    for _ in pool.map(procs.run, pending):
-                        pass
+                    _wait_all(pool, procs, pending, tmp)
+                    _wait_all(pool, procs, [[*cmd, "-shared", "-o", out.name, *(o.name for o in objects)]], tmp)
                 except BaseException:
                     procs.kill()  # before the pool waits for its threads, which wait for their compilers
                     raise
-            out = tmp / "kernels.so"
-            procs.run([*cmd, "-shared", "-o", str(out), *map(str, objects)])
+            lib = folder / f"{stem.name}-{_digest(out)}.so"
             os.replace(out, lib)
+            return lib
     finally:
         procs.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_all(pool: ThreadPoolExecutor, procs: "_Processes", cmds: list[list[str]], cwd: Path) -> None:
+    """Run the commands on the pool; this thread waits in short steps, so a signal handler runs promptly (a
+    signal delivered to a worker thread would otherwise leave it blocked until the compilers finish)."""
+    futures = [pool.submit(procs.run, c, cwd) for c in cmds]
+    while futures:
+        done, rest = wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION)
+        for f in done:
+            f.result()
+        futures = list(rest)
 
 
 def load(units: list[str], prepare: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.CDLL, bool]:
     """(the library, whether it was built now): the cached one when it loads and `prepare` finds what it needs,
     else built (again) and loaded."""
     cmd = compiler()
-    lib = library_path(units, cmd)
-    built = False
-    if not lib.exists():
-        build(units, cmd, lib)
-        built = True
-    try:
-        return _open(lib, prepare), built
-    except (OSError, AttributeError):
-        if built:
-            raise
-    lib.unlink(missing_ok=True)  # truncated, corrupt, another architecture: build it again, once
-    build(units, cmd, lib)
-    return _open(lib, prepare), True
+    stem = library_stem(units, cmd)
+    for lib in cached(stem):
+        try:
+            return _open(lib, prepare), False
+        except (OSError, AttributeError):  # another architecture, a helper missing: build it again
+            lib.unlink(missing_ok=True)
+    return _open(build(units, cmd, stem), prepare), True
 
 
 def _open(path: Path, prepare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
@@ -165,11 +194,11 @@ class _Processes:
         self._live: list[subprocess.Popen] = []
         self._stopped = False
 
-    def run(self, cmd: list[str]) -> None:
+    def run(self, cmd: list[str], cwd: Path) -> None:
         with self._lock:
             if self._stopped:
                 raise RuntimeError("build stopped")
-            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             self._live.append(p)
         out, _ = p.communicate()
         if p.returncode != 0:
