@@ -203,3 +203,20 @@ def test_the_memory_query_asks_the_chosen_device_only(monkeypatch):
     assert devices.device_budget(torch.device("cuda", 1), 64 << 30) == int((10 << 30) * 0.8)
     assert asked == [("module", 3), ("module", 1)]
     assert devices.device_budget(None, 123) == 123 and devices.device_budget(torch.device("cpu"), 5) == 5
+
+
+def test_gpu_benchmark_dry_mode_runs(tmp_path):
+    """benchmarks/gpu_bench.py --dry: tiny fp16 and bf16 merges through the device stage on the CPU, byte-identical
+    to the CPU merge, and its table with the goals printed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_bench.py"), "--dry", "--work", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                          "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("sdxl", "flux"))]
+    assert len(rows) == 2 and all(line.rstrip().endswith("yes") for line in rows), r.stdout
+    assert "1.2x the I/O floor" in r.stdout and "result: all goals met" in r.stdout

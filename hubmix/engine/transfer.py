@@ -141,3 +141,45 @@ class DeviceStage:
             return out, lambda: self._give(slot)
 
         return wait
+
+
+class _HostStream:
+    def wait_event(self, event: Any) -> None:
+        pass
+
+
+class _HostEvent:
+    def record(self, stream: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class HostBackend:
+    """The CPU standing in for a device (operations run at once): the stage's data path without a GPU, for
+    benchmarks/gpu_bench.py --dry and the tests."""
+
+    def __init__(self) -> None:
+        self.copy_stream, self.compute_stream = _HostStream(), _HostStream()
+
+    def pinned(self, nbytes: int) -> Any:
+        import torch
+
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    device_empty = pinned
+
+    def event(self) -> _HostEvent:
+        return _HostEvent()
+
+    def on(self, stream: Any):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def copy(self, dst: Any, src: Any) -> None:
+        dst.copy_(src)
+
+    def keep_alive(self, t: Any, stream: Any) -> None:
+        pass
