@@ -140,7 +140,10 @@ h = lambda t: hashlib.sha256(t.numpy().tobytes()).hexdigest()
 print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
                   "new": h(statistics.block_dots(x, y)),
                   "slerp": h(get_method("slerp")(xs[:2], {"alpha": 0.3}, Context("k"))),
-                  "stock": h(get_method("model_stock")(xs, {}, Context("k")))}))
+                  "stock": h(get_method("model_stock")(xs, {}, Context("k"))),
+                  "ties": h(get_method("ties")(xs, {"density": 0.3, "lambda": 1.0}, Context("k"))),
+                  "dare": h(get_method("dare")(xs, {"drop": 0.5, "lambda": 1.0, "seed": 1, "combine": "ties"},
+                                               Context("k")))}))
 """
 
 
@@ -161,7 +164,7 @@ def test_same_bytes_with_other_threads_and_vector_widths():
     does to them.)"""
     scalar, vector = _probe(1, "default"), _probe(2, None)
     assert scalar["capability"] == "DEFAULT"
-    for k in ("new", "slerp", "stock"):
+    for k in ("new", "slerp", "stock", "ties", "dare"):
         assert scalar[k] == vector[k], k
 
 
@@ -173,7 +176,8 @@ def test_threads_in_process(torch_sums):
         for t in (1, 2):
             torch.set_num_threads(t)
             out.append((get_method("slerp")(xs[:2], {"alpha": 0.7}, Context()).numpy().tobytes(),
-                        get_method("model_stock")(xs, {}, Context()).numpy().tobytes()))
+                        get_method("model_stock")(xs, {}, Context()).numpy().tobytes(),
+                        get_method("ties")(xs, {"density": 0.2, "lambda": 1.0}, Context()).numpy().tobytes()))
     finally:
         torch.set_num_threads(threads)
     assert out[0] == out[1]

@@ -7,10 +7,10 @@ takes. So its bytes equal the eager path's, which the tests check for every kern
 
 Why not only torch.compile: on a small machine inductor needs 4 to 6 seconds per process before its first kernel
 runs (imports, a CPU-ISA probe that compiles and runs test programs, cache loading), as long as a whole SD1.5 merge
-should take. This C source (csrc/, plus the kernels generated here) is compiled once per machine (about 8.5 s on 2 cores, in
-parallel parts, with the system's C compiler; hubmix.engine.native_build) into hubmix's cache and then loaded with
-ctypes; ctypes releases the GIL, so worker threads run kernels in parallel. A function is handed to other threads
-only once its argument types are set.
+should take. This C source (csrc/, plus the kernels generated here) is compiled once per machine (about 8.5 s on
+2 cores, in parallel parts, with the system's C compiler; hubmix.engine.native_build) into hubmix's cache and then
+loaded with ctypes; ctypes releases the GIL, so worker threads run kernels in parallel. A function is handed to
+other threads only once its argument types are set.
 Methods without a native kernel (a user's own) are fused by torch.compile instead (hubmix.kernels).
 """
 
