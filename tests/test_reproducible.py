@@ -240,3 +240,39 @@ def test_two_model_lossless_example_selects_element_by_element(zoo, tmp_path):
                 shares.append(take_a.mean())
     assert 0.1 < float(np.mean(shares)) < 0.9, "the example should take elements from both models"
     assert any(0 < s < 1 for s in shares)
+
+
+# ---- a baked LoRA's delta -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows, rank, cols", [(7, 1, 5), (64, 3, 33), (96, 16, 100), (40, 32, 9)])
+def test_lora_delta_in_a_fixed_order(rows, rank, cols):
+    """total += scale * up @ down without a matmul: torch's element-wise path and the native one give the same
+    bits, with 1 and 2 threads, within float64 rounding of the exact products' sum."""
+    from hubmix.engine import lora
+
+    g = np.random.default_rng(rows)
+    up = torch.from_numpy(g.standard_normal((rows, rank)).astype(np.float32))
+    down = torch.from_numpy((g.standard_normal((rank, cols)) * np.exp(2 * g.standard_normal((rank, cols))))
+                            .astype(np.float32))
+    start = torch.from_numpy(g.standard_normal((rows, cols)))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            total = start.clone()
+            lora.add_delta(up, down, 0.7, total)
+            results.append(total.numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0] == results[1]
+    if native.Native.library() is not None:
+        total = start.clone()
+        assert native.lora_delta(up, down, 0.7, total)
+        assert total.numpy().tobytes() == results[0]
+    exact = np.array([[math.fsum(float(up[i, k]) * float(down[k, j]) for k in range(rank)) for j in range(cols)]
+                      for i in range(rows)])
+    terms = np.abs(up.double().numpy()) @ np.abs(down.double().numpy())
+    got = np.frombuffer(results[0]).reshape(rows, cols)
+    want = start.numpy() + 0.7 * exact
+    assert np.all(np.abs(got - want) <= (rank + 3) * 2.0 ** -52 * (0.7 * terms + np.abs(want)))

@@ -224,6 +224,7 @@ class Native:
             "hist_high": _typed(lib, "hist_high", [p, p, i64, p], None),
             "hist_low": _typed(lib, "hist_low", [p, p, i64, u32, p], None),
             "block_dots": _typed(lib, "block_dots", [p, p, i64, p], None),
+            "lora_delta": _typed(lib, "lora_delta", [p, p, i64, i64, i64, ctypes.c_double, p], ctypes.c_int),
             **{f"transpose_b{w}": _typed(lib, f"transpose_b{w}", [p, p, i64, i64], None) for w in (1, 2, 4)},
         }
         if _typed(lib, "dot_block", [], i64)() != BLOCK:
@@ -338,6 +339,17 @@ def transformed(transform: str | None, span: Span, shape: tuple[int, ...]) -> Sp
         return None
     Native.helpers[f"transpose_b{span.itemsize}"](span.address, out.address, span.shape[0], span.shape[1])
     return out
+
+
+def lora_delta(up: torch.Tensor, down: torch.Tensor, scale: float, total: torch.Tensor) -> bool:
+    """total (float64, rows x cols) += scale * up @ down in engine.lora's fixed order, when the library is loaded
+    (a merge too small to build it computes the same with torch). False where it did nothing."""
+    if Native._lib is None or "lora_delta" not in Native.helpers:
+        return False
+    up, down = up.contiguous(), down.contiguous()
+    rows, rank = up.shape
+    return Native.helpers["lora_delta"](up.data_ptr(), down.data_ptr(), rows, rank, down.shape[1], scale,
+                                        total.data_ptr()) == 0
 
 
 def install_dropmask() -> bool:

@@ -83,3 +83,32 @@ void scanned(void *kernel, void *scan, int32_t inputs, int32_t in_size, int32_t 
                             inputs > 2 ? x[2] + s * in_size : 0, (char *)o + s * out_size, m, k1, k2, k3, k4);
     }
 }
+
+/* A LoRA's delta in a fixed order (hubmix/engine/lora.py computes the same with torch): total[i][j] +=
+   scale * sum_k up[i][k] * down[k][j], every product exact in double, the rank's products added in order k = 0, 1,
+   ..., then the sum times scale rounded, then added to total: the same roundings in the same order on every
+   machine (vectorized across j only, which changes no element's order). */
+#include <stdlib.h>
+#define LORA_TILE 32
+int lora_delta(const float *restrict up, const float *restrict down, int64_t rows, int64_t rank, int64_t cols,
+               double scale, double *restrict total) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j0 = 0; j0 < cols; j0 += LORA_TILE) {
+            int64_t m = cols - j0 < LORA_TILE ? cols - j0 : LORA_TILE;
+            double acc[LORA_TILE];
+            for (int64_t j = 0; j < LORA_TILE; j++) acc[j] = 0.0;
+            for (int64_t k = 0; k < rank; k++) {
+                double u = (double)up[i * rank + k];
+                const float *d = down + k * cols + j0;
+                if (m == LORA_TILE)
+                    for (int64_t j = 0; j < LORA_TILE; j++) acc[j] += u * (double)d[j];
+                else
+                    for (int64_t j = 0; j < m; j++) acc[j] += u * (double)d[j];
+            }
+            for (int64_t j = 0; j < m; j++) {
+                double t = scale * acc[j];
+                total[i * cols + j0 + j] += t;
+            }
+        }
+    return 0;
+}
