@@ -138,7 +138,9 @@ def _config_from_ident(text: str) -> str:
 def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str | None) -> list[LocalModel]:
     """Components no input has (every input transformer-only) come from --config-from's weights when it names a
     local diffusers folder; a diffusers output cannot do without them."""
-    missing = [c for c in family.components if not any(c in m.components for m in models)]
+    folders = any(m.layout == "diffusers" for m in models)  # an optional part no folder has: the model has none
+    missing = [c for c in family.components if not any(c in m.components for m in models)
+               and not (folders and c in family.optional)]
     if not missing or layout is None:
         return []
     ref = parse_ref(recipe.config_from) if recipe.config_from else None
