@@ -261,6 +261,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     sidecar = _sidecar(target) if layout == "single-file" else None
     # Wan 2.2's two experts as single files: two files named from --out, installed together with the recipe
     finals = list(split_targets(family, list(configs), target).values()) if layout == "single-file" else []
+    if finals:
+        summary.add("note", f"the {family.name} experts as {len(finals)} files: {', '.join(f.name for f in finals)}")
     with atomic_target(finals[0] if finals else target, overwrite,
                        companions=(*finals[1:], sidecar) if sidecar else ()) as stage:
         tmp = stage.path

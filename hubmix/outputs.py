@@ -161,11 +161,16 @@ def plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models
         if main_only or family.single_file:  # transformer-only files: bare keys, or ComfyUI's prefix like model a
             prefix = models[0].main_prefix if models[0].main_only else ""
             specs = {c: dataclasses.replace(spec, prefix=prefix) for c, spec in specs.items()}
-        files = split_single_files(family, list(specs), path, stage, target) if layout == "single-file" else {}
+        if layout == "single-file":
+            files = split_single_files(family, list(specs), path, stage, target)
+        else:  # beside the diffusers folders: <name>_high_noise.safetensors, <name>_low_noise.safetensors
+            files = {p: [c] for c, p in split_targets(family, list(specs), path).items()}
         for group_path, names in (files or {path: list(specs)}).items():
-            group_title = title if not files else single_file_title(family, names[0], target)
+            group_title = title if not files else group_path.stem if layout == "both" else single_file_title(
+                family, names[0], target)
             parts = {c: (KeyMap(specs[c], configs[c]), by_comp.get(c, [])) for c in names}
-            metas = {c: configs[c] for c in names}
+            # an expert's own file reads back as the family's main component (a transformer-only file)
+            metas = {(family.main if files else c): configs[c] for c in names}
             router.add_single_file(group_path, parts, single_file_meta(placeholder, family, group_title, metas,
                                                                        prediction), summary,
                                    f"{group_title}.safetensors", marker_tensors(prediction, family.marker_keys))

@@ -224,6 +224,23 @@ def test_wan22_experts_merge_with_their_own_parameters(zoo, tmp_path):
     for path, comp in ((high, "transformer"), (low, "transformer_2")):
         loaded = load_single_transformer("WanTransformer3DModel", path, configs, subfolder=comp).state_dict()
         assert_tensors_equal(got[comp], loaded, path.name)
+    assert any("wan22_high_noise.safetensors, wan22_low_noise.safetensors" in n for n in r.summary.events["note"])
+    # the split result is one result: its recipe, its files to push, its card's usage
+    from hubmix.hub.card import write_card
+    from hubmix.result import load_result, result_files
+
+    assert load_result(single).canonical["components"]["transformer_2"]["params"]["alpha"] == 0.75
+    assert set(result_files(single)) == {high.name, low.name, "wan22.recipe.yaml"}
+    text = write_card(single).text
+    assert "transformer_2 = WanTransformer3DModel.from_single_file(\"./wan22_low_noise.safetensors\")" in text
+    # the same with a diffusers folder: both files beside it, inside the folder
+    both = tmp_path / "both"
+    hubmix.merge(Recipe(models=[str(p) for p in folders], method="weighted_sum", params={"alpha": 0.5},
+                        layout="both"), out=both, quiet=True)
+    for suffix, comp in (("_high_noise", "transformer"), ("_low_noise", "transformer_2")):
+        loaded = load_single_transformer("WanTransformer3DModel", both / f"both{suffix}.safetensors", configs,
+                                         subfolder=comp).state_dict()
+        assert_tensors_equal(folder_tensors(both)[comp], loaded, suffix)
     # each expert file merges on its own as a transformer-only file
     m = open_model(low)
     assert m.main_only and list(m.components) == ["transformer"]
