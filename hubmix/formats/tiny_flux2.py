@@ -12,12 +12,13 @@ import torch
 from hubmix.formats.tiny_qwen_image import QWEN_VOCAB, qwen2_tokenizer
 
 # head 16 = four rotary axes of 4; in_channels = 4 latent channels x FLUX.2's 2x2 VAE patch; Klein: 3 text layers
-# stacked -> joint_attention_dim = 3 x the text encoder's width
+# stacked -> joint_attention_dim = 3 x the text encoder's width; the pipeline reads its text encoder's layers 9, 18
+# and 27: 27 narrow layers
 TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
                    num_attention_heads=2, joint_attention_dim=96, timestep_guidance_channels=16, mlp_ratio=3.0,
                    axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
 DEV = dict(TRANSFORMER, guidance_embeds=True)
-QWEN3 = dict(vocab_size=QWEN_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+QWEN3 = dict(vocab_size=QWEN_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=27, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, bos_token_id=256, eos_token_id=258, pad_token_id=256)
 VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, sample_size=32)

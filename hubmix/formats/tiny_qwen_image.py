@@ -22,8 +22,14 @@ def qwen2_tokenizer():
     for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                     "<|image_pad|>", "<|video_pad|>"):
         vocab[special] = len(vocab)
-    return transformers.Qwen2Tokenizer(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                       model_max_length=256)
+    tok = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                      model_max_length=256)
+    tok.chat_template = CHAT_TEMPLATE  # FLUX.2 Klein's pipeline formats its prompt with it
+    return tok
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def configs() -> dict[str, dict[str, Any]]:
