@@ -1,8 +1,8 @@
 """hubmix: merge diffusion models from the Hugging Face Hub or local files, component by component.
 
-Library first: `hubmix.merge(Recipe(...))`, `hubmix.convert(...)`, `hubmix.inspect(...)`; the `hubmix` command is a
-thin layer over these. The public names are loaded on first use, so `import hubmix` (and `hubmix --help`) does not
-import torch.
+Library first: `hubmix.merge(Recipe(...))`, `hubmix.flow.convert.convert(...)`,
+`hubmix.flow.inspection.inspect_model(...)`; the `hubmix` command is a thin layer over these. The public names are
+loaded on first use, so `import hubmix` (and `hubmix --help`) does not import torch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 from hubmix.errors import FamilyError, HubError, HubmixError, InputError, OutputError, RecipeError  # noqa: E402
 
-_LAZY = {"merge": "hubmix.merging", "MergeResult": "hubmix.merging", "Recipe": "hubmix.recipe",
+_LAZY = {"merge": "hubmix.flow.merging", "MergeResult": "hubmix.flow.merging", "Recipe": "hubmix.recipe",
          "get_method": "hubmix.methods", "methods": "hubmix.methods", "register": "hubmix.methods"}
 
 

@@ -15,7 +15,7 @@ from famb_helpers import (COMFY, FAMILIES, assert_tensors_equal, bare, folder_te
 
 import hubmix
 from hubmix import Recipe
-from hubmix.convert import convert
+from hubmix.flow.convert import convert
 from hubmix.formats.model import open_model
 from hubmix.recipe import ComponentRecipe
 
@@ -227,7 +227,7 @@ def test_wan22_experts_merge_with_their_own_parameters(zoo, tmp_path):
     assert any("wan22_high_noise.safetensors, wan22_low_noise.safetensors" in n for n in r.summary.events["note"])
     # the split result is one result: its recipe, its files to push, its card's usage
     from hubmix.hub.card import write_card
-    from hubmix.result import load_result, result_files
+    from hubmix.flow.result import load_result, result_files
 
     assert load_result(single).canonical["components"]["transformer_2"]["params"]["alpha"] == 0.75
     assert set(result_files(single)) == {high.name, low.name, "wan22.recipe.yaml"}

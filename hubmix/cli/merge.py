@@ -119,12 +119,12 @@ def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, com
           ema, config_from, prediction_type, overwrite,
           dry, as_json, recipe_file, save_recipe, quiet, workers, device, max_memory, kernels, push, private, branch,
           create_pr, commit_message, license_, samples, plot, sampling, **params):
-    from hubmix import hashing
+    from hubmix.hub import hashing
 
     remote = take_remote(params)
     ahead = models if models and not dry and not remote.get("remote") and recipe_file is None else ()
     with hashing.ahead(ahead):  # local single files hash on the idle core while the merge's imports run
-        from hubmix.merging import merge as run_merge
+        from hubmix.flow.merging import merge as run_merge
 
         params = {k: v for k, v in params.items() if v is not None}
         if recipe_file is not None:

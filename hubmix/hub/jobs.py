@@ -22,7 +22,7 @@ from hubmix.errors import HubError, InputError
 from hubmix.hub.client import LOGIN_HINT, api, endpoint, hub_error, one_line
 from hubmix.hub.refs import parse_ref
 from hubmix.recipe import Recipe, model_entry
-from hubmix.vary import label_value
+from hubmix.recipe.vary import label_value
 
 DEFAULT_IMAGE = "pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime"  # torch preinstalled: pip adds hubmix only
 DEFAULT_FLAVOR = "cpu-basic"

@@ -13,18 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hubmix.blockweights import expand_block_lists
-from hubmix.lorabake import attach_loras
+from hubmix.recipe.blocks import expand_block_lists
+from hubmix.lora.bake import attach_loras
 from hubmix.engine import pipeline as engine
 from hubmix.engine.chunk import span_ready
 from hubmix.cache import write_new
 from hubmix.engine.devices import device_budget, plain_cpu, resolve_device
 from hubmix.errors import InputError, RecipeError
 from hubmix.formats.families import Family
-from hubmix.hashing import input_hashes
+from hubmix.hub.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
-from hubmix.outputs import (choose_prediction, config_source, file_metadata, output_configs,
-                            plan_outputs, split_targets)
+from hubmix.flow.outputs import (choose_prediction, config_source, file_metadata, output_configs,
+                                 plan_outputs, split_targets)
 from hubmix.formats.model import LocalModel, check_same_family, open_model
 from hubmix.engine.target import atomic_target, check_target
 from hubmix.engine.plan import Summary, Task, plan_merge
