@@ -253,3 +253,22 @@ def test_wan22_experts_merge_with_their_own_parameters(zoo, tmp_path):
     hubmix.merge(Recipe(models=[str(folders[0]), str(zoo.diffusers("wan", 2))], method="weighted_sum",
                         params={"alpha": 0.5}), out=mix, quiet=True)
     assert_tensors_equal(a["transformer_2"], folder_tensors(mix)["transformer_2"], "second expert copied")
+
+
+def test_edit_pipeline_class_is_kept(zoo, tmp_path):
+    """Qwen-Image-Edit shares the transformer: a merged Edit model stays an Edit pipeline (any other class name in
+    a model_index.json becomes the family's pipeline)."""
+    import shutil
+
+    edit = tmp_path / "edit"
+    shutil.copytree(zoo.diffusers("qwen_image", 1), edit)
+    index = json.loads((edit / "model_index.json").read_text())
+    (edit / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageEditPipeline"}))
+    out = tmp_path / "out"
+    hubmix.merge(Recipe(models=[str(edit), str(zoo.diffusers("qwen_image", 2))], method="weighted_sum"), out=out,
+                 quiet=True)
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "QwenImageEditPipeline"
+    (edit / "model_index.json").write_text(json.dumps({**index, "_class_name": "SomethingElsePipeline"}))
+    hubmix.merge(Recipe(models=[str(edit), str(zoo.diffusers("qwen_image", 2))], method="weighted_sum"),
+                 out=tmp_path / "other", quiet=True)
+    assert json.loads((tmp_path / "other" / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"
