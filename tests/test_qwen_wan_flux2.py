@@ -272,3 +272,20 @@ def test_edit_pipeline_class_is_kept(zoo, tmp_path):
     hubmix.merge(Recipe(models=[str(edit), str(zoo.diffusers("qwen_image", 2))], method="weighted_sum"),
                  out=tmp_path / "other", quiet=True)
     assert json.loads((tmp_path / "other" / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"
+
+
+def test_text_encoder_labels_name_components_in_recipes(zoo, tmp_path):
+    a, b = zoo.diffusers("wan", 1), zoo.diffusers("wan", 2)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"models: [{a}, {b}]\nmethod: weighted_sum\nparams: {{alpha: 0.0}}\n"
+                           "components:\n  UMT5: {from: b}\n")
+    out = tmp_path / "out"
+    r = hubmix.merge(Recipe.load(recipe_file), out=out, quiet=True)
+    assert r.canonical["components"]["text_encoder"] == {"from": "b"}
+    got, ta, tb = folder_tensors(out), folder_tensors(a), folder_tensors(b)
+    assert_tensors_equal(tb["text_encoder"], got["text_encoder"], "UMT5")
+    assert_tensors_equal(ta["transformer"], got["transformer"], "transformer")
+    with pytest.raises(hubmix.RecipeError, match="UMT5"):
+        hubmix.merge(Recipe(models=[str(zoo.diffusers("flux2", 1)), str(zoo.diffusers("flux2", 2))],
+                            method="weighted_sum", components={"UMT5": ComponentRecipe(from_="a")}),
+                     out=tmp_path / "f", quiet=True)
