@@ -139,12 +139,12 @@ def test_flux2_dev_and_klein_told_apart_and_not_flux1(zoo, tmp_path):
     dev = diffusers.Flux2Transformer2DModel(**DEV)
     folder = tmp_path / "dev"
     dev.save_pretrained(str(folder))
-    # a dev transformer as BFL names it: hubmix's key map, checked by diffusers' loader
+    # a dev transformer as BFL names it (fused qkv, swapped final modulation) by hubmix's key map, read back by
+    # diffusers' loader and by hubmix
     from hubmix.formats.families import get_family
     from hubmix.formats.layouts import KeyMap
 
     km = KeyMap(get_family("flux2").components["transformer"], dict(dev.config))
-    # write through hubmix: wrap the transformer in a minimal diffusers folder is not needed; merge the file itself
     sd = dev.state_dict()
     fused: dict[str, list[tuple[int, torch.Tensor]]] = {}
     orig = {}

@@ -4,7 +4,6 @@ small width. `seed` adds small noise to the `base_seed` weights, like fine-tunes
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
