@@ -225,3 +225,22 @@ def _tensor_bytes(path: Path) -> bytes:
     header = json.loads(raw[8:8 + n])
     header.pop("__metadata__", None)
     return json.dumps(header, sort_keys=True).encode() + raw[8 + n:]
+
+
+def test_help_names_every_family_from_the_families_folder(cli, monkeypatch, tmp_path):
+    """`hubmix --help` names the families the YAML files define (loaded in full here, as the merge loads them), and
+    a new family file appears there without touching the CLI."""
+    import shutil
+
+    import hubmix.formats.families as fams
+    from hubmix.cli.app import cli_help
+
+    names = [f.name.replace("Stable Diffusion ", "SD") for f in fams.families().values()]
+    assert {"SD1.x", "SD2.x", "SDXL"} <= set(names), names
+    code, out, _ = cli("--help")
+    assert code == 0 and f"({', '.join(names)})" in " ".join(out.split()), out
+    shutil.copytree(fams.HERE, tmp_path / "families", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (tmp_path / "families" / "sd9.yaml").write_text("# a family from the future\nid: sd9\nname: Stable Diffusion 9\n")
+    monkeypatch.setattr(fams, "HERE", tmp_path / "families")
+    text = cli_help()
+    assert "SD9" in text and all(n in text for n in names), text
