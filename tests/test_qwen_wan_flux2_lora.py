@@ -5,6 +5,7 @@ checked against diffusers' own load_lora_weights + fuse_lora."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def _fused(folder, lora, scale: float) -> dict[str, torch.Tensor]:
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(str(folder))
-    pipe.load_lora_weights(str(lora))
+    pipe.load_lora_weights(str(Path(lora).parent), weight_name=Path(lora).name)  # diffusers 0.38 offline rule
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
     return pipe.transformer.state_dict()
