@@ -141,7 +141,7 @@ def source() -> list[str]:
                     store = f"st_{t_out}(o, i, take ? f{x} : f{y});"
                 parts.append(f"void {name}_{t_in}_{t_out}(K) {{ {_loop(n, t_in, f'{body} {store}')} }}")
     return [("" if i == 0 else "#define HUBMIX_PART 1\n") + prelude + "\n".join(parts[i::PARTS]) + "\n"
-            for i in range(PARTS)]
+            for i in range(PARTS)] + [Path(__file__).with_name("gguf_quants.c").read_text()]  # GGUF blocks
 
 
 # Which native kernel computes a method, and its float32 scalars derived from the parameters as torch would.
@@ -235,6 +235,8 @@ class Native:
         loaded.scanned.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int32] * 3 + [ctypes.c_void_p] * 4
                                    + [ctypes.c_int64] + [ctypes.c_float] * 4 + [ctypes.c_void_p])
         loaded.scanned.restype = None
+        for fn in (loaded.gguf_quantize, loaded.gguf_dequantize):  # hubmix.formats.quant.gguf_blocks
+            fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], ctypes.c_int
         return loaded
 
 

@@ -62,6 +62,7 @@ class Family:
     optional: tuple[str, ...] = ()
     # what an unmarked single file predicts, and which marker keys single files carry (formats/prediction.py)
     prediction: dict[str, Any] = field(default_factory=dict)
+    gguf_architecture: str | None = None  # `general.architecture` of this family's GGUF files (ComfyUI-GGUF)
 
     def variant_of(self, main_keys: Iterable[str]) -> str | None:
         """Which variant (Flux dev or schnell) a model is, by a rule over its main component's canonical keys."""
@@ -126,7 +127,8 @@ def _load_family(path: Path) -> Family:
                   defaults=raw.get("defaults") or {}, pipeline_extra=raw.get("pipeline_extra") or {},
                   tokenizers=raw.get("tokenizers") or {}, main=raw.get("main") or next(iter(comps)),
                   variants=raw.get("variants") or {}, prediction=raw.get("prediction") or {},
-                  optional=tuple(raw.get("optional") or ()), **_block_list(raw.get("block_list")))
+                  optional=tuple(raw.get("optional") or ()), gguf_architecture=raw.get("gguf_architecture"),
+                  **_block_list(raw.get("block_list")))
 
 
 def _block_list(raw: dict[str, Any] | None) -> dict[str, tuple[str, ...]]:
@@ -176,6 +178,16 @@ def detect_family(layout: str, keys: dict[str, int], where: str) -> Family:
             f"({', '.join(families())}); first keys: {sample or 'none'}"
         )
     raise FamilyError(f"{where}: keys match several families: {', '.join(f.id for f in hits)}")
+
+
+def gguf_family(architecture: str | None, where: str) -> Family:
+    """The family whose GGUF files name `architecture` (ComfyUI-GGUF's general.architecture)."""
+    for fam in families().values():
+        if fam.gguf_architecture is not None and fam.gguf_architecture == architecture:
+            return fam
+    known = ", ".join(sorted(f.gguf_architecture for f in families().values() if f.gguf_architecture))
+    raise FamilyError(f"{where}: a GGUF file of architecture {architecture!r}, which no hubmix family reads "
+                      f"(known: {known})")
 
 
 def detect_main_only(keys: dict[str, int]) -> tuple[Family, str] | None:

@@ -416,8 +416,9 @@ def open_weight_file(path: str | os.PathLike) -> WeightFile:
     if not p.exists():
         raise InputError(f"{p}: no such file")
     if p.suffix.lower() == ".gguf" or _magic(p) == b"GGUF":
-        raise InputError(f"{p}: a GGUF file (llama.cpp / ComfyUI-GGUF quantized format), which hubmix does not "
-                         "read; use the safetensors original")
+        from hubmix.formats.quant.gguf_file import GGUFFile  # ComfyUI-GGUF's denoiser files
+
+        return GGUFFile(p)
     if p.suffix == ".safetensors":
         ahead = _PREOPENED.pop(str(p.resolve()), None)
         f = ahead[1] if ahead is not None and ahead[0] == file_version(p) else SafetensorsFile(p)
