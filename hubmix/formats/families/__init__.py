@@ -62,7 +62,11 @@ class Family:
     optional: tuple[str, ...] = ()
     # what an unmarked single file predicts, and which marker keys single files carry (formats/prediction.py)
     prediction: dict[str, Any] = field(default_factory=dict)
-    gguf_architecture: str | None = None  # `general.architecture` of this family's GGUF files (ComfyUI-GGUF)
+    gguf: dict[str, Any] = field(default_factory=dict)  # its GGUF files: architecture, reshape, keep (ComfyUI-GGUF)
+
+    @property
+    def gguf_architecture(self) -> str | None:
+        return self.gguf.get("architecture")
 
     def variant_of(self, main_keys: Iterable[str]) -> str | None:
         """Which variant (Flux dev or schnell) a model is, by a rule over its main component's canonical keys."""
@@ -127,7 +131,7 @@ def _load_family(path: Path) -> Family:
                   defaults=raw.get("defaults") or {}, pipeline_extra=raw.get("pipeline_extra") or {},
                   tokenizers=raw.get("tokenizers") or {}, main=raw.get("main") or next(iter(comps)),
                   variants=raw.get("variants") or {}, prediction=raw.get("prediction") or {},
-                  optional=tuple(raw.get("optional") or ()), gguf_architecture=raw.get("gguf_architecture"),
+                  optional=tuple(raw.get("optional") or ()), gguf=raw.get("gguf") or {},
                   **_block_list(raw.get("block_list")))
 
 
