@@ -45,12 +45,18 @@ static inline int nearest_int(float fval) {
 
 /* ---- the simple types: the gguf package's numpy quantizers, operation for operation ---- */
 
+/* gguf's np_roundf (half away from zero), which floorf lets the compiler vectorize (roundf is a libm call) */
+static inline float np_roundf(float n) {
+    float a = fabsf(n), f = floorf(a), b = f + floorf(2.0f * (a - f));
+    return n < 0.0f ? -b : b;
+}
+
 static void q8_0(const float *x, uint8_t *y) {
     float amax = 0.0f;
     for (int j = 0; j < QK; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
     float d = amax / 127.0f, id = d == 0.0f ? 0.0f : 1.0f / d;
     uint16_t h = g_f2h(d); memcpy(y, &h, 2);
-    for (int j = 0; j < QK; j++) y[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+    for (int j = 0; j < QK; j++) y[2 + j] = (uint8_t)(int8_t)np_roundf(x[j] * id);
 }
 
 /* Q4_0 (nmax 8, 4 bits) and Q5_0 (16, 5 bits): d = the value of largest magnitude / -nmax */
