@@ -83,7 +83,7 @@ def choose_layout(recipe: Recipe, out: Path | None) -> str:
     """The output's layout; a GGUF --dtype writes one .gguf file of the denoiser (ComfyUI-GGUF's layout)."""
     gguf = recipe.dtype in GGUF_DTYPES
     if gguf or (out is not None and out.suffix == ".gguf"):
-        if not gguf or (recipe.layout not in (None, "gguf")) or out is None or out.suffix != ".gguf":
+        if not gguf or recipe.layout not in (None, "gguf", "single-file") or out is None or out.suffix != ".gguf":
             raise RecipeError(f"{out}: a GGUF output is one .gguf file holding the denoiser: pass --out NAME.gguf "
                               f"with --dtype {' or '.join(sorted(GGUF_DTYPES))} (and no --layout)")
         return "gguf"

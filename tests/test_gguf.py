@@ -221,3 +221,15 @@ def test_gguf_dtype_needs_a_gguf_path(flux_inputs, tmp_path, cli):
     code, _, err = cli("merge", str(root / "a.gguf"), str(root / "b.safetensors"), "--method", "weighted_sum",
                        "--alpha", "0.5", "--dtype", "gguf-q8_0", "--out", str(tmp_path / "x.safetensors"))
     assert_one_line_error(code, err, ".gguf")
+
+
+def test_reproduce_rebuilds_the_same_gguf_bytes(flux_inputs, tmp_path, cli):
+    from hubmix.result import load_result
+
+    root, _ = flux_inputs
+    out = _merge([root / "a.gguf", root / "b.safetensors"], "gguf-q5_0", tmp_path / "r.gguf").output
+    assert load_result(out).canonical["dtype"] == "gguf-q5_0"  # the recipe in the GGUF header
+    code, text, err = cli("reproduce", str(out), "--model", f"a={root / 'a.gguf'}", "--model",
+                          f"b={root / 'b.safetensors'}", "-q")
+    assert code == 0, text + err
+    assert "identical" in text

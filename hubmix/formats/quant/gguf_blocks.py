@@ -46,7 +46,8 @@ def quantize(x: np.ndarray, qtype: str, native: bool = True) -> np.ndarray:
         return QUANTIZERS[qtype](x.reshape(n, bs)).reshape(-1)
     import gguf
 
-    return gguf.quants.quantize(x.reshape(n, bs), gguf.GGMLQuantizationType[qtype]).reshape(-1)
+    # one row: gguf applies its quantizer per group of 16 rows, a Python loop over (n, bs) blocks
+    return gguf.quants.quantize(x.reshape(1, -1), gguf.GGMLQuantizationType[qtype]).reshape(-1)
 
 
 def dequantize(raw: np.ndarray, qtype: str, native: bool = True) -> np.ndarray:
@@ -69,4 +70,4 @@ def dequantize(raw: np.ndarray, qtype: str, native: bool = True) -> np.ndarray:
             return out
     import gguf
 
-    return gguf.quants.dequantize(raw.reshape(n, ts), gguf.GGMLQuantizationType[qtype]).reshape(-1)
+    return gguf.quants.dequantize(raw.reshape(1, -1), gguf.GGMLQuantizationType[qtype]).reshape(-1)

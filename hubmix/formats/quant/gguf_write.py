@@ -194,7 +194,7 @@ class GGUFWriter:
         if t.qtype == "BF16":
             import gguf
 
-            raw = gguf.quants.quantize(x.reshape(-1, 1), gguf.GGMLQuantizationType.BF16).reshape(-1)
+            raw = gguf.quants.BF16.quantize_blocks(x.reshape(1, -1)).reshape(-1)  # one vectorized call
         else:
             raw = quantize(x, t.qtype)
         _, bs, ts = GGML_TYPES[t.qtype]
