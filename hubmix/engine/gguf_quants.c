@@ -118,6 +118,8 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *weig
         diff = diff * diff;
         best_error += weights[i] * diff;
     }
+    /* the element-wise parts in their own loops (which vectorize), the sums in the C reference's order */
+    float lf[32], wl[32], t[32];
     for (int is = 0; is <= nstep; ++is) {
         iscale = (rmin + rdelta * is + nmax) / (max - min);
         float sum_l = 0, sum_l2 = 0, sum_xl = 0;
@@ -125,10 +127,13 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *weig
             int l = nearest_int(iscale * (x[i] - min));
             l = MAX(0, MIN(nmax, l));
             Laux[i] = (uint8_t)l;
-            float w = weights[i];
-            sum_l += w * l;
-            sum_l2 += w * l * l;
-            sum_xl += w * l * x[i];
+            lf[i] = (float)l;
+            wl[i] = weights[i] * lf[i];
+        }
+        for (int i = 0; i < n; ++i) {
+            sum_l += wl[i];
+            sum_l2 += wl[i] * lf[i];
+            sum_xl += wl[i] * x[i];
         }
         float D = sum_w * sum_l2 - sum_l * sum_l;
         if (D > 0) {
@@ -140,10 +145,10 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *weig
             }
             float cur_error = 0;
             for (int i = 0; i < n; ++i) {
-                float diff = this_scale * Laux[i] + this_min - x[i];
-                diff = diff * diff;
-                cur_error += weights[i] * diff;
+                float diff = this_scale * lf[i] + this_min - x[i];
+                t[i] = weights[i] * (diff * diff);
             }
+            for (int i = 0; i < n; ++i) cur_error += t[i];
             if (cur_error < best_error) {
                 for (int i = 0; i < n; ++i) L[i] = Laux[i];
                 best_error = cur_error;

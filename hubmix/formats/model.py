@@ -329,9 +329,12 @@ def _is_inpainting(model: LocalModel) -> bool:
 def _open_single_file(path: Path, ema: bool) -> LocalModel:
     f = open_weight_file(path)
     ndims = {k: len(f.info(k).shape) for k in f.keys()}
-    if f.format == "gguf":  # a GGUF file holds the denoiser alone, bare keys; its header names the family
-        family = gguf_family(getattr(f, "architecture", None), str(path))
-        only: tuple[Family, str] | None = (family, "")
+    if f.format == "gguf":  # the denoiser alone, its header naming the family (else, like sd.cpp's, its keys)
+        arch = getattr(f, "architecture", None)
+        only = detect_main_only(ndims) if arch is None else None
+        family = only[0] if only is not None else gguf_family(arch, str(path))
+        prefix = family.components[family.main].prefix  # ComfyUI-GGUF's loader strips it where every key has it
+        only = (family, prefix if f.keys() and all(k.startswith(prefix) for k in f.keys()) else "")
     else:
         family = detect_family("single-file", ndims, str(path))
         only = None if family.matches("single-file", ndims) else detect_main_only(ndims)
