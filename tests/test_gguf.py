@@ -224,7 +224,7 @@ def test_gguf_dtype_needs_a_gguf_path(flux_inputs, tmp_path, cli):
 
 
 def test_reproduce_rebuilds_the_same_gguf_bytes(flux_inputs, tmp_path, cli):
-    from hubmix.result import load_result
+    from hubmix.flow.result import load_result
 
     root, _ = flux_inputs
     out = _merge([root / "a.gguf", root / "b.safetensors"], "gguf-q5_0", tmp_path / "r.gguf").output
