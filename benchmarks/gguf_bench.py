@@ -30,6 +30,7 @@ CHUNK = 1 << 24
 
 
 def build(cache: Path, layers: tuple[int, int]) -> list[Path]:
+    from hubmix.engine.native import Native
     from hubmix.formats.families import get_family
     from hubmix.formats.quant.gguf_write import GGUFWriter, stored_type
 
@@ -41,6 +42,7 @@ def build(cache: Path, layers: tuple[int, int]) -> list[Path]:
     tensors = [stored_type(rules, k, s, "bfloat16", "gguf-q8_0") for k, s in sorted(shapes.items())]
     print(f"building 2 random Q8_0 Flux transformers ({sum(map(math.prod, shapes.values())) / 1e9:.2f}B parameters "
           f"each) under {cache}", flush=True)
+    Native.library()  # the native quantizers
     writers = [GGUFWriter(p, "flux", "gguf-q8_0", tensors) for p in paths]
     g = torch.Generator()
     for j, (key, shape) in enumerate(sorted(shapes.items())):

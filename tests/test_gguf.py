@@ -32,7 +32,11 @@ def _real_like(rng, rows: int, cols: int) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_blocks_native_and_eager_agree_with_the_reference(qtype):
+    from hubmix.engine.native import Native
+    from hubmix.formats.quant import gguf_blocks
     from hubmix.formats.quant.gguf_blocks import dequantize, quantize
+
+    assert Native.library() is not None and gguf_blocks.LIB is not None, Native.error()
 
     rng = np.random.default_rng(3)
     x = _real_like(rng, 24, 512).reshape(-1)
@@ -67,6 +71,7 @@ def test_kquants_beat_the_simple_types_of_their_width():
 
 def test_reader_matches_gguf_dequantization_for_every_written_type(tmp_path):
     from hubmix.formats.io.readers import open_weight_file
+    from hubmix.formats.quant import gguf_file  # noqa: F401 - registers the reader (hubmix.formats.model does)
 
     rng = np.random.default_rng(1)
     types = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]

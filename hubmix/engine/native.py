@@ -237,6 +237,9 @@ class Native:
         loaded.scanned.restype = None
         for fn in (loaded.gguf_quantize, loaded.gguf_dequantize):  # hubmix.formats.quant.gguf_blocks
             fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], ctypes.c_int
+        from hubmix.formats.quant import gguf_blocks
+
+        gguf_blocks.LIB = loaded
         return loaded
 
 

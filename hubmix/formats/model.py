@@ -20,6 +20,7 @@ from hubmix.errors import FamilyError, InputError
 from hubmix.formats.families import (ComponentSpec, Family, all_component_names, detect_family, detect_main_only,
                                      get_family, gguf_family, weight_stem)
 from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file, read_regular
+from hubmix.formats.quant import gguf_file  # noqa: F401 - registers the GGUF reader with open_weight_file
 from hubmix.formats.io.span import Span
 from hubmix.formats.layouts import COPYING, KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
 from hubmix.formats.prediction import MARKER_KEYS, Prediction, from_scheduler, from_single_file

@@ -1,23 +1,26 @@
 """GGUF block (de)quantization of flat float32 runs: the native unit (hubmix/engine/gguf_quants.c) where it covers the
-type and the library is built, else the eager code: the `gguf` package's own numpy (the reference) for everything it
+type and the library is loaded (every merge loads it before its first chunk), else the eager code: the `gguf` package's own numpy (the reference) for everything it
 has, hubmix's numpy port of llama.cpp's K-quant quantizers for Q4_K/Q5_K/Q6_K. Both give the same bytes and the same
 floats (checked by the tests)."""
 
 from __future__ import annotations
 
 import ctypes
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from hubmix.formats.quant.gguf_types import GGML_TYPES, block_size, type_id
+
+if TYPE_CHECKING:
+    import numpy as np
 
 NATIVE_QUANT = frozenset({"Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"})  # gguf_quants.c covers these
 
 
-def _lib():
-    from hubmix.engine.native import Native
+LIB: Any = None  # the native library, handed over by hubmix.engine.native when it loads (engine is a floor above)
 
-    return Native.library()
+
+def _lib():
+    return LIB
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -26,6 +29,7 @@ def _ptr(a: np.ndarray) -> int:
 
 def quantize(x: np.ndarray, qtype: str, native: bool = True) -> np.ndarray:
     """Flat float32 `x` (a whole number of blocks) -> the blocks' bytes (uint8)."""
+    import numpy as np  # here: the engine loads this module with the library, and span merges use no numpy
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     bs, ts = block_size(qtype), GGML_TYPES[qtype][2]
     if x.size % bs:
@@ -52,6 +56,7 @@ def quantize(x: np.ndarray, qtype: str, native: bool = True) -> np.ndarray:
 
 def dequantize(raw: np.ndarray, qtype: str, native: bool = True) -> np.ndarray:
     """The bytes of whole blocks (uint8) -> float32, as `gguf.quants.dequantize` gives them."""
+    import numpy as np
     raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
     bs, ts = block_size(qtype), GGML_TYPES[qtype][2]
     if raw.size % ts:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubmix.errors import InputError
-from hubmix.formats.io.readers import TensorInfo, WeightFile, open_regular
+from hubmix.formats.io.readers import CONTAINERS, TensorInfo, WeightFile, open_regular
 from hubmix.formats.io.span import Span, address_of
 from hubmix.formats.quant.gguf_types import BY_ID, DEQUANTIZED, GGML_TYPES, PLAIN, type_nbytes
 
@@ -256,3 +256,6 @@ class GGUFFile(WeightFile):
 
     def close(self) -> None:
         self._closer()
+
+
+CONTAINERS["gguf"] = GGUFFile  # open_weight_file hands .gguf files (and the GGUF magic) to this reader
