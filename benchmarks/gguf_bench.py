@@ -70,7 +70,8 @@ def check(out: Path, inputs: list[Path], qtype: str) -> str:
 
     rs = [gguf.GGUFReader(str(p)) for p in (*inputs, out)]
     by = [{t.name: t for t in r.tensors} for r in rs]
-    picks = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "double_blocks.0.img_mlp.2.weight"]
+    picks = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
+             "double_blocks.0.img_mlp.2.weight"]
     bad = []
     for k in picks:
         a, b = (gguf.quants.dequantize(d[k].data, d[k].tensor_type).reshape(-1) for d in by[:2])
@@ -127,7 +128,6 @@ def main() -> None:
     print(f"{'':30} {'wall s':>8}  {'ratio':<26} {'RssAnon MiB':>11}")
     print(f"{'I/O floor, 2 inputs':30} {floor['floor2_s']:8.2f}  cat {floor['read2_s']:.1f} s + write "
           f"{floor['write_s']:.1f} s")
-    q8 = med.get("lossless -> gguf-q8_0")
     q40 = med.get("lossless -> gguf-q4_0")
     for q in outs:
         m = med.get(f"lossless -> gguf-{q}")
@@ -140,7 +140,6 @@ def main() -> None:
     for q, note in notes.items():
         print(f"correctness ({q}): {note}")
     print(f"note: other programs used {others:.0f} CPU-seconds ({share:.0%} of the machine) during these runs")
-    del q8
 
 
 if __name__ == "__main__":

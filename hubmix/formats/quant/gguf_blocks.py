@@ -1,7 +1,7 @@
 """GGUF block (de)quantization of flat float32 runs: the native unit (hubmix/engine/gguf_quants.c) where it covers the
-type and the library is loaded (every merge loads it before its first chunk), else the eager code: the `gguf` package's own numpy (the reference) for everything it
-has, hubmix's numpy port of llama.cpp's K-quant quantizers for Q4_K/Q5_K/Q6_K. Both give the same bytes and the same
-floats (checked by the tests)."""
+type and the library is loaded (every merge loads it before its first chunk), else the eager code: the `gguf`
+package's own numpy (the reference) for everything it has, hubmix's numpy port of llama.cpp's K-quant quantizers for
+Q4_K/Q5_K/Q6_K. Both give the same bytes and the same floats (checked by the tests)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,8 @@ class _Cursor:
         try:
             return self.take(n).decode("utf-8")
         except UnicodeDecodeError:
-            raise InputError(f"{self.path}: corrupt GGUF header (a string that is not UTF-8 at byte {self.pos})") from None
+            raise InputError(f"{self.path}: corrupt GGUF header (a string that is not UTF-8 at byte {self.pos})"
+                             ) from None
 
     def value(self, vtype: int, key: str) -> Any:
         if vtype in _SCALARS:

@@ -93,7 +93,8 @@ def _kv(key: str, value: Any) -> bytes:
     return _string(key) + struct.pack("<II", 4, value)
 
 
-def plan_header(arch: str, target: str, tensors: list[GGUFTensor], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+def plan_header(arch: str, target: str, tensors: list[GGUFTensor],
+                metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
     """The header (padded to the alignment) and each tensor's offset from the start of the file."""
     kvs: list[tuple[str, Any]] = [("general.architecture", arch), ("general.quantization_version", 2)]
     if target in FILE_TYPES:
