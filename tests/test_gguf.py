@@ -238,3 +238,34 @@ def test_reproduce_rebuilds_the_same_gguf_bytes(flux_inputs, tmp_path, cli):
                           f"b={root / 'b.safetensors'}", "-q")
     assert code == 0, text + err
     assert "identical" in text
+
+
+def test_writer_streams_chunks_in_any_order_to_the_same_bytes(tmp_path):
+    """Chunks that split blocks, arrive out of order, and are large enough to be quantized on several threads give
+    the blocks of one quantization of the whole tensor, under a header gguf's reader reads."""
+    from hubmix.engine.native import Native
+    from hubmix.formats.quant.gguf_blocks import quantize
+    from hubmix.formats.quant.gguf_write import GGUFTensor, GGUFWriter
+
+    Native.library()
+    rng = np.random.default_rng(5)
+    x = _real_like(rng, 1024, 1024)
+    tensors = [GGUFTensor("a.weight", "Q4_K", (1024, 1024)), GGUFTensor("b.weight", "F32", (7,))]
+    w = GGUFWriter(tmp_path / "w.gguf", "flux", "gguf-q4_k", tensors, {"hubmix.note": "x"})
+    flat = x.reshape(-1)
+    cuts = [0, 100, 300_000, 300_100, 1024 * 1024]
+    for s, e in reversed(list(zip(cuts, cuts[1:]))):
+        w.write("a.weight", torch_of(flat[s:e]), s * 4)
+    w.write("b.weight", torch_of(np.arange(7, dtype=np.float32)), 0)
+    w.finish()
+    r = gguf.GGUFReader(str(tmp_path / "w.gguf"))
+    by = {t.name: t for t in r.tensors}
+    assert np.asarray(by["a.weight"].data).tobytes() == quantize(flat, "Q4_K").tobytes()
+    assert list(np.asarray(by["b.weight"].data)) == list(range(7))
+    assert r.get_field("hubmix.note").contents() == "x"
+
+
+def torch_of(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a))

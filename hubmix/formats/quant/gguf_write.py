@@ -31,6 +31,8 @@ from hubmix.formats.quant.gguf_types import GGML_TYPES, GGUF_DTYPES, block_size,
 ALIGN = 32
 SMALL = 1024  # convert.py's QUANTIZATION_THRESHOLD
 REARRANGE = 512  # convert.py's REARRANGE_THRESHOLD
+QUANT_THREADS = max(1, min(4, os.cpu_count() or 1))  # threads quantizing one large chunk
+PART_MIN = 1 << 18  # elements per part at least
 FILE_TYPES = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q5_0": 8, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "BF16": 32}
 
 
@@ -131,6 +133,7 @@ class GGUFWriter:
         self._written = dict.fromkeys(self.tensors, 0)
         self._partial: dict[tuple[str, int], list] = {}  # (key, block) -> [float32 block, elements arrived]
         self._lock = threading.Lock()
+        self._pool: Any = None
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             os.ftruncate(self._fd, self.size)
@@ -190,14 +193,12 @@ class GGUFWriter:
 
     def _blocks(self, t: GGUFTensor, x, start: int) -> None:
         """Whole blocks of `x` (elements start.. of the tensor) quantized and written."""
-        from hubmix.formats.quant.gguf_blocks import quantize
-
         if t.qtype == "BF16":
             import gguf
 
             raw = gguf.quants.BF16.quantize_blocks(x.reshape(1, -1)).reshape(-1)  # one vectorized call
         else:
-            raw = quantize(x, t.qtype)
+            raw = self._quantize(x, t.qtype)
         _, bs, ts = GGML_TYPES[t.qtype]
         try:
             self._pwrite(raw, self._offsets[t.key] + start // bs * ts)
@@ -205,6 +206,25 @@ class GGUFWriter:
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
         with self._lock:
             self._written[t.key] += x.size
+
+    def _quantize(self, x, qtype: str):
+        """Blocks are independent: a large chunk is quantized in parts on several threads (the native quantizer
+        releases the GIL; K-quants' search is what a GGUF output spends its CPU on), the same bytes as in one."""
+        import numpy as np
+
+        from hubmix.formats.quant.gguf_blocks import quantize
+
+        bs = block_size(qtype)
+        parts = min(QUANT_THREADS, x.size // PART_MIN)
+        if parts < 2:
+            return quantize(x, qtype)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(QUANT_THREADS, thread_name_prefix="hubmix-gguf")
+        step = -(-(x.size // bs) // parts) * bs
+        pieces = list(self._pool.map(lambda s: quantize(x[s:s + step], qtype), range(0, x.size, step)))
+        return np.concatenate(pieces)
 
     def set_metadata(self, metadata: dict[str, str]) -> None:
         """Rewrite the header's string key-values, which must encode to the same length (placeholders)."""
@@ -231,8 +251,14 @@ class GGUFWriter:
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
         os.close(self._fd)
         self._fd = -1
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def abort(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
