@@ -49,10 +49,10 @@ def load_views(job: Job, spans: bool = False) -> list[Any]:
     if spans:
         whole = [input_span(r) for r in job.task.refs]
         return [s.flat(job.start, job.stop) for s in whole] if job.task.chunkable else whole  # type: ignore[union-attr]
-    views = [r.load() for r in job.task.refs]
-    if job.task.chunkable:
-        return [v.reshape(-1)[job.start:job.stop] for v in views]
-    return views
+    if job.task.chunkable:  # a quantized input dequantizes the chunk's range only
+        return [r.load_flat(job.start, job.stop) if r.quant else r.load().reshape(-1)[job.start:job.stop]
+                for r in job.task.refs]
+    return [r.load() for r in job.task.refs]
 
 
 def input_span(ref: TensorRef) -> Span | None:

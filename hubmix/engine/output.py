@@ -32,7 +32,8 @@ class OutputFile:
     metadata: dict[str, str]
     planned: dict[str, PlannedTensor] = field(default_factory=dict)
     generated: dict[str, Span] = field(default_factory=dict)
-    writer: SafetensorsWriter | None = None
+    writer: Any = None  # a SafetensorsWriter, or a GGUFWriter for a .gguf output
+    gguf: tuple | None = None  # (the family's GGUF rules, the --dtype, model a's dtype of each key) for a .gguf
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,9 @@ class Router:
     def open(self) -> None:
         for f in self.files:
             f.path.parent.mkdir(parents=True, exist_ok=True)
+            if f.gguf is not None:
+                f.writer = _gguf_writer(f)
+                continue
             f.writer = SafetensorsWriter(f.path, list(f.planned.values()), f.metadata)
             for key, tensor in f.generated.items():
                 f.writer.write(key, tensor)
@@ -145,6 +149,14 @@ class Router:
         for f in self.files:
             if f.writer is not None:
                 f.writer.abort()
+
+
+def _gguf_writer(f: OutputFile) -> Any:
+    from hubmix.formats.quant.gguf_write import GGUFWriter, stored_type
+
+    rules, dtype, sources = f.gguf  # type: ignore[misc]
+    tensors = [stored_type(rules, k, p.shape, sources.get(k, "float32"), dtype) for k, p in sorted(f.planned.items())]
+    return GGUFWriter(f.path, rules["architecture"], dtype, tensors, f.metadata)
 
 
 def _fused_parts(pieces: dict[int, Task], widths: tuple[int, ...]) -> list[Task] | None:

@@ -120,8 +120,8 @@ def out_dtype_for(recipe: Recipe, ref: TensorRef, others: list[TensorRef | None]
     wider input keeps the first wider dtype rather than rounding it to 8 bits)."""
     if not is_float(ref.dtype_name):
         return ref.dtype_name
-    if recipe.dtype:
-        return DTYPE_NAMES[recipe.dtype]
+    if recipe.dtype:  # a GGUF output quantizes float32 results as it writes them
+        return DTYPE_NAMES.get(recipe.dtype, "float32")
     if ref.dtype_name in FP8:
         wider = [r.dtype_name for r in others if r is not None and is_float(r.dtype_name) and r.dtype_name not in FP8]
         return wider[0] if wider else ref.dtype_name

@@ -27,7 +27,7 @@ def inspect_model(path: str | Path, *, variant: str | None = None) -> dict[str, 
         "files": [str(f) for f in m.files],
     }
     for name, c in m.components.items():
-        dtypes = Counter(r.dtype_name for r in c.tensors.values())
+        dtypes = Counter(r.quant or r.dtype_name for r in c.tensors.values())  # a quant type names its format
         info["components"][name] = {
             "tensors": len(c.tensors),
             "parameters": sum(r.numel for r in c.tensors.values()),

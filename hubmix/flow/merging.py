@@ -21,6 +21,7 @@ from hubmix.cache import write_new
 from hubmix.engine.devices import device_budget, plain_cpu, resolve_device
 from hubmix.errors import Cancelled, InputError, RecipeError
 from hubmix.formats.families import Family
+from hubmix.formats.quant.gguf_types import GGUF_DTYPES
 from hubmix.hub.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
 from hubmix.flow.outputs import (choose_prediction, config_source, file_metadata, output_configs,
@@ -79,6 +80,13 @@ def open_inputs(recipe: Recipe, resolver: Resolver = resolve_local) -> tuple[lis
 
 
 def choose_layout(recipe: Recipe, out: Path | None) -> str:
+    """The output's layout; a GGUF --dtype writes one .gguf file of the denoiser (ComfyUI-GGUF's layout)."""
+    gguf = recipe.dtype in GGUF_DTYPES
+    if gguf or (out is not None and out.suffix == ".gguf"):
+        if not gguf or recipe.layout not in (None, "gguf", "single-file") or out is None or out.suffix != ".gguf":
+            raise RecipeError(f"{out}: a GGUF output is one .gguf file holding the denoiser: pass --out NAME.gguf "
+                              f"with --dtype {' or '.join(sorted(GGUF_DTYPES))} (and no --layout)")
+        return "gguf"
     if recipe.layout:
         return recipe.layout
     return "single-file" if out is not None and out.suffix == ".safetensors" else "diffusers"
@@ -150,7 +158,7 @@ def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str
             raise InputError(f"{recipe.config_from}: --config-from is {donor.family.name}, the inputs are "
                              f"{family.name}")
         return [donor]
-    if layout != "single-file":
+    if layout not in ("single-file", "gguf"):
         raise InputError(f"the inputs hold no {', '.join(missing)} (transformer-only files): a diffusers output "
                          f"needs them; pass --config-from <a local {family.name} diffusers folder> to copy them "
                          "from, or write a single file")
@@ -241,7 +249,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         if layout != "single-file" and target.suffix == ".safetensors":
             raise RecipeError(f"{target}: a .safetensors path cannot hold a {layout} folder; choose another --out")
         check_target(target, overwrite)  # before any work
-        if layout == "single-file":
+        if layout in ("single-file", "gguf"):
             check_target(_sidecar(target), overwrite)
     # resolvers (the Hub) see where the output goes: a diffusers folder also copies model a's other components
     recipe = dataclasses.replace(recipe, layout=layout, output=str(target) if target else None)
@@ -255,12 +263,12 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         report = analysis.analyze(tasks, names, quiet=settings.quiet, workers=settings.workers)
         return MergeResult(None, None, family, summary, placeholder, report=report)
     assert target is not None and layout is not None
-    source = config_source(models, family, recipe) if layout != "single-file" or any(
+    source = config_source(models, family, recipe) if layout not in ("single-file", "gguf") or any(
         m.components[c].config_source == "inferred" for m in models for c in m.components) else None
     configs = output_configs(models + donor, structure, family, source, summary)
     # the input hashes read the mappings the engine reads, on their own threads, while it runs
     hashes = input_hashes({r.file.path: r.file for t in tasks for r in t.refs}.values()).start()
-    sidecar = _sidecar(target) if layout == "single-file" else None
+    sidecar = _sidecar(target) if layout in ("single-file", "gguf") else None
     # Wan 2.2's two experts as single files: two files named from --out, installed together with the recipe
     finals = list(split_targets(family, list(configs), target).values()) if layout == "single-file" else []
     if finals:
@@ -296,7 +304,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         # the recipe is staged with the weights and renamed in with them (engine.target): together or not at all
         recipe_file = stage.beside(sidecar) if sidecar else tmp / "recipe.yaml"
         write_new(recipe_file, recipe_yaml(canonical))
-        written = finals or [target / f.path.relative_to(tmp) if layout != "single-file" else target
+        written = finals or [target / f.path.relative_to(tmp) if layout not in ("single-file", "gguf") else target
                              for f in router.files]
     written.append(sidecar or target / "recipe.yaml")
     return MergeResult(target, layout, family, summary, canonical, files=written, engine=stats)

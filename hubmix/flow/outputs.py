@@ -149,6 +149,8 @@ def plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models
         for cname, spec in family.components.items():
             router.add_component_file(tmp / cname / f"{spec.weight_name}{variant}.safetensors", cname,
                                       by_comp.get(cname, []), file_metadata(placeholder))
+    if layout == "gguf":
+        _plan_gguf(router, tmp, target, by_comp, family, configs, recipe, prediction, placeholder, summary)
     if layout in ("single-file", "both"):
         path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
         title = target.stem if layout == "single-file" else target.name
@@ -198,3 +200,25 @@ def split_single_files(family: Family, components: list[str], staged: Path, stag
     if not finals or stage is None:
         return {}
     return {(staged if i == 0 else stage.beside(final)): [c] for i, (c, final) in enumerate(finals.items())}
+
+
+def _plan_gguf(router: Router, tmp: Path, target: Path, by_comp: dict[str, list[Task]], family: Family,
+               configs: dict[str, dict[str, Any]], recipe: Recipe, prediction: Prediction,
+               placeholder: dict[str, Any], summary: Summary) -> None:
+    """A GGUF file: the denoiser alone under its bare original keys (ComfyUI-GGUF's layout); each tensor's stored
+    type follows from model a's dtype of it (formats.quant.gguf_write)."""
+    main = family.main
+    if not family.gguf_architecture:
+        raise RecipeError(f"{target}: {family.name} has no GGUF layout hubmix knows; write safetensors instead")
+    for c in configs:
+        if c != main:
+            summary.add("note", f"{c}: not in {target.name} (a GGUF file holds the {main} alone)")
+    spec = dataclasses.replace(family.components[main], prefix="")
+    meta = single_file_meta(placeholder, family, target.stem, {main: configs[main]}, prediction)
+    meta.pop("format", None)
+    router.add_single_file(tmp, {main: (KeyMap(spec, configs[main]), by_comp.get(main, []))}, meta, summary,
+                           target.name)
+    f = router.files[-1]
+    sources = {r.key: t.refs[0].dtype_name for t in by_comp.get(main, [])
+               for r in router.routes.get((main, t.key), []) if r.file is f}
+    f.gguf = (family.gguf, recipe.dtype, sources)

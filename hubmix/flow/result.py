@@ -77,10 +77,8 @@ def result_files(path: Path) -> dict[str, Path]:
 def _sidecar_matches(sidecar: Path, weights: Path) -> bool:
     """Whether `<stem>.recipe.yaml` is the recipe of these weights: a crash between the two renames of the final
     step (engine.target) can leave a newer sidecar beside the older weights; their recipe sha256 then differ."""
-    from hubmix.formats.io.readers import SafetensorsFile
-
     try:
-        own = SafetensorsFile(weights).metadata.get("hubmix.recipe_sha256")
+        own = _header_metadata(weights).get("hubmix.recipe_sha256")
     except InputError:
         return True  # not ours to judge (a pickle, a foreign file): keep the sidecar
     m = re.search(r"sha256 ([0-9a-f]{64})", sidecar.read_text(encoding="utf-8").split("\n", 1)[0])
@@ -89,13 +87,22 @@ def _sidecar_matches(sidecar: Path, weights: Path) -> bool:
 
 def _metadata_recipe(path: Path) -> dict[str, Any] | None:
     """The canonical recipe in a weight file's `hubmix.recipe` metadata (its header only is read)."""
-    from hubmix.formats.io.readers import SafetensorsFile
-
     try:
-        raw = SafetensorsFile(path).metadata.get("hubmix.recipe")
+        raw = _header_metadata(path).get("hubmix.recipe")
         return json.loads(raw) if raw else None
     except (InputError, ValueError):  # not a readable safetensors file, or no recipe in it
         return None
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
+    """A single weight file's string metadata, from its header only: safetensors, or GGUF's string key-values."""
+    from hubmix.formats.io.readers import SafetensorsFile
+
+    if path.suffix == ".gguf":
+        from hubmix.formats.quant.gguf_file import GGUFFile
+
+        return GGUFFile(path).metadata
+    return SafetensorsFile(path).metadata
 
 
 def load_result(path: str | Path) -> Result:

@@ -62,6 +62,7 @@ class Family:
     optional: tuple[str, ...] = ()
     # what an unmarked single file predicts, and which marker keys single files carry (formats/prediction.py)
     prediction: dict[str, Any] = field(default_factory=dict)
+    gguf: dict[str, Any] = field(default_factory=dict)  # its GGUF files: architecture, reshape, keep (ComfyUI-GGUF)
     # the components an original single file holds (default: all); the others exist in diffusers folders only
     # (Qwen-Image, Wan, Flux.2: files hold the transformer alone, bare or under `model.diffusion_model.`)
     single_file: tuple[str, ...] = ()
@@ -75,6 +76,10 @@ class Family:
     @property
     def single_file_components(self) -> tuple[str, ...]:
         return self.single_file or tuple(self.components)
+
+    @property
+    def gguf_architecture(self) -> str | None:
+        return self.gguf.get("architecture")
 
     def variant_of(self, main_keys: Iterable[str]) -> str | None:
         """Which variant (Flux dev or schnell) a model is, by a rule over its main component's canonical keys."""
@@ -142,6 +147,7 @@ def _load_family(path: Path) -> Family:
                   variants=raw.get("variants") or {}, prediction=raw.get("prediction") or {},
                   optional=tuple(raw.get("optional") or ()), single_file=tuple(raw.get("single_file") or ()),
                   split_files=dict(raw.get("split_files") or {}), pipelines=tuple(raw.get("pipelines") or ()),
+                  gguf=raw.get("gguf") or {},
                   **_block_list(raw.get("block_list")))
 
 
@@ -206,6 +212,16 @@ def detect_family(layout: str, keys: dict[str, int], where: str) -> Family:
             f"({', '.join(families())}); first keys: {sample or 'none'}"
         )
     raise FamilyError(f"{where}: keys match several families: {', '.join(f.id for f in hits)}")
+
+
+def gguf_family(architecture: str | None, where: str) -> Family:
+    """The family whose GGUF files name `architecture` (ComfyUI-GGUF's general.architecture)."""
+    for fam in families().values():
+        if fam.gguf_architecture is not None and fam.gguf_architecture == architecture:
+            return fam
+    known = ", ".join(sorted(f.gguf_architecture for f in families().values() if f.gguf_architecture))
+    raise FamilyError(f"{where}: a GGUF file of architecture {architecture!r}, which no hubmix family reads "
+                      f"(known: {known})")
 
 
 def detect_main_only(keys: dict[str, int]) -> tuple[Family, str] | None:

@@ -20,7 +20,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from hubmix.errors import InputError
 from hubmix.formats.io.span import ITEMSIZE, Span, address_of, dtype_name, torch_dtype
@@ -417,14 +417,19 @@ def forget_preopened() -> None:
     _PREOPENED.clear()
 
 
+# Other containers by name: formats.quant.gguf_file registers GGUF's reader (it builds on this module)
+CONTAINERS: dict[str, Callable[[Path], WeightFile]] = {}
+
+
 def open_weight_file(path: str | os.PathLike) -> WeightFile:
     """Open a weight file by its suffix: `.safetensors`, or a torch pickle loaded without executing code."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
     if p.suffix.lower() == ".gguf" or _magic(p) == b"GGUF":
-        raise InputError(f"{p}: a GGUF file (llama.cpp / ComfyUI-GGUF quantized format), which hubmix does not "
-                         "read; use the safetensors original")
+        if "gguf" not in CONTAINERS:
+            raise InputError(f"{p}: a GGUF file, which this build of hubmix does not read; use the safetensors file")
+        return CONTAINERS["gguf"](p)
     if p.suffix == ".safetensors":
         ahead = _PREOPENED.pop(str(p.resolve()), None)
         f = ahead[1] if ahead is not None and ahead[0] == file_version(p) else SafetensorsFile(p)
