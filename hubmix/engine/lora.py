@@ -1,9 +1,11 @@
-"""LoRA deltas inside the engine's pass: W_out = merge(W_inputs) + sum_i scale_i * up_i @ down_i, in float32.
+"""LoRA updates inside the engine's pass: W_out = merge(W_inputs) + sum_i strength_i * factor_i * U_i, in float32.
 
 A tensor's delta has the tensor's full size, so it is computed once per tensor (memory bounded by the largest
 tensor a LoRA touches, not by the model) when its first chunk is processed, shared by that tensor's chunks under
-a lock, and dropped after its last chunk. The delta is one fixed matmul per module on the whole tensor, whatever
+a lock, and dropped after its last chunk. The delta is a fixed computation per module on the whole tensor, whatever
 the chunk size or worker count, so the output bytes do not depend on --max-memory or --workers.
+A DoRA module rescales the whole weight, so a tensor with one is processed whole (`needs_whole`) and its modules
+are applied in order on the merged weight.
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ class LoraDelta:
         self._delta: torch.Tensor | None = None
         self._left = self.numel
 
+    @property
+    def needs_whole(self) -> bool:
+        return any(m.dora is not None for m in self.modules)
+
     def full(self) -> torch.Tensor:
         """The whole delta, flat, float32: the modules' updates added in recipe and file order."""
+        from hubmix.lora.weights import module_update
+
         total = None
         for m in self.modules:
-            up, down = m.up.load().float(), m.down.load().float()
-            rank = down.shape[0]
-            d = (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)).reshape(-1)
-            total = d.mul_(m.scale) if total is None else total.add_(d, alpha=m.scale)
+            d = module_update(m, self.shape).reshape(-1)
+            total = d.mul_(m.strength) if total is None else total.add_(d, alpha=m.strength)
         assert total is not None
         return total
 
@@ -46,3 +52,24 @@ class LoraDelta:
             self._left -= stop - start
             self._delta = delta if self._left > 0 else None
         return delta[start:stop]
+
+    def apply(self, weight: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """`weight` (float32, elements [start, stop) of the merged tensor) with the LoRAs applied."""
+        if not self.needs_whole:
+            return weight + self.take(start, stop).view(weight.shape)
+        from hubmix.lora.weights import dora, module_update
+
+        w = weight.reshape(self.shape)
+        pending = None
+        for m in self.modules:
+            u = module_update(m, self.shape)
+            if m.dora is None:
+                pending = u.mul_(m.strength) if pending is None else pending.add_(u, alpha=m.strength)
+                continue
+            if pending is not None:
+                w, pending = w + pending, None
+            w = dora(w, u, m.dora.load(), m.strength)
+        if pending is not None:
+            w = w + pending
+        return w.reshape(weight.shape)
+
