@@ -145,14 +145,17 @@ def read_lora(path: Path, name: str, components: dict[str, Any], strengths: dict
             unknown.append(k)
             continue
         mod, kind, part = parsed
-        g = grouped.setdefault(mod, {"kinds": set(), "parts": {}, "keys": []})
+        # a bias diff is its own update, beside whatever updates the module's weight (ComfyUI reads it so)
+        g = grouped.setdefault(mod + "\0bias" if part == "diff_b" else mod,
+                               {"mod": mod, "kinds": set(), "parts": {}, "keys": []})
         if kind:
             g["kinds"].add(kind)
         g["parts"][part] = k
         g["keys"].append(k)
     indexes: dict[str, dict[str, str | None]] = {}
     modules = []
-    for mod, g in grouped.items():
+    for g in grouped.values():
+        mod = g["mod"]
         if not g["kinds"]:
             unknown += g["keys"]  # an alpha or dora_scale alone
             continue
