@@ -209,9 +209,9 @@ def _locate(kind: str, mod: str, components: dict[str, Any], indexes: dict) -> t
     else:
         head, _, rest = mod.partition(".")
         comp = head if head in components else "unet"
-        rest = rest if head in components else mod
-    if comp == "unet" and "unet" not in components and "transformer" in components:
-        comp = "transformer"  # lora_unet_ / unprefixed names in files for transformer families
+        rest = rest if head in components or head == "diffusion_model" else mod  # ComfyUI's / musubi's prefix
+    if comp == "unet" and comp not in components and "transformer" in components:  # lora_unet_ of a DiT
+        comp = "transformer"
     if comp not in components:
         return comp, None
     if comp not in indexes:

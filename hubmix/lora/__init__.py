@@ -1,2 +1,3 @@
-"""LoRAs on the engine's streaming: the weight updates of every file kind (weights), extraction from a fine-tune
-by SVD (extract, svd), LoRA files written (files) and LoRA merging (merge). Bake-in lives in hubmix.lorabake."""
+"""LoRAs on the engine's streaming: baked into a merge's tensors as they stream (`bake`), the weight updates of
+every file kind (`weights`), extraction from a fine-tune by SVD (`extract`, `svd`), LoRA files written (`files`),
+LoRA merging (`merge`), and the extract-lora flow with samples and push (`publish`)."""

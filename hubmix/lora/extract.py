@@ -97,7 +97,7 @@ def extract_lora(tuned: str, base: str, out: str | Path, options: ExtractOptions
 
     from hubmix import __version__
     from hubmix.formats.model import check_same_family
-    from hubmix.merging import open_inputs, resolve_local
+    from hubmix.flow.merging import open_inputs, resolve_local
     from hubmix.recipe import Recipe
 
     o = options or ExtractOptions()

@@ -166,7 +166,7 @@ def _read_by_name(path: Path, strength: float, groups: dict) -> str:
 
 def _read_on_base(entries, base: str, groups: dict, names: str, block_weight, block_alpha, notes: list) -> None:
     from hubmix.formats.lora import read_lora
-    from hubmix.merging import open_inputs, resolve_local
+    from hubmix.flow.merging import open_inputs, resolve_local
     from hubmix.recipe import Recipe
 
     (model,), _ = open_inputs(Recipe(models=[base], method="weighted_sum", layout="single-file"), resolve_local)

@@ -76,7 +76,7 @@ def lora_card(e: Extraction, path: Path, repo_id: str) -> Any:
     from huggingface_hub import ModelCard, ModelCardData
 
     from hubmix.hub.card import Card
-    from hubmix.result import samples_dir
+    from hubmix.flow.result import samples_dir
 
     base_repo = e.base.get("repo")
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", base_model=base_repo,
@@ -114,7 +114,7 @@ def render_lora_samples(tuned: str, base: str, lora: Path, spec: Any, quiet: boo
     from hubmix.lora.weights import module_update
     from hubmix.render.samples import open_subjects, render_grid_of, resolve_for_render, write_index
     from hubmix.render.spec import RenderSpec
-    from hubmix.result import samples_dir
+    from hubmix.flow.result import samples_dir
 
     spec = spec or RenderSpec(quiet=quiet)
     spec.check()

@@ -13,18 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hubmix.blockweights import expand_block_lists
-from hubmix.lorabake import attach_loras
+from hubmix.recipe.blocks import expand_block_lists
+from hubmix.lora.bake import attach_loras
 from hubmix.engine import pipeline as engine
 from hubmix.engine.chunk import span_ready
 from hubmix.cache import write_new
 from hubmix.engine.devices import device_budget, plain_cpu, resolve_device
-from hubmix.errors import InputError, RecipeError
+from hubmix.errors import Cancelled, InputError, RecipeError
 from hubmix.formats.families import Family
-from hubmix.hashing import input_hashes
+from hubmix.hub.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
-from hubmix.outputs import (choose_prediction, config_source, file_metadata, output_configs,
-                            plan_outputs)
+from hubmix.flow.outputs import (choose_prediction, config_source, file_metadata, output_configs,
+                                 plan_outputs, split_targets)
 from hubmix.formats.model import LocalModel, check_same_family, open_model
 from hubmix.engine.target import atomic_target, check_target
 from hubmix.engine.plan import Summary, Task, plan_merge
@@ -138,7 +138,9 @@ def _config_from_ident(text: str) -> str:
 def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str | None) -> list[LocalModel]:
     """Components no input has (every input transformer-only) come from --config-from's weights when it names a
     local diffusers folder; a diffusers output cannot do without them."""
-    missing = [c for c in family.components if not any(c in m.components for m in models)]
+    folders = any(m.layout == "diffusers" for m in models)  # an optional part no folder has: the model has none
+    missing = [c for c in family.components if not any(c in m.components for m in models)
+               and not (folders and c in family.optional)]
     if not missing or layout is None:
         return []
     ref = parse_ref(recipe.config_from) if recipe.config_from else None
@@ -190,7 +192,8 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
         with contextlib.nullcontext() if spans else engine.parallel_across_chunks(workers):
             kernels.start(list(signatures.values()))
             engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
-                             quiet=settings.quiet, nonfinite=counter, spans=spans)
+                             quiet=settings.quiet, nonfinite=counter, spans=spans, progress=settings.progress,
+                             cancel=settings.cancel)
     finally:
         kernels.close()
     for (component, i), (n, keys) in sorted(bad.items()):
@@ -223,7 +226,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
           quiet: bool = False, workers: int | None = None, settings: engine.Settings | None = None,
           resolver: Resolver = resolve_local) -> MergeResult:
     """Merge as `recipe` says; write to `out` (or recipe.output). With dry=True, only analyze.
-    `settings` chooses device, memory budget, workers and fused kernels (engine.Settings)."""
+    `settings` chooses device, memory budget, workers and fused kernels (engine.Settings), and carries the progress
+    callback and the cancel event (a cancelled merge raises errors.Cancelled and leaves `out` as it was)."""
     settings = settings or engine.Settings()
     settings.quiet = settings.quiet or quiet
     if workers:
@@ -257,10 +261,15 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     # the input hashes read the mappings the engine reads, on their own threads, while it runs
     hashes = input_hashes({r.file.path: r.file for t in tasks for r in t.refs}.values()).start()
     sidecar = _sidecar(target) if layout == "single-file" else None
-    with atomic_target(target, overwrite, companions=(sidecar,) if sidecar else ()) as stage:
+    # Wan 2.2's two experts as single files: two files named from --out, installed together with the recipe
+    finals = list(split_targets(family, list(configs), target).values()) if layout == "single-file" else []
+    if finals:
+        summary.add("note", f"the {family.name} experts as {len(finals)} files: {', '.join(f.name for f in finals)}")
+    with atomic_target(finals[0] if finals else target, overwrite,
+                       companions=(*finals[1:], sidecar) if sidecar else ()) as stage:
         tmp = stage.path
         router = plan_outputs(tmp, target, layout, tasks, models, structure, family, configs, source, recipe,
-                               prediction, placeholder, summary)
+                               prediction, placeholder, summary, stage=stage)
         try:
             router.open()
             stats = _execute(router.wanted(tasks), router.write, settings,
@@ -273,7 +282,13 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
                 assert f.writer is not None
                 f.writer.set_metadata({**f.metadata, **{k: final[k] for k in ("hubmix.recipe",
                                                                                 "hubmix.recipe_sha256")}})
+            if settings.cancel is not None and settings.cancel.is_set():  # set after the last chunk: still honoured
+                raise Cancelled(f"{recipe.method}: cancelled")
             router.finish()
+        except Cancelled as e:
+            hashes.cancel()
+            router.abort()
+            raise Cancelled(f"{target}: {e}; nothing was written") from None
         except BaseException:
             hashes.cancel()
             router.abort()
@@ -281,7 +296,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         # the recipe is staged with the weights and renamed in with them (engine.target): together or not at all
         recipe_file = stage.beside(sidecar) if sidecar else tmp / "recipe.yaml"
         write_new(recipe_file, recipe_yaml(canonical))
-        written = [target / f.path.relative_to(tmp) if layout != "single-file" else target for f in router.files]
+        written = finals or [target / f.path.relative_to(tmp) if layout != "single-file" else target
+                             for f in router.files]
     written.append(sidecar or target / "recipe.yaml")
     return MergeResult(target, layout, family, summary, canonical, files=written, engine=stats)
 
