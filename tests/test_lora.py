@@ -126,7 +126,7 @@ def test_unknown_key_and_skip(zoo, tmp_path, cli):
                for k, v in component_tensors(tmp_path / "x", "unet").items())
 
 
-@pytest.mark.parametrize("key, fmt", [("lora_unet_x.hada_w1_a", "LoHa"), ("lora_unet_x.lokr_w1", "LoKr")])
+@pytest.mark.parametrize("key, fmt", [("lora_unet_x.oft_blocks", "OFT"), ("lora_unet_x.w_norm", "LyCORIS norm")])
 def test_lycoris_refused(zoo, tmp_path, cli, key, fmt):
     a = zoo.diffusers("sd1", 1)
     f = tmp_path / "ly.safetensors"

@@ -110,8 +110,7 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
     task = job.task
     dtype = task.out_dtype
     if task.lora is not None:  # baked LoRAs: the merge in float32 (eager, on the CPU) plus the LoRA delta
-        delta = task.lora.take(job.start, job.stop).view(views[0].shape)
-        return (_float32(task, views, job.start) + delta).to(dtype)
+        return task.lora.apply(_float32(task, views, job.start), job.start, job.stop).to(dtype)
     if task.method is None:
         x = views[0]
         if x.dtype == dtype:

@@ -72,6 +72,8 @@ class Task:
         """Element-wise over contiguous views: safe to process in flat chunks."""
         if self.channels is not None or self.whole_only or (self.method is not None and not self.method.elementwise):
             return False
+        if self.lora is not None and self.lora.needs_whole:  # DoRA: norms over the whole weight
+            return False
         return all(r.place.transform not in COPYING for r in self.refs)
 
 
