@@ -49,10 +49,10 @@ def load_views(job: Job, spans: bool = False) -> list[Any]:
     if spans:
         whole = [input_span(r) for r in job.task.refs]
         return [s.flat(job.start, job.stop) for s in whole] if job.task.chunkable else whole  # type: ignore[union-attr]
-    views = [r.load() for r in job.task.refs]
-    if job.task.chunkable:
-        return [v.reshape(-1)[job.start:job.stop] for v in views]
-    return views
+    if job.task.chunkable:  # a quantized input dequantizes the chunk's range only
+        return [r.load_flat(job.start, job.stop) if r.quant else r.load().reshape(-1)[job.start:job.stop]
+                for r in job.task.refs]
+    return [r.load() for r in job.task.refs]
 
 
 def input_span(ref: TensorRef) -> Span | None:
@@ -68,7 +68,8 @@ def span_ready(task: Task, kernels: Kernels) -> bool:
     """Whether the task runs on spans: every input has one, and the result is a plain copy of it (the same dtype,
     or a float dtype the native library converts) or comes from a native kernel of an element-wise method with
     these parameters; no LoRA or channel merge. Spans need the native library: its NaN/inf scan and transposes."""
-    if task.lora is not None or task.channels is not None or native.Native.library() is None:
+    if (task.lora is not None or task.channels is not None or task.quant is not None
+            or native.Native.library() is None):
         return False
     if any(r.stored_span() is None for r in task.refs):
         return False
@@ -140,6 +141,34 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
 
 def needs_stats(task: Task) -> bool:
     return task.method is not None and bool(task.method.stats) and task.channels is None and task.stats is None
+
+
+def needs_quant_stat(task: Task) -> bool:
+    return task.quant is not None and task.quant_stat is None
+
+
+def quant_stat(task: Task, by_task: dict[int, list[Job]], submit, kernels: Kernels) -> None:
+    """The per-tensor statistic a quantized output format needs before its first chunk is encoded: the largest
+    |x| of the merged values (computed here once more, chunk by chunk, as they will be computed again for writing),
+    over every task of the stored tensor (the parts of a fused one). 0 for formats that need none."""
+    from hubmix.formats.quant import codec
+
+    group = task.quant_group or [task]
+    stat = 0.0
+    if codec(task.quant).needs_amax:  # type: ignore[arg-type,union-attr]
+        for t in group:  # a whole-tensor method's own statistics come first (the merged values depend on them)
+            if needs_stats(t) and by_task.get(id(t)):
+                task_stats(t, by_task[id(t)], submit)
+
+        def amax(job: Job) -> float:
+            x = compute(job, load_views(job), kernels)
+            return float(x.float().abs().amax()) if x.numel() else 0.0
+
+        futures = [submit(amax, j) for t in group for j in by_task.get(id(t), [])]
+        values = [f.result() for f in futures]
+        stat = float("nan") if any(v != v for v in values) else max(values, default=0.0)
+    for t in group:
+        t.quant_stat = stat
 
 
 def task_stats(task: Task, jobs: list[Job], submit) -> None:

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from hubmix.engine.chunk import (Job, compute, compute_span, count_nonfinite, load_views, needs_stats, prefetch,
-                                 task_stats)
+from hubmix.engine.chunk import (Job, compute, compute_span, count_nonfinite, load_views, needs_quant_stat,
+                                 needs_stats, prefetch, quant_stat, task_stats)
 from hubmix.engine.kernels import Kernels
 from hubmix.engine.plan import Task
 from hubmix.formats.io.span import Span
@@ -140,7 +140,7 @@ def run_merge(jobs: list[Job], write: Callable[[Job, Any], None], kernels: Kerne
         return finish
 
     _pipeline(jobs, produce, workers=workers, desc=desc, quiet=quiet, in_flight=None, prefetch_views=True,
-              stats=True, spans=spans)
+              stats=True, spans=spans, kernels=kernels)
 
 
 def _torch_buffer(size: int) -> torch.Tensor:
@@ -150,7 +150,7 @@ def _torch_buffer(size: int) -> torch.Tensor:
 
 
 def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool, in_flight: int | None,
-              prefetch_views: bool, stats: bool = False, spans: bool = False) -> None:
+              prefetch_views: bool, stats: bool = False, spans: bool = False, kernels: Kernels | None = None) -> None:
     """prefetcher -> `workers` compute threads -> one writer thread, with at most `in_flight` jobs between the
     first and the last stage."""
     in_flight = in_flight or 2 * workers + 2
@@ -199,6 +199,8 @@ def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool,
                 for job in jobs:
                     if stats and needs_stats(job.task):
                         task_stats(job.task, by_task[id(job.task)], pool.submit)
+                    if stats and needs_quant_stat(job.task):  # a quantized output's per-tensor scale, first
+                        quant_stat(job.task, by_task, pool.submit, kernels)
                     while not slots.acquire(timeout=0.1):
                         if stop.is_set():
                             break

@@ -91,8 +91,9 @@ class QuantCodec:
         into that stored tensor, data in its planned dtype)."""
         raise NotImplementedError
 
-    def file_tensors(self) -> dict[str, Any]:
-        """Tensors the format adds once per output file, as Spans or torch tensors (a marker)."""
+    def file_tensors(self, prefix: str) -> dict[str, Any]:
+        """Tensors the format adds once per output file, as Spans (a marker); `prefix`: the denoiser's key prefix
+        in that file ("model.diffusion_model." in a checkpoint, "" in a denoiser-only file)."""
         return {}
 
     def file_metadata(self) -> dict[str, str]:
