@@ -80,8 +80,8 @@ class Router:
                     continue
                 if place.part is None:
                     shape = to_original_shape(place.transform, t.shape)
-                    if t.quant is not None and place.transform is not None:
-                        keep_high_precision([t])  # reshaped or transposed on the way out: never a Linear weight
+                    if t.quant is not None and place.transform is not None and place.transform not in COPYING:
+                        keep_high_precision([t])  # reshaped on the way out (a VAE's 1x1 conv): not a Linear weight
                     fmt = self._plan(f, place.key, t, shape)
                     self.routes.setdefault((component, t.key), []).append(
                         Route(f, place.key, 0, place.transform, fmt, shape))
@@ -156,7 +156,10 @@ class Router:
             assert r.file.writer is not None
             if r.codec is not None:  # float32 chunk -> the format's stored pieces, at their own offsets
                 start = r.byte_base // job.task.out_itemsize + job.start
-                for key, offset, piece in r.codec.encode(r.key, r.shape, data.reshape(-1), start,
+                flat = data.reshape(-1)
+                if r.transform in COPYING:  # a whole tensor (swapped halves): moved first, then encoded
+                    flat = apply_to_original(r.transform, data.reshape(job.task.shape)).reshape(-1)
+                for key, offset, piece in r.codec.encode(r.key, r.shape, flat, start,
                                                          job.task.quant_stat):
                     r.file.writer.write(key, piece, offset)
             elif r.transform in COPYING:  # needs the whole tensor: such tasks are never split
