@@ -249,3 +249,51 @@ def test_bad_quantized_inputs_fail_in_one_line_naming_file_and_tensor(flux, qroo
                            out, "-q")
         assert_one_line_error(code, err, path.name, names, what)
         assert not out.exists() and not list(tmp_path.glob(f".{out.name}*"))
+
+
+# ---- native encoders ---------------------------------------------------------------------------------------------
+
+def test_native_encoders_give_the_torch_codes_bytes():
+    """The C encoders (engine/quant_kernels.c) against the torch code they replace, on values with zeros, tiny,
+    huge, NaN and inf, blocks of every length."""
+    from hubmix.engine import native_quant
+    from hubmix.formats.quant import accel
+    from hubmix.formats.quant.bnb4 import quantize_nf4
+    from hubmix.formats.quant.scaled_fp8 import FP8_MAX, ScaledFp8Codec
+
+    if not native_quant.install():
+        pytest.skip("no native library (no C compiler)")
+    try:
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(64 * 40 + 37, generator=g) * torch.logspace(-40, 3, 64 * 40 + 37)
+        x[:64] = 0.0  # an all-zero block
+        x[100], x[300], x[301], x[700] = float("nan"), float("inf"), -float("inf"), 1e-39
+        fast = {n: accel.HOOKS[n] for n in ("amax", "fp8_e4m3", "nf4")}
+        for n in (len(x), len(x) - 1, 65, 1):
+            y = x[-n:]
+            clean = y.nan_to_num(0.0, 1e30, -1e30)
+            assert fast["amax"](clean) == float(clean.abs().amax())
+            assert fast["amax"](y) != fast["amax"](y) or not y.isnan().any()
+            for s in (0.5, 3e-5, 1.0):
+                want = (y / torch.tensor(s)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+                assert torch.equal(fast["fp8_e4m3"](y, s).view(torch.uint8), want.view(torch.uint8)), (n, s)
+            accel.install()
+            want_q, want_a = quantize_nf4(y, 64)
+            native_quant.install()
+            got_q, got_a = quantize_nf4(y, 64)
+            assert torch.equal(got_q, want_q) and torch.equal(got_a.view(torch.int32), want_a.view(torch.int32)), n
+        assert ScaledFp8Codec().encode("w", (4,), torch.ones(4), 0, 2.0)[0][2].dtype == torch.float8_e4m3fn
+    finally:
+        native_quant.uninstall()
+
+
+@pytest.mark.parametrize("dtype", ["fp8_scaled", "nf4"])
+def test_quantized_output_bytes_same_on_native_and_eager_paths(flux, tmp_path, dtype):
+    from hubmix.engine.pipeline import Settings
+
+    for mode in ("native", "eager"):
+        (tmp_path / mode).mkdir()
+        hubmix.merge(Recipe(models=[str(p) for p in flux], method="lossless", params={"alpha": 0.9, "beta": 1.1},
+                            dtype=dtype), out=tmp_path / mode / "m.safetensors", quiet=True,
+                     settings=Settings(kernels=mode, workers=2))
+    assert (tmp_path / "native" / "m.safetensors").read_bytes() == (tmp_path / "eager" / "m.safetensors").read_bytes()

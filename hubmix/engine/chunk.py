@@ -151,7 +151,7 @@ def quant_stat(task: Task, by_task: dict[int, list[Job]], submit, kernels: Kerne
     """The per-tensor statistic a quantized output format needs before its first chunk is encoded: the largest
     |x| of the merged values (computed here once more, chunk by chunk, as they will be computed again for writing),
     over every task of the stored tensor (the parts of a fused one). 0 for formats that need none."""
-    from hubmix.formats.quant import codec
+    from hubmix.formats.quant import accel, codec
 
     group = task.quant_group or [task]
     stat = 0.0
@@ -162,7 +162,8 @@ def quant_stat(task: Task, by_task: dict[int, list[Job]], submit, kernels: Kerne
 
         def amax(job: Job) -> float:
             x = compute(job, load_views(job), kernels)
-            return float(x.float().abs().amax()) if x.numel() else 0.0
+            fast = accel.call("amax", x)
+            return fast if fast is not None else float(x.float().abs().amax()) if x.numel() else 0.0
 
         futures = [submit(amax, j) for t in group for j in by_task.get(id(t), [])]
         values = [f.result() for f in futures]

@@ -140,7 +140,9 @@ def source() -> list[str]:
                 else:
                     store = f"st_{t_out}(o, i, take ? f{x} : f{y});"
                 parts.append(f"void {name}_{t_in}_{t_out}(K) {{ {_loop(n, t_in, f'{body} {store}')} }}")
+    quant = (Path(__file__).parent / "quant_kernels.c").read_text()  # quantized outputs' encoders, in the first unit
     return [("" if i == 0 else "#define HUBMIX_PART 1\n") + prelude + "\n".join(parts[i::PARTS]) + "\n"
+            + (quant if i == 0 else "")
             for i in range(PARTS)]
 
 

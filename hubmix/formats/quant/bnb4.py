@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from hubmix.errors import InputError
 from hubmix.formats.io.readers import WeightFile
 from hubmix.formats.quant import QuantCodec, QuantGroup, QuantReader, StoredTensor, register_codec, register_reader
+from hubmix.formats.quant import accel
 from hubmix.formats.quant.view import stored_bytes
 
 if TYPE_CHECKING:
@@ -211,6 +212,11 @@ def quantize_nf4(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     import torch
 
     x = x.reshape(-1).float()
+    table = _table("nf4")
+    bounds = (table[:-1] + table[1:]) / 2
+    fast = accel.call("nf4", x, block, bounds)
+    if fast is not None:
+        return fast
     n = x.numel()
     full = n - n % block
     absmax = x[:full].view(-1, block).abs().amax(dim=1)
@@ -221,8 +227,6 @@ def quantize_nf4(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
         scaled = torch.cat([scaled, (x[full:] / am).clamp(-1, 1)])
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    table = _table("nf4")
-    bounds = (table[:-1] + table[1:]) / 2
     q = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
     packed = ((q[::2] << 4) | q[1::2]).reshape(-1, 1)
     return packed, absmax

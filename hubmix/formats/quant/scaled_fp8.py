@@ -29,6 +29,7 @@ from hubmix.formats.io.readers import WeightFile
 from hubmix.formats.io.span import FP8
 from hubmix.formats.quant import (QuantCodec, QuantGroup, QuantReader, StoredTensor, register_codec,
                                   register_reader)
+from hubmix.formats.quant import accel
 from hubmix.formats.quant.view import stored_bytes
 
 if TYPE_CHECKING:
@@ -159,7 +160,9 @@ class ScaledFp8Codec(QuantCodec):
         import torch
 
         scale = torch.tensor(fp8_scale(stat or 0.0), dtype=torch.float32)
-        q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        q = accel.call("fp8_e4m3", x, float(scale))
+        if q is None:
+            q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         pieces: list[tuple[str, int, Any]] = [(key, start, q)]
         if start == 0:
             pieces.append((scale_key(key), 0, scale.reshape(())))
