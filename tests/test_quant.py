@@ -291,9 +291,11 @@ def test_native_encoders_give_the_torch_codes_bytes():
 def test_quantized_output_bytes_same_on_native_and_eager_paths(flux, tmp_path, dtype):
     from hubmix.engine.pipeline import Settings
 
+    ran = {}
     for mode in ("native", "eager"):
         (tmp_path / mode).mkdir()
-        hubmix.merge(Recipe(models=[str(p) for p in flux], method="lossless", params={"alpha": 0.9, "beta": 1.1},
+        ran[mode] = hubmix.merge(Recipe(models=[str(p) for p in flux], method="lossless", params={"alpha": 0.9, "beta": 1.1},
                             dtype=dtype), out=tmp_path / mode / "m.safetensors", quiet=True,
                      settings=Settings(kernels=mode, workers=2))
     assert (tmp_path / "native" / "m.safetensors").read_bytes() == (tmp_path / "eager" / "m.safetensors").read_bytes()
+    assert ran["native"].engine["torch"] is False  # plain inputs into a quantized output: spans, native encoders

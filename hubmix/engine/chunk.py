@@ -68,9 +68,13 @@ def span_ready(task: Task, kernels: Kernels) -> bool:
     """Whether the task runs on spans: every input has one, and the result is a plain copy of it (the same dtype,
     or a float dtype the native library converts) or comes from a native kernel of an element-wise method with
     these parameters; no LoRA or channel merge. Spans need the native library: its NaN/inf scan and transposes."""
-    if (task.lora is not None or task.channels is not None or task.quant is not None
-            or native.Native.library() is None):
+    if task.lora is not None or task.channels is not None or native.Native.library() is None:
         return False
+    if task.quant is not None:  # a quantized output: a format whose native encoders take spans
+        from hubmix.formats.quant import codec
+
+        if not codec(task.quant).spans:  # type: ignore[union-attr]
+            return False
     if any(r.stored_span() is None for r in task.refs):
         return False
     dtypes = [r.dtype_name for r in task.refs]
@@ -147,7 +151,7 @@ def needs_quant_stat(task: Task) -> bool:
     return task.quant is not None and task.quant_stat is None
 
 
-def quant_stat(task: Task, by_task: dict[int, list[Job]], submit, kernels: Kernels) -> None:
+def quant_stat(task: Task, by_task: dict[int, list[Job]], submit, kernels: Kernels, spans: bool = False) -> None:
     """The per-tensor statistic a quantized output format needs before its first chunk is encoded: the largest
     |x| of the merged values (computed here once more, chunk by chunk, as they will be computed again for writing),
     over every task of the stored tensor (the parts of a fused one). 0 for formats that need none."""
@@ -161,7 +165,11 @@ def quant_stat(task: Task, by_task: dict[int, list[Job]], submit, kernels: Kerne
                 task_stats(t, by_task[id(t)], submit)
 
         def amax(job: Job) -> float:
-            x = compute(job, load_views(job), kernels)
+            if spans:
+                out = Span.allocate(job.numel * 4, "float32")
+                x = compute_span(job, load_views(job, True), kernels, out)
+            else:
+                x = compute(job, load_views(job), kernels)
             fast = accel.call("amax", x)
             return fast if fast is not None else float(x.float().abs().amax()) if x.numel() else 0.0
 

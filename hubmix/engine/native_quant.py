@@ -1,25 +1,38 @@
 """The native library's encoders for quantized outputs (engine/quant_kernels.c), installed into formats.quant while
 a merge that uses native kernels runs (as `native.install_dropmask` gives methods their native masks). Each gives
-the bytes of the torch code it replaces, which the tests check; without the library the torch code runs."""
+the bytes of the torch code it replaces, which the tests check, and takes torch tensors or Spans (a merge of plain
+inputs into a quantized output then runs without torch); without the library the torch code runs."""
 
 from __future__ import annotations
 
 import ctypes
-from typing import TYPE_CHECKING
+from typing import Any
 
 from hubmix.engine.native import Native
+from hubmix.formats.io.span import Span
 from hubmix.formats.quant import accel
 
-if TYPE_CHECKING:
-    import torch
 
-
-def _flat32(x: torch.Tensor) -> torch.Tensor | None:
-    import torch
-
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+def _address(x: Any) -> tuple[int, int] | None:
+    """(address, elements) of contiguous float32 CPU data: a Span, or a torch tensor (None otherwise)."""
+    if isinstance(x, Span):
+        return (x.address, x.numel) if x.dtype == "float32" else None
+    if str(x.dtype) != "torch.float32" or x.device.type != "cpu" or not x.is_contiguous():
         return None
-    return x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
+    return x.data_ptr(), x.numel()
+
+
+def _buffer(like: Any, n: int, dtype: str, shape: tuple[int, ...]) -> tuple[Any, int]:
+    """A fresh output of the kind `like` is, and its address."""
+    if isinstance(like, Span):
+        from hubmix.formats.io.span import ITEMSIZE
+
+        out = Span.allocate(n * ITEMSIZE[dtype], dtype).reshape(shape)
+        return out, out.address
+    import torch
+
+    t = torch.empty(shape, dtype=getattr(torch, dtype))
+    return t, t.data_ptr()
 
 
 def install() -> bool:
@@ -31,30 +44,26 @@ def install() -> bool:
     lib.quant_nf4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.quant_fp8_e4m3.restype = lib.quant_nf4.restype = None
 
-    def amax(x: torch.Tensor) -> float | None:
-        flat = _flat32(x)
-        return None if flat is None or not flat.numel() else float(lib.quant_amax_f32(flat.data_ptr(), flat.numel()))
+    def amax(x: Any) -> float | None:
+        at = _address(x)
+        return None if at is None or not at[1] else float(lib.quant_amax_f32(*at))
 
-    def fp8_e4m3(x: torch.Tensor, scale: float) -> torch.Tensor | None:
-        import torch
-
-        flat = _flat32(x)
-        if flat is None:
+    def fp8_e4m3(x: Any, scale: float) -> Any:
+        at = _address(x)
+        if at is None:
             return None
-        out = torch.empty(flat.numel(), dtype=torch.float8_e4m3fn)
-        lib.quant_fp8_e4m3(flat.data_ptr(), out.data_ptr(), flat.numel(), scale)
+        out, dest = _buffer(x, at[1], "float8_e4m3fn", (at[1],))
+        lib.quant_fp8_e4m3(at[0], dest, at[1], scale)
         return out
 
-    def nf4(x: torch.Tensor, block: int, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        import torch
-
-        flat = _flat32(x)
-        if flat is None:
+    def nf4(x: Any, block: int, bounds: tuple[float, ...]) -> tuple[Any, Any] | None:
+        at = _address(x)
+        if at is None:
             return None
-        n = flat.numel()
-        packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8)
-        absmax = torch.empty(-(-n // block), dtype=torch.float32)
-        lib.quant_nf4(flat.data_ptr(), packed.data_ptr(), absmax.data_ptr(), n, block, bounds.data_ptr())
+        n = at[1]
+        packed, p = _buffer(x, (n + 1) // 2, "uint8", ((n + 1) // 2, 1))
+        absmax, a = _buffer(x, -(-n // block), "float32", (-(-n // block),))
+        lib.quant_nf4(at[0], p, a, n, block, (ctypes.c_float * 15)(*bounds))
         return packed, absmax
 
     accel.install(amax=amax, fp8_e4m3=fp8_e4m3, nf4=nf4)

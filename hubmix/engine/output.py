@@ -156,9 +156,12 @@ class Router:
             assert r.file.writer is not None
             if r.codec is not None:  # float32 chunk -> the format's stored pieces, at their own offsets
                 start = r.byte_base // job.task.out_itemsize + job.start
-                flat = data.reshape(-1)
+                flat = data.reshape((job.numel,))
                 if r.transform in COPYING:  # a whole tensor (swapped halves): moved first, then encoded
-                    flat = apply_to_original(r.transform, data.reshape(job.task.shape)).reshape(-1)
+                    shaped = data.reshape(job.task.shape)
+                    moved = (native.transformed(r.transform, shaped, to_original_shape(r.transform, job.task.shape))
+                             if isinstance(shaped, Span) else apply_to_original(r.transform, shaped))
+                    flat = moved.reshape((job.numel,))
                 for key, offset, piece in r.codec.encode(r.key, r.shape, flat, start,
                                                          job.task.quant_stat):
                     r.file.writer.write(key, piece, offset)

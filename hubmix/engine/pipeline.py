@@ -200,7 +200,7 @@ def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool,
                     if stats and needs_stats(job.task):
                         task_stats(job.task, by_task[id(job.task)], pool.submit)
                     if stats and needs_quant_stat(job.task):  # a quantized output's per-tensor scale, first
-                        quant_stat(job.task, by_task, pool.submit, kernels)
+                        quant_stat(job.task, by_task, pool.submit, kernels, spans)
                     while not slots.acquire(timeout=0.1):
                         if stop.is_set():
                             break

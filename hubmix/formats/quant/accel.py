@@ -18,3 +18,15 @@ def install(**hooks: Callable[..., Any]) -> None:
 def call(name: str, *args: Any) -> Any:
     fn = HOOKS.get(name)
     return None if fn is None else fn(*args)
+
+
+def constant(data: bytes, dtype: str, shape: tuple[int, ...], like: Any) -> Any:
+    """A small stored tensor (a scale, a code table, a JSON state) of the kind `like` is: a Span on the engine's
+    torch-free path, else a torch tensor."""
+    from hubmix.formats.io.span import Span
+
+    if isinstance(like, Span):
+        return Span.of_bytes(data, dtype, shape)
+    import torch
+
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from typing import TYPE_CHECKING, Any
 
 from hubmix.errors import InputError
@@ -46,6 +47,15 @@ NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
 FP4 = (0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 0.5, 1 / 6, 0.25, -0.0, -1 / 192, -2 / 3, -1.0, -1 / 3, -0.5, -1 / 6, -0.25)
 FP4_ODD = (0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 0.5, 1 / 6, 0.25, 0.0, -1 / 192, -2 / 3, -1.0, -1 / 3, -0.5, -1 / 6, -0.25)
 TABLES = {"nf4": NF4, "fp4": FP4, "fp4-odd": FP4_ODD}
+
+
+def _f32(v: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+# the midpoints between NF4 values as torch computes them in float32: (table[:-1] + table[1:]) / 2 (a sum of two
+# float32 values is exact in double, and halving it is exact: one rounding, torch's)
+NF4_BOUNDS = tuple(_f32((_f32(a) + _f32(b)) / 2) for a, b in zip(NF4, NF4[1:]))
 
 
 def _table(kind: str) -> torch.Tensor:
@@ -174,6 +184,7 @@ register_reader(Bnb4Reader())
 class Nf4Codec(QuantCodec):
     name = "nf4"
     block = 64
+    spans = True
     describe = "bitsandbytes NF4: 4-bit codes in blocks of 64 with a float32 absmax each (Forge, diffusers)"
 
     def quantizes(self, component: str, key: str, shape: tuple[int, ...], main: bool) -> bool:
@@ -187,17 +198,16 @@ class Nf4Codec(QuantCodec):
                 StoredTensor(key + ".quant_map", "float32", (16,)),
                 StoredTensor(key + STATE + "nf4", "uint8", (len(state),))]
 
-    def encode(self, key: str, shape: tuple[int, ...], x: torch.Tensor, start: int,
+    def encode(self, key: str, shape: tuple[int, ...], x: Any, start: int,
                stat: float | None) -> list[tuple[str, int, Any]]:
-        import torch
-
         packed, absmax = quantize_nf4(x, self.block)
         pieces: list[tuple[str, int, Any]] = [(key, start // 2, packed), (key + ".absmax", start // self.block * 4,
                                                                           absmax)]
         if start == 0:
-            pieces.append((key + ".quant_map", 0, _table("nf4")))
+            table = struct.pack("<16f", *NF4)
+            pieces.append((key + ".quant_map", 0, accel.constant(table, "float32", (16,), x)))
             state = state_bytes(shape)
-            pieces.append((key + STATE + "nf4", 0, torch.frombuffer(bytearray(state), dtype=torch.uint8)))
+            pieces.append((key + STATE + "nf4", 0, accel.constant(state, "uint8", (len(state),), x)))
         return pieces
 
 
@@ -206,17 +216,18 @@ def state_bytes(shape: tuple[int, ...]) -> bytes:
     return json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": list(shape)}).encode()
 
 
-def quantize_nf4(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_nf4(x: Any, block: int) -> tuple[Any, Any]:
     """bitsandbytes' quantize_4bit (its reference CPU code): per block absmax, x / absmax clamped to [-1, 1], the
-    code whose interval (midpoints between table values) holds it, packed two per byte, high nibble first."""
-    import torch
-
-    x = x.reshape(-1).float()
-    table = _table("nf4")
-    bounds = (table[:-1] + table[1:]) / 2
-    fast = accel.call("nf4", x, block, bounds)
+    code whose interval (midpoints between table values) holds it, packed two per byte, high nibble first. `x`: a
+    float32 tensor, or a Span when the native hooks are installed."""
+    fast = accel.call("nf4", x, block, NF4_BOUNDS)
     if fast is not None:
         return fast
+    import torch
+
+    table = _table("nf4")
+    bounds = (table[:-1] + table[1:]) / 2
+    x = x.reshape(-1).float()
     n = x.numel()
     full = n - n % block
     absmax = x[:full].view(-1, block).abs().amax(dim=1)

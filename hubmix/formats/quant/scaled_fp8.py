@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from typing import TYPE_CHECKING, Any
 
 from hubmix.errors import InputError
@@ -147,6 +148,7 @@ register_reader(ScaledFp8Reader())
 class ScaledFp8Codec(QuantCodec):
     name = "fp8_scaled"
     needs_amax = True
+    spans = True
     describe = "ComfyUI scaled fp8: float8_e4m3fn weights with a per-tensor scale_weight (amax/448)"
 
     def quantizes(self, component: str, key: str, shape: tuple[int, ...], main: bool) -> bool:
@@ -157,15 +159,15 @@ class ScaledFp8Codec(QuantCodec):
 
     def encode(self, key: str, shape: tuple[int, ...], x: torch.Tensor, start: int,
                stat: float | None) -> list[tuple[str, int, Any]]:
-        import torch
-
-        scale = torch.tensor(fp8_scale(stat or 0.0), dtype=torch.float32)
-        q = accel.call("fp8_e4m3", x, float(scale))
+        s = fp8_scale(stat or 0.0)
+        q = accel.call("fp8_e4m3", x, s)
         if q is None:
-            q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            import torch
+
+            q = (x / torch.tensor(s, dtype=torch.float32)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         pieces: list[tuple[str, int, Any]] = [(key, start, q)]
         if start == 0:
-            pieces.append((scale_key(key), 0, scale.reshape(())))
+            pieces.append((scale_key(key), 0, accel.constant(struct.pack("<f", s), "float32", (), x)))
         return pieces
 
     def file_tensors(self, prefix: str) -> dict[str, Any]:
@@ -179,11 +181,10 @@ def scale_key(key: str) -> str:
 
 
 def fp8_scale(amax: float) -> float:
-    """The per-tensor scale: amax / 448 in float32 (1 for an all-zero tensor, so zeros stay zeros)."""
-    import numpy as np
-
-    s = np.float32(amax) / np.float32(FP8_MAX)
-    return float(s) if s > 0 and np.isfinite(s) else 1.0
+    """The per-tensor scale: amax / 448 rounded to float32 (a float32 quotient computed in double and rounded once
+    is the correctly rounded float32 one), 1 for an all-zero or non-finite amax (zeros stay zeros)."""
+    s = struct.unpack("<f", struct.pack("<f", amax / FP8_MAX))[0] if math.isfinite(amax) else 0.0
+    return s if s > 0 else 1.0
 
 
 register_codec(ScaledFp8Codec())
