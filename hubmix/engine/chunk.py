@@ -165,9 +165,12 @@ def quant_stat(task: Task, by_task: dict[int, list[Job]], submit, kernels: Kerne
                 task_stats(t, by_task[id(t)], submit)
 
         def amax(job: Job) -> float:
-            if spans:
-                out = Span.allocate(job.numel * 4, "float32")
-                x = compute_span(job, load_views(job, True), kernels, out)
+            if spans:  # into this worker's scratch buffer: only its maximum is kept
+                from hubmix.engine.native_quant import scratch
+
+                buf = scratch("amax", job.numel * 4)
+                x = compute_span(job, load_views(job, True), kernels, Span(buf.owner, buf.address, "float32",
+                                                                               (job.numel,)))
             else:
                 x = compute(job, load_views(job), kernels)
             fast = accel.call("amax", x)

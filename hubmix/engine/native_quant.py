@@ -6,6 +6,7 @@ inputs into a quantized output then runs without torch); without the library the
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import Any
 
 from hubmix.engine.native import Native
@@ -22,12 +23,30 @@ def _address(x: Any) -> tuple[int, int] | None:
     return x.data_ptr(), x.numel()
 
 
+_scratch = threading.local()
+
+
+def scratch(role: str, nbytes: int) -> Span:
+    """A buffer of this thread reused for `role` (fresh pages cost a fault each on every chunk otherwise). Spans
+    from it live until this thread asks for the same role again: encoders' outputs are written by the engine's
+    single writer thread before it encodes the next chunk."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(role)
+    if buf is None or buf.nbytes < nbytes:
+        buf = bufs[role] = Span.allocate(max(nbytes, 1 << 16))
+    return buf
+
+
 def _buffer(like: Any, n: int, dtype: str, shape: tuple[int, ...]) -> tuple[Any, int]:
-    """A fresh output of the kind `like` is, and its address."""
+    """An output of the kind `like` is (a Span in this thread's scratch memory, or a fresh tensor), and its
+    address."""
     if isinstance(like, Span):
         from hubmix.formats.io.span import ITEMSIZE
 
-        out = Span.allocate(n * ITEMSIZE[dtype], dtype).reshape(shape)
+        buf = scratch(dtype, n * ITEMSIZE[dtype])
+        out = Span(buf.owner, buf.address, dtype, shape)
         return out, out.address
     import torch
 
