@@ -24,48 +24,55 @@ void quant_fp8_e4m3(const float *restrict x, uint8_t *restrict o, int64_t n, flo
 }
 
 /* The NF4 code of a value in [-1, 1]: how many of the 15 midpoints between code values lie below it
-   (torch.bucketize(v, bounds), right=False; NaN -> 15, as torch's search places it last). */
+   (torch.bucketize(v, bounds), right=False; NaN -> 15, as torch's search places it last). Branch-free, so the
+   loop over a block vectorizes. */
 static inline uint8_t nf4_code(float v, const float *restrict bounds) {
-    uint8_t k = 0;
-    if (v != v)
-        return 15;
+    int k = 15 * (v != v);
     for (int t = 0; t < 15; t++)
         k += bounds[t] < v;
-    return k;
+    return (uint8_t)k;
 }
 
-/* bitsandbytes' reference quantize_4bit (NF4) of n float32 values in blocks of bs: per full block absmax (its max
-   |x|) and x * (1 / max(absmax, 1e-38)); a short last block stores max(absmax, 1e-38) and divides by it; values
-   clamped to [-1, 1], coded, packed two per byte with the first in the high nibble (an odd count padded with the
-   code of 0). o and absmax must hold (n + 1) / 2 bytes and ceil(n / bs) floats. */
+#define NF4_MAX_BLOCK 4096
+/* bitsandbytes' reference quantize_4bit (NF4) of n float32 values in blocks of bs (at most 4096, even): per full
+   block absmax (its max |x|) and x * (1 / max(absmax, 1e-38)); a short last block stores max(absmax, 1e-38) and
+   divides by it; values clamped to [-1, 1], coded, packed two per byte with the first in the high nibble (an odd
+   count padded with the code of 0). o and absmax must hold (n + 1) / 2 bytes and ceil(n / bs) floats. */
 void quant_nf4(const float *restrict x, uint8_t *restrict o, float *restrict absmax, int64_t n, int64_t bs,
                const float *restrict bounds) {
     int64_t nb = n / bs, full = nb * bs;
+    float v[NF4_MAX_BLOCK];
+    uint8_t k[NF4_MAX_BLOCK + 1];
     for (int64_t b = 0; b * bs < n; b++) {
-        int64_t i0 = b * bs, m = b < nb ? bs : n - full;
+        const float *xb = x + b * bs;
+        int64_t m = b < nb ? bs : n - full;
         float am = 0.0f;
         int nan = 0;
         for (int64_t j = 0; j < m; j++) {
-            float a = fabs32(x[i0 + j]);
+            float a = fabs32(xb[j]);
             nan |= a != a;
             am = a > am ? a : am;
         }
         if (nan)
             am = __builtin_nanf("");
         float c = am < 1e-38f ? 1e-38f : am;
-        float r = 1.0f / c;
-        absmax[b] = b < nb ? am : c;
-        for (int64_t j = 0; j < m; j++) {
-            float v = b < nb ? x[i0 + j] * r : x[i0 + j] / c;
-            v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
-            uint8_t k = nf4_code(v, bounds);
-            int64_t i = i0 + j;
-            if (i & 1)
-                o[i >> 1] |= k;
-            else
-                o[i >> 1] = (uint8_t)(k << 4);
+        if (b < nb) {
+            float r = 1.0f / c;
+            absmax[b] = am;
+            for (int64_t j = 0; j < m; j++)
+                v[j] = xb[j] * r;
+        } else {
+            absmax[b] = c;
+            for (int64_t j = 0; j < m; j++)
+                v[j] = xb[j] / c;
         }
+        for (int64_t j = 0; j < m; j++) {
+            float w = v[j] < -1.0f ? -1.0f : (v[j] > 1.0f ? 1.0f : v[j]);
+            k[j] = nf4_code(w, bounds);
+        }
+        k[m] = nf4_code(0.0f, bounds);  /* the pad of an odd count */
+        uint8_t *ob = o + b * bs / 2;
+        for (int64_t j = 0; j < (m + 1) / 2; j++)
+            ob[j] = (uint8_t)(k[2 * j] << 4 | k[2 * j + 1]);
     }
-    if (n & 1)
-        o[n >> 1] |= nf4_code(0.0f, bounds);
 }

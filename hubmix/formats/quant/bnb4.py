@@ -220,7 +220,7 @@ def quantize_nf4(x: Any, block: int) -> tuple[Any, Any]:
     """bitsandbytes' quantize_4bit (its reference CPU code): per block absmax, x / absmax clamped to [-1, 1], the
     code whose interval (midpoints between table values) holds it, packed two per byte, high nibble first. `x`: a
     float32 tensor, or a Span when the native hooks are installed."""
-    fast = accel.call("nf4", x, block, NF4_BOUNDS)
+    fast = accel.call("nf4", x, block, NF4_BOUNDS) if block % 2 == 0 and block <= 4096 else None
     if fast is not None:
         return fast
     import torch
