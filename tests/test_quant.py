@@ -84,7 +84,7 @@ def test_bnb_4bit_reads_as_bitsandbytes_dequantizes(flux, qroot, quant_type, nes
 def test_mixed_quantized_inputs_merge_like_their_dequantized_floats(zoo, flux, qroot, tmp_path):
     """An fp8 file, an NF4 file and a bf16 diffusers folder merge exactly like the float32 files of their reference
     dequantizations (the float merge)."""
-    from hubmix.convert import convert
+    from hubmix.flow.convert import convert
 
     fp8 = comfy_scaled_fp8(flux[0], qroot / "mix-fp8.safetensors", "legacy")
     nf4 = bnb_4bit(flux[1], qroot / "mix-nf4.safetensors", "nf4", nested=True)
@@ -175,7 +175,7 @@ def test_nf4_output_is_what_bitsandbytes_writes_and_reads(flux, tmp_path):
 
 
 def test_quantized_outputs_reproduce_byte_for_byte(flux, qroot, tmp_path):
-    from hubmix.reproduce import reproduce
+    from hubmix.hub.reproduce import reproduce
 
     nf4 = bnb_4bit(flux[1], qroot / "rep-nf4.safetensors", "nf4")
     for dtype in ("fp8_scaled", "nf4"):

@@ -57,7 +57,7 @@ def _stored_nbytes(ref) -> int:
 
 
 def _embedded_recipe(m) -> dict[str, Any] | None:
-    from hubmix.result import load_result
+    from hubmix.flow.result import load_result
     from hubmix.errors import InputError
 
     try:
