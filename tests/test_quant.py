@@ -183,6 +183,11 @@ def test_quantized_outputs_reproduce_byte_for_byte(flux, qroot, tmp_path):
         merge([flux[0], nf4], out, dtype=dtype)
         report = reproduce(out, models={"a": flux[0], "b": nf4}, quiet=True)
         assert report.identical, report.to_dict()
+        from hubmix.hub.card import build_card, load_result
+
+        card = build_card(load_result(out)).text  # records the format and names its loaders
+        assert f"dtype: {dtype}" in card and ("ComfyUI" in card if dtype == "fp8_scaled" else "bitsandbytes" in card)
+        assert "from_single_file" not in card
 
 
 def test_quantized_output_into_diffusers_layout_is_refused(flux, tmp_path, cli):
