@@ -259,7 +259,7 @@ def test_bad_quantized_inputs_fail_in_one_line_naming_file_and_tensor(flux, qroo
 # ---- native encoders ---------------------------------------------------------------------------------------------
 
 def test_native_encoders_give_the_torch_codes_bytes():
-    """The C encoders (engine/quant_kernels.c) against the torch code they replace, on values with zeros, tiny,
+    """The C encoders (engine/csrc/quant.c) against the torch code they replace, on values with zeros, tiny,
     huge, NaN and inf, blocks of every length."""
     from hubmix.engine import native_quant
     from hubmix.formats.quant import accel

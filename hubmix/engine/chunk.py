@@ -143,6 +143,25 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
     return result.to("cpu") if device.type != "cpu" else result
 
 
+def on_device(job: Job, kernels: Kernels) -> bool:
+    """Whether the job's method runs through the GPU's stage (engine.transfer): a method task on a CUDA device;
+    copies, LoRA bake-ins and channel merges stay on the CPU."""
+    task = job.task
+    return task.method is not None and task.lora is None and task.channels is None and kernels.stage is not None
+
+
+def compute_on_device(job: Job, views: list[torch.Tensor], kernels: Kernels):
+    """`compute` through the stage: returns at once with `wait()` -> (output chunk in pinned memory, release)."""
+    task = job.task
+    params, ctx = task.params, None
+    if task.method.element is not None:  # type: ignore[union-attr]
+        views = [v.reshape(-1) for v in views]
+        params = {**params, **(task.stats or {})}
+        ctx = Context(f"{task.component}/{task.key}", job.start)
+    kernel, _ = kernels.function(task.method, [v.dtype for v in views], task.out_dtype)  # type: ignore[arg-type]
+    return kernels.stage.submit(views, lambda dev: kernel(dev, params) if ctx is None else kernel(dev, params, ctx))
+
+
 def needs_stats(task: Task) -> bool:
     return task.method is not None and bool(task.method.stats) and task.channels is None and task.stats is None
 

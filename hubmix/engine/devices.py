@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
+import re
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hubmix.errors import HubmixError
@@ -13,17 +16,46 @@ if TYPE_CHECKING:
     import torch
 
 
+def _torch_folder() -> Path | None:
+    """The installed torch package's folder, found without importing it."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def torch_builds() -> tuple[str | None, str | None]:
+    """(CUDA version, ROCm version) the installed torch was built for, read from torch/version.py without
+    importing torch; (None, None) for a CPU-only build. Unreadable: ("?", "?"), which counts as maybe."""
+    folder = _torch_folder()
+    try:
+        text = (folder / "version.py").read_text() if folder else ""
+    except OSError:
+        text = ""
+    found = {}
+    for name in ("cuda", "hip"):
+        m = re.search(rf"^{name}\s*(?::[^=]*)?=\s*(.+)$", text, re.M)
+        if m is None:
+            return "?", "?"
+        value = m.group(1).strip()
+        found[name] = None if value == "None" else value.strip("'\"")
+    return found["cuda"], found["hip"]
+
+
 def plain_cpu(spec: str | None) -> bool:
-    """Whether `spec` means the CPU, decided without importing torch: `cpu`, or `auto` on a machine with no GPU a
-    torch build could use (no NVIDIA or AMD device nodes, not macOS, no CUDA_VISIBLE_DEVICES naming one)."""
+    """Whether `spec` means the CPU, decided without importing torch: `cpu`, or `auto` where no GPU can be used: no
+    NVIDIA or AMD device nodes, or a CPU-only torch build beside them (so merges there keep the torch-free path);
+    not macOS (MPS), no CUDA_VISIBLE_DEVICES naming a device for a GPU torch."""
     spec = (spec or "auto").lower()
     if spec == "cpu":
         return True
     if spec != "auto" or sys.platform == "darwin":
         return False
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1"):
-        return False
-    return not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd") or os.path.exists("/dev/dxg"))
+    nodes = glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd") or os.path.exists("/dev/dxg")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
+    if not (nodes or visible):
+        return True
+    return torch_builds() == (None, None)
 
 
 def resolve_device(spec: str | None) -> torch.device:
@@ -55,10 +87,27 @@ def resolve_device(spec: str | None) -> torch.device:
 
 def device_budget(device: torch.device | None, requested: int) -> int:
     """Bytes of chunk buffers that fit on `device` (None: the CPU): the request, capped at 80% of what accelerate
-    reports free."""
+    reports free on that device. Only that device is asked (accelerate's get_max_memory would create a context,
+    hundreds of MB, on every GPU of the machine)."""
     if device is None or device.type != "cuda":
         return requested
-    from accelerate.utils import get_max_memory
-
-    free = get_max_memory().get(device.index or 0, requested)
+    free = free_memory(device.index if device.index is not None else _current_cuda())
     return max(64 << 20, min(requested, int(free * 0.8)))
+
+
+def _current_cuda() -> int:
+    import torch
+
+    return torch.cuda.current_device()
+
+
+def free_memory(index: int) -> int:
+    """Free bytes on CUDA device `index`: accelerate's per-device query where it has one, else torch's."""
+    try:
+        from accelerate.utils.modeling import get_accelerator_free_memory, get_torch_accelerator_backend
+    except ImportError:  # an accelerate without the per-device query
+        import torch
+
+        return torch.cuda.mem_get_info(index)[0]
+    _, module = get_torch_accelerator_backend()
+    return get_accelerator_free_memory(module, index)

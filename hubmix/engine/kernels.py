@@ -129,6 +129,20 @@ class Kernels:
         self.calls = {"native": 0, "compiled": 0, "eager": 0}
         self.compile_seconds: float | None = None
         self.native_build_seconds: float | None = None
+        self._stage: Any = None
+
+    @property
+    def stage(self) -> Any:
+        """On a CUDA device, the DeviceStage that overlaps copies and kernels (engine.transfer); else None."""
+        if self._stage is None and self.device is not None and self.device.type == "cuda":
+            from hubmix.engine.transfer import CudaBackend, DeviceStage
+
+            self._stage = DeviceStage(CudaBackend(self.device))
+        return self._stage
+
+    @stage.setter
+    def stage(self, value: Any) -> None:
+        self._stage = value
 
     @property
     def torch_device(self) -> torch.device:

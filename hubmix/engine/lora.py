@@ -2,8 +2,12 @@
 
 A tensor's delta has the tensor's full size, so it is computed once per tensor (memory bounded by the largest
 tensor a LoRA touches, not by the model) when its first chunk is processed, shared by that tensor's chunks under
-a lock, and dropped after its last chunk. The delta is one fixed matmul per module on the whole tensor, whatever
-the chunk size or worker count, so the output bytes do not depend on --max-memory or --workers.
+a lock, and dropped after its last chunk. The delta does not depend on --max-memory or --workers, nor on the
+machine: no matmul (whose summation order BLAS picks per CPU and thread count) decides a bit. Each product
+up[i][k] * down[k][j] is exact in float64, a rank's products are added in order k = 0, 1, ... (element-wise float64
+additions), the modules' scaled deltas are added in recipe and file order in float64, and the total is rounded to
+float32 once. The native library computes the same bits in C
+(lora_delta) where it is loaded.
 """
 
 from __future__ import annotations
@@ -30,14 +34,21 @@ class LoraDelta:
 
     def full(self) -> torch.Tensor:
         """The whole delta, flat, float32: the modules' updates added in recipe and file order."""
+        import torch
+
+        from hubmix.engine import native
+
         total = None
         for m in self.modules:
             up, down = m.up.load().float(), m.down.load().float()
             rank = down.shape[0]
-            d = (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)).reshape(-1)
-            total = d.mul_(m.scale) if total is None else total.add_(d, alpha=m.scale)
+            up, down = up.reshape(up.shape[0], rank), down.reshape(rank, -1)
+            if total is None:
+                total = torch.zeros(up.shape[0], down.shape[1], dtype=torch.float64)
+            if not native.lora_delta(up, down, float(m.scale), total):
+                add_delta(up, down, float(m.scale), total)
         assert total is not None
-        return total
+        return total.reshape(-1).float()
 
     def take(self, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flat delta; computed on first use, freed once every element was taken."""
@@ -46,3 +57,23 @@ class LoraDelta:
             self._left -= stop - start
             self._delta = delta if self._left > 0 else None
         return delta[start:stop]
+
+
+PIECE = 1 << 15  # float64 elements of the running sum per step of the torch path (256 KiB: stays in cache)
+
+
+def add_delta(up: torch.Tensor, down: torch.Tensor, scale: float, total: torch.Tensor) -> None:
+    """total += scale * up @ down in the fixed order (the module's docstring), with element-wise torch ops: rows in
+    cache-sized pieces, each piece's sum over the rank built one exact outer product at a time."""
+    import torch
+
+    rows, rank = up.shape
+    cols = down.shape[1]
+    step = max(1, PIECE // max(1, cols))
+    u64, d64 = up.double(), down.double()
+    for s in range(0, rows, step):
+        e = min(s + step, rows)
+        acc = torch.zeros(e - s, cols, dtype=torch.float64)
+        for k in range(rank):
+            acc += torch.outer(u64[s:e, k], d64[k])  # exact products, added in order
+        total[s:e] += acc * scale  # the product rounded, then the sum: as the C does

@@ -7,29 +7,23 @@ takes. So its bytes equal the eager path's, which the tests check for every kern
 
 Why not only torch.compile: on a small machine inductor needs 4 to 6 seconds per process before its first kernel
 runs (imports, a CPU-ISA probe that compiles and runs test programs, cache loading), as long as a whole SD1.5 merge
-should take. This C source is compiled once per machine (about 8.5 s on 2 cores, in parallel parts, with the
-system's C compiler) into hubmix's cache and then loaded with ctypes; ctypes releases the GIL, so worker threads run
-kernels in parallel.
+should take. This C source (csrc/, plus the kernels generated here) is compiled once per machine (about 8.5 s on
+2 cores, in parallel parts, with the system's C compiler; hubmix.engine.native_build) into hubmix's cache and then
+loaded with ctypes; ctypes releases the GIL, so worker threads run kernels in parallel. A function is handed to
+other threads only once its argument types are set.
 Methods without a native kernel (a user's own) are fused by torch.compile instead (hubmix.kernels).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 import struct
+import threading
 from typing import TYPE_CHECKING, Any, Callable
 
-from hubmix.cache import cache_root
-from hubmix.engine.native_source import PRELUDE
+from hubmix.engine import native_build
+from hubmix.engine.native_source import csrc_text, helpers_unit, prelude
 from hubmix.formats.io.span import Span, dtype_name, torch_dtype
 
 if TYPE_CHECKING:
@@ -113,17 +107,13 @@ def fp8_float32_bits(name: str) -> list[int]:
     return out
 
 
-def _fp8_table(name: str) -> str:
-    return ", ".join(f"0x{b:08x}u" for b in fp8_float32_bits(name))
-
-
 PARTS = 4  # the library is compiled as this many translation units, in parallel on the cores there are
 
 
 def source() -> list[str]:
-    """The library's C source in PARTS translation units: each has the prelude, the first also its exported
-    helpers (the others declare the float16 table extern), and a share of the kernels."""
-    prelude = PRELUDE.replace("%E4M3%", _fp8_table("float8_e4m3fn")).replace("%E5M2%", _fp8_table("float8_e5m2"))
+    """The library's C source as self-contained translation units: the exported helpers (csrc/scans.c), then
+    PARTS units of generated kernels, each after the prelude (csrc/prelude.h). Other units (quantization kernels)
+    may be added to the list: every unit is compiled and linked."""
     parts = []
     for t_in in DTYPES.values():
         for t_out in DTYPES.values():
@@ -140,10 +130,9 @@ def source() -> list[str]:
                 else:
                     store = f"st_{t_out}(o, i, take ? f{x} : f{y});"
                 parts.append(f"void {name}_{t_in}_{t_out}(K) {{ {_loop(n, t_in, f'{body} {store}')} }}")
-    quant = (Path(__file__).parent / "quant_kernels.c").read_text()  # quantized outputs' encoders, in the first unit
-    return [("" if i == 0 else "#define HUBMIX_PART 1\n") + prelude + "\n".join(parts[i::PARTS]) + "\n"
-            + (quant if i == 0 else "")
-            for i in range(PARTS)]
+    head = prelude()
+    return [helpers_unit(), *(head + "\n".join(parts[i::PARTS]) + "\n" for i in range(PARTS)),
+            csrc_text("quant.c")]  # the quantized outputs' encoders (formats.quant)
 
 
 # Which native kernel computes a method, and its float32 scalars derived from the parameters as torch would.
@@ -190,6 +179,10 @@ class Native:
     _lib: ctypes.CDLL | None = None
     _error: str | None = None
     build_seconds: float | None = None
+    # typed functions of the helpers unit, set before the library is published in _lib
+    scans: dict[str, Any] = {}
+    scan_addresses: dict[str, int] = {}
+    helpers: dict[str, Any] = {}
 
     @classmethod
     def library(cls) -> ctypes.CDLL | None:
@@ -211,64 +204,43 @@ class Native:
 
         if os.environ.get("HUBMIX_NATIVE", "1") == "0":
             raise RuntimeError("disabled by HUBMIX_NATIVE=0")
-        cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-        if cc is None:
-            raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-        units = source()
-        flags = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native",
-                 "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fPIC"]
-        key = hashlib.sha256("\n".join([*units, cc, *flags, platform.machine(), _cpu_signature()]).encode())
-        folder = cache_root() / "native"
-        lib = folder / f"kernels-{key.hexdigest()[:16]}.so"
-        if not lib.exists():
-            t0 = time.perf_counter()
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                out = Path(tmp) / "kernels.so"
-                objects = _compile(cc, flags, units, Path(tmp))
-                _run([cc, "-shared", "-o", str(out), *map(str, objects)], cc)
-                os.replace(out, lib)  # atomic: concurrent builders agree
+        t0 = time.perf_counter()
+        loaded, built = native_build.load(source(), cls._prepare)
+        if built:
             cls.build_seconds = time.perf_counter() - t0
-        loaded = ctypes.CDLL(str(lib))
-        loaded.init_f16()  # the float16 load table, before any kernel runs
-        for t in DTYPES.values():  # typed once here, so nonfinite_count's threads only call them
-            fn = getattr(loaded, f"nonfinite_{t}")
-            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64
-        loaded.scanned.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int32] * 3 + [ctypes.c_void_p] * 4
-                                   + [ctypes.c_int64] + [ctypes.c_float] * 4 + [ctypes.c_void_p])
-        loaded.scanned.restype = None
         return loaded
 
+    @classmethod
+    def _prepare(cls, lib: ctypes.CDLL) -> None:
+        """Type every helper the engine calls (an AttributeError here means a library without them: rebuilt),
+        fill the float16 table; all before any thread can see the library."""
+        from hubmix.methods.statistics import BLOCK
 
-def _compile(cc: str, flags: list[str], units: list[str], tmp: Path) -> list[Path]:
-    """Each unit compiled to an object, as many at once as there are cores (the build is one-off but long)."""
-    objects, pending = [], []
-    for i, text in enumerate(units):
-        c_file, obj = tmp / f"kernels{i}.c", tmp / f"kernels{i}.o"
-        c_file.write_text(text)
-        objects.append(obj)
-        pending.append([cc, *flags, "-c", "-o", str(obj), str(c_file)])
-    with ThreadPoolExecutor(max(1, min(len(units), os.cpu_count() or 1))) as pool:
-        for _ in pool.map(lambda cmd: _run(cmd, cc), pending):
-            pass
-    return objects
+        p, i64, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32
+        scans = {t: _typed(lib, f"nonfinite_{t}", [p, i64], i64) for t in DTYPES.values()}
+        helpers = {
+            "scanned": _typed(lib, "scanned", [p] * 2 + [ctypes.c_int32] * 3 + [p] * 4 + [i64]
+                              + [ctypes.c_float] * 4 + [p], None),
+            "dare_keep": _typed(lib, "dare_keep", [i64, i64, u32, u32, p], None),
+            "hist_high": _typed(lib, "hist_high", [p, p, i64, p], None),
+            "hist_low": _typed(lib, "hist_low", [p, p, i64, u32, p], None),
+            "block_dots": _typed(lib, "block_dots", [p, p, i64, p], None),
+            "lora_delta": _typed(lib, "lora_delta", [p, p, i64, i64, i64, ctypes.c_double, p], ctypes.c_int),
+            **{f"transpose_b{w}": _typed(lib, f"transpose_b{w}", [p, p, i64, i64], None) for w in (1, 2, 4)},
+        }
+        if _typed(lib, "dot_block", [], i64)() != BLOCK:
+            raise AttributeError("the library's block sums use another block size")
+        _typed(lib, "init_f16", [], None)()  # the float16 load table, before any kernel runs
+        cls.scans, cls.helpers = scans, helpers
+        cls.scan_addresses = {t: ctypes.cast(f, ctypes.c_void_p).value for t, f in scans.items()}
 
 
-def _run(cmd: list[str], cc: str) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-300:]}")
-
-
-def _cpu_signature() -> str:
-    """-march=native code must not run on another CPU that shares the cache folder."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+def _typed(lib: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any) -> Any:
+    """A fresh function object for `name` (lib[name], not the attribute CDLL shares between callers) with its
+    types set: only then may it be published to other threads."""
+    fn = lib[name]
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
 
 
 _SIZES = {"f16": 2, "bf16": 2, "f32": 4, "e4m3": 1, "e5m2": 1}
@@ -292,7 +264,6 @@ def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any]
         return None
     t_in, t_out = DTYPES[names[0]], DTYPES[out_name]
     sizes = (_SIZES[t_in], _SIZES[t_out])
-    scan = ctypes.cast(getattr(lib, f"nonfinite_{t_in}"), ctypes.c_void_p)
     fns = {}
 
     def run(views: list[Any], params: dict[str, float], out: Any = None, ctx=None,
@@ -302,9 +273,9 @@ def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any]
             return None
         name, ks = coef
         fn = fns.get(name)
-        if fn is None:
-            fn = fns[name] = getattr(lib, f"{name}_{t_in}_{t_out}")
-            fn.argtypes, fn.restype = (_DARE_ARGTYPES if name in _DARE else _ARGTYPES), None
+        if fn is None:  # typed first, then published (a thread that finds it may call it at once)
+            fn = fns.setdefault(name, _typed(lib, f"{name}_{t_in}_{t_out}",
+                                             _DARE_ARGTYPES if name in _DARE else _ARGTYPES, None))
         if isinstance(views[0], Span):
             n = views[0].numel
             assert out is not None and out.numel == n and out.dtype == out_name, "a span merge passes its buffer"
@@ -327,7 +298,8 @@ def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any]
                 counts[:] = [nonfinite_count(v) for v in views]
         elif counts is not None:
             found = (ctypes.c_int64 * 3)()
-            lib.scanned(ctypes.cast(fn, ctypes.c_void_p), scan, len(views), *sizes, *ptrs, dest, n, *ks, found)
+            Native.helpers["scanned"](ctypes.cast(fn, ctypes.c_void_p), Native.scan_addresses[t_in], len(views),
+                                      *sizes, *ptrs, dest, n, *ks, found)
             counts[:] = found[:len(views)]
         else:
             fn(*ptrs, dest, n, *ks)
@@ -343,11 +315,11 @@ def nonfinite_count(view: Any) -> int | None:
     lib = Native._lib
     if isinstance(view, Span):
         t = DTYPES.get(view.dtype)
-        return None if lib is None or t is None else getattr(lib, f"nonfinite_{t}")(view.address, view.numel)
+        return None if lib is None or t is None else Native.scans[t](view.address, view.numel)
     t = DTYPES.get(dtype_name(view.dtype))
     if lib is None or t is None or view.device.type != "cpu" or not view.is_contiguous():
         return None
-    return getattr(lib, f"nonfinite_{t}")(view.data_ptr(), view.numel())
+    return Native.scans[t](view.data_ptr(), view.numel())
 
 
 def transformed(transform: str | None, span: Span, shape: tuple[int, ...]) -> Span | None:
@@ -366,23 +338,30 @@ def transformed(transform: str | None, span: Span, shape: tuple[int, ...]) -> Sp
     lib = Native._lib
     if lib is None:
         return None
-    fn = getattr(lib, f"transpose_b{span.itemsize}")
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64], None
-    fn(span.address, out.address, span.shape[0], span.shape[1])
+    Native.helpers[f"transpose_b{span.itemsize}"](span.address, out.address, span.shape[0], span.shape[1])
     return out
 
 
+def lora_delta(up: torch.Tensor, down: torch.Tensor, scale: float, total: torch.Tensor) -> bool:
+    """total (float64, rows x cols) += scale * up @ down in engine.lora's fixed order, when the library is loaded
+    (a merge too small to build it computes the same with torch). False where it did nothing."""
+    if Native._lib is None or "lora_delta" not in Native.helpers:
+        return False
+    up, down = up.contiguous(), down.contiguous()
+    rows, rank = up.shape
+    return Native.helpers["lora_delta"](up.data_ptr(), down.data_ptr(), rows, rank, down.shape[1], scale,
+                                        total.data_ptr()) == 0
+
+
 def install_dropmask() -> bool:
-    """Give hubmix.methods.dropmask the native mask and hubmix.methods.statistics the native histograms (the same
-    functions as their torch code, which the tests check)."""
+    """Give hubmix.methods.dropmask the native mask and hubmix.methods.statistics the native histograms and block
+    sums (the same functions as their torch code, bit for bit, which the tests check)."""
     from hubmix.methods import dropmask, statistics
 
     lib = Native.library()
     if lib is None:
         return False
-    fn = lib.dare_keep
-    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
-    fn.restype = None
+    fn = Native.helpers["dare_keep"]
 
     def keep(start: int, n: int, s: int, t: int) -> torch.Tensor:
         import torch
@@ -392,10 +371,7 @@ def install_dropmask() -> bool:
         return out
 
     dropmask.native_keep = keep
-    hi, lo = lib.hist_high, lib.hist_low
-    hi.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    lo.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p]
-    hi.restype = lo.restype = None
+    hi, lo, dots = Native.helpers["hist_high"], Native.helpers["hist_low"], Native.helpers["block_dots"]
 
     def histogram(x: torch.Tensor, base: torch.Tensor, high: int) -> torch.Tensor | None:
         import torch
@@ -410,5 +386,16 @@ def install_dropmask() -> bool:
             lo(x.data_ptr(), base.data_ptr(), x.numel(), high, out.data_ptr())
         return out
 
+    def block_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        import torch
+
+        if x.dtype != torch.float32 or y.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        x, y = x.contiguous(), y.contiguous()
+        out = torch.empty(-(-x.numel() // statistics.BLOCK), dtype=torch.float64)
+        dots(x.data_ptr(), y.data_ptr(), x.numel(), out.data_ptr())
+        return out
+
     statistics.native_histogram = histogram
+    statistics.native_dots = block_dots
     return True

@@ -1,4 +1,4 @@
-"""The native library's encoders for quantized outputs (engine/quant_kernels.c), installed into formats.quant while
+"""The native library's encoders for quantized outputs (engine/csrc/quant.c), installed into formats.quant while
 a merge that uses native kernels runs (as `native.install_dropmask` gives methods their native masks). Each gives
 the bytes of the torch code it replaces, which the tests check, and takes torch tensors or Spans (a merge of plain
 inputs into a quantized output then runs without torch); without the library the torch code runs."""

@@ -273,7 +273,8 @@ def model_index(family: Family, inpainting: bool, scheduler_cls: str, base: dict
             idx[name] = [spec.library, spec.cls]
         for name, cls in family.tokenizers.items():
             idx[name] = ["transformers", cls]
-    idx["_class_name"] = family.inpaint_pipeline if inpainting else family.pipeline
+    if idx.get("_class_name") not in family.pipelines:  # Qwen-Image-Edit, FLUX.2 Klein keep their own
+        idx["_class_name"] = family.inpaint_pipeline if inpainting else family.pipeline
     return idx
 
 

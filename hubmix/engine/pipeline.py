@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from hubmix.engine.chunk import (Job, compute, compute_span, count_nonfinite, load_views, needs_quant_stat,
-                                 needs_stats, prefetch, quant_stat, task_stats)
+from hubmix.engine.chunk import (Job, compute, compute_on_device, compute_span, count_nonfinite, load_views,
+                                 needs_quant_stat, needs_stats, on_device, prefetch, quant_stat, task_stats)
 from hubmix.engine.kernels import Kernels
 from hubmix.engine.plan import Task
 from hubmix.formats.io.span import Span
@@ -118,6 +118,21 @@ def run_merge(jobs: list[Job], write: Callable[[Job, Any], None], kernels: Kerne
     size = max((j.out_nbytes for j in jobs), default=0)  # chunks are bounded by the budget, whole tasks are small
 
     def produce(job: Job, views: list[Any]) -> Callable[[], None]:
+        if not spans and on_device(job, kernels):  # a GPU: enqueued now, finished on the writer's thread
+            counts = None if nonfinite is None else count_nonfinite(views)
+            if counts is not None and any(counts):
+                nonfinite(job, counts)
+            wait = compute_on_device(job, views, kernels)
+
+            def finish_device() -> None:
+                out, release = wait()
+                try:
+                    write(job, out)
+                finally:
+                    release()
+
+            finish_device.cancel = lambda: wait()[1]()  # type: ignore[attr-defined]  # after an error: free the slot
+            return finish_device
         try:
             buf = free.pop()
         except IndexError:
@@ -184,6 +199,8 @@ def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool,
                     written[0] += job.out_nbytes
                     if progress is not None:
                         progress(written[0], total)
+                elif hasattr(finish, "cancel"):  # a GPU chunk in flight: wait for it and free its slot
+                    finish.cancel()
             except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
                 errors.append(e)
                 stop.set()

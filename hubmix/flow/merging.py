@@ -24,7 +24,7 @@ from hubmix.formats.families import Family
 from hubmix.hub.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
 from hubmix.flow.outputs import (choose_prediction, config_source, file_metadata, output_configs,
-                                 plan_outputs)
+                                 plan_outputs, split_targets)
 from hubmix.formats.model import LocalModel, check_same_family, open_model
 from hubmix.engine.target import atomic_target, check_target
 from hubmix.engine.plan import Summary, Task, plan_merge
@@ -138,7 +138,9 @@ def _config_from_ident(text: str) -> str:
 def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str | None) -> list[LocalModel]:
     """Components no input has (every input transformer-only) come from --config-from's weights when it names a
     local diffusers folder; a diffusers output cannot do without them."""
-    missing = [c for c in family.components if not any(c in m.components for m in models)]
+    folders = any(m.layout == "diffusers" for m in models)  # an optional part no folder has: the model has none
+    missing = [c for c in family.components if not any(c in m.components for m in models)
+               and not (folders and c in family.optional)]
     if not missing or layout is None:
         return []
     ref = parse_ref(recipe.config_from) if recipe.config_from else None
@@ -259,10 +261,15 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
     # the input hashes read the mappings the engine reads, on their own threads, while it runs
     hashes = input_hashes({r.file.path: r.file for t in tasks for r in t.refs}.values()).start()
     sidecar = _sidecar(target) if layout == "single-file" else None
-    with atomic_target(target, overwrite, companions=(sidecar,) if sidecar else ()) as stage:
+    # Wan 2.2's two experts as single files: two files named from --out, installed together with the recipe
+    finals = list(split_targets(family, list(configs), target).values()) if layout == "single-file" else []
+    if finals:
+        summary.add("note", f"the {family.name} experts as {len(finals)} files: {', '.join(f.name for f in finals)}")
+    with atomic_target(finals[0] if finals else target, overwrite,
+                       companions=(*finals[1:], sidecar) if sidecar else ()) as stage:
         tmp = stage.path
         router = plan_outputs(tmp, target, layout, tasks, models, structure, family, configs, source, recipe,
-                               prediction, placeholder, summary)
+                               prediction, placeholder, summary, stage=stage)
         try:
             router.open()
             stats = _execute(router.wanted(tasks), router.write, settings,
@@ -289,7 +296,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         # the recipe is staged with the weights and renamed in with them (engine.target): together or not at all
         recipe_file = stage.beside(sidecar) if sidecar else tmp / "recipe.yaml"
         write_new(recipe_file, recipe_yaml(canonical))
-        written = [target / f.path.relative_to(tmp) if layout != "single-file" else target for f in router.files]
+        written = finals or [target / f.path.relative_to(tmp) if layout != "single-file" else target
+                             for f in router.files]
     written.append(sidecar or target / "recipe.yaml")
     return MergeResult(target, layout, family, summary, canonical, files=written, engine=stats)
 

@@ -129,7 +129,8 @@ def read_lora(path: Path, name: str, components: dict[str, Any], strengths: dict
         if k.endswith((".dora_scale", ".lora_magnitude_vector.weight", ".lora_magnitude_vector")):
             raise InputError(f"{name}: DoRA files are not supported (key {k})")
     kind = "kohya" if any(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys) else "peft"
-    up_sfx, down_sfx = SUFFIXES[kind]
+    # dotted module names with kohya's lora_down/lora_up (Wan LoRAs: `diffusion_model.blocks.0.self_attn.q`)
+    up_sfx, down_sfx = SUFFIXES["kohya" if any(k.endswith(SUFFIXES["kohya"][1]) for k in keys) else kind]
     meta = _peft_metadata(f.metadata) if kind == "peft" else {}
     indexes: dict[str, dict[str, str | None]] = {}
     modules, unknown = [], []
@@ -172,7 +173,9 @@ def _locate(kind: str, mod: str, components: dict[str, Any], indexes: dict) -> t
     else:
         head, _, rest = mod.partition(".")
         comp = head if head in components else "unet"
-        rest = rest if head in components else mod
+        rest = rest if head in components or head == "diffusion_model" else mod  # ComfyUI's / musubi's prefix
+    if comp == "unet" and comp not in components and "transformer" in components:  # lora_unet_ of a DiT
+        comp = "transformer"
     if comp not in components:
         return comp, None
     if comp not in indexes:

@@ -113,6 +113,7 @@ class LocalModel:
     inpainting: bool = False
     unassigned: list[str] = field(default_factory=list)  # single-file keys outside every component
     main_only: bool = False  # a file with the main component alone (a Flux transformer-only file)
+    main_prefix: str = ""  # a main-only file's key prefix: "" (bare) or ComfyUI's `model.diffusion_model.`
 
     @property
     def name(self) -> str:
@@ -266,6 +267,8 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
     for name, spec in family.components.items():
         if name in skipped:
             continue
+        if name not in opened and name in family.optional and name not in subfolders:
+            continue  # Wan 2.1 and Wan 2.2 TI2V: no second expert (model_index.json says null)
         if name not in opened:
             raise InputError(f"{root}: a {family.name} model needs a {name} component; model_index.json has none")
         folder = subfolders[name]
@@ -374,7 +377,7 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
         unassigned = [k for k in unassigned if not k.startswith("model_ema.")]
     unassigned = [k for k in unassigned if k not in MARKER_KEYS]  # read below, kept by outputs that carry them
     model = LocalModel(path, "single-file", family, components, [path], metadata=dict(f.metadata),
-                       unassigned=unassigned, main_only=only is not None,
+                       unassigned=unassigned, main_only=only is not None, main_prefix=only[1] if only else "",
                        prediction=from_single_file(f.keys(), f.metadata, family.unmarked_prediction))
     if only is not None:  # the family as every other input knows it (all components), for merging and outputs
         model.family = get_family(family.id)

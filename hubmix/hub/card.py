@@ -252,6 +252,8 @@ def _usage_section(result: Result, family: Any, repo_id: str | None, revision: s
             [f'variant="{c["variant"]}"'] if c.get("variant") else []) + ([f"torch_dtype={dtype}"] if dtype else [])
         out += ["from diffusers import DiffusionPipeline", "",
                 f"pipe = DiffusionPipeline.from_pretrained({', '.join(args)})"]
+    elif family.single_file:  # transformer-only files: the transformer(s) from the file(s), the rest from the base
+        out += _transformer_only_usage(result, family, repo_id, revision, dtype)
     else:
         file = f"{result.name}.safetensors"
         url = f"https://huggingface.co/{repo_id}/blob/{revision or 'main'}/{file}" if repo_id else f"./{file}"
@@ -264,6 +266,25 @@ def _usage_section(result: Result, family: Any, repo_id: str | None, revision: s
         out += [f"The same weights as one original-layout file: `{result.name}.safetensors` (A1111, ComfyUI, "
                 "`from_single_file`).", ""]
     return out
+
+
+def _transformer_only_usage(result: Result, family: Any, repo_id: str | None, revision: str | None,
+                            dtype: str | None) -> list[str]:
+    """Usage of a transformer-only file (Qwen-Image, Wan, FLUX.2): diffusers loads the transformer from it and the
+    text encoder and VAE from the family's base repo; Wan 2.2's two experts are two files."""
+    main = family.components[family.main].cls
+    files = {family.main: f"{result.name}.safetensors"}
+    split = {c: f"{result.name}{suffix}.safetensors" for c, suffix in family.split_files.items()}
+    folder = result.path.parent if result.layout == "single-file" else result.path
+    if split and all((folder / f).is_file() for f in split.values()):
+        files = split
+    out = [f"from diffusers import {family.pipeline}, {main}", ""]
+    for comp, file in files.items():
+        url = f"https://huggingface.co/{repo_id}/blob/{revision or 'main'}/{file}" if repo_id else f"./{file}"
+        args = [f'"{url}"'] + ([f"torch_dtype={dtype}"] if dtype else [])
+        out.append(f"{comp} = {main}.from_single_file({', '.join(args)})")
+    kw = ", ".join(f"{c}={c}" for c in files) + (f", torch_dtype={dtype}" if dtype else "")
+    return out + [f'pipe = {family.pipeline}.from_pretrained("{family.default_config_repo}", {kw})']
 
 
 def write_card(path: str | Path, *, repo_id: str | None = None, license: str | None = None,

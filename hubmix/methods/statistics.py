@@ -1,11 +1,15 @@
 """Per-tensor statistics for whole-tensor methods, computed from chunks so memory stays at a chunk's size.
 
-Sums are the same to the last bit whatever the chunking: products are summed in float32 per fixed block of BLOCK
-elements (a chunk starts at a multiple of BLOCK, and a block is short enough that torch never splits its sum
-across threads; a float64 sum costs 15 times more), and the block sums are added with math.fsum, which rounds
-once, so the order of chunks and workers does not matter. Quantiles use integer histograms of the float bit
-patterns (an exact radix select: the k-th smallest |t| equals torch.kthvalue's), so a top-k threshold needs no
-copy of the whole tensor; the engine installs a native histogram (counts are counts: the same result).
+Sums are the same to the last bit on every machine, whatever the chunking, thread count, CPU vector width or torch
+version: a sum of products is taken per fixed block of BLOCK elements (chunks start at multiples of BLOCK; a short
+last block counts as padded with zeros), each product exact in float64 (two float32 significands need 48 bits),
+and the block's products added in one fixed order, a pairwise tree (element i plus element i + h, for h = BLOCK/2,
+BLOCK/4, ..., 1) written as element-wise float64 additions, which every CPU and torch version compute alike; no
+torch reduction (whose grouping depends on all of the above) decides a bit. The native library computes the same
+tree in C (the tests compare the bytes). The block sums are added with math.fsum, which rounds once, so the order
+of chunks and workers does not matter either. Quantiles use integer histograms of the float bit patterns (an
+exact radix select: the k-th smallest |t| equals torch.kthvalue's), so a top-k threshold needs no copy of the
+whole tensor; the engine installs a native histogram (counts are counts: the same result).
 """
 
 from __future__ import annotations
@@ -17,29 +21,56 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     import torch
 
-BLOCK = 1 << 12  # elements per block sum; chunk starts are multiples of it (below torch's reduction grain, 32768)
+BLOCK = 1 << 12  # elements per block sum; chunk starts are multiples of it
+PIECE = 64 * BLOCK  # the torch tree runs on this many elements at a time (2 MiB of float64: stays in cache)
 HI_BINS, LO_BINS = 1 << 15, 1 << 16  # |x| has a zero sign bit: its high half is 15 bits, its low half 16
 
+# (x, y) -> block_dots(x, y) from the native library (the same tree in C), or None. Set by hubmix.engine.native.
+native_dots: Callable[[Any, Any], Any] | None = None
 # (x, base, high or -1) -> the histogram of |x - base|'s high half (high = -1) or of the low half of the elements
 # whose high half is `high`, as int64; or None. Set by hubmix.native when it loads.
 native_histogram: Callable[[Any, Any, int], Any] | None = None
 
 
-def block_sums(x: torch.Tensor) -> torch.Tensor:
-    """float32 sums of x's consecutive BLOCK-element blocks (the last one may be short), as float64."""
+def block_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The sums of x*y over x's consecutive BLOCK-element blocks, as float64: each product exact in float64, each
+    block's products added in the fixed pairwise tree (the module's docstring). Flat float32 inputs."""
+    if native_dots is not None:
+        r = native_dots(x, y)
+        if r is not None:
+            return r
     import torch
 
     n = x.numel()
-    full = n - n % BLOCK
-    parts = [x[:full].view(-1, BLOCK).sum(1)] if full else []
-    if full < n:
-        parts.append(x[full:].sum().reshape(1))
-    return torch.cat(parts).double() if parts else torch.zeros(0, dtype=torch.float64)
+    blocks = -(-n // BLOCK)
+    out = torch.empty(blocks, dtype=torch.float64)
+    for s in range(0, n, PIECE):
+        e = min(s + PIECE, n)
+        nb = -(-(e - s) // BLOCK)
+        p = torch.empty(nb * BLOCK, dtype=torch.float64)
+        p[:e - s].copy_(x[s:e]).mul_(y[s:e])  # exact: no rounding yet
+        p[e - s:].zero_()
+        out[s // BLOCK:s // BLOCK + nb] = tree_sums(p.view(nb, BLOCK))
+    return out
+
+
+def tree_sums(p: torch.Tensor) -> torch.Tensor:
+    """Each row of p (rows of BLOCK float64) summed as p[i] + p[i + h] for h = BLOCK/2, ..., 1: element-wise
+    additions only, so the grouping is this one on every machine."""
+    h = p.shape[1] // 2
+    while h >= 64:  # long contiguous halves
+        p = p[:, :h] + p[:, h:2 * h]
+        h //= 2
+    q = p.t().contiguous()  # the last 64 per row, transposed so each step adds two contiguous runs of rows
+    while h >= 1:
+        q = q[:h] + q[h:2 * h]
+        h //= 2
+    return q[0]
 
 
 def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-block sums of x*y (the products rounded to float32, as an element-wise float32 method would)."""
-    return block_sums(x * y)
+    """Per-block sums of x*y (exact products, the fixed tree), float64: the partial result of a statistics pass."""
+    return block_dots(x, y)
 
 
 class Totals:

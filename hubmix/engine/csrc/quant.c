@@ -1,6 +1,7 @@
 /* Quantized outputs (hubmix/formats/quant): the encoders' inner loops, byte for byte what their torch code gives.
-   Compiled after the merge kernels' prelude (hubmix/engine/native_source.py), whose fabs32 and st_e4m3 (float32
+   Compiled as a unit of its own after the merge kernels' prelude (csrc/prelude.h), whose fabs32 and st_e4m3 (float32
    -> float8_e4m3fn exactly as c10 rounds) they use; the build is the same (no contraction, no fast-math). */
+#include "prelude.h"
 
 /* The largest |x|, NaN when any x is NaN: torch's x.abs().amax(). */
 float quant_amax_f32(const float *restrict x, int64_t n) {
