@@ -133,7 +133,8 @@ def source() -> list[str]:
                 parts.append(f"void {name}_{t_in}_{t_out}(K) {{ {_loop(n, t_in, f'{body} {store}')} }}")
     head = prelude()
     return [helpers_unit(), *(head + "\n".join(parts[i::PARTS]) + "\n" for i in range(PARTS)),
-            csrc_text("gguf_quants.c")]  # GGUF block (de)quantization (hubmix.formats.quant.gguf_blocks)
+            csrc_text("gguf_quants.c"),  # GGUF block (de)quantization (formats.quant.gguf_blocks)
+            csrc_text("quant.c")]  # the scaled-fp8 / NF4 outputs' encoders (formats.quant)
 
 
 # Which native kernel computes a method, and its float32 scalars derived from the parameters as torch would.

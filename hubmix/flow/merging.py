@@ -198,7 +198,7 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
         spans = (spans_allowed and device is None and kernels.use_native
                  and all(span_ready(t, kernels) for t in tasks))
         with contextlib.nullcontext() if spans else engine.parallel_across_chunks(workers):
-            kernels.start(list(signatures.values()))
+            kernels.start(list(signatures.values()), quantized=any(t.quant for t in tasks))
             engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
                              quiet=settings.quiet, nonfinite=counter, spans=spans, progress=settings.progress,
                              cancel=settings.cancel)

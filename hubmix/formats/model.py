@@ -23,6 +23,7 @@ from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, o
 from hubmix.formats.quant import gguf_file  # noqa: F401 - registers the GGUF reader with open_weight_file
 from hubmix.formats.io.span import Span
 from hubmix.formats.layouts import COPYING, KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
+from hubmix.formats.quant import wrap as quant_view
 from hubmix.formats.prediction import MARKER_KEYS, Prediction, from_scheduler, from_single_file
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
             for k, n in _config_ndims(folder, index[name][0], index[name][1]).items():
                 ndims[f"{name}/{k}"] = n
             continue
-        files = [open_weight_file(f) for f in _weight_files(folder, stem, variant, str(root))]
+        files = [quant_view(open_weight_file(f)) for f in _weight_files(folder, stem, variant, str(root))]
         opened[name] = files
         for f in files:
             for k in f.keys():
@@ -331,7 +332,7 @@ def _is_inpainting(model: LocalModel) -> bool:
 # ---- single files ----------------------------------------------------------------------------------------------
 
 def _open_single_file(path: Path, ema: bool) -> LocalModel:
-    f = open_weight_file(path)
+    f = quant_view(open_weight_file(path))
     ndims = {k: len(f.info(k).shape) for k in f.keys()}
     if f.format == "gguf":  # the denoiser alone, its header naming the family (else, like sd.cpp's, its keys)
         arch = getattr(f, "architecture", None)

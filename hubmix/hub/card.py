@@ -232,10 +232,20 @@ def _blocks_table(component: str, blocks: dict[str, dict[str, float]]) -> list[s
     return out
 
 
+QUANT_LOADERS = {
+    "fp8_scaled": "ComfyUI scaled fp8 (float8_e4m3fn weights with a per-tensor `scale_weight`): load it with "
+                  "ComfyUI's checkpoint or diffusion-model loader (or Forge), which apply the scales.",
+    "nf4": "bitsandbytes NF4 (blocks of 64): load it with Forge, or dequantize it with bitsandbytes' "
+           "`QuantState.from_dict` and `dequantize_4bit`.",
+}
+
+
 def _usage_section(result: Result, family: Any, repo_id: str | None, revision: str | None) -> list[str]:
     c = result.canonical
     where = repo_id or f"./{result.name}"
     dtype = TORCH_DTYPE.get(c.get("dtype") or "")
+    if c.get("dtype") in QUANT_LOADERS:  # a quantized single file: its own loaders, not diffusers' from_single_file
+        return ["## Use it", "", f"`{result.name}.safetensors` is {QUANT_LOADERS[c['dtype']]}", ""]
     out = ["## Use it", "", "```python", "import torch"]
     if result.layout in ("diffusers", "both"):
         args = [f'"{where}"'] + ([f'revision="{revision}"'] if revision and repo_id else []) + (

@@ -368,28 +368,6 @@ def _is_pickle(path: Path) -> bool:
         return False
 
 
-# Quantized formats hubmix does not read, by a key (suffix) that only they have: refused by name, never misread.
-QUANTIZED_KEYS = (
-    (".absmax", "bitsandbytes NF4/FP4 (4-bit) weights"),
-    (".quant_map", "bitsandbytes NF4/FP4 (4-bit) weights"),
-    (".quant_state.bitsandbytes__nf4", "bitsandbytes NF4 (4-bit) weights"),
-    (".quant_state.bitsandbytes__fp4", "bitsandbytes FP4 (4-bit) weights"),
-    (".SCB", "bitsandbytes LLM.int8 weights"),
-    (".scale_weight", "scaled fp8 weights (per-tensor scale_weight)"),
-    (".weight_scale", "scaled fp8 weights (per-tensor weight_scale)"),
-    ("scaled_fp8", "scaled fp8 weights (ComfyUI's scaled_fp8 marker)"),
-)
-
-
-def refuse_quantized(f: WeightFile) -> None:
-    """One line naming the quantized format of a file hubmix cannot merge exactly (dequantize it first)."""
-    for key in f.keys():
-        for suffix, what in QUANTIZED_KEYS:
-            if key.endswith(suffix):
-                raise InputError(f"{f.path}: {what} ({key}): a quantized format hubmix does not read; "
-                                 "dequantize it to fp8/bf16/fp16/fp32 first")
-
-
 _PREOPENED: dict[str, tuple[str, SafetensorsFile]] = {}  # resolved path -> (file version, the file opened ahead)
 
 
@@ -432,9 +410,7 @@ def open_weight_file(path: str | os.PathLike) -> WeightFile:
         return CONTAINERS["gguf"](p)
     if p.suffix == ".safetensors":
         ahead = _PREOPENED.pop(str(p.resolve()), None)
-        f = ahead[1] if ahead is not None and ahead[0] == file_version(p) else SafetensorsFile(p)
-        refuse_quantized(f)
-        return f
+        return ahead[1] if ahead is not None and ahead[0] == file_version(p) else SafetensorsFile(p)
     if p.suffix in PICKLE_SUFFIXES:
         return TorchPickleFile(p)
     raise InputError(f"{p}: unknown weight file type (expected .safetensors, .ckpt, .bin, .pt or .pth)")

@@ -20,7 +20,13 @@ at multiples of `block` elements. A codec with `needs_amax` gets the whole tenso
 computes it in a pass over the chunks first: a per-tensor scale); tensors fused in the output (Flux's qkv) share
 one stat, the largest of their parts'. `file_tensors()` and `file_metadata()` are what the codec adds once per
 output file (ComfyUI's `scaled_fp8` marker, GGUF's header fields). `container` names the file type the codec
-writes into ("safetensors" or "gguf").
+writes into ("safetensors" or "gguf"). A codec whose encode also takes Spans (`spans = True`, through the native
+hooks the engine installs in `accel`) lets a merge of plain inputs run without torch.
+
+Where it plugs in: formats/model.py opens every weight file as `quant.wrap(open_weight_file(path))`; TensorRef
+`quant` / `load_flat` read groups chunk by chunk; engine/plan.py marks the tasks a codec quantizes (Task.quant,
+computed in float32); engine/output.py plans each task's stored tensors and routes chunks through `encode`;
+engine/chunk.py's `quant_stat` runs the amax pass.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class QuantCodec:
     needs_amax = False
     keep_dtype = "bfloat16"  # the dtype of the tensors the codec does not quantize
     describe = ""  # one line for --help, the card and docs
+    spans = False  # encode() takes torch-free Spans too (through formats.quant.accel's native hooks)
 
     def quantizes(self, component: str, key: str, shape: tuple[int, ...], main: bool) -> bool:  # pragma: no cover
         """Whether this output tensor is quantized (`main`: the tensor belongs to the family's denoiser)."""
@@ -91,8 +98,9 @@ class QuantCodec:
         into that stored tensor, data in its planned dtype)."""
         raise NotImplementedError
 
-    def file_tensors(self) -> dict[str, Any]:
-        """Tensors the format adds once per output file, as Spans or torch tensors (a marker)."""
+    def file_tensors(self, prefix: str) -> dict[str, Any]:
+        """Tensors the format adds once per output file, as Spans (a marker); `prefix`: the denoiser's key prefix
+        in that file ("model.diffusion_model." in a checkpoint, "" in a denoiser-only file)."""
         return {}
 
     def file_metadata(self) -> dict[str, str]:
@@ -135,8 +143,7 @@ def codec_names() -> tuple[str, ...]:
     return QUANT_DTYPES
 
 
-QUANT_DTYPES = ("fp8_scaled", "nf4", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q5_0", "gguf-q4_k", "gguf-q4_0",
-                "gguf-bf16", "gguf-f16")
+QUANT_DTYPES = ("fp8_scaled", "nf4")  # codecs; the gguf-* --dtype names write through formats.quant.gguf_write
 
 
 def wrap(f: WeightFile) -> WeightFile:
