@@ -332,6 +332,11 @@ class KeyMap:
             return None
         return self.ema["prefix"] + key[len(self.ema["strip"]):].replace(".", "")
 
+    @property
+    def has_blocks(self) -> bool:
+        """Whether the layout labels this component's keys by block (a UNet, a transformer), not as a whole."""
+        return bool(self._blocks)
+
     def block_label(self, key: str) -> str | None:
         """The block a canonical key belongs to, by the layout's rules (A1111's IN00..OUT11, M00, BASE; Flux's IN,
         D00.., S00.., OUT), else the component's own label (CLIP, T5), else None."""
@@ -342,7 +347,8 @@ class KeyMap:
         for pattern, label in self._blocks:
             m = pattern.match(rel)
             if m:
-                return label.format(*(int(g) for g in m.groups()), last_output=self._last_output)
+                groups = (int(g) if g.isdigit() else g for g in m.groups())  # numbers, or key paths (generic)
+                return label.format(*groups, last_output=self._last_output)
         return None
 
 
