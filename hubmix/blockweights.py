@@ -22,7 +22,7 @@ from hubmix.errors import RecipeError
 from hubmix.formats.families import Family, layouts
 from hubmix.formats.model import Component, LocalModel
 from hubmix.methods.label_rules import assign
-from hubmix.methods.presets import resolve_block_list
+from hubmix.methods.presets import parse_block_list, resolve_block_list
 from hubmix.recipe import ComponentRecipe, Recipe, letter
 
 
@@ -37,6 +37,7 @@ def expand_block_lists(recipe: Recipe, family: Family, models: list[LocalModel])
     notes = []
     for param, value in sorted(recipe.block_lists.items()):
         where = f"{recipe.source}: block_{param}"
+        value = parse_block_list(value, where)  # idempotent; a Recipe built in code may not have parsed it
         if isinstance(value, dict):
             notes += _expand_labels(comps, recipe, family, models, param, value, where)
         else:

@@ -147,6 +147,12 @@ def plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models
         for cname, spec in family.components.items():
             router.add_component_file(tmp / cname / f"{spec.weight_name}{variant}.safetensors", cname,
                                       by_comp.get(cname, []), file_metadata(placeholder))
+    if family.generic:  # one file, model a's keys and metadata, hubmix's recipe added
+        comp = family.components[family.main]
+        router.add_single_file(tmp, {comp.name: (KeyMap(comp, {}), by_comp.get(comp.name, []))},
+                               {**models[structure[comp.name]].metadata, **file_metadata(placeholder)}, summary,
+                               target.name)
+        return router
     if layout in ("single-file", "both"):
         path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
         title = target.stem if layout == "single-file" else target.name

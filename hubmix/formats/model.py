@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable
 from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
 from hubmix.formats.families import (ComponentSpec, Family, all_component_names, detect_family, detect_main_only,
-                                     get_family, weight_stem)
+                                     families, get_family, weight_stem)
+from hubmix.formats.generic import generic_allowed, open_generic
 from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file, read_regular
 from hubmix.formats.io.span import Span
 from hubmix.formats.layouts import COPYING, KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
@@ -306,6 +307,9 @@ def _is_inpainting(model: LocalModel) -> bool:
 def _open_single_file(path: Path, ema: bool) -> LocalModel:
     f = open_weight_file(path)
     ndims = {k: len(f.info(k).shape) for k in f.keys()}
+    if not any(fam.matches("single-file", ndims) for fam in families().values()) and \
+            detect_main_only(ndims) is None and generic_allowed(path, ndims):
+        return open_generic(f, path)  # no family's keys: any architecture, key by key
     family = detect_family("single-file", ndims, str(path))
     only = None if family.matches("single-file", ndims) else detect_main_only(ndims)
     if only is not None:  # the main component alone, bare or under its prefix: read it under its own prefix

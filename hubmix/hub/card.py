@@ -236,6 +236,9 @@ def _usage_section(result: Result, family: Any, repo_id: str | None, revision: s
     c = result.canonical
     where = repo_id or f"./{result.name}"
     dtype = TORCH_DTYPE.get(c.get("dtype") or "")
+    if family.generic:  # no pipeline is known for it
+        return ["## Use it", "", f"`{result.name}.safetensors` has the keys, shapes and dtypes of model a: load it "
+                "as you load that model.", ""]
     out = ["## Use it", "", "```python", "import torch"]
     if result.layout in ("diffusers", "both"):
         args = [f'"{where}"'] + ([f'revision="{revision}"'] if revision and repo_id else []) + (

@@ -62,6 +62,7 @@ class Family:
     optional: tuple[str, ...] = ()
     # what an unmarked single file predicts, and which marker keys single files carry (formats/prediction.py)
     prediction: dict[str, Any] = field(default_factory=dict)
+    generic: bool = False  # the key-by-key "family" of unrecognised architectures (keys.yaml), never detected
 
     def variant_of(self, main_keys: Iterable[str]) -> str | None:
         """Which variant (Flux dev or schnell) a model is, by a rule over its main component's canonical keys."""
@@ -126,7 +127,8 @@ def _load_family(path: Path) -> Family:
                   defaults=raw.get("defaults") or {}, pipeline_extra=raw.get("pipeline_extra") or {},
                   tokenizers=raw.get("tokenizers") or {}, main=raw.get("main") or next(iter(comps)),
                   variants=raw.get("variants") or {}, prediction=raw.get("prediction") or {},
-                  optional=tuple(raw.get("optional") or ()), **_block_list(raw.get("block_list")))
+                  optional=tuple(raw.get("optional") or ()), generic=bool(raw.get("generic")),
+                  **_block_list(raw.get("block_list")))
 
 
 def _block_list(raw: dict[str, Any] | None) -> dict[str, tuple[str, ...]]:
@@ -138,7 +140,7 @@ def _block_list(raw: dict[str, Any] | None) -> dict[str, tuple[str, ...]]:
 
 
 @cache
-def families() -> dict[str, Family]:
+def _all_families() -> dict[str, Family]:
     found = {}
     for path in sorted(HERE.glob("*.yaml")):
         if path.name == "layouts.yaml":
@@ -148,6 +150,16 @@ def families() -> dict[str, Family]:
     return found
 
 
+def families() -> dict[str, Family]:
+    """The families detection tries (the generic key-by-key one is not among them)."""
+    return {k: f for k, f in _all_families().items() if not f.generic}
+
+
+def generic_family() -> Family:
+    """The key-by-key "family" of architectures hubmix does not know (keys.yaml)."""
+    return next(f for f in _all_families().values() if f.generic)
+
+
 @cache
 def layouts() -> dict[str, dict[str, Any]]:
     return _data(HERE / "layouts.yaml")
@@ -155,7 +167,7 @@ def layouts() -> dict[str, dict[str, Any]]:
 
 def get_family(family_id: str) -> Family:
     try:
-        return families()[family_id]
+        return _all_families()[family_id]
     except KeyError:
         raise FamilyError(f"unknown model family {family_id!r} (known: {', '.join(families())})") from None
 
@@ -199,7 +211,7 @@ def component_labels() -> list[str]:
 
 def all_component_names() -> Iterable[str]:
     seen: dict[str, None] = {}
-    for fam in families().values():
+    for fam in _all_families().values():
         for name in fam.components:
             seen.setdefault(name)
     return list(seen)
