@@ -157,8 +157,15 @@ def plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models
         path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
         title = target.stem if layout == "single-file" else target.name
         specs = {c: family.components[c] for c in configs}
-        if list(specs) == [family.main] and family.detect.get("main_only"):  # a transformer-only file, bare keys
-            specs[family.main] = dataclasses.replace(specs[family.main], prefix="")
+        if family.transformer_only_files and len(specs) > 1:
+            summary.add("note", f"{', '.join(c for c in specs if c != family.main)}: not in {target.name}: "
+                                f"{family.name} single files hold the {family.main} alone (a diffusers output keeps "
+                                "them)")
+            specs = {family.main: specs[family.main]}
+        if list(specs) == [family.main] and family.detect.get("main_only"):  # a transformer-only file: bare keys,
+            first = models[structure[family.main]]                          # or model a's own prefix
+            prefix = first.components[family.main].spec.prefix if first.main_only else ""
+            specs[family.main] = dataclasses.replace(specs[family.main], prefix=prefix)
         parts = {c: (KeyMap(spec, configs[c]), by_comp.get(c, [])) for c, spec in specs.items()}
         router.add_single_file(path, parts, single_file_meta(placeholder, family, title, configs, prediction),
                                summary, f"{title}.safetensors", marker_tensors(prediction, family.marker_keys))

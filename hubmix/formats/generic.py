@@ -18,7 +18,9 @@ from hubmix.formats.families import families, generic_family
 
 def near_family(keys: dict[str, int]) -> tuple[str, str, str] | None:
     """(family name, a signature pattern the keys have, one they lack) when `keys` carry part of a known family's
-    single-file signature (bare, or under its main component's prefix), else None."""
+    single-file signature (bare, or under its main component's prefix), else None; the family whose signature
+    they hold the largest share of (a Flux file without single blocks is a damaged Flux file, not Chroma)."""
+    best: tuple[float, tuple[str, str, str]] | None = None
     for fam in families().values():
         prefix = fam.components[fam.main].prefix
         for layout in ("single_file", "main_only"):
@@ -26,9 +28,10 @@ def near_family(keys: dict[str, int]) -> tuple[str, str, str] | None:
             for p in ("",) + ((prefix,) if layout == "main_only" else ()):
                 have = [x for x in patterns if any(fnmatch.fnmatchcase(k, p + x) for k in keys)]
                 lack = [x for x in patterns if x not in have]
-                if have and lack:
-                    return fam.name, p + have[0], p + lack[0]
-    return None
+                share = len(have) / max(1, len(patterns))
+                if have and lack and (best is None or share > best[0]):
+                    best = (share, (fam.name, p + have[0], p + lack[0]))
+    return best[1] if best else None
 
 
 def generic_allowed(path: Path, keys: dict[str, int]) -> bool:

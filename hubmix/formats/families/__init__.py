@@ -63,6 +63,9 @@ class Family:
     # what an unmarked single file predicts, and which marker keys single files carry (formats/prediction.py)
     prediction: dict[str, Any] = field(default_factory=dict)
     generic: bool = False  # the key-by-key "family" of unrecognised architectures (keys.yaml), never detected
+    # single files of this family hold the main component alone (`single_file: transformer-only`: Z-Image, Lumina 2,
+    # Chroma are published so): a single-file output writes the transformer only, bare or as model a's prefix
+    transformer_only_files: bool = False
 
     def variant_of(self, main_keys: Iterable[str]) -> str | None:
         """Which variant (Flux dev or schnell) a model is, by a rule over its main component's canonical keys."""
@@ -80,8 +83,8 @@ class Family:
     def matches(self, layout: str, keys: dict[str, int]) -> bool:
         """Whether every detection rule for `layout` holds for `keys` (key -> ndim)."""
         rules = self.detect.get(layout.replace("-", "_"))
-        if not rules:
-            raise ValueError(f"family {self.id} has no detection rules for the {layout} layout")
+        if not rules:  # a family whose single files are its transformer alone (Z-Image): `main_only` rules only
+            return False
         return all(_rule_holds(rule, keys) for rule in rules)
 
     def component_of(self, original_key: str) -> str | None:
@@ -128,6 +131,7 @@ def _load_family(path: Path) -> Family:
                   tokenizers=raw.get("tokenizers") or {}, main=raw.get("main") or next(iter(comps)),
                   variants=raw.get("variants") or {}, prediction=raw.get("prediction") or {},
                   optional=tuple(raw.get("optional") or ()), generic=bool(raw.get("generic")),
+                  transformer_only_files=raw.get("single_file") == "transformer-only",
                   **_block_list(raw.get("block_list")))
 
 
