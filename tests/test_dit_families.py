@@ -189,3 +189,25 @@ def test_families_told_apart_by_keys(zoo):
     assert open_model(zoo.single("flux", 1)).family.id == "flux"
     text = render(inspect_model(zoo.single("chroma", 1)))
     assert "Chroma (chroma)" in text and "the transformer alone" in text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_samples_equal_a_fresh_pipeline(zoo, cli, tmp_path, family):
+    """`hubmix samples` with the family's pipeline (ZImagePipeline, Lumina2Pipeline, ChromaPipeline): pixel for
+    pixel what a fresh DiffusionPipeline.from_pretrained renders; model b swapped into the same pipeline gives
+    another image."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    a, b = zoo.diffusers(family, 1), zoo.diffusers(family, 2)
+    code, _, err = cli("samples", a, b, "--prompt", "a cat", "--seed", "7", "--steps", "2", "--size", "32x32", "-q",
+                       "--out", tmp_path / "s")
+    assert code == 0, err
+    images = json.loads((tmp_path / "s" / "samples.json").read_text())["images"]
+    got = [np.asarray(Image.open(tmp_path / "s" / im["file"]).convert("RGB")).astype(int) for im in images]
+    pipe = DiffusionPipeline.from_pretrained(str(a))
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(prompt="a cat", num_inference_steps=2, guidance_scale=images[0]["guidance"], width=32, height=32,
+                generator=torch.Generator("cpu").manual_seed(7)).images[0]
+    assert (got[0] == np.asarray(want).astype(int)).all()
+    assert got[0].std() > 0 and not (got[0] == got[1]).all()

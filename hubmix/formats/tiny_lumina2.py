@@ -17,7 +17,7 @@ def configs() -> dict[str, dict[str, Any]]:
         # head 8 = rotary axes 4 + 2 + 2; feed-forward 4 x 32 rounded to a multiple of 16
         "transformer": dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=3,
                             num_refiner_layers=2, num_attention_heads=4, num_kv_heads=2, multiple_of=16,
-                            cap_feat_dim=32, axes_dim_rope=[4, 2, 2], axes_lens=[64, 32, 32]),
+                            cap_feat_dim=32, axes_dim_rope=[4, 2, 2], axes_lens=[512, 32, 32]),
         "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=8, max_position_embeddings=512),
         "vae": flux(False)["vae"],

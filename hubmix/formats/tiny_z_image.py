@@ -20,7 +20,7 @@ def configs() -> dict[str, dict[str, Any]]:
         # head 16 = rotary axes 4 + 6 + 6; in_channels = the VAE's latent channels (2x2 patches inside)
         "transformer": dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=4, dim=32, n_layers=3,
                             n_refiner_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6],
-                            axes_lens=[64, 32, 32]),
+                            axes_lens=[512, 32, 32]),
         "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=8, max_position_embeddings=512),
         "vae": flux(False)["vae"],

@@ -92,9 +92,9 @@ class Renderer:
             state = self.loaded.get(cname)
             if state is None or state.signature != sig:
                 self.modules[cname] = self._build(spec, subject.configs[cname])
-                self._copy(cname, {k: r.load() for k, r in comp.tensors.items()}, fresh=True)
+                self._copy(cname, _weights(comp), fresh=True)
             elif state.weights != ident:
-                self._copy(cname, {k: r.load() for k, r in comp.tensors.items()})
+                self._copy(cname, _weights(comp))
             self.loaded[cname] = _Loaded(sig, ident)
         for tok, cls in family.tokenizers.items():
             folder = subject.folder / tok
@@ -188,6 +188,16 @@ class Renderer:
         out = self.pipe(prompt=prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                         width=size[0], height=size[1], generator=generator, callback_on_step_end=step_end)
         return out.images[0]
+
+
+def _weights(comp: Any) -> dict[str, torch.Tensor]:
+    """A component's canonical tensors, plus the names the layout repeats (T5's encoder.embed_tokens = shared,
+    a separate parameter in transformers 5's T5EncoderModel)."""
+    tensors = {k: r.load() for k, r in comp.tensors.items()}
+    for name, canon in (comp.keymap.copies if comp.keymap else {}).items():
+        if canon in tensors and name not in tensors:
+            tensors[name] = tensors[canon]
+    return tensors
 
 
 def key_in_module(key: str, own: dict[str, Any]) -> str | None:
