@@ -392,7 +392,7 @@ def bench_family(family: str, args: argparse.Namespace, mecha_py: Path | None, m
     native = native_build_seconds(hub_env, work)
 
     print(f"{family}: hubmix (each run: files never merged before, then the same files again)", flush=True)
-    measure("startup", [], [sys.executable, "-c", "import hubmix.cli, hubmix.merging"])
+    measure("startup", [], [sys.executable, "-c", "import hubmix.cli, hubmix.flow.merging"])
     check = {"ok": False, "same_keys": False, "same_shapes": False, "checked": 0, "mismatched": ["no output"]}
     checks = {}
     for i in range(runs):

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import hubmix
     from hubmix.engine.analysis import render
-    from hubmix.convert import convert
+    from hubmix.flow.convert import convert
     from hubmix.formats.tiny import save_tiny
 
     t0 = time.time()

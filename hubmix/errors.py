@@ -26,3 +26,7 @@ class OutputError(HubmixError):
 
 class HubError(HubmixError):
     """A Hub operation failed: repo, revision or file not found, gated, offline, upload refused."""
+
+
+class Cancelled(HubmixError):
+    """The caller asked a running merge to stop (`hubmix.flow.run.run(cancel=...)`); nothing was written."""

@@ -47,7 +47,7 @@ class Zoo:
         return path
 
     def single(self, family: str = "sd1", seed: int = 1, **kw) -> Path:
-        from hubmix.convert import convert
+        from hubmix.flow.convert import convert
 
         src = self.diffusers(family, seed, **kw)
         path = self.root / f"{src.name}.safetensors"

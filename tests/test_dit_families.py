@@ -18,7 +18,7 @@ from test_merge import np_lossless, np_weighted_sum
 
 import hubmix
 from hubmix import Recipe
-from hubmix.convert import convert
+from hubmix.flow.convert import convert
 from hubmix.formats.model import open_model
 
 FAMILIES = {"z_image": "ZImageTransformer2DModel", "lumina2": "Lumina2Transformer2DModel",
@@ -181,7 +181,7 @@ def test_labels_dry_run_and_label_values(zoo, tmp_path, cli, family):
 
 
 def test_families_told_apart_by_keys(zoo):
-    from hubmix.inspection import inspect_model, render
+    from hubmix.flow.inspection import inspect_model, render
 
     for family in FAMILIES:
         for path in (zoo.diffusers(family, 1), zoo.single(family, 1)):

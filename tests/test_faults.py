@@ -256,10 +256,10 @@ def _weights_hash(path: Path) -> str:
 
 
 def test_disk_full_while_writing_the_sidecar(tmp_path, zoo, cli, monkeypatch):
-    import hubmix.merging
+    import hubmix.flow.merging
 
     a, b = zoo.single("sd1", 1), zoo.single("sd1", 2)
-    monkeypatch.setattr(hubmix.merging, "recipe_yaml", _enospc)
+    monkeypatch.setattr(hubmix.flow.merging, "recipe_yaml", _enospc)
     (tmp_path / "o").mkdir()
     out = tmp_path / "o" / "m.safetensors"
     code, _, err = cli("merge", a, b, "-m", "weighted_sum", "--out", out, "-q")
@@ -421,7 +421,7 @@ def test_a_sidecar_of_other_weights_is_not_theirs(tmp_path, zoo):
 
     import hubmix
     from hubmix import Recipe
-    from hubmix.result import load_result, result_files
+    from hubmix.flow.result import load_result, result_files
 
     inputs = [str(zoo.single("sd1", 1)), str(zoo.single("sd1", 2))]
     for name, alpha in (("m", 0.2), ("n", 0.7)):

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import hubmix
 from hubmix import Recipe
-from hubmix.convert import convert
+from hubmix.flow.convert import convert
 from hubmix.recipe import ComponentRecipe
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
@@ -145,7 +145,7 @@ def test_dev_and_schnell_told_apart(zoo):
             m = open_model(path)
             assert m.family.id == "flux"
             assert m.model_variant == want, path
-    from hubmix.inspection import inspect_model, render
+    from hubmix.flow.inspection import inspect_model, render
 
     info = inspect_model(zoo.single("flux-schnell", 1))
     assert info["variant"] == "schnell" and "FLUX.1 (flux), schnell" in render(info)

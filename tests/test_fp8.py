@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import hubmix
 from hubmix import Recipe
-from hubmix.convert import convert
+from hubmix.flow.convert import convert
 from hubmix.engine.pipeline import Settings
 
 LOSSLESS = {"alpha": 0.9, "beta": 1.1}

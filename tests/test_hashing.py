@@ -34,7 +34,7 @@ def fresh_inputs(zoo, tmp_path, monkeypatch):
 
 
 def test_first_merge_hashes_inputs_from_the_merge_own_mapping(fresh_inputs, tmp_path, monkeypatch):
-    import hubmix.hashing as hashing
+    import hubmix.hub.hashing as hashing
     from hubmix.formats.io.readers import SafetensorsFile
 
     a, b, c = fresh_inputs
@@ -91,7 +91,7 @@ def test_the_cli_hashes_single_files_ahead_through_the_merge_own_mapping(fresh_i
     digests and reads each file through the same mapping (the file opened ahead is the one it merges)."""
     import json
 
-    import hubmix.hashing as hashing
+    import hubmix.hub.hashing as hashing
     from hubmix.formats.io import readers
 
     a, b, c = fresh_inputs
@@ -130,7 +130,7 @@ def test_the_cli_hashes_single_files_ahead_through_the_merge_own_mapping(fresh_i
 
 
 def test_hashes_ahead_that_no_merge_adopts_are_dropped(fresh_inputs, tmp_path, cli):
-    import hubmix.hashing as hashing
+    import hubmix.hub.hashing as hashing
     from hubmix.formats.io import readers
 
     a, b, _ = fresh_inputs

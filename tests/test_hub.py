@@ -177,7 +177,7 @@ def test_merge_push_load_and_card(hub, token, cli, tmp_path, zoo):
             assert sha in text
     assert "| unet | lossless | a, b, c | alpha=1, beta=1 |" in text
     assert (out / "recipe.yaml").read_text().strip() in text  # the canonical recipe verbatim
-    from hubmix.result import recipe_from_card
+    from hubmix.flow.result import recipe_from_card
 
     assert recipe_from_card(text) == recipe  # what reproduce reads when a repo has no recipe.yaml
     assert 'DiffusionPipeline.from_pretrained("user/merge")' in text
@@ -218,7 +218,7 @@ def test_hub_inputs_take_the_sha256_the_hub_records(hub, tmp_path, monkeypatch):
     import dataclasses
 
     import hubmix
-    import hubmix.hashing as hashing
+    import hubmix.hub.hashing as hashing
     from hubmix.hub import resolve
 
     def no_hashing(*args, **kwargs):
@@ -257,7 +257,7 @@ def test_variant_and_shards(hub, tmp_path):
     assert (tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     assert yaml.safe_load((tmp_path / "fp16" / "recipe.yaml").read_text())["variant"] == "fp16"
 
-    from hubmix.convert import convert
+    from hubmix.flow.convert import convert
 
     convert("org/sharded", tmp_path / "sharded.safetensors", to="single-file", quiet=True)
     got = sorted(hub.downloads("org/sharded"))

@@ -260,7 +260,7 @@ def test_hardware_lists_costs(hub, cli):
 def test_vary_points_names_and_errors():
     from hubmix.errors import RecipeError
     from hubmix.recipe import Recipe
-    from hubmix.vary import label_value, parse_vary, plan, point_name, points
+    from hubmix.recipe.vary import label_value, parse_vary, plan, point_name, points
 
     axes = parse_vary(["alpha=0.3,0.5", "--beta=1, 2"])
     assert points(axes) == [{"alpha": 0.3, "beta": 1.0}, {"alpha": 0.3, "beta": 2.0}, {"alpha": 0.5, "beta": 1.0},

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import hubmix
 from hubmix import Recipe
-from hubmix.convert import convert
+from hubmix.flow.convert import convert
 
 PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 FAMILIES = [("sd1", False), ("sd2", False), ("sdxl", False), ("sd1", True)]
@@ -109,7 +109,7 @@ def _strip_hubmix_metadata(src: Path, dst: Path) -> Path:
 def test_configs_inferred_from_shapes_of_a_foreign_file(zoo, tmp_path, family):
     src = zoo.diffusers(family, 1)
     foreign = _strip_hubmix_metadata(zoo.single(family, 1), tmp_path / "foreign.safetensors")
-    from hubmix.inspection import inspect_model
+    from hubmix.flow.inspection import inspect_model
 
     info = inspect_model(foreign)
     assert all(c["config_source"] == "inferred" for c in info["components"].values())

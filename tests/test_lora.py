@@ -11,7 +11,7 @@ from conftest import assert_one_line_error, component_tensors
 from safetensors.torch import load_file, save_file
 
 import lora_files
-from hubmix.hashing import file_sha256
+from hubmix.hub.hashing import file_sha256
 
 COMPONENTS = {"sd1": ["unet", "text_encoder"], "sdxl": ["unet", "text_encoder", "text_encoder_2"]}
 
@@ -56,7 +56,7 @@ def test_baked_lora_equals_diffusers_fuse(zoo, tmp_path, cli, family, kind):
     code, _, err = cli("merge", a, "--method", "copy", "--lora", f"{lora}:0.7", "-o", out, "-q")
     assert code == 0, err
     assert_matches(out, a, fused(a, lora, 0.7), family)
-    from hubmix.result import load_result
+    from hubmix.flow.result import load_result
 
     entry = load_result(out).canonical["loras"]
     assert entry == [{"ref": "lora.safetensors", "sha256": file_sha256(lora), "strength": 0.7}]
@@ -136,7 +136,7 @@ def test_lycoris_refused(zoo, tmp_path, cli, key, fmt):
 def test_lora_from_the_hub_is_pinned_and_hashed(zoo, tmp_path, monkeypatch, cli):
     from hubserver import configure_hf_client, guard_loopback, start_hub_server
 
-    from hubmix.result import load_result
+    from hubmix.flow.result import load_result
 
     a = zoo.diffusers("sd1", 1)
     lora = lora_files.peft(a, tmp_path / "pytorch_lora_weights.safetensors", "sd1", seed=3)

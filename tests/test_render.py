@@ -182,7 +182,7 @@ def test_errors_come_first_in_one_line(zoo, cli, tmp_path):
 
 @pytest.mark.parametrize("layout", ["single-file"])
 def test_single_file_result_keeps_samples_beside(zoo, cli, tmp_path, layout):
-    from hubmix.result import result_files
+    from hubmix.flow.result import result_files
 
     out = tmp_path / "m.safetensors"
     code, _, err = cli("merge", zoo.diffusers("sd1", 1), zoo.diffusers("sd1", 2), "-m", "weighted_sum", "--out", out,
@@ -227,7 +227,7 @@ def test_push_uploads_samples_in_the_one_commit(zoo, cli, tmp_path, monkeypatch)
 def test_vary_names_map_to_recipe_fields():
     from hubmix.errors import RecipeError
     from hubmix.recipe import Recipe
-    from hubmix.vary import Axis, apply as apply_point, parse_vary
+    from hubmix.recipe.vary import Axis, apply as apply_point, parse_vary
 
     assert parse_vary(["beta=0.9,1.1", "OUT00.alpha=2"]) == [Axis("beta", (0.9, 1.1)), Axis("OUT00.alpha", (2.0,))]
     base = Recipe(models=["a", "b", "c"], method="lossless")

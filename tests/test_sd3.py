@@ -13,7 +13,7 @@ from conftest import file_metadata, component_tensors, load_tensors
 
 import hubmix
 from hubmix import Recipe
-from hubmix.convert import convert
+from hubmix.flow.convert import convert
 from hubmix.formats.model import open_model
 
 COMPONENTS = ["transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"]

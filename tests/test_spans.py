@@ -170,7 +170,7 @@ def test_an_in_memory_merge_with_native_kernels_gets_tensors(zoo, tmp_path):
     import hubmix
     from hubmix import Recipe
     from hubmix.engine.pipeline import Settings
-    from hubmix.merging import merge_in_memory
+    from hubmix.flow.merging import merge_in_memory
 
     models = [str(zoo.single("sd1", s, dtype="fp16")) for s in (1, 2, 3)]
     recipe = Recipe(models=models, method="lossless", params={"alpha": 0.9})

@@ -12,7 +12,7 @@ import torch
 from conftest import file_metadata, assert_one_line_error, load_tensors
 
 import hubmix
-from hubmix.convert import convert
+from hubmix.flow.convert import convert
 from hubmix import Recipe
 from hubmix.formats.model import open_model
 

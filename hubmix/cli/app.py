@@ -18,11 +18,19 @@ class _Ctx:
     debug = False
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def cli_help() -> str:
+    """The program's one-line description, naming every family in hubmix/formats/families/ (a new YAML file there
+    appears here)."""
+    from hubmix.formats.families import family_names
+
+    return (f"Merge diffusion models ({', '.join(family_names())}) from the Hub or local files, component by "
+            "component.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, help=cli_help())
 @click.version_option(__version__, prog_name="hubmix")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
-    """Merge diffusion models (SD1.x, SD2.x, SDXL) from the Hub or local files, component by component."""
     _Ctx.debug = debug
 
 

@@ -51,7 +51,7 @@ def _model_override(ctx, param, values):
 def reproduce(source, latest, models, keep, as_json, quiet, workers):
     """Rebuild SOURCE (a Hub repo ORG/NAME[@REVISION], a result folder or file) from its recipe and report, per
     file, whether the sha256 is identical. Exits 1 when any file differs."""
-    from hubmix.reproduce import reproduce as run_reproduce
+    from hubmix.hub.reproduce import reproduce as run_reproduce
 
     if quiet:
         quiet_downloads()

@@ -46,47 +46,41 @@ def check_remote(r: dict[str, Any]) -> bool:
     return True
 
 
-def remote_merge(recipe, r: dict[str, Any], *, push, out, dry, private, branch, create_pr, commit_message, license_,
-                 quiet, save_recipe) -> None:
-    """`merge --remote`: start the job(s), follow them, exit with the job's status."""
-    from hubmix.hub.push import push_target
-    from hubmix.hub.remote import LeftRunning, RemoteOptions, out_name_for, remote_merge as run, remote_sweep
+def remote_options(r: dict[str, Any]):
+    """The --remote options as the flow takes them (flow.run.Remote)."""
+    from hubmix.flow.run import Remote
+
+    return Remote(flavor=r.get("flavor"), timeout=r.get("timeout"), install=r.get("remote_install"),
+                  detach=r.get("detach", False), max_jobs=r.get("max_jobs") or 4,
+                  upload_inputs=r.get("upload_inputs", False), vary=list(r.get("vary") or ()))
+
+
+def finish_remote(call, quiet: bool) -> None:
+    """`merge --remote`, `sweep --remote`: run the flow (`call`, which starts the job(s) and follows them), then
+    print how they ended and exit with the jobs' status."""
     from hubmix.hub.jobs import follow_hint
-
-    if dry:
-        raise click.UsageError("--remote pushes a result; --dry writes none")
-    if save_recipe:
-        raise click.UsageError("--save-recipe: the job writes recipe.yaml into the pushed repo")
-    name = out_name_for(recipe, out)
-    target = push_target(push or None, name[: -len(".safetensors")] if name.endswith(".safetensors") else name)
-    opts = RemoteOptions(flavor=r.get("flavor"), timeout=r.get("timeout"), install=r.get("remote_install"),
-                         detach=r.get("detach", False), max_jobs=r.get("max_jobs") or 4,
-                         upload_inputs=r.get("upload_inputs", False), private=private, branch=branch,
-                         create_pr=create_pr, commit_message=commit_message, license=license_)
-
-    def say(msg: str) -> None:
-        if not quiet:
-            click.echo(msg, err=True)
+    from hubmix.hub.remote import LeftRunning, SweepRun
 
     try:
-        if r.get("vary"):
-            sweep = remote_sweep(recipe, list(r["vary"]), target, name, opts, say=say)
-            for p in sweep.points:
-                o = p.outcome
-                if o is not None and o.stage != "COMPLETED":
-                    for line in o.tail:
-                        click.echo(f"[{p.branch}] {line}", err=True)
-                    click.echo(f"error: {p.branch}: {o.describe()}", err=True)
-            click.echo(sweep.summary_url)
-            sys.exit(sweep.exit_code)
-        run_ = run(recipe, target, name, opts, say=say, on_line=None if quiet else (lambda s: click.echo(s, err=True)))
+        flow = call()
     except LeftRunning as e:
         for job_id in e.job_ids:
             click.echo(f"interrupted: job {job_id} keeps running; {follow_hint(job_id)}", err=True)
         sys.exit(130)
+    run_ = flow.remote
+    if isinstance(run_, SweepRun):
+        for p in run_.points:
+            o = p.outcome
+            if o is not None and o.stage != "COMPLETED":
+                for line in o.tail:
+                    click.echo(f"[{p.branch}] {line}", err=True)
+                click.echo(f"error: {p.branch}: {o.describe()}", err=True)
+        click.echo(run_.summary_url)
+        sys.exit(run_.exit_code)
     if run_.outcome is None:
         click.echo(run_.job_id)
-        say(follow_hint(run_.job_id))
+        if not quiet:
+            click.echo(follow_hint(run_.job_id), err=True)
         return
     _finish(run_.outcome, printed=not quiet)
 

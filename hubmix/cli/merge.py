@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from hubmix.cli.app import cli, parse_components, parse_size, quiet_downloads
-from hubmix.cli.jobs import REMOTE_OPTIONS, check_remote, remote_merge, take_remote
+from hubmix.cli.jobs import REMOTE_OPTIONS, check_remote, finish_remote, remote_options, take_remote
 from hubmix.cli.render import render_spec, sampling_options
 from hubmix.errors import RecipeError
 from hubmix.formats.lora import parse_lora_option
@@ -121,12 +121,12 @@ def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, com
           ema, config_from, prediction_type, overwrite,
           dry, as_json, recipe_file, save_recipe, quiet, workers, device, max_memory, kernels, push, private, branch,
           create_pr, commit_message, license_, samples, plot, sampling, **params):
-    from hubmix import hashing
+    from hubmix.hub import hashing
 
     remote = take_remote(params)
     ahead = models if models and not dry and not remote.get("remote") and recipe_file is None else ()
     with hashing.ahead(ahead):  # local single files hash on the idle core while the merge's imports run
-        from hubmix.merging import merge as run_merge
+        from hubmix.flow.run import OptionsError, RunOptions, run
 
         params = {k: v for k, v in params.items() if v is not None}
         if recipe_file is not None:
@@ -152,106 +152,64 @@ def merge(models, method, block_alpha, block_beta, loras, lora_skip_unknown, com
                             block_lists={k: v for k, v in (("alpha", block_alpha), ("beta", block_beta)) if v},
                             loras=[parse_lora_option(x) for x in loras], lora_skip_unknown=lora_skip_unknown)
             recipe.validate()
-        if check_remote(remote):
-            if samples or plot is not None:
-                raise click.UsageError("--samples and --plot render on this machine; a --remote merge renders nothing "
-                                       "(run `hubmix samples ORG/NAME` on its result)")
-            return remote_merge(recipe, remote, push=push, out=out, dry=dry, private=private, branch=branch,
-                                create_pr=create_pr, commit_message=commit_message, license_=license_, quiet=quiet,
-                                save_recipe=save_recipe)
-        if push is None:
-            given = [n for n, v in (("--private", private), ("--branch", branch), ("--create-pr", create_pr),
-                                    ("--commit-message", commit_message), ("--license", license_)) if v]
-            if given:
-                raise click.UsageError(f"{', '.join(given)} only go with --push")
-        else:
-            if dry:
-                raise click.UsageError("--push uploads a result; --dry writes none")
-            if branch and create_pr:
-                raise click.UsageError("--branch and --create-pr exclude each other")
-            from hubmix.hub.push import default_repo_name, push_target
-
-            target = out if out is not None else (Path(recipe.output) if recipe.output else None)
-            name = default_repo_name(recipe) if target is None else (target.stem if target.suffix == ".safetensors"
-                                                                     else target.name)
-            push = push_target(push or None, name)  # a token and the account, before any long work
-            if target is None:
-                import tempfile
-
-                tmpdir = tempfile.TemporaryDirectory(prefix="hubmix-push-")
-                click.get_current_context().call_on_close(tmpdir.cleanup)
-                out = Path(tmpdir.name) / name
-        if dry and (samples or plot == ""):
-            raise click.UsageError("--dry writes nothing: --plot needs a FILE.png there, and --samples a merge")
-        spec = render_spec(sampling, device=device, quiet=quiet) if samples else None
-        if spec:
-            spec.check()  # before the merge
+        remote_on = check_remote(remote)
+        options = RunOptions(out=out, overwrite=overwrite, dry=dry, workers=workers, max_memory=max_memory,
+                             device=device, kernels=kernels, quiet=quiet, push=push, private=private, branch=branch,
+                             create_pr=create_pr, commit_message=commit_message, license=license_,
+                             samples=render_spec(sampling, device=device, quiet=quiet) if samples else None,
+                             plot=plot, save_recipe=save_recipe, remote=remote_options(remote) if remote_on else None)
+        try:
+            options.check()
+        except OptionsError as e:
+            raise click.UsageError(str(e)) from None
         if quiet:
             quiet_downloads()
-        from hubmix.engine.pipeline import Settings
+        if remote_on:
+            return finish_remote(lambda: run(recipe, options, log=_log(quiet, False)), quiet)
+        flow = run(recipe, options, log=_log(quiet, as_json))
+        _print(flow, recipe, quiet=quiet, as_json=as_json)
 
-        settings = Settings(workers=workers, max_memory=max_memory, device=device, kernels=kernels, quiet=quiet)
-        result = run_merge(recipe, out=out, overwrite=overwrite, dry=dry, settings=settings)
-        for line in result.summary.events.get("nonfinite", []):  # even with -q: the output may be broken
-            click.echo(f"warning: {line}", err=True)
-        if save_recipe:  # only for a merge that ran
-            try:
-                save_recipe.write_text(recipe.to_yaml())
-            except OSError as e:
-                raise RecipeError(f"{save_recipe}: cannot write the recipe ({e.strerror})") from None
-        if dry:
-            from hubmix.engine.analysis import render
 
-            if plot:
-                from hubmix.render.plot import save_plot
+def _log(quiet: bool, as_json: bool):
+    """The flow's messages on stderr: warnings always, the rest unless -q (or --json, for what precedes a push)."""
+    def log(level: str, text: str) -> None:
+        if level == "warning":
+            click.echo(f"warning: {text}", err=True)
+        elif level == "line" or not (quiet or as_json):
+            click.echo(text, err=True)
+    return log
 
-                save_plot(result.report or {}, plot, f"{recipe.method}: inputs against a")
-            if as_json:
-                click.echo(json.dumps({"family": result.family.id, "models": _legend(recipe), "report": result.report,
-                                       "summary": result.summary.to_dict()}, indent=2))
-            else:
-                click.echo("\n".join(f"{k}: {v}" for k, v in _legend(recipe).items()))
-                click.echo(render(result.report or {}))
-                if not quiet:
-                    click.echo(result.summary.render(), err=True)
-            return
-        if samples or plot is not None:
-            from hubmix.render.samples import add_samples
 
-            where = add_samples(result, recipe, spec, settings=settings, plot=True)
-            if plot:
-                import shutil
+def _print(flow, recipe: Recipe, *, quiet: bool, as_json: bool) -> None:
+    """What `merge` prints once the flow is done: the dry run's report, or the result (and where it was pushed)."""
+    result, pushed = flow.merge, flow.push
+    if result.output is None:  # a dry run
+        from hubmix.engine.analysis import render
 
-                shutil.copyfile(where / "similarity.png", plot)
-        pushed = None
-        if push is not None:
-            from hubmix.hub.card import write_card
-            from hubmix.hub.push import push as run_push
-
-            if not quiet and not as_json:
-                click.echo(result.summary.render(), err=True)
-                click.echo(f"wrote {result.output} ({result.layout}, {result.family.name}); pushing to {push}",
-                           err=True)
-            card = write_card(result.output, repo_id=push, license=license_, revision=branch)
-            pushed = run_push(result.output, push, card, private=private, branch=branch, create_pr=create_pr,
-                              commit_message=commit_message)
-            for w in pushed.warnings:
-                click.echo(f"warning: {w}", err=True)
         if as_json:
-            info = {"output": str(result.output), "layout": result.layout, "recipe_sha256": result.recipe_sha256,
-                    "files": [str(f) for f in result.files], "summary": result.summary.to_dict(),
-                    "engine": result.engine}
-            if pushed is not None:
-                info["push"] = {"repo_id": pushed.repo_id, "commit_url": pushed.commit_url, "revision": pushed.revision,
-                                "pr_url": pushed.pr_url, "files": pushed.files}
-            click.echo(json.dumps(info, indent=2))
-        elif pushed is not None:
-            if pushed.pr_url:
-                click.echo(f"opened {pushed.pr_url}", err=True)
-            click.echo(pushed.commit_url)
-        elif not quiet:
-            click.echo(result.summary.render(), err=True)
-            click.echo(f"wrote {result.output} ({result.layout}, {result.family.name})", err=True)
+            click.echo(json.dumps({"family": result.family.id, "models": _legend(recipe), "report": result.report,
+                                   "summary": result.summary.to_dict()}, indent=2))
+        else:
+            click.echo("\n".join(f"{k}: {v}" for k, v in _legend(recipe).items()))
+            click.echo(render(result.report or {}))
+            if not quiet:
+                click.echo(result.summary.render(), err=True)
+        return
+    if as_json:
+        info = {"output": str(result.output), "layout": result.layout, "recipe_sha256": result.recipe_sha256,
+                "files": [str(f) for f in result.files], "summary": result.summary.to_dict(),
+                "engine": result.engine}
+        if pushed is not None:
+            info["push"] = {"repo_id": pushed.repo_id, "commit_url": pushed.commit_url, "revision": pushed.revision,
+                            "pr_url": pushed.pr_url, "files": pushed.files}
+        click.echo(json.dumps(info, indent=2))
+    elif pushed is not None:
+        if pushed.pr_url:
+            click.echo(f"opened {pushed.pr_url}", err=True)
+        click.echo(pushed.commit_url)
+    elif not quiet:
+        click.echo(result.summary.render(), err=True)
+        click.echo(f"wrote {result.output} ({result.layout}, {result.family.name})", err=True)
 
 
 def _legend(recipe: Recipe) -> dict[str, str]:

@@ -27,7 +27,7 @@ from hubmix.recipe import DTYPES, LAYOUTS
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def convert(src, to, out, config_from, dtype, variant, ema, prediction_type, overwrite, quiet):
     """Change SRC's layout (diffusers folder <-> original single file) or dtype, tensors unchanged."""
-    from hubmix.convert import convert as run_convert
+    from hubmix.flow.convert import convert as run_convert
 
     result = run_convert(src, out, to=to, dtype=dtype, config_from=config_from, ema=ema, variant=variant,
                          prediction_type=prediction_type, overwrite=overwrite, quiet=quiet)
@@ -42,7 +42,7 @@ def convert(src, to, out, config_from, dtype, variant, ema, prediction_type, ove
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect(src, variant, as_json):
     """Family, layout, components, dtypes, sizes and the recipe a model was made with."""
-    from hubmix.inspection import inspect_model, render
+    from hubmix.flow.inspection import inspect_model, render
 
     info = inspect_model(src, variant=variant)
     click.echo(json.dumps(info, indent=2) if as_json else render(info))

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from hubmix.cli.app import cli, parse_components, quiet_downloads
-from hubmix.cli.jobs import JOB_OPTIONS, check_remote, remote_merge
+from hubmix.cli.jobs import JOB_OPTIONS, check_remote, finish_remote, remote_options
 from hubmix.hub.refs import REF_RULE
 
 _KEYS = ("prompts", "seeds", "negative_prompt", "steps", "size", "guidance")
@@ -142,9 +142,11 @@ def sweep(models, method, vary, params, components, merge_dtype, recipe_file, sa
             raise click.UsageError("--remote pushes each point to a branch of --push ORG/NAME; drop --out")
         if not vary:
             raise click.UsageError("--vary NAME=V1,V2,... says what the sweep varies")
-        return remote_merge(recipe, {**remote, "vary": list(vary)}, push=push, out=None, dry=False, private=private,
-                            branch=None, create_pr=False, commit_message=None, license_=None, quiet=quiet,
-                            save_recipe=None)
+        from hubmix.flow.run import RunOptions, run
+
+        options = RunOptions(push=push, private=private, quiet=quiet,
+                             remote=remote_options({**remote, "vary": list(vary)}))
+        return finish_remote(lambda: run(recipe, options, log=lambda _, text: click.echo(text, err=True)), quiet)
     if push or private:
         raise click.UsageError("--push and --private only go with --remote (a local sweep writes no model)")
     if out is None:

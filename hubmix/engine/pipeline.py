@@ -46,6 +46,8 @@ class Settings:
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     kernels: str = "auto"  # auto, native, compile, eager (hubmix.kernels)
     quiet: bool = False
+    progress: Callable[[int, int], None] | None = None  # (bytes written, bytes in all), from the writer thread
+    cancel: threading.Event | None = None  # set: stop between chunks and raise errors.Cancelled
 
 
 def default_workers() -> int:
@@ -104,11 +106,14 @@ def run(jobs: list[Job], consume: Callable[[Job, list[torch.Tensor]], None], *, 
 
 def run_merge(jobs: list[Job], write: Callable[[Job, Any], None], kernels: Kernels, *, workers: int,
               desc: str = "merging", quiet: bool = False,
-              nonfinite: Callable[[Job, list[int]], None] | None = None, spans: bool = False) -> None:
+              nonfinite: Callable[[Job, list[int]], None] | None = None, spans: bool = False,
+              progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None) -> None:
     """Compute every job's output chunk and write it: compute on the workers, writes on a background thread.
     Native kernels write into output buffers that circulate between the two (a fresh buffer per chunk would cost
     a page fault per 4 KB of output). `nonfinite(job, counts)` hears of inputs with NaN/inf elements. With
-    `spans`, every task must be `span_ready`: views, buffers and results are spans, and torch is not used."""
+    `spans`, every task must be `span_ready`: views, buffers and results are spans, and torch is not used.
+    `progress(done, total)` hears of every chunk written; `cancel`, once set, stops the loop between chunks and
+    raises errors.Cancelled (the caller aborts its output)."""
     free: list[Any] = []  # list.pop/append are atomic: no lock needed
     size = max((j.out_nbytes for j in jobs), default=0)  # chunks are bounded by the budget, whole tasks are small
 
@@ -140,7 +145,7 @@ def run_merge(jobs: list[Job], write: Callable[[Job, Any], None], kernels: Kerne
         return finish
 
     _pipeline(jobs, produce, workers=workers, desc=desc, quiet=quiet, in_flight=None, prefetch_views=True,
-              stats=True, spans=spans)
+              stats=True, spans=spans, progress=progress, cancel=cancel)
 
 
 def _torch_buffer(size: int) -> torch.Tensor:
@@ -150,15 +155,20 @@ def _torch_buffer(size: int) -> torch.Tensor:
 
 
 def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool, in_flight: int | None,
-              prefetch_views: bool, stats: bool = False, spans: bool = False) -> None:
+              prefetch_views: bool, stats: bool = False, spans: bool = False,
+              progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None) -> None:
     """prefetcher -> `workers` compute threads -> one writer thread, with at most `in_flight` jobs between the
-    first and the last stage."""
+    first and the last stage. `cancel` is looked at before each chunk is read and before each is written."""
     in_flight = in_flight or 2 * workers + 2
     total = sum(j.out_nbytes for j in jobs)
     slots = threading.Semaphore(in_flight)
     done_q: queue.Queue = queue.Queue()
     errors: list[BaseException] = []
     stop = threading.Event()
+    written = [0]
+
+    def halted() -> bool:  # an error, or the caller's cancel: every stage stops
+        return stop.is_set() or (cancel is not None and cancel.is_set())
 
     def writer() -> None:
         while True:
@@ -167,9 +177,12 @@ def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool,
                 return
             job, finish = item
             try:
-                if not stop.is_set():
+                if not halted():
                     finish()
                     bar.update(job.out_nbytes)
+                    written[0] += job.out_nbytes
+                    if progress is not None:
+                        progress(written[0], total)
             except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
                 errors.append(e)
                 stop.set()
@@ -178,7 +191,7 @@ def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool,
 
     def work(job: Job, views: list[torch.Tensor]) -> None:
         try:
-            if not stop.is_set():
+            if not halted():
                 done_q.put((job, produce(job, views)))
                 return
         except BaseException as e:  # noqa: BLE001
@@ -200,9 +213,9 @@ def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool,
                     if stats and needs_stats(job.task):
                         task_stats(job.task, by_task[id(job.task)], pool.submit)
                     while not slots.acquire(timeout=0.1):
-                        if stop.is_set():
+                        if halted():
                             break
-                    if stop.is_set():
+                    if halted():
                         break
                     views = load_views(job, spans)
                     if prefetch_views:
@@ -216,3 +229,7 @@ def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool,
             wthread.join()
     if errors:
         raise errors[0]
+    if cancel is not None and cancel.is_set():
+        from hubmix.errors import Cancelled
+
+        raise Cancelled(f"{desc}: cancelled after {written[0]} of {total} bytes")

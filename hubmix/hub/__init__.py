@@ -1,6 +1,7 @@
 """Everything that talks to the Hugging Face Hub: model references (`refs`), the client and its one-line errors
-(`client`), resolving inputs to pinned local files (`resolve`), the model card (`card`) and the one-commit push
-(`push`). Nothing here imports the merge flow; `publish` writes a result's card and pushes it."""
+(`client`), resolving inputs to pinned local files (`resolve`), input sha256s (`hashing`), the model card (`card`),
+the one-commit push (`push`), remote jobs (`jobs`, `remote`) and `reproduce`, which reruns a result's recipe. Only
+`reproduce` imports the merge flow; `publish` writes a result's card and pushes it."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any
 from hubmix.formats.families import get_family
 from hubmix.methods import get_method
 from hubmix.recipe import model_entry, recipe_hash
-from hubmix.result import RECIPE_MARK, Result, load_result, samples_dir
+from hubmix.flow.result import RECIPE_MARK, Result, load_result, samples_dir
 
 TORCH_DTYPE = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
 

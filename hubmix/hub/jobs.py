@@ -22,7 +22,7 @@ from hubmix.errors import HubError, InputError
 from hubmix.hub.client import LOGIN_HINT, api, endpoint, hub_error, one_line
 from hubmix.hub.refs import parse_ref
 from hubmix.recipe import Recipe, model_entry
-from hubmix.vary import label_value
+from hubmix.recipe.vary import label_value
 
 DEFAULT_IMAGE = "pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime"  # torch preinstalled: pip adds hubmix only
 DEFAULT_FLAVOR = "cpu-basic"
@@ -171,6 +171,7 @@ def build_spec(recipe: Recipe, repo_id: str, out_name: str, *, mounts: dict[str,
     recipe_dict = recipe.to_dict()
     recipe_dict.pop("output", None)
     env = {"HUBMIX_RECIPE": _yaml(recipe_dict), "HUBMIX_MOUNTS": json.dumps(mounts, sort_keys=True),
+           "HUBMIX_PUSH": json.dumps({"repo": repo_id, "branch": branch, "create_pr": create_pr}, sort_keys=True),
            "HUBMIX_INSTALL": install, "HUBMIX_JOB_IMAGE": image, "HUBMIX_JOB_FLAVOR": flavor,
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if endpoint().rstrip("/") != DEFAULT_ENDPOINT:
@@ -286,7 +287,8 @@ def follow(job_id: str, *, on_line: Callable[[str], None] | None = None, poll: f
     while info.status.stage not in TERMINAL:  # the stage lags the last log line a little
         time.sleep(poll)
         info = inspect(job_id)
-    return Outcome(f"{info.owner.name}/{info.id}", info.url, info.status.stage, info.status.message, commit, tail)
+    return Outcome(f"{info.owner.name}/{info.id}", info.url, info.status.stage, info.status.message,
+                   commit or _pushed_head(info), tail)
 
 
 def outcome(job_id: str, keep: int = 20) -> Outcome:
@@ -295,8 +297,26 @@ def outcome(job_id: str, keep: int = 20) -> Outcome:
     lines = list(logs(job_id)) if info.status.stage in TERMINAL else []
     commits = [u for line in lines for u in COMMIT_URL.findall(line)]
     return Outcome(f"{info.owner.name}/{info.id}", info.url, info.status.stage, info.status.message,
-                   commits[-1] if commits else None,
-                   lines[-keep:])
+                   commits[-1] if commits else _pushed_head(info), lines[-keep:])
+
+
+def _pushed_head(info: Any) -> str | None:
+    """A COMPLETED job whose log stream lost the commit line (a dropped connection, a truncated log): the commit URL
+    of the head of the branch it pushed to, asked of the Hub. None for other stages, for a pull request (its ref is
+    not known here) and when the Hub cannot say."""
+    if info.status.stage != "COMPLETED":
+        return None
+    try:
+        push = json.loads((info.environment or {}).get("HUBMIX_PUSH") or "null")
+    except ValueError:
+        return None
+    if not isinstance(push, dict) or not push.get("repo") or push.get("create_pr"):
+        return None
+    try:
+        sha = api().model_info(push["repo"], revision=push.get("branch") or None).sha
+    except Exception:  # noqa: BLE001 - the caller then reports the job as it did without a commit
+        return None
+    return f"{endpoint().rstrip('/')}/{push['repo']}/commit/{sha}" if sha else None
 
 
 def follow_hint(job_id: str) -> str:

@@ -15,7 +15,7 @@ from hubmix.errors import HubError, InputError
 from hubmix.hub.client import LOGIN_HINT, api, endpoint, has_token, hub_error, one_line
 from hubmix.hub.refs import ModelRef, parse_ref
 from hubmix.recipe import Recipe
-from hubmix.result import result_files
+from hubmix.flow.result import result_files
 
 
 def default_repo_name(recipe: Recipe) -> str:

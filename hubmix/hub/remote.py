@@ -14,7 +14,7 @@ from hubmix.hub import jobs
 from hubmix.hub.client import api, endpoint, hub_error
 from hubmix.hub.refs import parse_ref
 from hubmix.recipe import Recipe, model_entry
-from hubmix.vary import label_value, plan, point_name
+from hubmix.recipe.vary import label_value, plan, point_name
 
 Say = Callable[[str], None]
 POLL_SECONDS = 2.0  # how often a sweep asks each running job's stage
@@ -159,7 +159,7 @@ def remote_sweep(recipe: Recipe, vary: list[str], repo_id: str, out_name: str, o
         api().create_repo(repo_id, private=opts.private, exist_ok=True)  # before the jobs, which push in parallel
     except Exception as e:  # noqa: BLE001
         raise hub_error(e, repo_id, action="creating the repo") from None
-    from hubmix.vary import apply
+    from hubmix.recipe.vary import apply
 
     run = SweepRun(repo_id, [PointRun(p, point_name(p)) for p, _ in points])
     queue, running = list(run.points), []

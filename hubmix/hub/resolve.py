@@ -22,7 +22,7 @@ from hubmix import __version__
 from hubmix.cache import cache_root, write_atomically
 from hubmix.errors import HubError, InputError
 from hubmix.formats.families import all_component_names, weight_stem
-from hubmix.hashing import record_known
+from hubmix.hub.hashing import record_known
 from hubmix.formats.model import choose_weights, component_name_ok, index_shards
 from hubmix.hub.client import api, endpoint, hub_error, is_network, is_offline, one_line
 from hubmix.hub.mounts import card_license, listing, mounted
@@ -398,7 +398,7 @@ def fetch_result(text: str) -> RemoteResult:
         body = _fetch(state, name).read_text(encoding="utf-8")
         if name != "README.md":
             return RemoteResult(repo, state.sha, files, name, body)
-        from hubmix.result import recipe_from_card
+        from hubmix.flow.result import recipe_from_card
 
         if recipe_from_card(body) is not None:
             return RemoteResult(repo, state.sha, files, name, body)

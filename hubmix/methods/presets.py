@@ -3,7 +3,7 @@
 A list holds one value per block in the A1111/supermerger order: BASE, IN00.., M00, OUT00.. (26 values for SD1.x
 and SD2.x, 20 for SDXL). The presets are supermerger's published ones (block_presets.yaml, 26 values); for SDXL
 they keep the values of the blocks SDXL has, as supermerger does. Parsing needs no torch and no family; the count
-is checked against the inputs' family when the list is expanded (hubmix.blockweights).
+is checked against the inputs' family when the list is expanded (hubmix.recipe.blocks).
 """
 
 from __future__ import annotations

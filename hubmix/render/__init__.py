@@ -1,4 +1,5 @@
 """See what you merged: sample images rendered with diffusers under fixed conventions (`samples`), parameter sweeps
 rendered from merged weights held in memory (`sweep`), labelled grids (`grid`) and the dry-run plot (`plot`).
 
-Rendering sits above the merge flow: it imports merging, engine and hub; none of them imports it."""
+Rendering sits beside the merge flow: it imports flow.merging, engine and hub; of the flow, only `flow.run` (samples
+after a merge) imports it."""

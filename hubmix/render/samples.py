@@ -14,8 +14,8 @@ from typing import Any, Callable
 from hubmix.errors import InputError
 from hubmix.formats.families import all_component_names
 from hubmix.formats.model import open_model
-from hubmix.merging import resolve_local
-from hubmix.outputs import config_source, output_configs
+from hubmix.flow.merging import resolve_local
+from hubmix.flow.outputs import config_source, output_configs
 from hubmix.recipe import ComponentRecipe, Recipe, letter, model_entry
 from hubmix.render.spec import RenderError, RenderSpec
 
@@ -191,9 +191,9 @@ def render_samples(models: list[str | Path], spec: RenderSpec, out: str | Path, 
 def add_samples(result: Any, recipe: Recipe, spec: RenderSpec | None, *, plot: bool = True, settings: Any = None,
                 resolver: Any = resolve_local) -> Path:
     """After a merge: render its inputs and the result into the result's samples folder (replaced), with the
-    dry-run plot as `similarity.png` (`spec` None: the plot only). `result` is a MergeResult (hubmix.merging)."""
+    dry-run plot as `similarity.png` (`spec` None: the plot only). `result` is a MergeResult (hubmix.flow.merging)."""
     from hubmix.engine.target import atomic_target
-    from hubmix.result import samples_dir
+    from hubmix.flow.result import samples_dir
 
     target = samples_dir(result.output)
     images: list[Image] = []
@@ -210,7 +210,7 @@ def add_samples(result: Any, recipe: Recipe, spec: RenderSpec | None, *, plot: b
                                     else {})
         extra: dict[str, Any] = {}
         if plot:
-            from hubmix.merging import merge
+            from hubmix.flow.merging import merge
             from hubmix.render.plot import save_plot
 
             dry = merge(recipe, dry=True, settings=settings, resolver=resolver)

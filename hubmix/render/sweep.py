@@ -20,9 +20,9 @@ from typing import Any
 from hubmix.errors import RecipeError
 from hubmix.engine.plan import plan_merge
 from hubmix.formats.model import check_same_family
-from hubmix.merging import merge, merge_in_memory, open_inputs, resolve_local
+from hubmix.flow.merging import merge, merge_in_memory, open_inputs, resolve_local
 from hubmix.recipe import Recipe
-from hubmix.vary import apply as apply_point, parse_vary, points as vary_points
+from hubmix.recipe.vary import apply as apply_point, parse_vary, points as vary_points
 from hubmix.render.samples import open_subjects, render_grid_of, resolve_for_render, write_index
 from hubmix.render.spec import RenderSpec
 
@@ -52,7 +52,7 @@ def sweep(recipe: Recipe, vary: list[str], spec: RenderSpec, out: str | Path, *,
     if not vary:
         raise RecipeError("--vary: give at least one NAME=V1,V2,... (e.g. --vary alpha=0.9,1.0,1.1)")
     axes = parse_vary(vary)
-    points = vary_points(axes)  # the grammar `merge --vary --remote` shares (hubmix.vary)
+    points = vary_points(axes)  # the grammar `merge --vary --remote` shares (hubmix.recipe.vary)
     recipes = [apply_point(recipe, p) for p in points]
     out = Path(out)
     check_target(out, overwrite)

@@ -164,6 +164,23 @@ def generic_family() -> Family:
     return next(f for f in _all_families().values() if f.generic)
 
 
+def family_names(short: bool = True) -> list[str]:
+    """Every family's name, in file order, from the `name:` line of its YAML file alone (`hubmix --help` shows them
+    and must stay cheap); `short` writes "Stable Diffusion XL" as "SDXL"."""
+    names = []
+    for path in sorted(HERE.glob("*.yaml")):
+        if path.name == "layouts.yaml":
+            continue
+        lines = path.read_text().splitlines()
+        if "generic: true" in lines:  # the key-by-key "family" is no family a user names
+            continue
+        line = next((ln for ln in lines if ln.startswith("name:")), None)
+        if line is not None:
+            name = str(yaml.safe_load(line)["name"])
+            names.append(name.replace("Stable Diffusion ", "SD") if short else name)
+    return names
+
+
 @cache
 def layouts() -> dict[str, dict[str, Any]]:
     return _data(HERE / "layouts.yaml")

@@ -16,6 +16,7 @@ import re
 import struct
 import threading
 import weakref
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,7 +299,9 @@ class TorchPickleFile(WeightFile):
 
         for use_mmap in (True, False):
             try:
-                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=use_mmap)
+                with warnings.catch_warnings():  # a damaged file's random "protocol 122": the error says enough
+                    warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                    return torch.load(self.path, map_location="cpu", weights_only=True, mmap=use_mmap)
             except pickle.UnpicklingError as e:
                 reason = _refusal_reason(str(e))
                 if not _is_pickle(self.path):  # not a pickle at all, or a damaged one
@@ -314,6 +317,10 @@ class TorchPickleFile(WeightFile):
                 raise InputError(f"{self.path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
             except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
                 raise InputError(f"{self.path}: not a readable torch checkpoint, corrupt or truncated ({e})") from None
+            except Exception as e:  # noqa: BLE001 - damaged bytes reach the unpickler's internals (KeyError, ...)
+                why = (str(e).splitlines() or [""])[0][:120]
+                raise InputError(f"{self.path}: not a readable torch checkpoint, corrupt or truncated "
+                                 f"({type(e).__name__}{': ' + why if why else ''})") from None
         raise AssertionError("unreachable")
 
     def tensor(self, key: str) -> torch.Tensor:

@@ -46,7 +46,7 @@ def inspect_model(path: str | Path, *, variant: str | None = None) -> dict[str, 
 
 
 def _embedded_recipe(m) -> dict[str, Any] | None:
-    from hubmix.result import load_result
+    from hubmix.flow.result import load_result
     from hubmix.errors import InputError
 
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from hubmix.errors import InputError
-from hubmix.hashing import file_sha256
+from hubmix.hub.hashing import file_sha256
 from hubmix.recipe import Recipe, letter, model_entry, recipe_hash
 from hubmix.hub.refs import ModelRef, parse_hub_ref, parse_ref
 
@@ -109,7 +109,7 @@ def _git_blob_id(path: Path) -> str:
 
 def _files(root: Path) -> dict[str, Path]:
     """A result's files by the path they have in a repo (what a push uploads), the card left out."""
-    from hubmix.result import result_files
+    from hubmix.flow.result import result_files
 
     return {k: v for k, v in result_files(root).items() if _compared(k)}
 
@@ -148,9 +148,9 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
     a newer input revision shows. `models`: {name: path} for inputs that were local files (or to replace any
     input). `keep`: a folder to keep the rebuild in, under its original name (default: a temporary one, removed).
     """
-    from hubmix.result import recipe_from_card
-    from hubmix.result import load_result
-    from hubmix.merging import merge, resolve_local
+    from hubmix.flow.result import recipe_from_card
+    from hubmix.flow.result import load_result
+    from hubmix.flow.merging import merge, resolve_local
 
     text = str(source)
     r = parse_ref(text)

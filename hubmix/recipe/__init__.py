@@ -78,7 +78,7 @@ class Recipe:
     family: str | None = None  # when set (canonical recipes), the inputs must be of this family
     source: str = "arguments"  # where the recipe came from, for messages
     # A1111/supermerger block lists by parameter name ({"alpha": "GRAD_V" or [26 numbers]}); merging expands them
-    # into per-component and per-block parameters once the family is known (hubmix.blockweights)
+    # into per-component and per-block parameters once the family is known (hubmix.recipe.blocks)
     block_lists: dict[str, Any] = field(default_factory=dict)
     loras: list[Any] = field(default_factory=list)  # LoRAs baked into the result (hubmix.loras.lora_entry)
     lora_skip_unknown: bool = False  # LoRA keys that match no tensor are listed instead of failing the merge

@@ -13,19 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hubmix.blockweights import expand_block_lists
-from hubmix.lorabake import attach_loras
+from hubmix.recipe.blocks import expand_block_lists
+from hubmix.lora.bake import attach_loras
 from hubmix.engine import pipeline as engine
 from hubmix.engine.chunk import span_ready
 from hubmix.cache import write_new
 from hubmix.engine.devices import device_budget, plain_cpu, resolve_device
-from hubmix.errors import InputError, RecipeError
+from hubmix.errors import Cancelled, InputError, RecipeError
 from hubmix.formats.families import Family
 from hubmix.formats.generic import check_same_keys
-from hubmix.hashing import input_hashes
+from hubmix.hub.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
-from hubmix.outputs import (choose_prediction, config_source, file_metadata, output_configs,
-                            plan_outputs)
+from hubmix.flow.outputs import (choose_prediction, config_source, file_metadata, output_configs,
+                                 plan_outputs)
 from hubmix.formats.model import LocalModel, check_same_family, open_model
 from hubmix.engine.target import atomic_target, check_target
 from hubmix.engine.plan import Summary, Task, plan_merge
@@ -191,7 +191,8 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
         with contextlib.nullcontext() if spans else engine.parallel_across_chunks(workers):
             kernels.start(list(signatures.values()))
             engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
-                             quiet=settings.quiet, nonfinite=counter, spans=spans)
+                             quiet=settings.quiet, nonfinite=counter, spans=spans, progress=settings.progress,
+                             cancel=settings.cancel)
     finally:
         kernels.close()
     for (component, i), (n, keys) in sorted(bad.items()):
@@ -231,7 +232,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
           quiet: bool = False, workers: int | None = None, settings: engine.Settings | None = None,
           resolver: Resolver = resolve_local) -> MergeResult:
     """Merge as `recipe` says; write to `out` (or recipe.output). With dry=True, only analyze.
-    `settings` chooses device, memory budget, workers and fused kernels (engine.Settings)."""
+    `settings` chooses device, memory budget, workers and fused kernels (engine.Settings), and carries the progress
+    callback and the cancel event (a cancelled merge raises errors.Cancelled and leaves `out` as it was)."""
     settings = settings or engine.Settings()
     settings.quiet = settings.quiet or quiet
     if workers:
@@ -281,7 +283,13 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
                 assert f.writer is not None
                 f.writer.set_metadata({**f.metadata, **{k: final[k] for k in ("hubmix.recipe",
                                                                                 "hubmix.recipe_sha256")}})
+            if settings.cancel is not None and settings.cancel.is_set():  # set after the last chunk: still honoured
+                raise Cancelled(f"{recipe.method}: cancelled")
             router.finish()
+        except Cancelled as e:
+            hashes.cancel()
+            router.abort()
+            raise Cancelled(f"{target}: {e}; nothing was written") from None
         except BaseException:
             hashes.cancel()
             router.abort()

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from hubmix.formats.families import all_component_names
-from hubmix.merging import MergeResult, merge
+from hubmix.flow.merging import MergeResult, merge
 from hubmix.recipe import ComponentRecipe, Recipe
 
 

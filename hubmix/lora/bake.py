@@ -14,7 +14,7 @@ from hubmix.engine.plan import Summary, Task
 from hubmix.errors import InputError
 from hubmix.formats.lora import LoraModule, read_lora
 from hubmix.formats.model import LocalModel
-from hubmix.hashing import file_sha256
+from hubmix.hub.hashing import file_sha256
 from hubmix.recipe import Recipe
 
 

@@ -1,0 +1,1 @@
+"""LoRAs on the engine's streaming: baked into a merge's tensors as they stream (`bake`)."""
