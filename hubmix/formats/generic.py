@@ -13,7 +13,7 @@ import fnmatch
 from pathlib import Path
 
 from hubmix.errors import FamilyError, InputError
-from hubmix.formats.families import families, generic_family
+from hubmix.formats.families import families
 
 
 def near_family(keys: dict[str, int]) -> tuple[str, str, str] | None:
@@ -44,22 +44,6 @@ def generic_allowed(path: Path, keys: dict[str, int]) -> bool:
         raise FamilyError(f"{path}: has {name} keys ({have}) but none matching {lack}: a damaged or partial {name} "
                           "file; refused (not merged key by key)")
     return True
-
-
-def open_generic(f, path: Path):
-    """A LocalModel of the generic family: every key of `f` in the one component, as stored."""
-    from hubmix.formats.layouts import KeyMap
-    from hubmix.formats.model import Component, LocalModel, TensorRef
-    from hubmix.formats.prediction import from_single_file
-
-    family = generic_family()
-    spec = family.components[family.main]
-    comp = Component(spec.name, spec, {}, {}, "keys", keymap=KeyMap(spec, {}))
-    for k in f.keys():
-        info = f.info(k)
-        comp.tensors[k] = TensorRef(info.dtype_name, info.shape, f, k)
-    return LocalModel(path, "single-file", family, {spec.name: comp}, [path], metadata=dict(f.metadata),
-                      prediction=from_single_file(f.keys(), f.metadata, None))
 
 
 def check_same_keys(models) -> None:

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable
 from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
 from hubmix.formats.families import (ComponentSpec, Family, all_component_names, detect_family, detect_main_only,
-                                     families, get_family, weight_stem)
-from hubmix.formats.generic import generic_allowed, open_generic
+                                     families, generic_family, get_family, weight_stem)
+from hubmix.formats.generic import generic_allowed
 from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file, read_regular
 from hubmix.formats.io.span import Span
 from hubmix.formats.layouts import COPYING, KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
@@ -309,7 +309,7 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
     ndims = {k: len(f.info(k).shape) for k in f.keys()}
     if not any(fam.matches("single-file", ndims) for fam in families().values()) and \
             detect_main_only(ndims) is None and generic_allowed(path, ndims):
-        return open_generic(f, path)  # no family's keys: any architecture, key by key
+        return _open_generic(f, path)  # no family's keys: any architecture, key by key
     family = detect_family("single-file", ndims, str(path))
     only = None if family.matches("single-file", ndims) else detect_main_only(ndims)
     if only is not None:  # the main component alone, bare or under its prefix: read it under its own prefix
@@ -360,6 +360,18 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
         model.family = get_family(family.id)
     model.inpainting = _is_inpainting(model)
     return model
+
+
+def _open_generic(f: WeightFile, path: Path) -> LocalModel:
+    """The generic family (formats/generic.py): every key of `f` in the one component, as stored."""
+    family = generic_family()
+    spec = family.components[family.main]
+    comp = Component(spec.name, spec, {}, {}, "keys", keymap=KeyMap(spec, {}))
+    for k in f.keys():
+        info = f.info(k)
+        comp.tensors[k] = TensorRef(info.dtype_name, info.shape, f, k)
+    return LocalModel(path, "single-file", family, {spec.name: comp}, [path], metadata=dict(f.metadata),
+                      prediction=from_single_file(f.keys(), f.metadata, None))
 
 
 def _ref(f: WeightFile, key: str, place: Placement, path: Path) -> TensorRef:
