@@ -19,18 +19,15 @@ import argparse
 import math
 import os
 import shutil
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+import common
 import merge_bench as mb
 
 N_MODELS = 3
-BASE_STD, NOISE_STD = 0.05, 0.005
-CHUNK = 1 << 24  # elements generated at a time
 DTYPE = torch.float8_e4m3fn
 
 
@@ -85,27 +82,7 @@ def build(cache: Path, layers: tuple[int, int]) -> tuple[list[Path], float | Non
           f"B parameters, {need / 1e9:.1f} GB in all) under {paths[0].parent}", flush=True)
     t0 = time.perf_counter()
     writers = [SafetensorsWriter(p, planned, {"format": "pt"}) for p in paths]
-    try:
-        g = torch.Generator()
-        for j, (key, shape) in enumerate(sorted(shapes.items())):
-            n = math.prod(shape)
-            for s in range(0, n, CHUNK):
-                m = min(CHUNK, n - s)
-                g.manual_seed(j * 1_000_003 + s // CHUNK)
-                base = torch.randn(m, generator=g).mul_(BASE_STD)
-                if key.endswith(".scale"):
-                    base.add_(1.0)
-                noise = torch.randn(m, generator=g).mul_(NOISE_STD)
-                for i, w in enumerate(writers):
-                    w.write(key, (base + noise.roll(7919 * i)).to(DTYPE), s)
-        for w in writers:
-            w.finish()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        for p in paths:
-            p.unlink(missing_ok=True)
-        raise
+    common.write_random(writers, paths, shapes, DTYPE, DTYPE.itemsize, bump=lambda key: key.endswith(".scale"))
     seconds = time.perf_counter() - t0
     print(f"built in {seconds:.0f} s", flush=True)
     return paths, seconds
@@ -163,7 +140,7 @@ def run(args: argparse.Namespace) -> None:
         cmd = mb.hubmix_cmd("lossless", paths, out, args.hub_device) + ["--alpha", "0.9", "--beta", "1.1"]
         print("flux: hubmix lossless 3-way (first run hashes the inputs)", flush=True)
         rec.measure("hubmix lossless, cold hash cache", [], cmd, env)
-        check = spot_check(out, paths) if out.exists() else {"same_keys": False, "checked": 0, "mismatched": ["-"]}
+        check = spot_check(out, paths) if out.exists() else common.failure_stub()
         mb.remove_output(out)
         for _ in range(runs):
             rec.measure("hubmix lossless", [], cmd, env)
@@ -173,9 +150,7 @@ def run(args: argparse.Namespace) -> None:
         if not args.keep:
             for p in paths:
                 p.unlink(missing_ok=True)
-    busy1, ours1 = mb.user_cpu_s()
-    others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-    share = others / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+    noise = common.others_note(busy0, ours0, t0)
     med = {k: mb.median(v) for k, v in rec.results.items()}
     size = "full size" if layers == FULL_LAYERS else f"{layers[0]} of 19 double, {layers[1]} of 38 single blocks"
     print(f"\n=== flux: 3 inputs x {in_bytes[0] / 1e9:.2f} GB fp8 (float8_e4m3fn) transformer-only files ({size}), "
@@ -183,7 +158,7 @@ def run(args: argparse.Namespace) -> None:
     if build_s is not None:
         print(f"(built the inputs in {build_s:.0f} s)")
     print(f"{'':36} {'wall s':>8}  {'ratio':<22} {'RssAnon MiB':>11} {'VmHWM MiB':>10}")
-    print(f"{'I/O floor, 3 inputs':36} {floor['floor3_s']:8.2f}  cat {floor['read3_s']:.1f} s + write {floor['write_s']:.1f} s")
+    print(common.floor_row(floor, 3, 36))
     for label, name in (("hubmix lossless 3-way", "hubmix lossless"),
                         ("  first run (empty hash cache)", "hubmix lossless, cold hash cache")):
         if name in rec.failures:
@@ -191,12 +166,12 @@ def run(args: argparse.Namespace) -> None:
         m = med.get(name)
         if m is not None:
             ratio = f"{m.wall_s / floor['floor3_s']:.2f}x the I/O floor"
-            print(f"{label:36} {m.wall_s:8.2f}  {ratio:<22} {m.peak_anon_mib:11.0f} {m.hwm_mib:10.0f}")
+            print(common.measured_row(label, m, ratio, 36, 22, hwm=True))
     bad = f"; MISMATCHED {check['mismatched']}" if check["mismatched"] else ""
     print(f"correctness: output keys/shapes {'match' if check['same_keys'] else 'DIFFER from'} the inputs; "
           f"{check['checked'] - len(check['mismatched'])}/{check['checked']} sampled tensors byte-identical to "
           f"torch.where on the float32 inputs{bad}")
-    print(f"note: other programs used {others:.0f} CPU-seconds ({share:.0%} of the machine) during these runs")
+    print(noise)
     if not args.keep:
         print("note: the inputs were deleted (--keep keeps them under the cache)")
 
@@ -212,8 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     args.cache = args.cache.expanduser().resolve()
     args.cache.mkdir(parents=True, exist_ok=True)
     args.hub_device = args.device
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(common.machine_line(), flush=True)
     run(args)
 
 

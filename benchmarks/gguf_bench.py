@@ -20,13 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
 import merge_bench as mb  # noqa: E402
 from flux_bench import original_shapes  # noqa: E402
-
-CHUNK = 1 << 24
 
 
 def build(cache: Path, layers: tuple[int, int]) -> list[Path]:
@@ -44,20 +42,7 @@ def build(cache: Path, layers: tuple[int, int]) -> list[Path]:
           f"each) under {cache}", flush=True)
     Native.library()  # the native quantizers
     writers = [GGUFWriter(p, "flux", "gguf-q8_0", tensors) for p in paths]
-    g = torch.Generator()
-    for j, (key, shape) in enumerate(sorted(shapes.items())):
-        n = math.prod(shape)
-        for s in range(0, n, CHUNK):
-            m = min(CHUNK, n - s)
-            g.manual_seed(j * 1_000_003 + s // CHUNK)
-            base = torch.randn(m, generator=g).mul_(0.05)
-            if key.endswith(".scale"):
-                base.add_(1.0)
-            noise = torch.randn(m, generator=g).mul_(0.005)
-            for i, w in enumerate(writers):
-                w.write(key, base + noise.roll(7919 * i), s * 4)
-    for w in writers:
-        w.finish()
+    common.write_random(writers, paths, shapes, bump=lambda key: key.endswith(".scale"))  # float32 values
     return paths
 
 
@@ -119,15 +104,12 @@ def main() -> None:
         if not args.keep:
             for p in paths:
                 p.unlink(missing_ok=True)
-    busy1, ours1 = mb.user_cpu_s()
-    others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-    share = others / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+    noise = common.others_note(busy0, ours0, t0)
     med = {k: mb.median(v) for k, v in rec.results.items()}
     print(f"\n=== gguf: 2 Q8_0 inputs x {in_bytes / 1e9:.2f} GB (Flux transformer, {layers[0]} of 19 double, "
           f"{layers[1]} of 38 single blocks, every tensor full size); runs per number: {args.runs} (median)")
     print(f"{'':30} {'wall s':>8}  {'ratio':<26} {'RssAnon MiB':>11}")
-    print(f"{'I/O floor, 2 inputs':30} {floor['floor2_s']:8.2f}  cat {floor['read2_s']:.1f} s + write "
-          f"{floor['write_s']:.1f} s")
+    print(common.floor_row(floor, 2, 30))
     q40 = med.get("lossless -> gguf-q4_0")
     for q in outs:
         m = med.get(f"lossless -> gguf-{q}")
@@ -136,10 +118,10 @@ def main() -> None:
             continue
         ratio = (f"{m.wall_s / floor['floor2_s']:.2f}x the I/O floor" if q == "q8_0" else
                  f"{m.wall_s / q40.wall_s:.2f}x Q4_0's time" if q == "q4_k" and q40 else "")
-        print(f"{'lossless -> gguf-' + q:30} {m.wall_s:8.2f}  {ratio:<26} {m.peak_anon_mib:11.0f}")
+        print(common.measured_row("lossless -> gguf-" + q, m, ratio, 30, 26))
     for q, note in notes.items():
         print(f"correctness ({q}): {note}")
-    print(f"note: other programs used {others:.0f} CPU-seconds ({share:.0%} of the machine) during these runs")
+    print(noise)
 
 
 if __name__ == "__main__":

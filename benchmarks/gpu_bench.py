@@ -37,6 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+import common  # noqa: E402
 
 GOAL_RATIO = 1.2
 FLUX_FULL = (3072, 128, 19, 38)  # hidden, head size, double blocks, single blocks
@@ -97,26 +98,7 @@ def build_flux(folder: Path, size: tuple[int, int, int, int], dtype_name: str) -
     shapes = flux_shapes(*size)
     planned = [PlannedTensor(k, dtype, s) for k, s in shapes.items()]
     writers = [SafetensorsWriter(p, planned, {"format": "pt"}) for p in paths]
-    chunk = 1 << 24
-    try:
-        g = torch.Generator()
-        for j, (key, shape) in enumerate(sorted(shapes.items())):
-            n = math.prod(shape)
-            for s in range(0, n, chunk):
-                m = min(chunk, n - s)
-                g.manual_seed(j * 1_000_003 + s // chunk)
-                base = torch.randn(m, generator=g).mul_(0.05)
-                noise = torch.randn(m, generator=g).mul_(0.005)
-                for i, w in enumerate(writers):
-                    w.write(key, (base + noise.roll(7919 * i)).to(dtype), s)
-        for w in writers:
-            w.finish()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        for p in paths:
-            p.unlink(missing_ok=True)
-        raise
+    common.write_random(writers, paths, shapes, dtype, dtype.itemsize)
     return paths
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
 import flux_bench as fb  # noqa: E402
 import merge_bench as mb  # noqa: E402
 
@@ -72,16 +73,14 @@ def run(args: argparse.Namespace) -> None:
         if not args.keep:
             for p in paths:
                 p.unlink(missing_ok=True)
-    busy1, ours1 = mb.user_cpu_s()
-    others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-    share = others / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+    noise = common.others_note(busy0, ours0, t0)
     med = {k: mb.median(v) for k, v in rec.results.items()}
     print(f"\n=== quantized outputs: 3 inputs x {in_bytes / 1e9:.2f} GB fp8 Flux transformer-only files (first "
           f"{layers[0]} double and {layers[1]} single blocks, every tensor full size); runs: {args.runs} (median)")
     if build_s is not None:
         print(f"(built the inputs in {build_s:.0f} s)")
     print(f"{'':34} {'wall s':>8}  {'ratio':<24} {'RssAnon MiB':>11}")
-    print(f"{'I/O floor, 3 inputs':34} {floor['floor3_s']:8.2f}  cat {floor['read3_s']:.1f} s + write {floor['write_s']:.1f} s")
+    print(common.floor_row(floor, 3, 34))
     base_s = med.get("plain fp8 output (baseline)")
     for label, _ in rows:
         m = med.get(label)
@@ -91,9 +90,9 @@ def run(args: argparse.Namespace) -> None:
         ratio = f"{m.wall_s / floor['floor3_s']:.2f}x floor"
         if base_s is not None and label != rows[0][0]:
             ratio += f", {m.wall_s / base_s.wall_s:.2f}x plain"
-        print(f"{label:34} {m.wall_s:8.2f}  {ratio:<24} {m.peak_anon_mib:11.0f}")
+        print(common.measured_row(label, m, ratio, 34, 24))
     print(check)
-    print(f"note: other programs used {others:.0f} CPU-seconds ({share:.0%} of the machine) during these runs")
+    print(noise)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,8 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.cache = args.cache.expanduser().resolve()
     args.cache.mkdir(parents=True, exist_ok=True)
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(common.machine_line(), flush=True)
     run(args)
 
 

@@ -21,17 +21,15 @@ import json
 import math
 import os
 import struct
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+import common
 import merge_bench as mb
 
 N_MODELS = 3
-BASE_STD, NOISE_STD = 0.05, 0.005
-CHUNK = 1 << 24
 DTYPE = torch.bfloat16
 FULL = (30, 2)  # Z-Image's layers and refiners (each of noise and context)
 RENAMES = {"x_pad_token": "x_pad_tokex", "cap_embedder": "cap_embeddex", "adaLN_modulation": "adaLN_modulatiox"}
@@ -75,27 +73,7 @@ def build(cache: Path, layers: int, refiners: int) -> tuple[list[Path], float | 
           f"B parameters each, {N_MODELS * sum(p.nbytes for p in planned) / 1e9:.1f} GB in all)", flush=True)
     t0 = time.perf_counter()
     writers = [SafetensorsWriter(p, planned, {"format": "pt"}) for p in paths]
-    try:
-        g = torch.Generator()
-        for j, (key, shape) in enumerate(sorted(shapes.items())):
-            n = math.prod(shape)
-            for s in range(0, n, CHUNK):
-                m = min(CHUNK, n - s)
-                g.manual_seed(j * 1_000_003 + s // CHUNK)
-                base = torch.randn(m, generator=g).mul_(BASE_STD)
-                if "norm" in key:
-                    base.add_(1.0)
-                noise = torch.randn(m, generator=g).mul_(NOISE_STD)
-                for i, w in enumerate(writers):
-                    w.write(key, (base + noise.roll(7919 * i)).to(DTYPE), s * 2)  # a byte offset
-        for w in writers:
-            w.finish()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        for p in paths:
-            p.unlink(missing_ok=True)
-        raise
+    common.write_random(writers, paths, shapes, DTYPE, DTYPE.itemsize, bump=lambda key: "norm" in key)
     return paths, time.perf_counter() - t0
 
 
@@ -165,8 +143,7 @@ def run(args: argparse.Namespace) -> None:
             prepare(paths)
             mb.forget_hashes(env, paths)
             rec.measure(f"{name}, first merge", [], cmd, env)
-            checks[name] = spot_check(out, paths) if out.exists() else {"same_keys": False, "checked": 0,
-                                                                       "mismatched": ["-"]}
+            checks[name] = spot_check(out, paths) if out.exists() else common.failure_stub()
             mb.remove_output(out)
             for _ in range(runs):
                 rec.measure(name, [], cmd, env)
@@ -177,17 +154,14 @@ def run(args: argparse.Namespace) -> None:
         if not args.keep:
             for p in paths:
                 p.unlink(missing_ok=True)
-    busy1, ours1 = mb.user_cpu_s()
-    others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-    share = others / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+    noise = common.others_note(busy0, ours0, t0)
     med = {k: mb.median(v) for k, v in rec.results.items()}
     print(f"\n=== zimage: 3 inputs x {in_bytes / 1e9:.2f} GB bf16 transformer-only files ({args.layers} of 30 layers, "
           f"{args.refiners} + {args.refiners} of 2 + 2 refiners, every tensor full size); runs per number: {runs}")
     if build_s is not None:
         print(f"(built the inputs in {build_s:.0f} s)")
     print(f"{'':40} {'wall s':>8}  {'ratio':<22} {'RssAnon MiB':>11} {'VmHWM MiB':>10}")
-    print(f"{'I/O floor, 3 inputs':40} {floor['floor3_s']:8.2f}  cat {floor['read3_s']:.1f} s + write "
-          f"{floor['write_s']:.1f} s")
+    print(common.floor_row(floor, 3, 40))
     for name in ("family path (z_image)", "key by key (same bytes)"):
         for label in (name, f"{name}, first merge"):
             if label in rec.failures:
@@ -195,7 +169,7 @@ def run(args: argparse.Namespace) -> None:
             m = med.get(label)
             if m is not None:
                 ratio = f"{m.wall_s / floor['floor3_s']:.2f}x the I/O floor"
-                print(f"{label:40} {m.wall_s:8.2f}  {ratio:<22} {m.peak_anon_mib:11.0f} {m.hwm_mib:10.0f}")
+                print(common.measured_row(label, m, ratio, 40, 22, hwm=True))
     fam, keys = med.get("family path (z_image)"), med.get("key by key (same bytes)")
     if fam and keys:
         print(f"key by key / family path: {keys.wall_s / fam.wall_s:.2f}x (same files, same run)")
@@ -204,7 +178,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"correctness, {name}: keys/shapes {'match' if check['same_keys'] else 'DIFFER'}; "
               f"{check['checked'] - len(check['mismatched'])}/{check['checked']} sampled tensors byte-identical to "
               f"torch.where on the float32 inputs{bad}")
-    print(f"note: other programs used {others:.0f} CPU-seconds ({share:.0%} of the machine) during these runs")
+    print(noise)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -219,8 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     args.cache = args.cache.expanduser().resolve()
     args.cache.mkdir(parents=True, exist_ok=True)
     args.hub_device = args.device
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(common.machine_line(), flush=True)
     run(args)
 
 
