@@ -144,8 +144,9 @@ def _count(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-class SafetensorsFile(WeightFile):
-    format = "safetensors"
+class MappedFile(WeightFile):
+    """A file whose header is parsed from its descriptor and whose tensors are viewed through one private memory
+    map (safetensors, GGUF)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -160,6 +161,30 @@ class SafetensorsFile(WeightFile):
         self._mm_lock = threading.Lock()  # one mapping, shared by the engine and the input hash
         # closed when the file object goes (the mapping keeps its own descriptor, views stay valid)
         self._closer = weakref.finalize(self, os.close, self._fd)
+
+    def _parse_header(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            with self._mm_lock:
+                if self._mm is None:
+                    # ACCESS_COPY = MAP_PRIVATE: pages we only read stay shared with the page cache (no anonymous
+                    # memory), and the buffer is writable, which torch.frombuffer wants.
+                    mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+                    self._address = address_of(mm)
+                    self._mm = mm
+        return self._mm
+
+    def mapped(self) -> mmap.mmap:
+        return self._map()
+
+    def close(self) -> None:
+        self._closer()
+
+
+class SafetensorsFile(MappedFile):
+    format = "safetensors"
 
     def _parse_header(self) -> None:
         """Read and validate the header at least as strictly as the safetensors library: a sane size, a JSON
@@ -234,20 +259,6 @@ class SafetensorsFile(WeightFile):
     def metadata(self) -> dict[str, str]:
         return self._metadata
 
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
-            with self._mm_lock:
-                if self._mm is None:
-                    # ACCESS_COPY = MAP_PRIVATE: pages we only read stay shared with the page cache (no anonymous
-                    # memory), and the buffer is writable, which torch.frombuffer wants.
-                    mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
-                    self._address = address_of(mm)
-                    self._mm = mm
-        return self._mm
-
-    def mapped(self) -> mmap.mmap:
-        return self._map()
-
     def tensor(self, key: str) -> torch.Tensor:
         import torch
 
@@ -269,9 +280,6 @@ class SafetensorsFile(WeightFile):
             return None
         mm = self._map()
         return Span(mm, self._address + offset, info.dtype_name, info.shape)
-
-    def close(self) -> None:
-        self._closer()
 
 
 class TorchPickleFile(WeightFile):

@@ -15,14 +15,12 @@ import math
 import mmap
 import os
 import struct
-import threading
-import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubmix.errors import InputError
-from hubmix.formats.io.readers import CONTAINERS, TensorInfo, WeightFile, open_regular
-from hubmix.formats.io.span import Span, address_of
+from hubmix.formats.io.readers import CONTAINERS, MappedFile, TensorInfo
+from hubmix.formats.io.span import Span
 from hubmix.formats.quant.gguf_types import BY_ID, DEQUANTIZED, GGML_TYPES, PLAIN, type_nbytes
 
 if TYPE_CHECKING:
@@ -116,23 +114,13 @@ def parse_header(fd: int, path: Path, size: int) -> tuple[dict[str, Any], dict[s
     return kv, types, infos, start
 
 
-class GGUFFile(WeightFile):
+class GGUFFile(MappedFile):
     format = "gguf"
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._fd = open_regular(self.path)
-        try:
-            size = os.fstat(self._fd).st_size
-            self.kv, self.kv_types, infos, self._data_start = parse_header(self._fd, self.path, size)
-            self._check(infos, size)
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._mm: mmap.mmap | None = None
-        self._address = 0
-        self._mm_lock = threading.Lock()
-        self._closer = weakref.finalize(self, os.close, self._fd)
+    def _parse_header(self) -> None:
+        size = os.fstat(self._fd).st_size
+        self.kv, self.kv_types, infos, self._data_start = parse_header(self._fd, self.path, size)
+        self._check(infos, size)
 
     def _check(self, infos: list[tuple], size: int) -> None:
         self._info: dict[str, TensorInfo] = {}
@@ -205,18 +193,6 @@ class GGUFFile(WeightFile):
         t = self._types[key]
         return None if t in PLAIN else f"gguf {t.lower()}"
 
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
-            with self._mm_lock:
-                if self._mm is None:
-                    mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
-                    self._address = address_of(mm)
-                    self._mm = mm
-        return self._mm
-
-    def mapped(self) -> mmap.mmap:
-        return self._map()
-
     def span(self, key: str) -> Span | None:
         info = self._info[key]
         if self._types[key] not in PLAIN:
@@ -254,9 +230,6 @@ class GGUFFile(WeightFile):
         raw = np.frombuffer(self._map(), np.uint8, count=(b1 - b0) * ts, offset=self._offsets[key] + b0 * ts)
         out = dequantize(raw, qtype)
         return out[start - b0 * bs:stop - b0 * bs]
-
-    def close(self) -> None:
-        self._closer()
 
 
 CONTAINERS["gguf"] = GGUFFile  # open_weight_file hands .gguf files (and the GGUF magic) to this reader
