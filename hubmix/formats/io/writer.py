@@ -90,7 +90,65 @@ def plan_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> tuple
     return len(raw).to_bytes(8, "little") + raw, offsets
 
 
-class SafetensorsWriter:
+class PlannedOutput:
+    """What every planned output writer shares (safetensors, GGUF): metadata rewritten in place at the end at the
+    planned length, every planned tensor checked complete, fsync, and a close that leaves no write in flight. A
+    subclass sets path, _fd and _header_len and gives _header, missing, and its _stop/_complete steps."""
+
+    path: Path
+    _fd: int
+    _header_len: int
+
+    def _header(self, metadata: dict[str, str]) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _pwrite(self, buf, pos: int) -> None:
+        _write_all(self._fd, memoryview(buf).cast("B"), pos)
+
+    def missing(self) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _stop(self, cancel: bool) -> None:
+        """End background work (cancel: drop what is pending rather than complete it)."""
+
+    def _complete(self) -> None:
+        """Write out whatever the writer still holds, before the fsync."""
+
+    def set_metadata(self, metadata: dict[str, str]) -> None:
+        """Rewrite the header's metadata, which must encode to the same length (values known only at the end,
+        such as input hashes computed during the merge, are planned as same-length placeholders)."""
+        header = self._header(metadata)
+        if len(header) != self._header_len:
+            raise AssertionError(f"{self.path}: final metadata changes the header size")
+        try:
+            self._pwrite(header, 0)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
+
+    def finish(self) -> None:
+        """Check every planned byte was written, fsync, close."""
+        self._stop(cancel=False)
+        missing = self.missing()
+        if missing:
+            self.abort()
+            raise AssertionError(f"{self.path}: {len(missing)} planned tensors not fully written, e.g. {missing[:3]}")
+        try:
+            self._complete()
+            os.fsync(self._fd)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
+        os.close(self._fd)
+        self._fd = -1
+
+    def abort(self) -> None:
+        self._stop(cancel=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class SafetensorsWriter(PlannedOutput):
     def __init__(self, path: str | os.PathLike, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
                  background_flush: bool = True, direct: bool | None = None):
         self.path = Path(path)
@@ -171,16 +229,8 @@ class SafetensorsWriter:
             return
         _write_all(self._fd, buf, pos)
 
-    def set_metadata(self, metadata: dict[str, str]) -> None:
-        """Rewrite the header's metadata, which must encode to the same length (values known only at the end,
-        such as input hashes computed during the merge, are planned as same-length placeholders)."""
-        header, _ = plan_header(list(self.planned.values()), metadata)
-        if len(header) != self._header_len:
-            raise AssertionError(f"{self.path}: final metadata changes the header size")
-        try:
-            self._pwrite(header, 0)
-        except OSError as e:
-            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
+    def _header(self, metadata: dict[str, str]) -> bytes:
+        return plan_header(list(self.planned.values()), metadata)[0]
 
     def missing(self) -> list[str]:
         return [k for k, n in self._written.items() if n != self.planned[k].nbytes]
@@ -192,30 +242,14 @@ class SafetensorsWriter:
             self._flusher.join()
             self._flusher = None
 
-    def finish(self) -> None:
-        """Check every planned byte was written, fsync, close."""
+    def _stop(self, cancel: bool) -> None:
         self._stop_flusher()
-        missing = self.missing()
-        if missing:
-            self.abort()
-            raise AssertionError(f"{self.path}: {len(missing)} planned tensors not fully written, e.g. {missing[:3]}")
-        try:
-            if self._direct is not None:
-                self._direct.finish(self._fd, self.size)
-            os.fsync(self._fd)
-        except OSError as e:
-            self.abort()
-            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
-        os.close(self._fd)
-        self._fd = -1
-
-    def abort(self) -> None:
-        self._stop_flusher()
-        if self._direct is not None:
+        if cancel and self._direct is not None:
             self._direct.drain(cancel=True)  # no write may reach a descriptor number reused after the close
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+
+    def _complete(self) -> None:
+        if self._direct is not None:
+            self._direct.finish(self._fd, self.size)
 
 
 def _write_all(fd: int, buf, pos: int) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hubmix.errors import OutputError
+from hubmix.formats.io.writer import PlannedOutput
 from hubmix.formats.quant.gguf_types import GGML_TYPES, GGUF_DTYPES, block_size, type_id, type_nbytes
 
 ALIGN = 32
@@ -116,7 +117,7 @@ def plan_header(arch: str, target: str, tensors: list[GGUFTensor],
     return raw, {k: len(raw) + off for k, off in offsets.items()}
 
 
-class GGUFWriter:
+class GGUFWriter(PlannedOutput):
     """Writes float32 chunks of planned tensors into a GGUF file, quantizing them on the way (the Router's writer
     interface: write, set_metadata, missing, finish, abort)."""
 
@@ -140,12 +141,6 @@ class GGUFWriter:
             self._pwrite(header, 0)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
-
-    def _pwrite(self, buf, pos: int) -> None:
-        view = memoryview(buf).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], pos + done)
 
     def write(self, key: str, data: Any, byte_offset: int = 0) -> None:
         """Float32 `data` (a tensor or span) into tensor `key` from float32 element `byte_offset / 4` on."""
@@ -226,39 +221,14 @@ class GGUFWriter:
         pieces = list(self._pool.map(lambda s: quantize(x[s:s + step], qtype), range(0, x.size, step)))
         return np.concatenate(pieces)
 
-    def set_metadata(self, metadata: dict[str, str]) -> None:
-        """Rewrite the header's string key-values, which must encode to the same length (placeholders)."""
-        header, _ = plan_header(self.arch, self.target, self._order, metadata)
-        if len(header) != self._header_len:
-            raise AssertionError(f"{self.path}: final metadata changes the header size")
-        try:
-            self._pwrite(header, 0)
-        except OSError as e:
-            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
+    def _header(self, metadata: dict[str, str]) -> bytes:
+        """The header with these string key-values (set_metadata keeps its length: placeholders)."""
+        return plan_header(self.arch, self.target, self._order, metadata)[0]
 
     def missing(self) -> list[str]:
         return [k for k, n in self._written.items() if n != self.tensors[k].numel]
 
-    def finish(self) -> None:
-        missing = self.missing()
-        if missing:
-            self.abort()
-            raise AssertionError(f"{self.path}: {len(missing)} planned tensors not fully written, e.g. {missing[:3]}")
-        try:
-            os.fsync(self._fd)
-        except OSError as e:
-            self.abort()
-            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
-        os.close(self._fd)
-        self._fd = -1
-        if self._pool is not None:
+    def _stop(self, cancel: bool) -> None:
+        if self._pool is not None:  # idle here: write quantizes synchronously
             self._pool.shutdown()
             self._pool = None
-
-    def abort(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
