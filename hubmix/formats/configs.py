@@ -186,17 +186,12 @@ def infer_clip_projection(s: Shapes, defaults: dict[str, Any], others: dict[str,
     return cfg, notes
 
 
-def infer_flux(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+def bfl_blocks(s: Shapes, patch: int) -> dict[str, Any]:
+    """The config fields every transformer in BFL's double/single-block layout (FLUX.1, FLUX.2, Chroma) reads the
+    same way from its shapes, in diffusers' order."""
     inner, in_channels = s["img_in.weight"]
     head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-    patch = defaults.get("patch_size", 1)
-    axes = list(defaults.get("axes_dims_rope", [16, 56, 56]))
-    notes = [f"transformer rotary axes: family default {axes}"]
-    if sum(axes) != head_dim:  # not a full-size model: split the head like the original (1:3.5:3.5)
-        first = head_dim // 8
-        axes = [first, (head_dim - first) // 2, head_dim - first - (head_dim - first) // 2]
-        notes = [f"transformer rotary axes: {axes} (the family default does not fit head size {head_dim})"]
-    cfg = {
+    return {
         "patch_size": patch,
         "in_channels": in_channels,
         "out_channels": s["final_layer.linear.weight"][0] // (patch * patch),
@@ -205,6 +200,19 @@ def infer_flux(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -
         "attention_head_dim": head_dim,
         "num_attention_heads": inner // head_dim,
         "joint_attention_dim": s["txt_in.weight"][1],
+    }
+
+
+def infer_flux(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    axes = list(defaults.get("axes_dims_rope", [16, 56, 56]))
+    notes = [f"transformer rotary axes: family default {axes}"]
+    if sum(axes) != head_dim:  # not a full-size model: split the head like the original (1:3.5:3.5)
+        first = head_dim // 8
+        axes = [first, (head_dim - first) // 2, head_dim - first - (head_dim - first) // 2]
+        notes = [f"transformer rotary axes: {axes} (the family default does not fit head size {head_dim})"]
+    cfg = {
+        **bfl_blocks(s, defaults.get("patch_size", 1)),
         "pooled_projection_dim": s["vector_in.in_layer.weight"][1],
         "guidance_embeds": "guidance_in.in_layer.weight" in s,
         "axes_dims_rope": axes,
@@ -290,20 +298,12 @@ def infer_wan(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) ->
 
 def infer_flux2(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
     """FLUX.2's transformer (BFL names): all from shapes but the patch size and rotary axes."""
-    inner, in_channels = s["img_in.weight"]
+    inner = s["img_in.weight"][0]
     head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-    patch = defaults.get("patch_size", 1)
     axes, notes = _rope_axes(head_dim, defaults.get("axes_dims_rope", [32, 32, 32, 32]), 4)
     mlp_in = s["double_blocks.0.img_mlp.0.weight"][0]  # gated: two halves of mlp_ratio * inner
     cfg = {
-        "patch_size": patch,
-        "in_channels": in_channels,
-        "out_channels": s["final_layer.linear.weight"][0] // (patch * patch),
-        "num_layers": len(_indices(s, r"double_blocks\.(\d+)\.")),
-        "num_single_layers": len(_indices(s, r"single_blocks\.(\d+)\.")),
-        "attention_head_dim": head_dim,
-        "num_attention_heads": inner // head_dim,
-        "joint_attention_dim": s["txt_in.weight"][1],
+        **bfl_blocks(s, defaults.get("patch_size", 1)),
         "timestep_guidance_channels": s["time_in.in_layer.weight"][1],
         "mlp_ratio": mlp_in / 2 / inner,
         "axes_dims_rope": axes,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hubmix.formats.configs import Shapes, _indices
+from hubmix.formats.configs import Shapes, _indices, bfl_blocks
 
 
 def _axes(head_dim: int, default: list[int]) -> tuple[list[int], str]:
@@ -84,21 +84,12 @@ def infer_lumina2(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]
 
 
 def infer_chroma(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
-    inner, in_channels = s["img_in.weight"]
-    head = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-    patch = defaults.get("patch_size", 1)
-    axes, note = _axes(head, list(defaults.get("axes_dims_rope", [16, 56, 56])))
+    cfg = bfl_blocks(s, defaults.get("patch_size", 1))
+    if cfg["out_channels"] == cfg["in_channels"]:
+        cfg["out_channels"] = None
+    axes, note = _axes(cfg["attention_head_dim"], list(defaults.get("axes_dims_rope", [16, 56, 56])))
     hidden, channels = s["distilled_guidance_layer.in_proj.weight"]
-    out = s["final_layer.linear.weight"][0] // (patch * patch)
-    cfg = {
-        "patch_size": patch,
-        "in_channels": in_channels,
-        "out_channels": None if out == in_channels else out,
-        "num_layers": len(_indices(s, r"double_blocks\.(\d+)\.")),
-        "num_single_layers": len(_indices(s, r"single_blocks\.(\d+)\.")),
-        "attention_head_dim": head,
-        "num_attention_heads": inner // head,
-        "joint_attention_dim": s["txt_in.weight"][1],
+    cfg |= {
         "axes_dims_rope": axes,
         "approximator_num_channels": channels,
         "approximator_hidden_dim": hidden,
