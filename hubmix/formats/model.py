@@ -3,133 +3,28 @@
 A diffusers folder (model_index.json + component subfolders, sharded or not, variants) and an original single
 file (.safetensors or .ckpt) both come out as the same thing: per component, a map from canonical (diffusers) key
 to a `TensorRef` that knows where the bytes are and how to view them in canonical shape. Opening reads headers only.
+This module opens diffusers folders; formats/single_file.py opens single files; formats/local_model.py holds the
+types both return (imported from here too).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Iterable
+from typing import Any, Collection, Iterable
 
-from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
-from hubmix.formats.families import (ComponentSpec, Family, all_component_names, detect_family, detect_main_only,
-                                     families, generic_family, get_family, gguf_family, weight_stem)
-from hubmix.formats.generic import generic_allowed
-from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file, read_regular
-from hubmix.formats.quant import gguf_file  # noqa: F401 - registers the GGUF reader with open_weight_file
-from hubmix.formats.io.span import Span
-from hubmix.formats.layouts import COPYING, KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
+from hubmix.formats.families import Family, all_component_names, detect_family, weight_stem
+from hubmix.formats.io.readers import PICKLE_SUFFIXES, WeightFile, open_weight_file, read_regular
+from hubmix.formats.layouts import KeyMap
+from hubmix.formats.local_model import CONFIG_META, Component, LocalModel, TensorRef, is_inpainting
+from hubmix.formats.prediction import from_scheduler
 from hubmix.formats.quant import wrap as quant_view
-from hubmix.formats.prediction import MARKER_KEYS, Prediction, from_scheduler, from_single_file
+from hubmix.formats.single_file import open_single_file
 
-if TYPE_CHECKING:
-    import torch
-
-CONFIG_META = "hubmix.configs"  # single files written by hubmix embed their component configs under this key
-
-
-@dataclass(frozen=True)
-class TensorRef(TensorInfo):
-    """One canonical tensor of one input: a (part of a) tensor in a weight file, viewed in canonical shape."""
-
-    file: WeightFile
-    key: str
-    place: Placement = Placement("")
-
-    @property
-    def quant(self) -> str | None:
-        """The quant type of a quantized input tensor ("nf4", "fp8_scaled e4m3fn"), None for a plain one."""
-        of = getattr(self.file, "quant_type", None)
-        return of(self.key) if of is not None else None
-
-    def load(self) -> torch.Tensor:
-        """A zero-copy view (a copy only for transposed tensors) in canonical shape; a quantized tensor
-        dequantized to float32 (a fused part's rows only)."""
-        if self.quant is not None and self.place.transform not in COPYING:
-            return self.load_flat(0, self.numel).reshape(self.shape)
-        t = self.file.tensor(self.key)
-        if self.place.part is not None:
-            start, rows = part_rows(self.place.part, t.shape[0])  # type: ignore[misc]  # checked on open
-            t = t.narrow(0, start, rows)
-        return apply_to_canonical(self.place.transform, t)
-
-    def load_flat(self, start: int, stop: int) -> torch.Tensor:
-        """Flat elements [start, stop) of the canonical tensor (a layout whose transform moves no bytes); a
-        quantized tensor dequantizes only those."""
-        ranged = getattr(self.file, "tensor_range", None)
-        if ranged is None or self.place.transform in COPYING:
-            return self.load().reshape(-1)[start:stop]
-        base = 0
-        if self.place.part is not None:
-            full = self.file.info(self.key).shape
-            first, _ = part_rows(self.place.part, full[0])  # type: ignore[misc]  # checked on open
-            base = first * (math.prod(full[1:]) if len(full) > 1 else 1)
-        return ranged(self.key, base + start, base + stop)
-
-    def stored_span(self) -> Span | None:
-        """The stored bytes as a torch-free span (no copy; a fused tensor's rows narrowed) in the file's shape, or
-        None where the reader has no mapping to offer (a pickle, misaligned data)."""
-        s = self.file.span(self.key)
-        if s is not None and self.place.part is not None:
-            start, rows = part_rows(self.place.part, s.shape[0])  # type: ignore[misc]  # checked on open
-            s = s.rows(start, rows)
-        return s
-
-    def span(self) -> Span | None:
-        """The tensor in canonical shape as a span without a copy; None also for transforms that move bytes
-        (transpose, swap_halves), which the engine applies to `stored_span()`."""
-        if self.place.transform in COPYING:
-            return None
-        s = self.stored_span()
-        return None if s is None else s.reshape(self.shape)
-
-
-@dataclass
-class Component:
-    name: str
-    spec: ComponentSpec
-    tensors: dict[str, TensorRef]
-    config: dict[str, Any] | None
-    config_source: str  # "folder", "embedded" or "inferred"
-    keymap: KeyMap | None = None
-    notes: list[str] = field(default_factory=list)
-    dropped: list[tuple[str, str]] = field(default_factory=list)  # (original key, why)
-    folder: Path | None = None  # the component's subfolder in a diffusers input
-
-
-@dataclass
-class LocalModel:
-    path: Path
-    layout: str  # "diffusers" or "single-file"
-    family: Family
-    components: dict[str, Component]
-    files: list[Path]
-    metadata: dict[str, str] = field(default_factory=dict)
-    extra_components: dict[str, Path] = field(default_factory=dict)  # diffusers subfolders hubmix does not merge
-    prediction: Prediction = Prediction()
-    inpainting: bool = False
-    unassigned: list[str] = field(default_factory=list)  # single-file keys outside every component
-    main_only: bool = False  # a file with the main component alone (a Flux transformer-only file)
-    main_prefix: str = ""  # a main-only file's key prefix: "" (bare) or ComfyUI's `model.diffusion_model.`
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def prediction_type(self) -> str | None:
-        return self.prediction.type
-
-    @property
-    def model_variant(self) -> str | None:
-        """The family's variant this model is (Flux dev or schnell), by its main component's keys."""
-        main = self.components.get(self.family.main)
-        return self.family.variant_of(main.tensors) if main is not None else None
+__all__ = ["CONFIG_META", "Component", "LocalModel", "TensorRef", "check_component_name", "check_same_family",
+           "choose_weights", "component_name_ok", "index_shards", "open_model", "read_json"]
 
 
 def open_model(path: str | Path, *, variant: str | None = None, ema: bool = False,
@@ -144,12 +39,12 @@ def open_model(path: str | Path, *, variant: str | None = None, ema: bool = Fals
             return _open_diffusers(p, variant, components)
         weights = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", *PICKLE_SUFFIXES) and f.is_file())
         if len(weights) == 1:
-            return _open_single_file(weights[0], ema)
+            return open_single_file(weights[0], ema)
         if not weights:
             raise InputError(f"{p}: not a model: a folder without model_index.json and without a weight file")
         raise InputError(f"{p}: not a diffusers folder (no model_index.json) and holds several weight files; name "
                          f"one: {', '.join(w.name for w in weights)}")
-    return _open_single_file(p, ema)
+    return open_single_file(p, ema)
 
 
 # ---- diffusers folders -----------------------------------------------------------------------------------------
@@ -294,7 +189,7 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
     extra = {n: f for n, f in subfolders.items() if n not in family.components and f.is_dir()}
     model = LocalModel(root, "diffusers", family, components, sorted({f.path for fs in opened.values() for f in fs}),
                        extra_components=extra, prediction=from_scheduler(sched))
-    model.inpainting = _is_inpainting(model)
+    model.inpainting = is_inpainting(model)
     return model
 
 
@@ -322,113 +217,6 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(read_regular(path))  # a FIFO or device is refused (InputError), not waited on
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
-
-
-def _is_inpainting(model: LocalModel) -> bool:
-    unet = model.components.get("unet")
-    ref = unet.tensors.get("conv_in.weight") if unet else None
-    return bool(ref and len(ref.shape) == 4 and ref.shape[1] == 9)
-
-
-# ---- single files ----------------------------------------------------------------------------------------------
-
-def _open_single_file(path: Path, ema: bool) -> LocalModel:
-    f = quant_view(open_weight_file(path))
-    ndims = {k: len(f.info(k).shape) for k in f.keys()}
-    if f.format == "gguf":  # the denoiser alone, its header naming the family (else, like sd.cpp's, its keys)
-        arch = getattr(f, "architecture", None)
-        only = detect_main_only(ndims) if arch is None else None
-        family = only[0] if only is not None else gguf_family(arch, str(path))
-        prefix = family.components[family.main].prefix  # ComfyUI-GGUF's loader strips it where every key has it
-        only = (family, prefix if f.keys() and all(k.startswith(prefix) for k in f.keys()) else "")
-    elif not any(fam.matches("single-file", ndims) for fam in families().values()) and \
-            detect_main_only(ndims) is None and generic_allowed(path, ndims):
-        return _open_generic(f, path)  # no family's keys: any architecture, key by key
-    else:
-        family = detect_family("single-file", ndims, str(path))
-        only = None if family.matches("single-file", ndims) else detect_main_only(ndims)
-    if only is not None:  # the main component alone, bare or under its prefix: read it under its own prefix
-        main = dataclasses.replace(family.components[family.main], prefix=only[1])
-        family = dataclasses.replace(family, components={family.main: main})
-    by_comp: dict[str, dict[str, tuple[int, ...]]] = {}
-    unassigned = []
-    for k in f.keys():
-        comp = family.component_of(k)
-        if comp is None:
-            unassigned.append(k)
-            continue
-        by_comp.setdefault(comp, {})[k[len(family.components[comp].prefix):]] = f.info(k).shape
-    embedded = _embedded_configs(f, path)
-    inferred, notes = infer_component_configs(family, by_comp, str(path))
-    components: dict[str, Component] = {}
-    for name, spec in family.components.items():
-        if name not in by_comp and name in family.optional:
-            continue  # plan_merge takes it from another input or --config-from
-        if name not in by_comp:
-            raise InputError(f"{path}: a {family.name} checkpoint needs its {name} (keys {spec.prefix}*); "
-                             "it has none")
-        config, source = (embedded[name], "embedded") if name in embedded else (inferred[name], "inferred")
-        keymap = KeyMap(spec, config)
-        comp = Component(name, spec, {}, config, source, keymap=keymap,
-                         notes=notes[name] if source == "inferred" else [])
-        for k in f.keys():
-            if not k.startswith(spec.prefix):
-                continue
-            why = keymap.dropped_reason(k)
-            targets = None if why else keymap.from_original(k)
-            if targets is None:
-                comp.dropped.append((k, why or "no diffusers counterpart in this component's config"))
-                continue
-            for canon, place in targets:
-                src_key = k
-                if ema and (ek := keymap.ema_key(k)) is not None and ek in f:
-                    src_key = ek
-                comp.tensors[canon] = _ref(f, src_key, place, path)
-        components[name] = comp
-    if ema:
-        unassigned = [k for k in unassigned if not k.startswith("model_ema.")]
-    unassigned = [k for k in unassigned if k not in MARKER_KEYS]  # read below, kept by outputs that carry them
-    model = LocalModel(path, "single-file", family, components, [path], metadata=dict(f.metadata),
-                       unassigned=unassigned, main_only=only is not None, main_prefix=only[1] if only else "",
-                       prediction=from_single_file(f.keys(), f.metadata, family.unmarked_prediction))
-    if only is not None:  # the family as every other input knows it (all components), for merging and outputs
-        model.family = get_family(family.id)
-    model.inpainting = _is_inpainting(model)
-    return model
-
-
-def _open_generic(f: WeightFile, path: Path) -> LocalModel:
-    """The generic family (formats/generic.py): every key of `f` in the one component, as stored."""
-    family = generic_family()
-    spec = family.components[family.main]
-    comp = Component(spec.name, spec, {}, {}, "keys", keymap=KeyMap(spec, {}))
-    for k in f.keys():
-        info = f.info(k)
-        comp.tensors[k] = TensorRef(info.dtype_name, info.shape, f, k)
-    return LocalModel(path, "single-file", family, {spec.name: comp}, [path], metadata=dict(f.metadata),
-                      prediction=from_single_file(f.keys(), f.metadata, None))
-
-
-def _ref(f: WeightFile, key: str, place: Placement, path: Path) -> TensorRef:
-    info = f.info(key)
-    shape = info.shape
-    if place.part is not None:
-        rows = part_rows(place.part, shape[0]) if shape else None
-        if rows is None:
-            raise InputError(f"{path}: {key} has shape {list(shape)}, which does not split into fused parts of "
-                             f"relative widths {list(place.part[1])}")
-        shape = (rows[1], *shape[1:])
-    return TensorRef(info.dtype_name, to_canonical_shape(place.transform, shape), f, key, place)
-
-
-def _embedded_configs(f: WeightFile, path: Path) -> dict[str, dict[str, Any]]:
-    raw = f.metadata.get(CONFIG_META)
-    if not raw:
-        return {}
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        raise InputError(f"{path}: corrupt {CONFIG_META} metadata") from None
 
 
 def check_same_family(models: list[LocalModel]) -> Family:
