@@ -299,11 +299,11 @@ def cat_dd_floor(paths: list[Path], out_bytes: int, work: Path) -> dict[str, flo
 
 
 def first_merge_rows(paths: list[Path], out: Path, work: Path, hub_env: dict[str, str], rec: "Recorder",
-                     device: str | None, runs: int) -> list[dict[str, float]]:
+                     device: str | None, runs: int) -> tuple[list[dict[str, float]], dict | None]:
     """Issue 21's row: per run, the cat + dd floor, then a 3-way lossless of never-seen files in a fresh
     HUBMIX_CACHE (native kernels copied in), then the same merge again in that cache; each ratio is against the
-    floor measured just before it."""
-    rows = []
+    floor measured just before it. Also the first run's output spot-checked against torch.where."""
+    rows, check = [], None
     for i in range(runs):
         floor = cat_dd_floor(paths, out_bytes=paths[0].stat().st_size, work=work)
         env = fresh_cache(hub_env, work / "fresh-hubmix-cache")
@@ -311,6 +311,8 @@ def first_merge_rows(paths: list[Path], out: Path, work: Path, hub_env: dict[str
         row = dict(floor)
         if rec.measure("hubmix lossless, first merge, fresh cache", paths, cmd, env):
             row["first_s"] = rec.results["hubmix lossless, first merge, fresh cache"][-1].wall_s
+            if check is None:
+                check = spot_check_lossless(out, paths)
         remove_output(out)
         if rec.measure("hubmix lossless, again, same cache", paths, cmd, env):
             row["again_s"] = rec.results["hubmix lossless, again, same cache"][-1].wall_s
@@ -323,7 +325,7 @@ def first_merge_rows(paths: list[Path], out: Path, work: Path, hub_env: dict[str
                         for k in ("first_s", "again_s") if k in row)
         print(f"  fresh-cache run {i + 1}: floor cat {floor['cat_s']:.2f} + dd {floor['dd_s']:.2f} = "
               f"{floor['floor_s']:.2f} s; {got}; load average {load:.2f}", flush=True)
-    return rows
+    return rows, check
 
 
 # ---- correctness --------------------------------------------------------------------------------------------------
@@ -452,10 +454,11 @@ def bench_family(family: str, args: argparse.Namespace, mecha_py: Path | None, m
 
     print(f"{family}: hubmix's first merge as a new user runs it (fresh HUBMIX_CACHE, native kernels copied in; "
           "floor: cat + dd conv=fsync, before each run)", flush=True)
-    fresh = first_merge_rows(paths, out, work, hub_env, rec, args.hub_device, runs)
+    fresh, fresh_check = first_merge_rows(paths, out, work, hub_env, rec, args.hub_device, runs)
     print(f"{family}: hubmix (each run: files never merged before, then the same files again)", flush=True)
     measure("startup", [], [sys.executable, "-c", "import hubmix.cli, hubmix.flow.merging"])
-    check = {"ok": False, "same_keys": False, "same_shapes": False, "checked": 0, "mismatched": ["no output"]}
+    check = fresh_check or {"ok": False, "same_keys": False, "same_shapes": False, "checked": 0,
+                            "mismatched": ["no output"]}
     checks = {}
     for i in range(0 if args.first_only else runs):
         forget_hashes(hub_env, paths)
@@ -572,7 +575,7 @@ def print_family(r: dict) -> None:
         for key, label in (("first_s", "first merge, fresh cache"), ("again_s", "again, same cache")):
             if key in row:
                 ratio = f"{row[key] / row['floor_s']:.2f}x that floor (load {row['load1']:.1f})"
-                print(f"{f'  hubmix lossless 3-way, {label}':36} {row[key]:8.2f}  {ratio:<34}")
+                print(f"{f'  lossless 3-way, {label}':36} {row[key]:8.2f}  {ratio:<34}")
     rows = [("python + import hubmix (no torch)", "startup", None),
             ("hubmix lossless 3-way, first merge", "hubmix lossless, first merge",
              "hubmix lossless, first merge / floor3"),
