@@ -63,3 +63,20 @@ def test_behind_the_merge_changes_only_the_calling_thread():
     t.join()
     assert got == [(main_before, min(19, main_before + NICE))]
     assert _nice() == main_before
+
+
+def test_hubmix_hash_nice_zero_leaves_hash_threads_as_they_are(monkeypatch):
+    from hubmix.hub.hashing import behind_the_merge
+
+    monkeypatch.setenv("HUBMIX_HASH_NICE", "0")
+    got = []
+
+    def body():
+        before = _nice()
+        behind_the_merge()
+        got.append(_nice() - before)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert got == [0]

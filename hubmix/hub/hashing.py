@@ -30,7 +30,7 @@ from hubmix.cache import cache_root, write_atomically
 
 _lock = threading.Lock()
 BLOCK = 16 << 20  # bytes per hashlib call: large enough to release the GIL, small enough to cancel promptly
-NICE = 10  # added to a hash thread's nice value: the merge's own threads come first, the hashes take the rest
+NICE = 10  # added to a hash thread's nice value (HUBMIX_HASH_NICE overrides, 0: none): the merge's threads come first
 _KNOWN: dict[str, str] = {}  # resolved path -> sha256 recorded elsewhere (the Hub's LFS metadata)
 
 
@@ -87,11 +87,15 @@ def behind_the_merge() -> None:
     its critical path: at equal priority three hash threads took most of a 2-core machine from them, so the disk
     idled early and the hashes ran on after. Niced, they use what the merge leaves, and all of it once it waits
     for the disk. Elsewhere, or where the system refuses, a no-op."""
-    if not sys.platform.startswith("linux"):
+    try:
+        step = int(os.environ.get("HUBMIX_HASH_NICE", NICE))
+    except ValueError:
+        step = NICE
+    if not sys.platform.startswith("linux") or step <= 0:
         return
     try:
         tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
     except (OSError, AttributeError):
         pass
 
