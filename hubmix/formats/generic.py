@@ -19,7 +19,9 @@ from hubmix.formats.families import families
 def near_family(keys: dict[str, int]) -> tuple[str, str, str] | None:
     """(family name, a signature pattern the keys have, one they lack) when `keys` carry part of a known family's
     single-file signature (bare, or under its main component's prefix), else None; the family whose signature
-    they hold the largest share of (a Flux file without single blocks is a damaged Flux file, not Chroma)."""
+    they hold the largest share of (a Flux file without single blocks is a damaged Flux file, not Chroma). At least
+    half of a signature must be there: one common name alone (`img_in.weight`, which Qwen-Image's signature holds
+    beside two others) says nothing about where a file came from."""
     best: tuple[float, tuple[str, str, str]] | None = None
     for fam in families().values():
         prefix = fam.components[fam.main].prefix
@@ -29,7 +31,7 @@ def near_family(keys: dict[str, int]) -> tuple[str, str, str] | None:
                 have = [x for x in patterns if any(fnmatch.fnmatchcase(k, p + x) for k in keys)]
                 lack = [x for x in patterns if x not in have]
                 share = len(have) / max(1, len(patterns))
-                if have and lack and (best is None or share > best[0]):
+                if have and lack and share >= 0.5 and (best is None or share > best[0]):
                     best = (share, (fam.name, p + have[0], p + lack[0]))
     return best[1] if best else None
 

@@ -20,6 +20,7 @@ import json
 import mmap
 import os
 import re
+import sys
 import threading
 from pathlib import Path
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from hubmix.cache import cache_root, write_atomically
 
 _lock = threading.Lock()
 BLOCK = 16 << 20  # bytes per hashlib call: large enough to release the GIL, small enough to cancel promptly
+NICE = 10  # added to a hash thread's nice value (HUBMIX_HASH_NICE overrides, 0: none): the merge's threads come first
 _KNOWN: dict[str, str] = {}  # resolved path -> sha256 recorded elsewhere (the Hub's LFS metadata)
 
 
@@ -79,6 +81,25 @@ def known_sha256(path: str | os.PathLike) -> str | None:
     return None
 
 
+def behind_the_merge() -> None:
+    """Lower the calling thread's priority (Linux keeps a nice value per thread). Hashing is CPU work that can wait
+    (the digests are needed only for the final header), while the merge's imports, planning, kernels and writes are
+    its critical path: at equal priority three hash threads took most of a 2-core machine from them, so the disk
+    idled early and the hashes ran on after. Niced, they use what the merge leaves, and all of it once it waits
+    for the disk. Elsewhere, or where the system refuses, a no-op."""
+    try:
+        step = int(os.environ.get("HUBMIX_HASH_NICE", NICE))
+    except ValueError:
+        step = NICE
+    if not sys.platform.startswith("linux") or step <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
+    except (OSError, AttributeError):
+        pass
+
+
 def sha256_of(buffer: Any, cancelled: Callable[[], bool] = lambda: False) -> str | None:
     """sha256 of a buffer (a memory map), block by block; None if `cancelled()` became true meanwhile."""
     h = hashlib.sha256()
@@ -127,6 +148,7 @@ class _Ahead:
                                        name="hubmix-ahead", daemon=True)
 
     def _hash(self, buffer: Any) -> None:
+        behind_the_merge()
         try:
             self.digest = sha256_of(buffer, self.cancel.is_set)
             if self.digest is not None:
@@ -137,6 +159,7 @@ class _Ahead:
     def _populate(self, buffer: Any) -> None:
         from hubmix.formats.io.pages import populate_mapping
 
+        behind_the_merge()
         populate_mapping(buffer, self.cancel.is_set)
 
 
@@ -240,6 +263,8 @@ class InputHashes:
         return self
 
     def _work(self, queue: list[Path]) -> None:
+        if threading.current_thread() is not threading.main_thread():  # result() hashes a leftover file itself
+            behind_the_merge()
         while not self._cancel.is_set():
             with self._guard:
                 if not queue:
