@@ -200,21 +200,33 @@ def build(*, space: bool = False) -> Any:
         recipe_yaml.change(lambda t: _safe_download(on_download, t), recipe_yaml, download,
                            api_visibility="private")
 
-        # ---- the actions: the page's buttons ---------------------------------------------------------------
-        def on_dry(text):
-            report, png = actions.dry_run(text)
+        # ---- the actions: the page's buttons (in a Space: as the signed-in visitor, hubmix.ui.visitor) ------
+        def call(request, name, *args):
+            if not space:
+                return getattr(actions, name)(*args)
+            from hubmix.ui.visitor import as_visitor
+
+            return as_visitor(visitor_token(request), name, *args)
+
+        def on_dry(text, request: gr.Request):
+            report, png = call(request, "dry_run", text)
             return actions.report_rows(report["report"] or {}), str(png) if png else None
         dry_btn.click(_errors(on_dry), recipe_yaml, [dry_table, dry_plot], api_visibility="private")
 
-        def on_samples(text, p, s, n, z):
-            grid, images, _ = actions.samples(text, p, s, n, z)
-            return images
+        def on_samples(text, p, s, n, z, request: gr.Request):
+            grid, images, _ = call(request, "samples", text, p, s, n, z)
+            return [tuple(x) for x in images]
         samples_btn.click(_errors(on_samples), [recipe_yaml, prompts, seeds, steps, size], gallery,
                           api_visibility="private")
-        sweep_btn.click(_errors(lambda t, v, p, s, n, z: str(actions.sweep(t, v, p, s, n, z))),
+        def on_sweep(t, v, p, s, n, z, request: gr.Request):
+            return str(call(request, "sweep", t, v, p, s, n, z))
+        sweep_btn.click(_errors(on_sweep),
                         [recipe_yaml, vary, prompts, seeds, steps, size], sweep_grid, api_visibility="private")
 
         def on_merge(text, target, request: gr.Request, progress=gr.Progress()):
+            if space:  # a Job under the visitor's account, pushed to their namespace
+                info = call(request, "remote", text, "", None)
+                return json.dumps(info, indent=2), ""
             try:
                 info = _merge_with_progress(text, target, request.session_hash, progress)
             except Cancelled as e:
@@ -228,11 +240,19 @@ def build(*, space: bool = False) -> Any:
             if ev is not None:
                 ev.set()
         stop_btn.click(on_stop, None, None, api_visibility="private", queue=False)
-        preview_btn.click(_errors(actions.card), [result_path, repo_id], card_md, api_visibility="private")
-        push_btn.click(_errors(lambda p, r, pr, b: actions.push(p, r, pr, b)), [result_path, repo_id, private, branch],
-                       commit_url, api_visibility="private")
+        def on_card(path, repo, request: gr.Request):
+            return call(request, "card", path, repo)
 
-        def on_remote(text, fl, repo, priv):
+        def on_push(path, repo, priv, br, request: gr.Request):
+            return call(request, "push", path, repo, priv, br)
+        preview_btn.click(_errors(on_card), [result_path, repo_id], card_md, api_visibility="private")
+        push_btn.click(_errors(on_push), [result_path, repo_id, private, branch], commit_url,
+                       api_visibility="private")
+
+        def on_remote(text, fl, repo, priv, request: gr.Request):
+            if space:
+                yield json.dumps(call(request, "remote", text, repo or "", (fl or "").split(" ")[0] or None), indent=2)
+                return
             lines: "list[str]" = []
             done = threading.Event()
             box: "dict[str, Any]" = {}
@@ -257,6 +277,15 @@ def build(*, space: bool = False) -> Any:
 
         _api(gr)
     return demo
+
+
+def visitor_token(request: Any) -> "str | None":
+    """The signed-in visitor's OAuth token (Gradio keeps it in the session); None when nobody signed in."""
+    try:
+        info = request.session.get("oauth_info") or {}
+    except (AttributeError, AssertionError, KeyError):
+        return None
+    return info.get("access_token")
 
 
 def _safe_download(fn, text):
