@@ -13,7 +13,7 @@ from typing import Any
 
 from hubmix.errors import Cancelled, HubmixError
 from hubmix.ui import actions, require_gradio
-from hubmix.ui.form import (CHOICES, DEFAULT_COMPONENTS, DEFAULT_METHOD, build_recipe, describe_models, form_values,
+from hubmix.ui.form import (CHOICES, DEFAULT_METHOD, component_names, build_recipe, describe_models, form_values,
                             method_info, preset_names, recipe_from_yaml, sliders)
 
 CANCELS: "dict[str, threading.Event]" = {}  # session -> the running merge's stop switch
@@ -78,7 +78,7 @@ def _merge_with_progress(recipe_yaml: str, out: str, session: str, progress: Any
 def build(*, space: bool = False) -> Any:
     """The Gradio Blocks of the page (`space`: visitors sign in and work runs as Jobs under their token)."""
     gr = require_gradio()
-    sl = sliders()
+    sl = sliders(DEFAULT_METHOD)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nEnter models, pick a method, check the recipe, then dry run, sample, merge and "
                     "push. The recipe YAML on the right is what every button runs (`hubmix merge --recipe`).")
@@ -104,7 +104,7 @@ def build(*, space: bool = False) -> Any:
                         w = gr.Slider(s.minimum, s.maximum, value=s.default, step=s.step, label=s.name, info=s.help,
                                       visible=shown, elem_id=f"param-{s.name}")
                     widgets.append(w)
-                components = gr.CheckboxGroup(list(DEFAULT_COMPONENTS), value=list(DEFAULT_COMPONENTS),
+                components = gr.CheckboxGroup(list(component_names()), value=list(component_names()),
                                               label="Components to merge (the others are copied from model a)",
                                               elem_id="components")
                 with gr.Row():
@@ -174,11 +174,14 @@ def build(*, space: bool = False) -> Any:
         for w in form:
             w.input(form_to_yaml, form, [recipe_yaml, status], api_visibility="private", queue=False)
 
-        def on_method(name, *rest):
-            vis = [gr.update(visible=name in s.methods) for s in sl]
-            return [method_info(name), *vis, *form_to_yaml(*rest[:1], name, *rest[1:])]
-        method.input(lambda name, m, *r: on_method(name, m, *r), [method, models, *form[2:]],
-                     [about, *widgets, recipe_yaml, status], api_visibility="private", queue=False)
+        def on_method(name, models_text, *rest):
+            own = sliders(name)  # this method's defaults, ranges and help
+            ups = [gr.update(visible=name in s.methods, value=s.default, info=s.help,
+                             **({} if s.choices else {"minimum": s.minimum, "maximum": s.maximum})) for s in own]
+            rest = list(rest[:5]) + [s.default for s in own]
+            return [method_info(name), *ups, *form_to_yaml(models_text, name, *rest)]
+        method.input(on_method, [method, models, *form[2:]], [about, *widgets, recipe_yaml, status],
+                     api_visibility="private", queue=False)
         preset.input(lambda p: p, preset, block_alpha, api_visibility="private", queue=False).then(
             form_to_yaml, form, [recipe_yaml, status], api_visibility="private", queue=False)
         check.click(_errors(describe_models), models, families, api_visibility="private")
@@ -187,7 +190,9 @@ def build(*, space: bool = False) -> Any:
         def on_upload(file):
             r = recipe_from_yaml(Path(file).read_text(), source=Path(file).name)
             v = form_values(r)
-            vals = [gr.update(value=v["params"].get(s.name, s.default), visible=r.method in s.methods) for s in sl]
+            vals = [gr.update(value=v["params"].get(s.name, s.default), visible=r.method in s.methods, info=s.help,
+                              **({} if s.choices else {"minimum": s.minimum, "maximum": s.maximum}))
+                    for s in sliders(r.method)]
             return [v["models"], r.method, v["components"], v["dtype"], v["layout"], v["block_alpha"] or "",
                     v["loras"], *vals, r.to_yaml(), "", method_info(r.method)]
         upload.upload(_errors(on_upload), upload, [*form, recipe_yaml, status, about], api_visibility="private")

@@ -14,7 +14,13 @@ from hubmix.methods import methods
 from hubmix.recipe import DTYPES, LAYOUTS, Recipe
 
 DEFAULT_METHOD = "weighted_sum"
-DEFAULT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+
+
+def component_names() -> tuple[str, ...]:
+    """Every component any family has (unet, text encoders, vae, transformer, ...): the form's checkboxes."""
+    from hubmix.formats.families import all_component_names
+
+    return tuple(all_component_names())
 
 
 @dataclass(frozen=True)
@@ -31,24 +37,34 @@ class Slider:
     methods: tuple[str, ...]
 
 
-def sliders() -> list[Slider]:
-    """Every parameter name of every registered method, in registry order, with the first method's range and
-    default (a name means one thing across methods: the CLI asserts the same); unbounded ranges get a usable
-    slider span around the default."""
+def _slider(p: Any, helps: str, names: tuple[str, ...]) -> Slider:
+    if p.integer:
+        lo, hi = (p.min if p.min is not None else 0), (p.max if p.max is not None else max(100, 2 * p.default))
+    elif p.choices:
+        lo, hi = 0.0, 1.0
+    else:  # an unbounded side gets a usable span around the default
+        lo = p.min if p.min is not None else min(0.0, float(p.default)) - 1.0
+        hi = p.max if p.max is not None else max(2.0, 2 * float(p.default))
+    return Slider(p.name, p.default, float(lo), float(hi), 1.0 if p.integer else 0.01, p.integer, p.choices, helps,
+                  names)
+
+
+def sliders(method: str | None = None) -> list[Slider]:
+    """One slider per parameter name across the registry (the page's widgets), in registry order; with `method`,
+    each name that method has takes its default, range and help (a name's range differs between methods:
+    weighted_sum's alpha is [0, 1], add_difference's is open)."""
     by_name: dict[str, list] = {}
     for m in methods().values():
         for p in m.params:
             by_name.setdefault(p.name, []).append((m, p))
     out = []
     for name, entries in by_name.items():
-        p = entries[0][1]
-        lo = p.min if p.min is not None else min(0.0, float(p.default) if not p.choices else 0.0) - 1.0
-        hi = p.max if p.max is not None else (max(2.0, 2 * float(p.default)) if not p.choices else 1.0)
-        if p.integer:
-            lo, hi = (p.min if p.min is not None else 0), (p.max if p.max is not None else max(100, 2 * p.default))
-        helps = "; ".join(f"{m.name}: {q.help}" + (f" {q.range_text}" if q.range_text else "") for m, q in entries)
-        out.append(Slider(name, p.default, float(lo), float(hi), 1.0 if p.integer else 0.01, p.integer, p.choices,
-                          helps, tuple(m.name for m, _ in entries)))
+        names = tuple(m.name for m, _ in entries)
+        own = [(m, p) for m, p in entries if m.name == method]
+        m, p = (own or entries)[0]
+        helps = f"{p.help} {p.range_text}".strip() if own else "; ".join(
+            f"{m.name}: {q.help}" for m, q in entries)
+        out.append(_slider(p, helps, names))
     return out
 
 
@@ -127,9 +143,7 @@ def build_recipe(models_text: str | None, method: str, params: dict[str, Any] | 
 
     comps = {}
     if components is not None:
-        from hubmix.formats.families import all_component_names
-
-        comps = {c: ComponentRecipe(from_="a") for c in all_component_names() if c not in components}
+        comps = {c: ComponentRecipe(from_="a") for c in component_names() if c not in components}
     loras = []
     if loras_text and loras_text.strip():
         from hubmix.formats.lora import parse_lora_option
@@ -163,7 +177,7 @@ def form_values(recipe: Recipe) -> dict[str, Any]:
         loras.append(f"{ref}:{x['strength']:g}" if x.get("strength", 1) != 1 else str(ref))
     block = recipe.block_lists.get("alpha")
     return {"models": "\n".join(model_entry(m)["ref"] for m in recipe.models), "method": recipe.method,
-            "params": dict(recipe.params), "components": [c for c in DEFAULT_COMPONENTS if c not in copied],
+            "params": dict(recipe.params), "components": [c for c in component_names() if c not in copied],
             "dtype": recipe.dtype or "", "layout": recipe.layout or "",
             "block_alpha": block if isinstance(block, str) or block is None else ",".join(f"{v:g}" for v in block),
             "loras": "\n".join(loras)}
@@ -172,4 +186,4 @@ def form_values(recipe: Recipe) -> dict[str, Any]:
 CHOICES = {"dtype": ("",) + DTYPES, "layout": ("",) + LAYOUTS}
 
 __all__ = ["Slider", "sliders", "method_info", "parse_models", "describe_models", "block_labels", "preset_names",
-           "build_recipe", "recipe_from_yaml", "form_values", "CHOICES", "DEFAULT_COMPONENTS"]
+           "build_recipe", "recipe_from_yaml", "form_values", "CHOICES", "component_names"]
