@@ -71,3 +71,12 @@ def test_each_model_line_shows_what_inspect_says(zoo, tmp_path):
         assert row == [str(path), f"{info['family_name']} ({info['family']})", info["layout"],
                        ", ".join(info["components"])]
     assert rows[2][0].endswith("nope.safetensors") and "no such file" in rows[2][1]
+
+
+def test_ui_without_gradio_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
+    code, out, err = run_cli("ui", "--port", "1")
+    assert code == 1 and err.strip() == ("error: the web UI needs Gradio: pip install 'hubmix[ui]' (or pip install "
+                                         "'gradio>=5')")
