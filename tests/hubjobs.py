@@ -106,9 +106,9 @@ class JobRunner:
                 os.chmod(target, stat.S_IRUSR | stat.S_IRGRP)  # a read-only mount
             job.mounts[vol["mountPath"]] = folder
 
-        def mapped(text: str) -> str:  # longest mount path first, so /m/a never rewrites inside /m/ab
+        def mapped(text: str) -> str:  # whole paths only: /m/a never rewrites inside /m/ab or user/m/a
             for mount in sorted(job.mounts, key=len, reverse=True):
-                text = text.replace(mount, job.mounts[mount])
+                text = re.sub(rf"(?<![\w./-]){re.escape(mount)}(?![\w.-])", lambda _: job.mounts[mount], text)
             return text
 
         image = spec.get("dockerImage") or spec.get("spaceId")

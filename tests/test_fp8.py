@@ -130,17 +130,26 @@ def _nf4(path: Path) -> Path:
     return path
 
 
-def _scaled(path: Path) -> Path:
-    w = torch.zeros(4, 4, dtype=torch.float8_e4m3fn)
-    save_file({"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn), "double_blocks.0.img_attn.qkv.weight": w,
-               "double_blocks.0.img_attn.qkv.scale_weight": torch.ones(1)}, str(path))
+def _nvfp4(path: Path) -> Path:
+    """ComfyUI's quantized layout in a format hubmix does not dequantize (tests/test_quant.py reads the others)."""
+    w = torch.zeros(4, 2, dtype=torch.uint8)
+    conf = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    save_file({"double_blocks.0.img_attn.qkv.weight": w, "double_blocks.0.img_attn.qkv.comfy_quant": conf,
+               "double_blocks.0.img_attn.qkv.weight_scale": torch.ones(1)}, str(path))
+    return path
+
+
+def _int8(path: Path) -> Path:
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4, dtype=torch.int8),
+               "double_blocks.0.img_attn.qkv.SCB": torch.ones(4)}, str(path))
     return path
 
 
 @pytest.mark.parametrize("make, words", [
     (lambda p: (p.write_bytes(b"GGUF" + bytes(60)), p)[1], "GGUF"),
-    (_nf4, "bitsandbytes NF4"),
-    (_scaled, "scaled fp8"),
+    (_nf4, "bitsandbytes quant state"),  # a quant state that is no JSON
+    (_nvfp4, "nvfp4"),
+    (_int8, "LLM.int8"),
 ])
 def test_quantized_formats_refused_by_name(zoo, tmp_path, cli, make, words):
     suffix = ".gguf" if words == "GGUF" else ".safetensors"

@@ -6,20 +6,22 @@ of three points, and the Hub's refusals as one line each."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import stat
-import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import assert_one_line_error
+import jobimage
 from hubjobs import HARDWARE, LABEL, enable_jobs
 from hubserver import configure_hf_client, guard_loopback, start_hub_server
 
+from hubmix.hub.wheel import build as build_wheel
+
 TOKEN = "hf_test_token_user"
 IMAGE = "pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime"
-WORKTREE = Path(__file__).resolve().parents[1]
 INPUTS = ["org/a", "org/b@v1", "org/c/checkpoints/c.safetensors"]
 
 
@@ -27,28 +29,11 @@ def _folder_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _shims(root: Path) -> dict[str, str]:
-    """The image's environment: `pip` records what it is asked to install (fails for a spec containing 'broken',
-    sleeps for 'slow'), `hubmix` runs this worktree's hubmix with the test's interpreter."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "pip").write_text(f"""#!/bin/sh
-echo "$@" >> {root}/pip.log
-case "$*" in *broken*) echo "ERROR: No matching distribution found for $HUBMIX_INSTALL"; exit 1;; esac
-case "$*" in *slow*) sleep 60;; esac
-exit 0
-""")
-    (root / "hubmix").write_text(f"#!/bin/sh\nexec {sys.executable} -m hubmix \"$@\"\n")
-    for f in ("pip", "hubmix"):
-        (root / f).chmod(stat.S_IRWXU)
-    return {"PATH": f"{root}:/usr/bin:/bin", "PYTHONPATH": str(WORKTREE), "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(scope="module")
 def seeded(zoo, tmp_path_factory):
     server = start_hub_server(tokens={TOKEN: "user", "hf_other": "other"})
     shims = tmp_path_factory.mktemp("image")
-    runner = enable_jobs(server, images={IMAGE: _shims(shims)})
+    runner = enable_jobs(server, images={IMAGE: jobimage.image(shims)})
     server.create_repo("org/a")
     shas = {"a": server.commit("org/a", {**_folder_files(zoo.diffusers("sd1", 1)),
                                          "README.md": b"---\nlicense: mit\n---\n"})}
@@ -102,9 +87,10 @@ def test_remote_merge_spec_result_and_reproduce(hub, cli, tmp_path):
 
     # the spec: every input a read-only model volume at its pinned commit; flavor, timeout; the token a secret only
     (spec,) = _creates(hub)
+    wheel_commit = hub.resolve("user/hubmix-wheels")
     assert sorted((v["source"], v["revision"], v["readOnly"], v["type"]) for v in spec["volumes"]) == [
         ("org/a", hub.shas["a"], True, "model"), ("org/b", hub.shas["b"], True, "model"),
-        ("org/c", hub.shas["c"], True, "model")]
+        ("org/c", hub.shas["c"], True, "model"), ("user/hubmix-wheels", wheel_commit, True, "model")]
     assert (spec["flavor"], spec["timeoutSeconds"], spec["dockerImage"]) == ("cpu-upgrade", 3600, IMAGE)
     assert spec["secrets"] == {"HF_TOKEN": TOKEN}
     job = next(iter(j for j in hub.runner.jobs.values() if j.spec == spec))
@@ -116,7 +102,18 @@ def test_remote_merge_spec_result_and_reproduce(hub, cli, tmp_path):
     assert job.env["HF_TOKEN"] == TOKEN  # the secret reached the job's process
     recipe = yaml.safe_load(spec["environment"]["HUBMIX_RECIPE"])
     assert [m["revision"] for m in recipe["models"]] == [hub.shas["a"], hub.shas["b"], hub.shas["c"]]
-    assert hub.pip_log.read_text().splitlines()[-1].endswith("hubmix==0.1.0")  # the same version, pinned
+    # hubmix came from the wheel of this hubmix, mounted from the user's private repo; the job ran that code
+    wheel = build_wheel()
+    assert hub.repos["user/hubmix-wheels"].private and wheel.name in hub.files("user/hubmix-wheels", wheel_commit)
+    assert spec["environment"]["HUBMIX_INSTALL"] == f"/mnt/hubmix-wheel/{wheel.name}"
+    assert hub.pip_log.read_text().splitlines()[-1].endswith(f"/{wheel.name}")
+    assert "PYTHONPATH" not in job.env
+    assert jobimage.imported_from(hub.runner, job.id) == str(jobimage.site(hub.runner, job.id) / "hubmix/__init__.py")
+    installed = jobimage.site(hub.runner, job.id) / "hubmix"
+    assert {p.relative_to(installed).as_posix(): p.read_bytes() for p in installed.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts} == {
+        n[len("hubmix/"):]: zipfile.ZipFile(io.BytesIO(wheel.data)).read(n)
+        for n in zipfile.ZipFile(io.BytesIO(wheel.data)).namelist() if n.startswith("hubmix/")}
     # nothing was downloaded: the job read the mounts, the local side only pinned
     assert [r for r in hub.requests if r.route == "resolve" and r.params["repo"].startswith("org/")] == []
 
@@ -131,6 +128,8 @@ def test_remote_merge_spec_result_and_reproduce(hub, cli, tmp_path):
         assert _sha(pushed[path]) == _sha((local / path).read_bytes()), path
     card = pushed["README.md"].decode()
     assert f"job `{job.id}`" in card and "`cpu-upgrade`" in card and IMAGE in card
+    assert f"sha256 `{wheel.sha256}`" in card
+    assert f"`user/hubmix-wheels` at commit `{wheel_commit}`" in card
 
     code, out, err = cli("reproduce", "user/remote", "-q")
     assert code == 0, out + err
@@ -145,6 +144,10 @@ def test_failing_job_prints_its_last_lines(hub, cli):
     assert err.strip().splitlines()[-1].startswith("error: job user/")
     assert "ERROR: Job failed with exit code: 1" in err
     assert "user/fails" not in hub.repos
+    (spec,) = _creates(hub)  # --remote-install: that spec as given, no wheel built, uploaded or mounted
+    assert spec["environment"]["HUBMIX_INSTALL"] == "hubmix @ https://example.invalid/broken.whl"
+    assert {v["source"] for v in spec["volumes"]} == {"org/a", "org/b"}
+    assert not [r for r in hub.requests if "hubmix-wheels" in r.path]
     job_id = err.split("started job ")[1].split(":")[0]
     code, out, _ = cli("jobs", "status", job_id)
     assert code == 1 and "ERROR (Job failed with exit code: 1)" in out and "No matching distribution" in out
@@ -160,7 +163,7 @@ def test_detach_upload_inputs_then_follow(hub, cli, zoo):
     uploaded = f"user/hubmix-input-{local.name}"
     assert hub.repos[uploaded].private
     (spec,) = _creates(hub)
-    assert {v["source"] for v in spec["volumes"]} == {uploaded, "org/b"}
+    assert {v["source"] for v in spec["volumes"]} == {uploaded, "org/b", "user/hubmix-wheels"}
 
     code, out, err = cli("jobs", "list")
     assert code == 0 and job_id in out and "user/later" in out

@@ -18,7 +18,8 @@ JOB_OPTIONS = [  # how a remote merge runs (merge and sweep)
     click.option("--timeout", metavar="DURATION", help="With --remote: stop the job after this long (e.g. 30m, 2h)."),
     click.option("--detach", is_flag=True, help="With --remote: print the job id and return."),
     click.option("--remote-install", metavar="SPEC", help="With --remote: what the job pip-installs (default: this "
-                                                          "hubmix version; a wheel URL or git+https://...)."),
+                                                          "hubmix, as a wheel uploaded once to your private "
+                                                          "hubmix-wheels repo; a wheel URL or git+https://...)."),
     click.option("--upload-inputs", is_flag=True, help="With --remote: upload local inputs to private repos of "
                                                        "yours first (else they are refused)."),
     click.option("--max-jobs", type=click.IntRange(1, 64), default=4, show_default=True,

@@ -49,10 +49,10 @@ def load_views(job: Job, spans: bool = False) -> list[Any]:
     if spans:
         whole = [input_span(r) for r in job.task.refs]
         return [s.flat(job.start, job.stop) for s in whole] if job.task.chunkable else whole  # type: ignore[union-attr]
-    views = [r.load() for r in job.task.refs]
-    if job.task.chunkable:
-        return [v.reshape(-1)[job.start:job.stop] for v in views]
-    return views
+    if job.task.chunkable:  # a quantized input dequantizes the chunk's range only
+        return [r.load_flat(job.start, job.stop) if r.quant else r.load().reshape(-1)[job.start:job.stop]
+                for r in job.task.refs]
+    return [r.load() for r in job.task.refs]
 
 
 def input_span(ref: TensorRef) -> Span | None:
@@ -70,6 +70,11 @@ def span_ready(task: Task, kernels: Kernels) -> bool:
     these parameters; no LoRA or channel merge. Spans need the native library: its NaN/inf scan and transposes."""
     if task.lora is not None or task.channels is not None or native.Native.library() is None:
         return False
+    if task.quant is not None:  # a quantized output: a format whose native encoders take spans
+        from hubmix.formats.quant import codec
+
+        if not codec(task.quant).spans:  # type: ignore[union-attr]
+            return False
     if any(r.stored_span() is None for r in task.refs):
         return False
     dtypes = [r.dtype_name for r in task.refs]
@@ -110,8 +115,7 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
     task = job.task
     dtype = task.out_dtype
     if task.lora is not None:  # baked LoRAs: the merge in float32 (eager, on the CPU) plus the LoRA delta
-        delta = task.lora.take(job.start, job.stop).view(views[0].shape)
-        return (_float32(task, views, job.start) + delta).to(dtype)
+        return task.lora.apply(_float32(task, views, job.start), job.start, job.stop).to(dtype)
     if task.method is None:
         x = views[0]
         if x.dtype == dtype:
@@ -159,6 +163,42 @@ def compute_on_device(job: Job, views: list[torch.Tensor], kernels: Kernels):
 
 def needs_stats(task: Task) -> bool:
     return task.method is not None and bool(task.method.stats) and task.channels is None and task.stats is None
+
+
+def needs_quant_stat(task: Task) -> bool:
+    return task.quant is not None and task.quant_stat is None
+
+
+def quant_stat(task: Task, by_task: dict[int, list[Job]], submit, kernels: Kernels, spans: bool = False) -> None:
+    """The per-tensor statistic a quantized output format needs before its first chunk is encoded: the largest
+    |x| of the merged values (computed here once more, chunk by chunk, as they will be computed again for writing),
+    over every task of the stored tensor (the parts of a fused one). 0 for formats that need none."""
+    from hubmix.formats.quant import accel, codec
+
+    group = task.quant_group or [task]
+    stat = 0.0
+    if codec(task.quant).needs_amax:  # type: ignore[arg-type,union-attr]
+        for t in group:  # a whole-tensor method's own statistics come first (the merged values depend on them)
+            if needs_stats(t) and by_task.get(id(t)):
+                task_stats(t, by_task[id(t)], submit)
+
+        def amax(job: Job) -> float:
+            if spans:  # into this worker's scratch buffer: only its maximum is kept
+                from hubmix.engine.native_quant import scratch
+
+                buf = scratch("amax", job.numel * 4)
+                x = compute_span(job, load_views(job, True), kernels, Span(buf.owner, buf.address, "float32",
+                                                                               (job.numel,)))
+            else:
+                x = compute(job, load_views(job), kernels)
+            fast = accel.call("amax", x)
+            return fast if fast is not None else float(x.float().abs().amax()) if x.numel() else 0.0
+
+        futures = [submit(amax, j) for t in group for j in by_task.get(id(t), [])]
+        values = [f.result() for f in futures]
+        stat = float("nan") if any(v != v for v in values) else max(values, default=0.0)
+    for t in group:
+        t.quant_stat = stat
 
 
 def task_stats(task: Task, jobs: list[Job], submit) -> None:

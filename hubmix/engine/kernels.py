@@ -125,6 +125,7 @@ class Kernels:
         self._native: dict[tuple, Callable[..., Any] | None] = {}
         self._compiled: dict[tuple, Kernel] = {}
         self._thread: threading.Thread | None = None
+        self._quant = False  # the native encoders of quantized outputs are installed (formats.quant.accel)
         self.calls = {"native": 0, "compiled": 0, "eager": 0}
         self.compile_seconds: float | None = None
         self.native_build_seconds: float | None = None
@@ -166,7 +167,7 @@ class Kernels:
             self._native[k] = native.kernel(method, dtypes, out_dtype)
         return self._native[k]
 
-    def start(self, signatures: list[Signature]) -> None:
+    def start(self, signatures: list[Signature], quantized: bool = False) -> None:
         """Prepare fused kernels for the signatures a merge uses: native ones now (a build costs seconds,
         once), torch.compile for the rest on a background thread."""
         rest = signatures
@@ -186,6 +187,10 @@ class Kernels:
             elif self.mode == "native" and rest:
                 self.log(f"no native kernel for {', '.join(sorted({m.name for m, _, _ in rest}))} with these "
                          f"dtypes; those run eagerly")
+        if self.use_native and quantized:  # quantized outputs' encoders (formats.quant) in C while this merge runs
+            from hubmix.engine import native_quant
+
+            self._quant = native_quant.install()
         rest = [sig for sig in rest if sig[0].element is None]  # their statistics and contexts are not traced
         # inductor cannot promote fp8 (torch.where, mixed arithmetic): fp8 chunks run native or eagerly
         rest = [sig for sig in rest if not any(dtype_name(d) in FP8 for d in (*sig[1], sig[2]))]
@@ -222,6 +227,11 @@ class Kernels:
     def close(self) -> None:
         """Wait for a compile still running: a daemon thread inside torch.compile at interpreter exit aborts the
         process. Only merges that started one (large, with a method without a native kernel) ever wait here."""
+        if self._quant:
+            from hubmix.engine import native_quant
+
+            native_quant.uninstall()
+            self._quant = False
         if self._thread is not None and self._thread.is_alive():
             self.log("waiting for torch.compile to finish before exiting (it outlasted the merge)")
             self._thread.join()

@@ -7,7 +7,9 @@ machine: no matmul (whose summation order BLAS picks per CPU and thread count) d
 up[i][k] * down[k][j] is exact in float64, a rank's products are added in order k = 0, 1, ... (element-wise float64
 additions), the modules' scaled deltas are added in recipe and file order in float64, and the total is rounded to
 float32 once. The native library computes the same bits in C
-(lora_delta) where it is loaded.
+(lora_delta) where it is loaded. LyCORIS kinds (LoHa, LoKr, CP LoCon, full diffs: hubmix.lora.weights) are
+computed in float32 torch and added in the same float64 order. A DoRA module rescales the whole weight, so a tensor
+with one is processed whole (`needs_whole`) and its modules are applied in order on the merged weight.
 """
 
 from __future__ import annotations
@@ -32,14 +34,25 @@ class LoraDelta:
         self._delta: torch.Tensor | None = None
         self._left = self.numel
 
+    @property
+    def needs_whole(self) -> bool:
+        return any(m.dora is not None for m in self.modules)
+
     def full(self) -> torch.Tensor:
         """The whole delta, flat, float32: the modules' updates added in recipe and file order."""
         import torch
 
         from hubmix.engine import native
+        from hubmix.lora.weights import module_update
 
         total = None
         for m in self.modules:
+            if m.kind != "lora" or "mid" in m.parts:
+                u = module_update(m, self.shape).reshape(self.shape[0], -1).double()
+                if total is None:
+                    total = torch.zeros_like(u)
+                total += u * m.strength
+                continue
             up, down = m.up.load().float(), m.down.load().float()
             rank = down.shape[0]
             up, down = up.reshape(up.shape[0], rank), down.reshape(rank, -1)
@@ -57,6 +70,26 @@ class LoraDelta:
             self._left -= stop - start
             self._delta = delta if self._left > 0 else None
         return delta[start:stop]
+
+    def apply(self, weight: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """`weight` (float32, elements [start, stop) of the merged tensor) with the LoRAs applied."""
+        if not self.needs_whole:
+            return weight + self.take(start, stop).view(weight.shape)
+        from hubmix.lora.weights import dora, module_update
+
+        w = weight.reshape(self.shape)
+        pending = None
+        for m in self.modules:
+            u = module_update(m, self.shape)
+            if m.dora is None:
+                pending = u.mul_(m.strength) if pending is None else pending.add_(u, alpha=m.strength)
+                continue
+            if pending is not None:
+                w, pending = w + pending, None
+            w = dora(w, u, m.dora.load(), m.strength)
+        if pending is not None:
+            w = w + pending
+        return w.reshape(weight.shape)
 
 
 PIECE = 1 << 15  # float64 elements of the running sum per step of the torch path (256 KiB: stays in cache)

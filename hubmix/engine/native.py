@@ -20,10 +20,11 @@ import ctypes
 import os
 import struct
 import threading
+import types
 from typing import TYPE_CHECKING, Any, Callable
 
 from hubmix.engine import native_build
-from hubmix.engine.native_source import helpers_unit, prelude
+from hubmix.engine.native_source import csrc_text, helpers_unit, prelude
 from hubmix.formats.io.span import Span, dtype_name, torch_dtype
 
 if TYPE_CHECKING:
@@ -131,7 +132,9 @@ def source() -> list[str]:
                     store = f"st_{t_out}(o, i, take ? f{x} : f{y});"
                 parts.append(f"void {name}_{t_in}_{t_out}(K) {{ {_loop(n, t_in, f'{body} {store}')} }}")
     head = prelude()
-    return [helpers_unit(), *(head + "\n".join(parts[i::PARTS]) + "\n" for i in range(PARTS))]
+    return [helpers_unit(), *(head + "\n".join(parts[i::PARTS]) + "\n" for i in range(PARTS)),
+            csrc_text("gguf_quants.c"),  # GGUF block (de)quantization (formats.quant.gguf_blocks)
+            csrc_text("quant.c")]  # the scaled-fp8 / NF4 outputs' encoders (formats.quant)
 
 
 # Which native kernel computes a method, and its float32 scalars derived from the parameters as torch would.
@@ -231,6 +234,10 @@ class Native:
             raise AttributeError("the library's block sums use another block size")
         _typed(lib, "init_f16", [], None)()  # the float16 load table, before any kernel runs
         cls.scans, cls.helpers = scans, helpers
+        from hubmix.formats.quant import gguf_blocks  # formats is a floor below: the library is handed over
+
+        gguf_blocks.LIB = types.SimpleNamespace(**{n: _typed(lib, n, [ctypes.c_int, p, p, i64], ctypes.c_int)
+                                                   for n in ("gguf_quantize", "gguf_dequantize")})
         cls.scan_addresses = {t: ctypes.cast(f, ctypes.c_void_p).value for t, f in scans.items()}
 
 

@@ -19,6 +19,7 @@ from hubmix.formats.families import ComponentSpec, Family
 from hubmix.formats.io.writer import PlannedTensor, SafetensorsWriter
 from hubmix.formats.layouts import COPYING, KeyMap, apply_to_original, part_rows, to_original_shape
 from hubmix.formats.model import check_component_name
+from hubmix.formats.quant import codec as quant_codec
 from hubmix.engine.plan import Summary, Task
 from hubmix.formats.io.span import Span, dtype_name
 
@@ -32,7 +33,8 @@ class OutputFile:
     metadata: dict[str, str]
     planned: dict[str, PlannedTensor] = field(default_factory=dict)
     generated: dict[str, Span] = field(default_factory=dict)
-    writer: SafetensorsWriter | None = None
+    writer: Any = None  # a SafetensorsWriter, or a GGUFWriter for a .gguf output
+    gguf: tuple | None = None  # (the family's GGUF rules, the --dtype, model a's dtype of each key) for a .gguf
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Route:
     key: str
     byte_base: int
     transform: str | None
+    codec: Any = None  # a formats.quant codec: the float32 result is encoded into its stored tensors
+    shape: tuple[int, ...] = ()  # the stored logical tensor's shape (a fused tensor's whole shape)
 
 
 class Router:
@@ -54,6 +58,7 @@ class Router:
         """A diffusers component's weight file: canonical keys as they are."""
         f = OutputFile(path, metadata)
         for t in tasks:
+            assert t.quant is None, f"{t.key}: quantized outputs are single files (outputs.plan_outputs refuses)"
             f.planned[t.key] = PlannedTensor(t.key, t.dtype_name, t.shape)
             self.routes.setdefault((component, t.key), []).append(Route(f, t.key, 0, None))
         self.files.append(f)
@@ -76,8 +81,11 @@ class Router:
                     continue
                 if place.part is None:
                     shape = to_original_shape(place.transform, t.shape)
-                    f.planned[place.key] = PlannedTensor(place.key, t.dtype_name, shape)
-                    self.routes.setdefault((component, t.key), []).append(Route(f, place.key, 0, place.transform))
+                    if t.quant is not None and place.transform is not None and place.transform not in COPYING:
+                        keep_high_precision([t])  # reshaped on the way out (a VAE's 1x1 conv): not a Linear weight
+                    fmt = self._plan(f, place.key, t, shape)
+                    self.routes.setdefault((component, t.key), []).append(
+                        Route(f, place.key, 0, place.transform, fmt, shape))
                 else:
                     fused.setdefault(place.key, {})[place.part[0]] = t
                     widths[place.key] = place.part[1]
@@ -88,24 +96,44 @@ class Router:
                                         f"{list(widths[okey])}, has {len(pieces)} that do not fit; not in {name}")
                     continue
                 rows = sum(t.shape[0] for t in order)
-                f.planned[okey] = PlannedTensor(okey, order[0].dtype_name, (rows, *order[0].shape[1:]))
+                shape = (rows, *order[0].shape[1:])
+                if any(t.quant is not None for t in order):
+                    _quantize_together(order)
+                fmt = self._plan(f, okey, order[0], shape)
                 base = 0
                 for t in order:
-                    self.routes.setdefault((component, t.key), []).append(Route(f, okey, base, None))
+                    self.routes.setdefault((component, t.key), []).append(Route(f, okey, base, None, fmt, shape))
                     base += t.out_nbytes
             by_key = {t.key: t for t in tasks}
             for rel, canon in keymap.copies.items():  # the same tensor under a second original key (T5's tied one)
                 t = by_key.get(canon)
                 if t is not None:
                     okey = keymap.prefix + rel
-                    f.planned[okey] = PlannedTensor(okey, t.dtype_name, t.shape)
-                    self.routes.setdefault((component, t.key), []).append(Route(f, okey, 0, None))
+                    fmt = self._plan(f, okey, t, t.shape)
+                    self.routes.setdefault((component, t.key), []).append(Route(f, okey, 0, None, fmt, t.shape))
             for rel in keymap.generated:
                 okey = keymap.prefix + rel
                 tensor = keymap.generated_tensor(rel)
                 f.generated[okey] = tensor
                 f.planned[okey] = PlannedTensor(okey, tensor.dtype, tuple(tensor.shape))
+        codecs = {r.codec for rs in self.routes.values() for r in rs if r.file is f and r.codec is not None}
+        for fmt in codecs:  # a format's once-per-file tensors (ComfyUI's scaled_fp8 marker), under the denoiser
+            prefix = next(km.prefix for c, (km, ts) in parts.items() if any(t.quant == fmt.name for t in ts))
+            for okey, tensor in fmt.file_tensors(prefix).items():
+                f.generated[okey] = tensor
+                f.planned[okey] = PlannedTensor(okey, tensor.dtype, tuple(tensor.shape))
         self.files.append(f)
+
+    @staticmethod
+    def _plan(f: OutputFile, okey: str, t: Task, shape: tuple[int, ...]) -> Any:
+        """Plan one output tensor: plain, or a quantized task's stored tensors; returns its codec (or None)."""
+        fmt = quant_codec(t.quant) if t.quant is not None else None
+        if fmt is None:
+            f.planned[okey] = PlannedTensor(okey, t.dtype_name, shape)
+            return None
+        for st in fmt.plan(okey, shape):
+            f.planned[st.key] = PlannedTensor(st.key, st.dtype, st.shape)
+        return fmt
 
     def wanted(self, tasks: list[Task]) -> list[Task]:
         """The tasks whose result goes somewhere; those written transposed are marked whole-only."""
@@ -120,6 +148,9 @@ class Router:
     def open(self) -> None:
         for f in self.files:
             f.path.parent.mkdir(parents=True, exist_ok=True)
+            if f.gguf is not None:
+                f.writer = _gguf_writer(f)
+                continue
             f.writer = SafetensorsWriter(f.path, list(f.planned.values()), f.metadata)
             for key, tensor in f.generated.items():
                 f.writer.write(key, tensor)
@@ -127,7 +158,18 @@ class Router:
     def write(self, job: Job, data: torch.Tensor | Span) -> None:
         for r in self.routes[(job.task.component, job.task.key)]:
             assert r.file.writer is not None
-            if r.transform in COPYING:  # needs the whole tensor: such tasks are never split
+            if r.codec is not None:  # float32 chunk -> the format's stored pieces, at their own offsets
+                start = r.byte_base // job.task.out_itemsize + job.start
+                flat = data.reshape((job.numel,))
+                if r.transform in COPYING:  # a whole tensor (swapped halves): moved first, then encoded
+                    shaped = data.reshape(job.task.shape)
+                    moved = (native.transformed(r.transform, shaped, to_original_shape(r.transform, job.task.shape))
+                             if isinstance(shaped, Span) else apply_to_original(r.transform, shaped))
+                    flat = moved.reshape((job.numel,))
+                for key, offset, piece in r.codec.encode(r.key, r.shape, flat, start,
+                                                         job.task.quant_stat):
+                    r.file.writer.write(key, piece, offset)
+            elif r.transform in COPYING:  # needs the whole tensor: such tasks are never split
                 assert job.whole, f"{job.task.key}: a {r.transform} tensor cannot be written in chunks"
                 shaped = data.reshape(job.task.shape)
                 stored = (native.transformed(r.transform, shaped, to_original_shape(r.transform, job.task.shape))
@@ -145,6 +187,37 @@ class Router:
         for f in self.files:
             if f.writer is not None:
                 f.writer.abort()
+
+
+def _gguf_writer(f: OutputFile) -> Any:
+    from hubmix.formats.quant.gguf_write import GGUFWriter, stored_type
+
+    rules, dtype, sources = f.gguf  # type: ignore[misc]
+    tensors = [stored_type(rules, k, p.shape, sources.get(k, "float32"), dtype) for k, p in sorted(f.planned.items())]
+    return GGUFWriter(f.path, rules["architecture"], dtype, tensors, f.metadata)
+
+
+def keep_high_precision(tasks: list[Task]) -> None:
+    """Tasks a quantized format cannot encode where they land: written in its high-precision dtype instead."""
+    for t in tasks:
+        if t.quant is not None:
+            t.dtype_name = quant_codec(t.quant).keep_dtype  # type: ignore[union-attr]
+            t.quant = None
+
+
+def _quantize_together(order: list[Task]) -> None:
+    """The parts of one fused output tensor (Flux's qkv) are quantized as one tensor, sharing one statistic (a
+    per-tensor scale), when all are quantized and each starts on a block of the format; else none is."""
+    fmt = quant_codec(order[0].quant) if order[0].quant else None
+    base, ok = 0, fmt is not None and len({t.quant for t in order}) == 1
+    for t in order:
+        ok = ok and base % (2 * fmt.block) == 0  # type: ignore[union-attr]
+        base += t.numel
+    if not ok:
+        keep_high_precision(order)
+        return
+    for t in order:
+        t.quant_group = order
 
 
 def _fused_parts(pieces: dict[int, Task], widths: tuple[int, ...]) -> list[Task] | None:
@@ -212,7 +285,8 @@ def model_index(family: Family, inpainting: bool, scheduler_cls: str, base: dict
             idx[name] = [spec.library, spec.cls]
         for name, cls in family.tokenizers.items():
             idx[name] = ["transformers", cls]
-    idx["_class_name"] = family.inpaint_pipeline if inpainting else family.pipeline
+    if idx.get("_class_name") not in family.pipelines:  # Qwen-Image-Edit, FLUX.2 Klein keep their own
+        idx["_class_name"] = family.inpaint_pipeline if inpainting else family.pipeline
     return idx
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from tqdm.auto import tqdm
 
 from hubmix.engine.chunk import (Job, compute, compute_on_device, compute_span, count_nonfinite, load_views,
-                                 needs_stats, on_device, prefetch, task_stats)
+                                 needs_quant_stat, needs_stats, on_device, prefetch, quant_stat, task_stats)
 from hubmix.engine.kernels import Kernels
 from hubmix.engine.plan import Task
 from hubmix.formats.io.span import Span
@@ -160,7 +160,7 @@ def run_merge(jobs: list[Job], write: Callable[[Job, Any], None], kernels: Kerne
         return finish
 
     _pipeline(jobs, produce, workers=workers, desc=desc, quiet=quiet, in_flight=None, prefetch_views=True,
-              stats=True, spans=spans, progress=progress, cancel=cancel)
+              stats=True, spans=spans, progress=progress, cancel=cancel, kernels=kernels)
 
 
 def _torch_buffer(size: int) -> torch.Tensor:
@@ -171,7 +171,8 @@ def _torch_buffer(size: int) -> torch.Tensor:
 
 def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool, in_flight: int | None,
               prefetch_views: bool, stats: bool = False, spans: bool = False,
-              progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None) -> None:
+              progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None,
+              kernels: Kernels | None = None) -> None:
     """prefetcher -> `workers` compute threads -> one writer thread, with at most `in_flight` jobs between the
     first and the last stage. `cancel` is looked at before each chunk is read and before each is written."""
     in_flight = in_flight or 2 * workers + 2
@@ -229,6 +230,8 @@ def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool,
                 for job in jobs:
                     if stats and needs_stats(job.task):
                         task_stats(job.task, by_task[id(job.task)], pool.submit)
+                    if stats and needs_quant_stat(job.task):  # a quantized output's per-tensor scale, first
+                        quant_stat(job.task, by_task, pool.submit, kernels, spans)
                     while not slots.acquire(timeout=0.1):
                         if halted():
                             break

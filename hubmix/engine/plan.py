@@ -24,6 +24,8 @@ from hubmix.formats.layouts import COPYING
 from hubmix.methods import Method, get_method
 from hubmix.formats.io.span import FP8, ITEMSIZE, is_float, torch_dtype
 from hubmix.formats.model import LocalModel, TensorRef
+from hubmix.formats.quant import QUANT_DTYPES, codec
+from hubmix.formats.quant.gguf_types import GGUF_DTYPES
 from hubmix.recipe import Recipe, letter
 
 if TYPE_CHECKING:
@@ -50,6 +52,9 @@ class Task:
     whole_only: bool = False  # an output needs the whole tensor at once (a transposed copy)
     stats: dict[str, Any] | None = None  # a whole-tensor method's per-tensor statistics, once computed
     lora: Any = None  # engine.lora.LoraDelta: LoRA updates added to this tensor
+    quant: str | None = None  # the quantized output format (a formats.quant codec): computed in float32, encoded
+    quant_group: list[Task] | None = None  # tasks whose outputs share one stored tensor (fused qkv): one scale
+    quant_stat: float | None = None  # the codec's per-tensor statistic (amax) once computed, shared by the group
 
     @property
     def numel(self) -> int:
@@ -71,6 +76,8 @@ class Task:
     def chunkable(self) -> bool:
         """Element-wise over contiguous views: safe to process in flat chunks."""
         if self.channels is not None or self.whole_only or (self.method is not None and not self.method.elementwise):
+            return False
+        if self.lora is not None and self.lora.needs_whole:  # DoRA: norms over the whole weight
             return False
         return all(r.place.transform not in COPYING for r in self.refs)
 
@@ -117,11 +124,20 @@ class Summary:
 
 def out_dtype_for(recipe: Recipe, ref: TensorRef, others: list[TensorRef | None] = ()) -> str:
     """The output dtype's name: --dtype, else model a's dtype; but fp8 only when every input is fp8 (a merge with a
-    wider input keeps the first wider dtype rather than rounding it to 8 bits)."""
+    wider input keeps the first wider dtype rather than rounding it to 8 bits). A quantized input (read as
+    float32) counts as bf16, the dtype its loaders compute in. A quantized --dtype is planned by `quant_plan`."""
     if not is_float(ref.dtype_name):
         return ref.dtype_name
+    if recipe.dtype in GGUF_DTYPES:  # a GGUF output quantizes float32 results as it writes them
+        return "float32"
+    if recipe.dtype in QUANT_DTYPES:
+        return codec(recipe.dtype).keep_dtype  # type: ignore[union-attr]
     if recipe.dtype:
         return DTYPE_NAMES[recipe.dtype]
+    if ref.quant is not None:
+        plain = [r.dtype_name for r in others if r is not None and r.quant is None and is_float(r.dtype_name)
+                 and r.dtype_name not in FP8]
+        return plain[0] if plain else "bfloat16"
     if ref.dtype_name in FP8:
         wider = [r.dtype_name for r in others if r is not None and is_float(r.dtype_name) and r.dtype_name not in FP8]
         return wider[0] if wider else ref.dtype_name
@@ -206,12 +222,25 @@ def plan_merge(models: list[LocalModel], recipe: Recipe, family: Family) -> tupl
         for i, c in zip(idxs[1:], comps[1:]):
             for key in sorted(set(c.tensors) - set(first.tensors)):
                 summary.add("extra", f"{cname}/{key} (in {models[i].name})")
+    if recipe.dtype in QUANT_DTYPES:
+        quant_plan(tasks, recipe.dtype, family)
     for t in tasks:
         if t.method is None:
             summary.copied += 1
         else:
             summary.merged += 1
     return tasks, summary, structure
+
+
+def quant_plan(tasks: list[Task], name: str, family: Family) -> None:
+    """Mark the tasks a quantized output format quantizes (its keep-high-precision rule): they compute in float32
+    and the output router encodes them; the rest keep the codec's high-precision dtype (set by out_dtype_for)."""
+    fmt = codec(name)
+    assert fmt is not None
+    for t in tasks:
+        if is_float(t.dtype_name) and t.channels is None and fmt.quantizes(t.component, t.key, t.shape,
+                                                                          t.component == family.main):
+            t.quant, t.dtype_name = name, "float32"
 
 
 def _shared_channels(first: tuple[int, ...], shapes: list[tuple[int, ...]]) -> int | None:

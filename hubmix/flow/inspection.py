@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,11 @@ def inspect_model(path: str | Path, *, variant: str | None = None) -> dict[str, 
         "files": [str(f) for f in m.files],
     }
     for name, c in m.components.items():
-        dtypes = Counter(r.dtype_name for r in c.tensors.values())
+        dtypes = Counter(r.quant or r.dtype_name for r in c.tensors.values())  # a quantized group: its quant type
         info["components"][name] = {
             "tensors": len(c.tensors),
             "parameters": sum(r.numel for r in c.tensors.values()),
-            "bytes": sum(r.nbytes for r in c.tensors.values()),
+            "bytes": sum(_stored_nbytes(r) for r in c.tensors.values()),
             "dtypes": dict(sorted(dtypes.items())),
             "config_source": c.config_source,
             "config_notes": c.notes,
@@ -43,6 +44,16 @@ def inspect_model(path: str | Path, *, variant: str | None = None) -> dict[str, 
     info["has_ema"] = bool(ema)
     info["recipe"] = _embedded_recipe(m)
     return info
+
+
+def _stored_nbytes(ref) -> int:
+    """Bytes a tensor takes in its file: a quantized one's share of its group's stored tensors."""
+    group = getattr(ref.file, "groups", {}).get(ref.key)
+    if group is None:
+        return ref.nbytes
+    inner = ref.file.inner
+    total = sum(inner.info(k).nbytes for k in group.members)
+    return total * ref.numel // max(1, math.prod(group.shape))
 
 
 def _embedded_recipe(m) -> dict[str, Any] | None:

@@ -21,10 +21,11 @@ from hubmix.cache import write_new
 from hubmix.engine.devices import device_budget, plain_cpu, resolve_device
 from hubmix.errors import Cancelled, InputError, RecipeError
 from hubmix.formats.families import Family
+from hubmix.formats.quant.gguf_types import GGUF_DTYPES
 from hubmix.hub.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
 from hubmix.flow.outputs import (choose_prediction, config_source, file_metadata, output_configs,
-                                 plan_outputs)
+                                 plan_outputs, split_targets)
 from hubmix.formats.model import LocalModel, check_same_family, open_model
 from hubmix.engine.target import atomic_target, check_target
 from hubmix.engine.plan import Summary, Task, plan_merge
@@ -79,6 +80,13 @@ def open_inputs(recipe: Recipe, resolver: Resolver = resolve_local) -> tuple[lis
 
 
 def choose_layout(recipe: Recipe, out: Path | None) -> str:
+    """The output's layout; a GGUF --dtype writes one .gguf file of the denoiser (ComfyUI-GGUF's layout)."""
+    gguf = recipe.dtype in GGUF_DTYPES
+    if gguf or (out is not None and out.suffix == ".gguf"):
+        if not gguf or recipe.layout not in (None, "gguf", "single-file") or out is None or out.suffix != ".gguf":
+            raise RecipeError(f"{out}: a GGUF output is one .gguf file holding the denoiser: pass --out NAME.gguf "
+                              f"with --dtype {' or '.join(sorted(GGUF_DTYPES))} (and no --layout)")
+        return "gguf"
     if recipe.layout:
         return recipe.layout
     return "single-file" if out is not None and out.suffix == ".safetensors" else "diffusers"
@@ -138,7 +146,9 @@ def _config_from_ident(text: str) -> str:
 def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str | None) -> list[LocalModel]:
     """Components no input has (every input transformer-only) come from --config-from's weights when it names a
     local diffusers folder; a diffusers output cannot do without them."""
-    missing = [c for c in family.components if not any(c in m.components for m in models)]
+    folders = any(m.layout == "diffusers" for m in models)  # an optional part no folder has: the model has none
+    missing = [c for c in family.components if not any(c in m.components for m in models)
+               and not (folders and c in family.optional)]
     if not missing or layout is None:
         return []
     ref = parse_ref(recipe.config_from) if recipe.config_from else None
@@ -148,7 +158,7 @@ def _donor(models: list[LocalModel], family: Family, recipe: Recipe, layout: str
             raise InputError(f"{recipe.config_from}: --config-from is {donor.family.name}, the inputs are "
                              f"{family.name}")
         return [donor]
-    if layout != "single-file":
+    if layout not in ("single-file", "gguf"):
         raise InputError(f"the inputs hold no {', '.join(missing)} (transformer-only files): a diffusers output "
                          f"needs them; pass --config-from <a local {family.name} diffusers folder> to copy them "
                          "from, or write a single file")
@@ -188,7 +198,7 @@ def _execute(tasks: list[Task], write, settings: engine.Settings, desc: str, sum
         spans = (spans_allowed and device is None and kernels.use_native
                  and all(span_ready(t, kernels) for t in tasks))
         with contextlib.nullcontext() if spans else engine.parallel_across_chunks(workers):
-            kernels.start(list(signatures.values()))
+            kernels.start(list(signatures.values()), quantized=any(t.quant for t in tasks))
             engine.run_merge(engine.split_jobs(tasks, chunk), write, kernels, workers=workers, desc=desc,
                              quiet=settings.quiet, nonfinite=counter, spans=spans, progress=settings.progress,
                              cancel=settings.cancel)
@@ -239,7 +249,7 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         if layout != "single-file" and target.suffix == ".safetensors":
             raise RecipeError(f"{target}: a .safetensors path cannot hold a {layout} folder; choose another --out")
         check_target(target, overwrite)  # before any work
-        if layout == "single-file":
+        if layout in ("single-file", "gguf"):
             check_target(_sidecar(target), overwrite)
     # resolvers (the Hub) see where the output goes: a diffusers folder also copies model a's other components
     recipe = dataclasses.replace(recipe, layout=layout, output=str(target) if target else None)
@@ -253,16 +263,21 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         report = analysis.analyze(tasks, names, quiet=settings.quiet, workers=settings.workers)
         return MergeResult(None, None, family, summary, placeholder, report=report)
     assert target is not None and layout is not None
-    source = config_source(models, family, recipe) if layout != "single-file" or any(
+    source = config_source(models, family, recipe) if layout not in ("single-file", "gguf") or any(
         m.components[c].config_source == "inferred" for m in models for c in m.components) else None
     configs = output_configs(models + donor, structure, family, source, summary)
     # the input hashes read the mappings the engine reads, on their own threads, while it runs
     hashes = input_hashes({r.file.path: r.file for t in tasks for r in t.refs}.values()).start()
-    sidecar = _sidecar(target) if layout == "single-file" else None
-    with atomic_target(target, overwrite, companions=(sidecar,) if sidecar else ()) as stage:
+    sidecar = _sidecar(target) if layout in ("single-file", "gguf") else None
+    # Wan 2.2's two experts as single files: two files named from --out, installed together with the recipe
+    finals = list(split_targets(family, list(configs), target).values()) if layout == "single-file" else []
+    if finals:
+        summary.add("note", f"the {family.name} experts as {len(finals)} files: {', '.join(f.name for f in finals)}")
+    with atomic_target(finals[0] if finals else target, overwrite,
+                       companions=(*finals[1:], sidecar) if sidecar else ()) as stage:
         tmp = stage.path
         router = plan_outputs(tmp, target, layout, tasks, models, structure, family, configs, source, recipe,
-                               prediction, placeholder, summary)
+                               prediction, placeholder, summary, stage=stage)
         try:
             router.open()
             stats = _execute(router.wanted(tasks), router.write, settings,
@@ -289,7 +304,8 @@ def merge(recipe: Recipe, *, out: str | Path | None = None, overwrite: bool = Fa
         # the recipe is staged with the weights and renamed in with them (engine.target): together or not at all
         recipe_file = stage.beside(sidecar) if sidecar else tmp / "recipe.yaml"
         write_new(recipe_file, recipe_yaml(canonical))
-        written = [target / f.path.relative_to(tmp) if layout != "single-file" else target for f in router.files]
+        written = finals or [target / f.path.relative_to(tmp) if layout not in ("single-file", "gguf") else target
+                             for f in router.files]
     written.append(sidecar or target / "recipe.yaml")
     return MergeResult(target, layout, family, summary, canonical, files=written, engine=stats)
 

@@ -17,6 +17,7 @@ from hubmix.formats.configs import DEFAULT_DERIVED
 from hubmix.formats.families import Family
 from hubmix.formats.layouts import KeyMap
 from hubmix.formats.model import CONFIG_META, LocalModel, check_component_name, read_json
+from hubmix.formats.quant import QUANT_DTYPES
 from hubmix.formats.prediction import Prediction, marker_tensors, single_file_metadata, update_scheduler
 from hubmix.hub.refs import parse_ref
 from hubmix.recipe import Recipe, canonical_json, letter, recipe_hash
@@ -134,9 +135,14 @@ def single_file_meta(canonical: dict[str, Any], family: Family, title: str, conf
 
 def plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models: list[LocalModel],
                   structure: dict[str, int], family: Family, configs: dict[str, dict[str, Any]], source: Path | None,
-                  recipe: Recipe, prediction: Prediction, placeholder: dict[str, Any], summary: Summary) -> Router:
+                  recipe: Recipe, prediction: Prediction, placeholder: dict[str, Any], summary: Summary,
+                  stage: Any = None) -> Router:
     """The output files of `layout` under `tmp` (the target's temporary sibling), with every task routed into them;
-    a diffusers layout also gets its non-weight files here."""
+    a diffusers layout also gets its non-weight files here. `stage` (engine.target.Staging) stages the further
+    files of a split single-file output (`split_targets`); `target` is then the path the user named."""
+    if recipe.dtype in QUANT_DTYPES and layout != "single-file":
+        raise RecipeError(f"--dtype {recipe.dtype} writes a single file (the layout ComfyUI, Forge and "
+                          f"from_single_file load); use --layout single-file or an --out ending in .safetensors")
     router = Router()
     by_comp: dict[str, list[Task]] = {}
     for t in tasks:
@@ -147,13 +153,76 @@ def plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models
         for cname, spec in family.components.items():
             router.add_component_file(tmp / cname / f"{spec.weight_name}{variant}.safetensors", cname,
                                       by_comp.get(cname, []), file_metadata(placeholder))
+    if layout == "gguf":
+        _plan_gguf(router, tmp, target, by_comp, family, configs, recipe, prediction, placeholder, summary)
     if layout in ("single-file", "both"):
         path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
         title = target.stem if layout == "single-file" else target.name
-        specs = {c: family.components[c] for c in configs}
-        if list(specs) == [family.main] and family.detect.get("main_only"):  # a transformer-only file, bare keys
-            specs[family.main] = dataclasses.replace(specs[family.main], prefix="")
-        parts = {c: (KeyMap(spec, configs[c]), by_comp.get(c, [])) for c, spec in specs.items()}
-        router.add_single_file(path, parts, single_file_meta(placeholder, family, title, configs, prediction),
-                               summary, f"{title}.safetensors", marker_tensors(prediction, family.marker_keys))
+        specs = {c: family.components[c] for c in configs if c in family.single_file_components}
+        left = [c for c in configs if c not in specs]
+        if left:
+            summary.add("note", f"{', '.join(left)}: not in {family.name} single files (they hold the "
+                                f"{' and '.join(specs)} alone); a diffusers output keeps them")
+        main_only = list(specs) == [family.main] and family.detect.get("main_only")
+        if main_only or family.single_file:  # transformer-only files: bare keys, or ComfyUI's prefix like model a
+            prefix = models[0].main_prefix if models[0].main_only else ""
+            specs = {c: dataclasses.replace(spec, prefix=prefix) for c, spec in specs.items()}
+        if layout == "single-file":
+            files = split_single_files(family, list(specs), path, stage, target)
+        else:  # beside the diffusers folders: <name>_high_noise.safetensors, <name>_low_noise.safetensors
+            files = {p: [c] for c, p in split_targets(family, list(specs), path).items()}
+        for group_path, names in (files or {path: list(specs)}).items():
+            group_title = title if not files else group_path.stem if layout == "both" else single_file_title(
+                family, names[0], target)
+            parts = {c: (KeyMap(specs[c], configs[c]), by_comp.get(c, [])) for c in names}
+            # an expert's own file reads back as the family's main component (a transformer-only file)
+            metas = {(family.main if files else c): configs[c] for c in names}
+            router.add_single_file(group_path, parts, single_file_meta(placeholder, family, group_title, metas,
+                                                                       prediction), summary,
+                                   f"{group_title}.safetensors", marker_tensors(prediction, family.marker_keys))
     return router
+
+
+def split_targets(family: Family, components: list[str], target: Path) -> dict[str, Path]:
+    """component -> output file, when a single-file output of `family` is several files (Wan 2.2's two experts:
+    `<out>_high_noise.safetensors`, `<out>_low_noise.safetensors`, as ComfyUI's repackaged files); else {}."""
+    split = [c for c in components if c in family.split_files]
+    if len(split) < 2:
+        return {}
+    return {c: target.with_name(f"{target.stem}{family.split_files[c]}{target.suffix}") for c in split}
+
+
+def single_file_title(family: Family, component: str, target: Path) -> str:
+    return f"{target.stem}{family.split_files.get(component, '')}"
+
+
+def split_single_files(family: Family, components: list[str], staged: Path, stage: Any, target: Path
+                       ) -> dict[Path, list[str]]:
+    """Staged path -> the components it holds, for a split single-file output: the first file is `staged` (the
+    staging's own path, installed as the first split target), the others the staging's companions."""
+    finals = split_targets(family, components, target)
+    if not finals or stage is None:
+        return {}
+    return {(staged if i == 0 else stage.beside(final)): [c] for i, (c, final) in enumerate(finals.items())}
+
+
+def _plan_gguf(router: Router, tmp: Path, target: Path, by_comp: dict[str, list[Task]], family: Family,
+               configs: dict[str, dict[str, Any]], recipe: Recipe, prediction: Prediction,
+               placeholder: dict[str, Any], summary: Summary) -> None:
+    """A GGUF file: the denoiser alone under its bare original keys (ComfyUI-GGUF's layout); each tensor's stored
+    type follows from model a's dtype of it (formats.quant.gguf_write)."""
+    main = family.main
+    if not family.gguf_architecture:
+        raise RecipeError(f"{target}: {family.name} has no GGUF layout hubmix knows; write safetensors instead")
+    for c in configs:
+        if c != main:
+            summary.add("note", f"{c}: not in {target.name} (a GGUF file holds the {main} alone)")
+    spec = dataclasses.replace(family.components[main], prefix="")
+    meta = single_file_meta(placeholder, family, target.stem, {main: configs[main]}, prediction)
+    meta.pop("format", None)
+    router.add_single_file(tmp, {main: (KeyMap(spec, configs[main]), by_comp.get(main, []))}, meta, summary,
+                           target.name)
+    f = router.files[-1]
+    sources = {r.key: t.refs[0].dtype_name for t in by_comp.get(main, [])
+               for r in router.routes.get((main, t.key), []) if r.file is f}
+    f.gguf = (family.gguf, recipe.dtype, sources)

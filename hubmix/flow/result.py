@@ -44,6 +44,17 @@ def samples_dir(path: Path) -> Path:
     return path / "samples" if path.is_dir() else path.with_name(f"{path.stem}.samples")
 
 
+def split_parts(path: Path) -> list[Path]:
+    """The files of a single-file result written as several (Wan 2.2's experts: `<stem>_high_noise.safetensors`
+    and `<stem>_low_noise.safetensors` for `--out <stem>.safetensors`), when `path` itself is not there."""
+    from hubmix.formats.families import families
+
+    if path.exists():
+        return []
+    suffixes = sorted({s for fam in families().values() for s in fam.split_files.values()})
+    return [f for s in suffixes if (f := path.with_name(f"{path.stem}{s}{path.suffix}")).is_file()]
+
+
 def result_files(path: Path) -> dict[str, Path]:
     """A result's files by the path they get in a repo: a folder's files (hidden ones left out), or a single file,
     its `<stem>.recipe.yaml` and its samples."""
@@ -53,9 +64,10 @@ def result_files(path: Path) -> dict[str, Path]:
 
     if path.is_dir():
         return tree(path)
-    out = {path.name: path}
+    parts = split_parts(path) or [path]
+    out = {p.name: p for p in parts}
     sidecar = path.with_name(f"{path.stem}.recipe.yaml")
-    if sidecar.is_file() and _sidecar_matches(sidecar, path):
+    if sidecar.is_file() and _sidecar_matches(sidecar, parts[0]):
         out[sidecar.name] = sidecar
     if samples_dir(path).is_dir():
         out.update(tree(samples_dir(path), "samples/"))
@@ -65,10 +77,8 @@ def result_files(path: Path) -> dict[str, Path]:
 def _sidecar_matches(sidecar: Path, weights: Path) -> bool:
     """Whether `<stem>.recipe.yaml` is the recipe of these weights: a crash between the two renames of the final
     step (engine.target) can leave a newer sidecar beside the older weights; their recipe sha256 then differ."""
-    from hubmix.formats.io.readers import SafetensorsFile
-
     try:
-        own = SafetensorsFile(weights).metadata.get("hubmix.recipe_sha256")
+        own = _header_metadata(weights).get("hubmix.recipe_sha256")
     except InputError:
         return True  # not ours to judge (a pickle, a foreign file): keep the sidecar
     m = re.search(r"sha256 ([0-9a-f]{64})", sidecar.read_text(encoding="utf-8").split("\n", 1)[0])
@@ -77,20 +87,30 @@ def _sidecar_matches(sidecar: Path, weights: Path) -> bool:
 
 def _metadata_recipe(path: Path) -> dict[str, Any] | None:
     """The canonical recipe in a weight file's `hubmix.recipe` metadata (its header only is read)."""
-    from hubmix.formats.io.readers import SafetensorsFile
-
     try:
-        raw = SafetensorsFile(path).metadata.get("hubmix.recipe")
+        raw = _header_metadata(path).get("hubmix.recipe")
         return json.loads(raw) if raw else None
     except (InputError, ValueError):  # not a readable safetensors file, or no recipe in it
         return None
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
+    """A single weight file's string metadata, from its header only: safetensors, or GGUF's string key-values."""
+    from hubmix.formats.io.readers import SafetensorsFile
+
+    if path.suffix == ".gguf":
+        from hubmix.formats.quant.gguf_file import GGUFFile
+
+        return GGUFFile(path).metadata
+    return SafetensorsFile(path).metadata
 
 
 def load_result(path: str | Path) -> Result:
     """Read a local result's canonical recipe: `recipe.yaml` (`<stem>.recipe.yaml` beside a single file), else the
     `hubmix.recipe` metadata of its weight files."""
     p = Path(path)
-    if not p.exists():
+    parts = split_parts(p)
+    if not p.exists() and not parts:
         raise InputError(f"{p}: no such file or folder")
     if p.is_dir():
         side = p / "recipe.yaml"
@@ -99,9 +119,9 @@ def load_result(path: str | Path) -> Result:
     else:
         side = p.with_name(f"{p.stem}.recipe.yaml")
         layout = "single-file"
-        weights = [p]
+        weights = parts or [p]
     # A single file's own metadata first: it is written with the weights in one step, the sidecar after them.
-    canonical = _metadata_recipe(p) if layout == "single-file" else None
+    canonical = _metadata_recipe(weights[0]) if layout == "single-file" else None
     if canonical is not None:
         text = recipe_yaml(canonical)
     elif side.is_file():

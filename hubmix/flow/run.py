@@ -41,7 +41,7 @@ class Remote:
     """Run as Hugging Face Job(s) instead of here (docs/remote.md): the result is pushed by the job."""
     flavor: str | None = None
     timeout: str | None = None
-    install: str | None = None  # what the job pip-installs (default: this hubmix version)
+    install: str | None = None  # what the job pip-installs (default: this hubmix, see hub.install)
     detach: bool = False  # start and return the job id
     upload_inputs: bool = False  # local inputs go to private repos first (else they are refused)
     max_jobs: int = 4  # with vary: jobs at once

@@ -8,6 +8,7 @@ user knows to supply a real config (`--config-from`) when it matters.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable
 
@@ -224,6 +225,91 @@ def infer_t5(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> 
     return cfg, [f"T5 activation: family default ({cfg['feed_forward_proj']}; heads from the position bias)"]
 
 
+def _rope_axes(head_dim: int, default: list[int], parts: int) -> tuple[list[int], list[str]]:
+    """Rotary axes: the family default where it fits the head size, else the head split in `parts` even axes."""
+    if sum(default) == head_dim:
+        return list(default), [f"transformer rotary axes: family default {list(default)}"]
+    unit = head_dim // (2 * parts) * 2
+    axes = [unit] * (parts - 1) + [head_dim - unit * (parts - 1)]
+    return axes, [f"transformer rotary axes: {axes} (the family default does not fit head size {head_dim})"]
+
+
+def infer_qwen_image(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]
+                     ) -> tuple[dict[str, Any], list[str]]:
+    """Qwen-Image's transformer (diffusers names): all from shapes but the patch size and rotary axes."""
+    inner, in_channels = s["img_in.weight"]
+    head_dim = s["transformer_blocks.0.attn.norm_q.weight"][0]
+    patch = defaults.get("patch_size", 2)
+    axes, notes = _rope_axes(head_dim, defaults.get("axes_dims_rope", [16, 56, 56]), 3)
+    cfg = {
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "out_channels": s["proj_out.weight"][0] // (patch * patch),
+        "num_layers": len(_indices(s, r"transformer_blocks\.(\d+)\.")),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": s["txt_in.weight"][1],
+        "guidance_embeds": False,
+        "axes_dims_rope": axes,
+    }
+    if "time_text_embed.addition_t_embedding.weight" in s:  # Qwen-Image-Layered's extra condition embedding
+        cfg["use_additional_t_cond"] = True
+    return cfg, notes + ["transformer zero_cond_t (Qwen-Image-Edit-2511): not in the shapes, family default off"]
+
+
+def infer_wan(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    """Wan's transformer (original names): all from shapes but the head split (family default head size 128)."""
+    inner, in_channels, *patch = s["patch_embedding.weight"]
+    head_dim = defaults.get("head_dim", 128)
+    if inner % head_dim:
+        head_dim = inner
+    cfg = {
+        "patch_size": list(patch),
+        "num_attention_heads": inner // head_dim,
+        "attention_head_dim": head_dim,
+        "in_channels": in_channels,
+        "out_channels": s["head.head.weight"][0] // math.prod(patch),
+        "text_dim": s["text_embedding.0.weight"][1],
+        "freq_dim": s["time_embedding.0.weight"][1],
+        "ffn_dim": s["blocks.0.ffn.0.weight"][0],
+        "num_layers": len(_indices(s, r"blocks\.(\d+)\.")),
+        "cross_attn_norm": "blocks.0.norm3.weight" in s,
+        "qk_norm": "rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in s else None,
+        "eps": 1e-6,
+        "image_dim": s["img_emb.proj.0.weight"][0] if "img_emb.proj.0.weight" in s else None,
+        "added_kv_proj_dim": s["blocks.0.cross_attn.k_img.weight"][1] if "blocks.0.cross_attn.k_img.weight" in s
+        else None,
+        "rope_max_seq_len": defaults.get("rope_max_seq_len", 1024),
+        "pos_embed_seq_len": s["img_emb.emb_pos"][1] if "img_emb.emb_pos" in s else None,
+    }
+    return cfg, [f"transformer attention heads: {cfg['num_attention_heads']} of size {head_dim} (family default "
+                 "head size; the shapes do not tell)"]
+
+
+def infer_flux2(s: Shapes, defaults: dict[str, Any], others: dict[str, Shapes]) -> tuple[dict[str, Any], list[str]]:
+    """FLUX.2's transformer (BFL names): all from shapes but the patch size and rotary axes."""
+    inner, in_channels = s["img_in.weight"]
+    head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    patch = defaults.get("patch_size", 1)
+    axes, notes = _rope_axes(head_dim, defaults.get("axes_dims_rope", [32, 32, 32, 32]), 4)
+    mlp_in = s["double_blocks.0.img_mlp.0.weight"][0]  # gated: two halves of mlp_ratio * inner
+    cfg = {
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "out_channels": s["final_layer.linear.weight"][0] // (patch * patch),
+        "num_layers": len(_indices(s, r"double_blocks\.(\d+)\.")),
+        "num_single_layers": len(_indices(s, r"single_blocks\.(\d+)\.")),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": s["txt_in.weight"][1],
+        "timestep_guidance_channels": s["time_in.in_layer.weight"][1],
+        "mlp_ratio": mlp_in / 2 / inner,
+        "axes_dims_rope": axes,
+        "guidance_embeds": "guidance_in.in_layer.weight" in s,
+    }
+    return cfg, notes
+
+
 INFER: dict[str, Callable[[Shapes, dict[str, Any], dict[str, Shapes]], tuple[dict[str, Any], list[str]]]] = {
     "ldm_unet": infer_unet,
     "ldm_vae": infer_vae,
@@ -233,6 +319,9 @@ INFER: dict[str, Callable[[Shapes, dict[str, Any], dict[str, Shapes]], tuple[dic
     "t5": infer_t5,
     "mmdit": infer_mmdit,
     "clip_projection": infer_clip_projection,
+    "qwen_image_transformer": infer_qwen_image,
+    "wan_transformer": infer_wan,
+    "flux2_transformer": infer_flux2,
 }
 
 

@@ -7,7 +7,8 @@ Two families of files are read:
   canonical keys and their original-layout placements, never from string rewrites of the LoRA's names.
 - diffusers / PEFT (`<component>.<module>.lora_A.weight` / `.lora_B.weight`, alpha from `.alpha` keys or the
   file's `lora_adapter_metadata`, else alpha = rank).
-LoHa / LoKr and other LyCORIS variants are refused by name.
+- LyCORIS (kohya names): LoHa, LoKr, LoCon with a CP middle, full diffs, DoRA scales (formats.lycoris); OFT,
+  (IA)^3, GLoRA, norms and PEFT DoRA are refused by name.
 """
 
 from __future__ import annotations
@@ -19,13 +20,8 @@ from typing import Any
 
 from hubmix.errors import InputError, RecipeError
 
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                  "lora_te2_": "text_encoder_2"}
-UNSUPPORTED = {  # key fragments of LyCORIS formats this reader does not bake
-    ".hada_w1_a": "LoHa", ".hada_w2_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w2": "LoKr", ".oft_blocks": "OFT",
-    ".lora_mid.weight": "LoCon with a CP-decomposed middle (lora_mid)", ".diff": "LyCORIS full diff",
-    ".w_norm": "LyCORIS norm", ".on_input": "(IA)^3",
-}
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_transformer_": "transformer", "lora_te_": "text_encoder",
+                  "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
 
 
 def lora_entry(x: Any, where: str) -> dict[str, Any]:
@@ -82,15 +78,30 @@ def _number(v: Any, where: str) -> float:
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One low-rank update in a LoRA file: W += scale * up @ down, with scale = strength * alpha / rank."""
+    """One update in a LoRA file (formats.lycoris names the kinds and their parts): W += strength * factor * U,
+    U the update the parts make (up @ down for a LoRA); or, with `dora`, DoRA's rescaling of W + factor * U."""
 
     lora: str  # the LoRA's name, for messages
     name: str  # the module's name in the file
     component: str
     key: str  # the canonical key it updates
-    up: Any  # TensorRef-like: .load() gives the tensor (kohya lora_up, PEFT lora_B)
-    down: Any
-    scale: float
+    kind: str  # lora, loha, lokr, full
+    parts: dict[str, Any]  # part name -> TensorRef-like (.shape, .load())
+    factor: float  # alpha / rank, once (1 where the kind takes no alpha)
+    strength: float
+    dora: Any = None  # TensorRef-like dora_scale, or None
+
+    @property
+    def scale(self) -> float:
+        return self.strength * self.factor
+
+    @property
+    def up(self) -> Any:
+        return self.parts["up"]
+
+    @property
+    def down(self) -> Any:
+        return self.parts["down"]
 
     @property
     def rank(self) -> int:
@@ -110,50 +121,76 @@ class _FileRef:
         return self.file.tensor(self.key)
 
 
-SUFFIXES = {"kohya": (".lora_up.weight", ".lora_down.weight"), "peft": (".lora_B.weight", ".lora_A.weight")}
-
-
 def read_lora(path: Path, name: str, components: dict[str, Any], strengths: dict[str, float],
               skip_unknown: bool) -> tuple[list[LoraModule], list[str]]:
     """The modules of LoRA file `path` mapped onto `components` (name -> formats.model.Component, the output's
     structure), with their scales; and the keys that matched nothing (an error unless `skip_unknown`)."""
     from hubmix.formats.io.readers import open_weight_file
+    from hubmix.formats.lycoris import REFUSED, missing_parts, rank_of, split_key
 
     f = open_weight_file(path)
     keys = f.keys()
     for k in keys:
-        for frag, fmt in UNSUPPORTED.items():
+        for frag, fmt in REFUSED.items():
             if frag in k:
-                raise InputError(f"{name}: {fmt} files are not supported (key {k}); hubmix bakes LoRA / LoCon "
-                                 "(lora_up/lora_down) and diffusers/PEFT (lora_A/lora_B) files")
-        if k.endswith((".dora_scale", ".lora_magnitude_vector.weight", ".lora_magnitude_vector")):
-            raise InputError(f"{name}: DoRA files are not supported (key {k})")
-    kind = "kohya" if any(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys) else "peft"
-    up_sfx, down_sfx = SUFFIXES[kind]
-    meta = _peft_metadata(f.metadata) if kind == "peft" else {}
-    indexes: dict[str, dict[str, str | None]] = {}
-    modules, unknown = [], []
+                raise InputError(f"{name}: {fmt} files are not supported (key {k}); hubmix bakes LoRA / LoCon, "
+                                 "LoHa, LoKr, full diffs (with DoRA scales) and diffusers/PEFT files")
+    fmt = "kohya" if any(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys) else "peft"
+    meta = _peft_metadata(f.metadata) if fmt == "peft" else {}
+    grouped: dict[str, dict[str, Any]] = {}
+    unknown: list[str] = []
     for k in sorted(keys):
-        if not k.endswith(down_sfx):
-            if not (k.endswith(up_sfx) or k.endswith(".alpha")):
-                unknown.append(k)
+        parsed = split_key(k)
+        if parsed is None:
+            unknown.append(k)
             continue
-        mod = k[: -len(down_sfx)]
-        comp, target = _locate(kind, mod, components, indexes)
-        up_key = mod + up_sfx
-        if up_key not in f:
-            raise InputError(f"{name}: {k} has no matching {up_key}")
+        mod, kind, part = parsed
+        # a bias diff is its own update, beside whatever updates the module's weight (ComfyUI reads it so)
+        g = grouped.setdefault(mod + "\0bias" if part == "diff_b" else mod,
+                               {"mod": mod, "kinds": set(), "parts": {}, "keys": []})
+        if kind:
+            g["kinds"].add(kind)
+        g["parts"][part] = k
+        g["keys"].append(k)
+    indexes: dict[str, dict[str, str | None]] = {}
+    modules = []
+    for g in grouped.values():
+        mod = g["mod"]
+        if not g["kinds"]:
+            unknown += g["keys"]  # an alpha or dora_scale alone
+            continue
+        if len(g["kinds"]) > 1:
+            raise InputError(f"{name}: module {mod} mixes {' and '.join(sorted(g['kinds']))} tensors")
+        kind = next(iter(g["kinds"]))
+        lack = missing_parts(kind, set(g["parts"]))
+        if lack:
+            raise InputError(f"{name}: {kind} module {mod} lacks {lack} (has {', '.join(sorted(g['keys']))})")
+        comp, target = _locate(fmt, mod, components, indexes)
         if comp in components and comp not in strengths:
             continue  # the recipe bakes this LoRA into other components only
         if target is None:
-            unknown += [k, up_key] + ([mod + ".alpha"] if mod + ".alpha" in f else [])
+            unknown += g["keys"]
             continue
-        down, up = _FileRef(f, k), _FileRef(f, up_key)
-        rank = down.shape[0]
-        alpha = float(f.tensor(mod + ".alpha").float().item()) if mod + ".alpha" in f else \
-            _meta_alpha(meta, comp, mod, rank)
-        m = LoraModule(name, mod, comp, target, up, down, strengths[comp] * alpha / rank)
-        _check_shapes(m, components[comp].tensors[target].shape)
+        parts = {p: _FileRef(f, k) for p, k in g["parts"].items() if p not in ("alpha", "dora")}
+        alpha = float(f.tensor(g["parts"]["alpha"]).float().item()) if "alpha" in g["parts"] else None
+        dora = _FileRef(f, g["parts"]["dora"]) if "dora" in g["parts"] else None
+        if kind == "full":
+            for p, suffix in (("diff", None), ("diff_b", "bias")):
+                if p in parts:
+                    key = target if suffix is None else target[: -len("weight")] + suffix
+                    m = LoraModule(name, mod, comp, key, kind, {"diff": parts[p]}, 1.0, strengths[comp])
+                    _check_shapes(m, components[comp].tensors.get(key))
+                    modules.append(m)
+            continue
+        shapes = {p: r.shape for p, r in parts.items()}
+        rank = rank_of(kind, shapes)
+        if kind == "lora":
+            alpha = alpha if alpha is not None else _meta_alpha(meta, comp, mod, rank) if fmt == "peft" else None
+            factor = (alpha if alpha is not None else rank) / rank
+        else:  # LyCORIS: no alpha (or none that applies) means scale 1
+            factor = alpha / rank if alpha is not None and rank else 1.0
+        m = LoraModule(name, mod, comp, target, kind, parts, factor, strengths[comp], dora)
+        _check_shapes(m, components[comp].tensors[target])
         modules.append(m)
     if unknown and not skip_unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
@@ -172,7 +209,9 @@ def _locate(kind: str, mod: str, components: dict[str, Any], indexes: dict) -> t
     else:
         head, _, rest = mod.partition(".")
         comp = head if head in components else "unet"
-        rest = rest if head in components else mod
+        rest = rest if head in components or head == "diffusion_model" else mod  # ComfyUI's / musubi's prefix
+    if comp == "unet" and comp not in components and "transformer" in components:  # lora_unet_ of a DiT
+        comp = "transformer"
     if comp not in components:
         return comp, None
     if comp not in indexes:
@@ -202,17 +241,14 @@ def module_index(component: Any) -> dict[str, str | None]:
     return index
 
 
-def _check_shapes(m: LoraModule, target: tuple[int, ...]) -> None:
-    up, down = m.up.shape, m.down.shape
-    numel = 1
-    for s in target:
-        numel *= s
-    inner = 1
-    for s in down[1:]:
-        inner *= s
-    if len(up) < 2 or up[1] != down[0] or any(s != 1 for s in up[2:]) or up[0] * inner != numel:
-        raise InputError(f"{m.lora}: LoRA module {m.name} (up {list(up)}, down {list(down)}) does not fit "
-                         f"{m.component}/{m.key} {list(target)}")
+def _check_shapes(m: LoraModule, ref: Any) -> None:
+    from hubmix.formats.lycoris import fits
+
+    shapes = {p: tuple(r.shape) for p, r in m.parts.items()}
+    if ref is None or not fits(m.kind, shapes, tuple(ref.shape)):
+        desc = ", ".join(f"{p} {list(s)}" for p, s in sorted(shapes.items()))
+        where = f"{m.component}/{m.key} {list(ref.shape)}" if ref is not None else f"{m.component}/{m.key} (absent)"
+        raise InputError(f"{m.lora}: {m.kind} module {m.name} ({desc}) does not fit {where}")
 
 
 def _peft_metadata(meta: dict[str, str]) -> dict[str, Any]:

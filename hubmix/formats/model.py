@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,12 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable
 from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
 from hubmix.formats.families import (ComponentSpec, Family, all_component_names, detect_family, detect_main_only,
-                                     get_family, weight_stem)
+                                     get_family, gguf_family, weight_stem)
 from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file, read_regular
+from hubmix.formats.quant import gguf_file  # noqa: F401 - registers the GGUF reader with open_weight_file
 from hubmix.formats.io.span import Span
 from hubmix.formats.layouts import COPYING, KeyMap, Placement, apply_to_canonical, part_rows, to_canonical_shape
+from hubmix.formats.quant import wrap as quant_view
 from hubmix.formats.prediction import MARKER_KEYS, Prediction, from_scheduler, from_single_file
 
 if TYPE_CHECKING:
@@ -37,13 +40,35 @@ class TensorRef(TensorInfo):
     key: str
     place: Placement = Placement("")
 
+    @property
+    def quant(self) -> str | None:
+        """The quant type of a quantized input tensor ("nf4", "fp8_scaled e4m3fn"), None for a plain one."""
+        of = getattr(self.file, "quant_type", None)
+        return of(self.key) if of is not None else None
+
     def load(self) -> torch.Tensor:
-        """A zero-copy view (a copy only for transposed tensors) in canonical shape."""
+        """A zero-copy view (a copy only for transposed tensors) in canonical shape; a quantized tensor
+        dequantized to float32 (a fused part's rows only)."""
+        if self.quant is not None and self.place.transform not in COPYING:
+            return self.load_flat(0, self.numel).reshape(self.shape)
         t = self.file.tensor(self.key)
         if self.place.part is not None:
             start, rows = part_rows(self.place.part, t.shape[0])  # type: ignore[misc]  # checked on open
             t = t.narrow(0, start, rows)
         return apply_to_canonical(self.place.transform, t)
+
+    def load_flat(self, start: int, stop: int) -> torch.Tensor:
+        """Flat elements [start, stop) of the canonical tensor (a layout whose transform moves no bytes); a
+        quantized tensor dequantizes only those."""
+        ranged = getattr(self.file, "tensor_range", None)
+        if ranged is None or self.place.transform in COPYING:
+            return self.load().reshape(-1)[start:stop]
+        base = 0
+        if self.place.part is not None:
+            full = self.file.info(self.key).shape
+            first, _ = part_rows(self.place.part, full[0])  # type: ignore[misc]  # checked on open
+            base = first * (math.prod(full[1:]) if len(full) > 1 else 1)
+        return ranged(self.key, base + start, base + stop)
 
     def stored_span(self) -> Span | None:
         """The stored bytes as a torch-free span (no copy; a fused tensor's rows narrowed) in the file's shape, or
@@ -89,6 +114,7 @@ class LocalModel:
     inpainting: bool = False
     unassigned: list[str] = field(default_factory=list)  # single-file keys outside every component
     main_only: bool = False  # a file with the main component alone (a Flux transformer-only file)
+    main_prefix: str = ""  # a main-only file's key prefix: "" (bare) or ComfyUI's `model.diffusion_model.`
 
     @property
     def name(self) -> str:
@@ -232,7 +258,7 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
             for k, n in _config_ndims(folder, index[name][0], index[name][1]).items():
                 ndims[f"{name}/{k}"] = n
             continue
-        files = [open_weight_file(f) for f in _weight_files(folder, stem, variant, str(root))]
+        files = [quant_view(open_weight_file(f)) for f in _weight_files(folder, stem, variant, str(root))]
         opened[name] = files
         for f in files:
             for k in f.keys():
@@ -242,6 +268,8 @@ def _open_diffusers(root: Path, variant: str | None, wanted: Collection[str] | N
     for name, spec in family.components.items():
         if name in skipped:
             continue
+        if name not in opened and name in family.optional and name not in subfolders:
+            continue  # Wan 2.1 and Wan 2.2 TI2V: no second expert (model_index.json says null)
         if name not in opened:
             raise InputError(f"{root}: a {family.name} model needs a {name} component; model_index.json has none")
         folder = subfolders[name]
@@ -304,10 +332,17 @@ def _is_inpainting(model: LocalModel) -> bool:
 # ---- single files ----------------------------------------------------------------------------------------------
 
 def _open_single_file(path: Path, ema: bool) -> LocalModel:
-    f = open_weight_file(path)
+    f = quant_view(open_weight_file(path))
     ndims = {k: len(f.info(k).shape) for k in f.keys()}
-    family = detect_family("single-file", ndims, str(path))
-    only = None if family.matches("single-file", ndims) else detect_main_only(ndims)
+    if f.format == "gguf":  # the denoiser alone, its header naming the family (else, like sd.cpp's, its keys)
+        arch = getattr(f, "architecture", None)
+        only = detect_main_only(ndims) if arch is None else None
+        family = only[0] if only is not None else gguf_family(arch, str(path))
+        prefix = family.components[family.main].prefix  # ComfyUI-GGUF's loader strips it where every key has it
+        only = (family, prefix if f.keys() and all(k.startswith(prefix) for k in f.keys()) else "")
+    else:
+        family = detect_family("single-file", ndims, str(path))
+        only = None if family.matches("single-file", ndims) else detect_main_only(ndims)
     if only is not None:  # the main component alone, bare or under its prefix: read it under its own prefix
         main = dataclasses.replace(family.components[family.main], prefix=only[1])
         family = dataclasses.replace(family, components={family.main: main})
@@ -350,7 +385,7 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
         unassigned = [k for k in unassigned if not k.startswith("model_ema.")]
     unassigned = [k for k in unassigned if k not in MARKER_KEYS]  # read below, kept by outputs that carry them
     model = LocalModel(path, "single-file", family, components, [path], metadata=dict(f.metadata),
-                       unassigned=unassigned, main_only=only is not None,
+                       unassigned=unassigned, main_only=only is not None, main_prefix=only[1] if only else "",
                        prediction=from_single_file(f.keys(), f.metadata, family.unmarked_prediction))
     if only is not None:  # the family as every other input knows it (all components), for merging and outputs
         model.family = get_family(family.id)

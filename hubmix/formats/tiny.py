@@ -111,6 +111,11 @@ BUILDERS: dict[str, str] = {
     "sd3": "hubmix.formats.tiny_sd3:build",
     "sd35m": "hubmix.formats.tiny_sd3:build",
     "sd35l": "hubmix.formats.tiny_sd3:build",
+    # Qwen-Image, Wan 2.1 / 2.2 (two experts), FLUX.2 Klein
+    "qwen_image": "hubmix.formats.tiny_qwen_image:build",
+    "wan": "hubmix.formats.tiny_wan:build",
+    "wan22": "hubmix.formats.tiny_wan:build",
+    "flux2": "hubmix.formats.tiny_flux2:build",
 }
 
 

@@ -125,7 +125,7 @@ def _job_section() -> list[str]:
     job = f"job `{ctx['job']}`" if ctx["job"] else "a job"
     return ["## Where it was merged", "",
             f"In a Hugging Face Job: {job} on flavor `{ctx['flavor']}`, image `{ctx['image']}`, hubmix installed from "
-            f"`{ctx['install']}`. The inputs were mounted read-only at their pinned commits (nothing downloaded); "
+            f"{ctx['install']}. The inputs were mounted read-only at their pinned commits (nothing downloaded); "
             "the weights and recipe are the same bytes a local merge of this recipe writes.", ""]
 
 
@@ -232,16 +232,28 @@ def _blocks_table(component: str, blocks: dict[str, dict[str, float]]) -> list[s
     return out
 
 
+QUANT_LOADERS = {
+    "fp8_scaled": "ComfyUI scaled fp8 (float8_e4m3fn weights with a per-tensor `scale_weight`): load it with "
+                  "ComfyUI's checkpoint or diffusion-model loader (or Forge), which apply the scales.",
+    "nf4": "bitsandbytes NF4 (blocks of 64): load it with Forge, or dequantize it with bitsandbytes' "
+           "`QuantState.from_dict` and `dequantize_4bit`.",
+}
+
+
 def _usage_section(result: Result, family: Any, repo_id: str | None, revision: str | None) -> list[str]:
     c = result.canonical
     where = repo_id or f"./{result.name}"
     dtype = TORCH_DTYPE.get(c.get("dtype") or "")
+    if c.get("dtype") in QUANT_LOADERS:  # a quantized single file: its own loaders, not diffusers' from_single_file
+        return ["## Use it", "", f"`{result.name}.safetensors` is {QUANT_LOADERS[c['dtype']]}", ""]
     out = ["## Use it", "", "```python", "import torch"]
     if result.layout in ("diffusers", "both"):
         args = [f'"{where}"'] + ([f'revision="{revision}"'] if revision and repo_id else []) + (
             [f'variant="{c["variant"]}"'] if c.get("variant") else []) + ([f"torch_dtype={dtype}"] if dtype else [])
         out += ["from diffusers import DiffusionPipeline", "",
                 f"pipe = DiffusionPipeline.from_pretrained({', '.join(args)})"]
+    elif family.single_file:  # transformer-only files: the transformer(s) from the file(s), the rest from the base
+        out += _transformer_only_usage(result, family, repo_id, revision, dtype)
     else:
         file = f"{result.name}.safetensors"
         url = f"https://huggingface.co/{repo_id}/blob/{revision or 'main'}/{file}" if repo_id else f"./{file}"
@@ -254,6 +266,25 @@ def _usage_section(result: Result, family: Any, repo_id: str | None, revision: s
         out += [f"The same weights as one original-layout file: `{result.name}.safetensors` (A1111, ComfyUI, "
                 "`from_single_file`).", ""]
     return out
+
+
+def _transformer_only_usage(result: Result, family: Any, repo_id: str | None, revision: str | None,
+                            dtype: str | None) -> list[str]:
+    """Usage of a transformer-only file (Qwen-Image, Wan, FLUX.2): diffusers loads the transformer from it and the
+    text encoder and VAE from the family's base repo; Wan 2.2's two experts are two files."""
+    main = family.components[family.main].cls
+    files = {family.main: f"{result.name}.safetensors"}
+    split = {c: f"{result.name}{suffix}.safetensors" for c, suffix in family.split_files.items()}
+    folder = result.path.parent if result.layout == "single-file" else result.path
+    if split and all((folder / f).is_file() for f in split.values()):
+        files = split
+    out = [f"from diffusers import {family.pipeline}, {main}", ""]
+    for comp, file in files.items():
+        url = f"https://huggingface.co/{repo_id}/blob/{revision or 'main'}/{file}" if repo_id else f"./{file}"
+        args = [f'"{url}"'] + ([f"torch_dtype={dtype}"] if dtype else [])
+        out.append(f"{comp} = {main}.from_single_file({', '.join(args)})")
+    kw = ", ".join(f"{c}={c}" for c in files) + (f", torch_dtype={dtype}" if dtype else "")
+    return out + [f'pipe = {family.pipeline}.from_pretrained("{family.default_config_repo}", {kw})']
 
 
 def write_card(path: str | Path, *, repo_id: str | None = None, license: str | None = None,

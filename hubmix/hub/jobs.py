@@ -3,8 +3,9 @@
 The local side pins every Hub input to its commit (no download) and builds the job spec: each input a read-only
 model `Volume` at that commit, `HUBMIX_MOUNTS` telling hubmix in the job where each `repo@commit` is mounted (so
 `hub.resolve` reads it there: same pinned identity, same canonical recipe, same bytes as a local merge), the
-pinned recipe in `HUBMIX_RECIPE`, and a command that installs a pinned hubmix and runs `hubmix merge --recipe ...
---push`. The token travels only as the secret HF_TOKEN. Then it follows the job: logs, final stage, pushed commit.
+pinned recipe in `HUBMIX_RECIPE`, and a command that installs the caller's hubmix (`hub.install`: a wheel
+mounted from the user's repo, or `hubmix==V` from an index) and runs `hubmix merge --recipe ... --push`.
+The token travels only as the secret HF_TOKEN. Then it follows the job: logs, final stage, pushed commit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterable
 from hubmix import __version__
 from hubmix.errors import HubError, InputError
 from hubmix.hub.client import LOGIN_HINT, api, endpoint, hub_error, one_line
+from hubmix.hub.install import JobInstall
 from hubmix.hub.refs import parse_ref
 from hubmix.recipe import Recipe, model_entry
 from hubmix.recipe.vary import label_value
@@ -31,10 +33,6 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 LABEL_KEY = "created-by"  # every hubmix job carries created-by=hubmix
 TERMINAL = ("COMPLETED", "CANCELED", "ERROR", "DELETED")
 COMMIT_URL = re.compile(r"https?://\S+/commit/[0-9a-f]{40}")
-
-
-def default_install() -> str:
-    return f"hubmix=={__version__}"
 
 
 # ---- the spec ---------------------------------------------------------------------------------------------------
@@ -144,18 +142,21 @@ def namespace() -> str:
 def build_spec(recipe: Recipe, repo_id: str, out_name: str, *, mounts: dict[str, str], branch: str | None = None,
                private: bool = False, create_pr: bool = False, commit_message: str | None = None,
                license: str | None = None, flavor: str | None = None, timeout: str | None = None,
-               install: str | None = None, image: str | None = None, labels: dict[str, str] | None = None,
-               secret: str | None = None) -> JobSpec:
+               install: JobInstall | str | None = None, image: str | None = None,
+               labels: dict[str, str] | None = None, secret: str | None = None) -> JobSpec:
     """The spec of a job merging the pinned `recipe` (see `pin_inputs`) and pushing it to `repo_id`.
 
-    The output is named `out_name` in the job, as a local `merge --push` would name it, so the bytes match."""
+    The output is named `out_name` in the job, as a local `merge --push` would name it, so the bytes match.
+    `install`: what `hub.install.prepare` made available (a string: a pip spec as given, unchecked)."""
     try:
         from huggingface_hub import Volume
     except ImportError:  # Jobs volumes came with huggingface_hub 1.x releases after 1.0
         raise HubError("remote merges mount inputs as Job volumes, which this huggingface_hub lacks: "
                        "pip install -U huggingface_hub") from None
 
-    image, flavor, install = image or DEFAULT_IMAGE, flavor or DEFAULT_FLAVOR, install or default_install()
+    image, flavor = image or DEFAULT_IMAGE, flavor or DEFAULT_FLAVOR
+    if not isinstance(install, JobInstall):
+        install = JobInstall(install or f"hubmix=={__version__}", f"`{install or f'hubmix=={__version__}'}`")
     push = ["--push", repo_id]
     for opt, value in (("--branch", branch), ("--commit-message", commit_message), ("--license", license)):
         if value:
@@ -172,12 +173,16 @@ def build_spec(recipe: Recipe, repo_id: str, out_name: str, *, mounts: dict[str,
     recipe_dict.pop("output", None)
     env = {"HUBMIX_RECIPE": _yaml(recipe_dict), "HUBMIX_MOUNTS": json.dumps(mounts, sort_keys=True),
            "HUBMIX_PUSH": json.dumps({"repo": repo_id, "branch": branch, "create_pr": create_pr}, sort_keys=True),
-           "HUBMIX_INSTALL": install, "HUBMIX_JOB_IMAGE": image, "HUBMIX_JOB_FLAVOR": flavor,
+           "HUBMIX_INSTALL": install.spec, "HUBMIX_INSTALL_FROM": install.source, **install.env,
+           "HUBMIX_JOB_IMAGE": image, "HUBMIX_JOB_FLAVOR": flavor,
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if endpoint().rstrip("/") != DEFAULT_ENDPOINT:
         env["HF_ENDPOINT"] = endpoint()
     volumes = [Volume(type="model", source=key.rsplit("@", 1)[0], revision=key.rsplit("@", 1)[1], mount_path=path,
                       read_only=True) for key, path in sorted(mounts.items())]
+    if install.volume:
+        repo, commit, path = install.volume
+        volumes.append(Volume(type="model", source=repo, revision=commit, mount_path=path, read_only=True))
     all_labels = {LABEL_KEY: "hubmix", "hubmix-repo": label_value(repo_id), **(labels or {})}
     if branch:
         all_labels["hubmix-branch"] = label_value(branch)
@@ -350,8 +355,9 @@ def flavor_cost(flavor: str) -> str | None:
 
 def job_context() -> dict[str, str] | None:
     """Where this process runs, when it is a hubmix job: job id (set by the platform as JOB_ID), image, flavor,
-    install spec. None outside a job."""
+    where its hubmix came from. None outside a job."""
     if not os.environ.get("HUBMIX_JOB_IMAGE"):
         return None
     return {"job": os.environ.get("JOB_ID", ""), "image": os.environ["HUBMIX_JOB_IMAGE"],
-            "flavor": os.environ.get("HUBMIX_JOB_FLAVOR", ""), "install": os.environ.get("HUBMIX_INSTALL", "")}
+            "flavor": os.environ.get("HUBMIX_JOB_FLAVOR", ""),
+            "install": os.environ.get("HUBMIX_INSTALL_FROM") or f"`{os.environ.get('HUBMIX_INSTALL', '')}`"}

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Callable
 
 from hubmix.errors import HubError, RecipeError
-from hubmix.hub import jobs
+from hubmix.hub import install, jobs
 from hubmix.hub.client import api, endpoint, hub_error
+from hubmix.hub.install import JobInstall
 from hubmix.hub.refs import parse_ref
 from hubmix.recipe import Recipe, model_entry
 from hubmix.recipe.vary import label_value, plan, point_name
@@ -28,7 +29,7 @@ def _quiet(_: str) -> None:
 class RemoteOptions:
     flavor: str | None = None
     timeout: str | None = None
-    install: str | None = None  # pip requirement the job installs (default: this hubmix version)
+    install: str | None = None  # pip requirement the job installs (default: this hubmix, see hub.install)
     image: str | None = None
     detach: bool = False
     max_jobs: int = 4
@@ -84,30 +85,33 @@ def upload_local_inputs(recipe: Recipe, ns: str, say: Say = _quiet) -> Recipe:
     return dataclasses.replace(recipe, models=models)
 
 
-def _prepare(recipe: Recipe, opts: RemoteOptions, say: Say) -> tuple[Recipe, dict[str, str], str]:
+def _prepare(recipe: Recipe, opts: RemoteOptions, say: Say) -> tuple[Recipe, dict[str, str], str, JobInstall]:
+    """Inputs pinned (uploaded first with --upload-inputs) and what the job installs made available and checked:
+    everything that can fail does, before any job starts."""
     ns = jobs.namespace()
     if opts.upload_inputs:
         recipe = upload_local_inputs(recipe, ns, say)
     pinned, mounts = jobs.pin_inputs(recipe)
+    inst = install.prepare(ns, opts.install, say)
     cost = jobs.flavor_cost(opts.flavor or jobs.DEFAULT_FLAVOR)
     say(f"flavor {cost or opts.flavor or jobs.DEFAULT_FLAVOR}; {len(mounts)} input repo(s) mounted read-only at "
         "their pinned commits")
-    return pinned, mounts, ns
+    return pinned, mounts, ns, inst
 
 
-def _spec(recipe: Recipe, mounts: dict[str, str], repo_id: str, out_name: str, opts: RemoteOptions,
+def _spec(recipe: Recipe, mounts: dict[str, str], repo_id: str, out_name: str, opts: RemoteOptions, inst: JobInstall,
           branch: str | None, labels: dict[str, str] | None = None) -> jobs.JobSpec:
     return jobs.build_spec(recipe, repo_id, out_name, mounts=mounts, branch=branch, private=opts.private,
                            create_pr=opts.create_pr, commit_message=opts.commit_message, license=opts.license,
-                           flavor=opts.flavor, timeout=opts.timeout, install=opts.install, image=opts.image,
+                           flavor=opts.flavor, timeout=opts.timeout, install=inst, image=opts.image,
                            labels=labels)
 
 
 def remote_merge(recipe: Recipe, repo_id: str, out_name: str, opts: RemoteOptions, *, say: Say = _quiet,
                  on_line: Say | None = None) -> RemoteRun:
     """Run `recipe` as a job pushing to `repo_id`; follow it unless `opts.detach` (Ctrl-C: LeftRunning)."""
-    pinned, mounts, ns = _prepare(recipe, opts, say)
-    spec = _spec(pinned, mounts, repo_id, out_name, opts, opts.branch)
+    pinned, mounts, ns, inst = _prepare(recipe, opts, say)
+    spec = _spec(pinned, mounts, repo_id, out_name, opts, inst, opts.branch)
     info = jobs.submit(spec, ns)
     job_id = f"{ns}/{info.id}"
     say(f"started job {job_id}: {info.url}")
@@ -154,7 +158,7 @@ def remote_sweep(recipe: Recipe, vary: list[str], repo_id: str, out_name: str, o
     if opts.detach and len(points) > opts.max_jobs:
         raise RecipeError(f"--detach starts all {len(points)} jobs at once: raise --max-jobs to {len(points)} or "
                           "drop --detach")
-    pinned, mounts, ns = _prepare(recipe, opts, say)
+    pinned, mounts, ns, inst = _prepare(recipe, opts, say)
     try:
         api().create_repo(repo_id, private=opts.private, exist_ok=True)  # before the jobs, which push in parallel
     except Exception as e:  # noqa: BLE001
@@ -167,7 +171,8 @@ def remote_sweep(recipe: Recipe, vary: list[str], repo_id: str, out_name: str, o
     def start(p: PointRun) -> None:
         labels = {"hubmix-sweep": label_value(repo_id), "hubmix-point": label_value(p.branch)}
         try:
-            info = jobs.submit(_spec(apply(pinned, p.point), mounts, repo_id, out_name, opts, p.branch, labels), ns)
+            info = jobs.submit(_spec(apply(pinned, p.point), mounts, repo_id, out_name, opts, inst, p.branch, labels),
+                               ns)
         except HubError as e:  # e.g. a quota reached after some points started: say which keep running
             left = [f"{q.branch} ({q.job_id})" for q in run.points if q.job_id and q.outcome is None]
             raise HubError(f"{p.branch}: {e}" + (f"; still running: {', '.join(left)}" if left else "")) from None

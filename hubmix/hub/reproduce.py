@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from hubmix.formats.quant.gguf_types import GGUF_DTYPES
 from hubmix.errors import InputError
 from hubmix.hub.hashing import file_sha256
 from hubmix.recipe import Recipe, letter, model_entry, recipe_hash
@@ -116,7 +117,8 @@ def _files(root: Path) -> dict[str, Path]:
 
 def _layout_of(names: list[str]) -> tuple[str, str | None]:
     """(layout, name) of a result from its file names: diffusers, both (with the root file's stem) or single-file."""
-    roots = [n for n in names if "/" not in n and n.endswith(".safetensors")]
+    roots = [n.removesuffix(".gguf") + ".safetensors" if n.endswith(".gguf") else n  # a GGUF is a single file
+             for n in names if "/" not in n and n.endswith((".safetensors", ".gguf"))]
     if "model_index.json" in names:
         return ("both", roots[0][: -len(".safetensors")]) if len(roots) == 1 else ("diffusers", None)
     stems = [n[: -len(".safetensors")] for n in roots if f"{n[: -len('.safetensors')]}.recipe.yaml" in names]
@@ -209,7 +211,8 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
     tmp = Path(tempfile.mkdtemp(prefix="hubmix-reproduce-"))
     try:
         # the rebuild gets the original's own name (file names, the single file's title): --keep is its folder
-        target = (Path(keep) if keep is not None else tmp) / (f"{name}.safetensors" if layout == "single-file"
+        suffix = ".gguf" if recipe.dtype in GGUF_DTYPES else ".safetensors"
+        target = (Path(keep) if keep is not None else tmp) / (f"{name}{suffix}" if layout == "single-file"
                                                               else (name or "result"))
         if keep is not None:
             target.parent.mkdir(parents=True, exist_ok=True)

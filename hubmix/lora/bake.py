@@ -47,7 +47,9 @@ def attach_loras(recipe: Recipe, resolver: Callable, models: list[LocalModel], s
         if entry.get("components"):
             canonical["components"] = dict(entry["components"])
         entries.append(canonical)
-        summary.add("note", f"LoRA {name}: {len(modules)} modules baked at strength {entry['strength']:g}")
+        kinds = sorted({m.kind for m in modules} - {"lora"}) + (["DoRA"] if any(m.dora for m in modules) else [])
+        what = f" ({', '.join(kinds)})" if kinds else ""
+        summary.add("note", f"LoRA {name}: {len(modules)} modules{what} baked at strength {entry['strength']:g}")
     for t in tasks:
         mods = by_key.pop((t.component, t.key), None)
         if mods:

@@ -76,6 +76,7 @@ class Renderer:
         self.tokenizers: dict[str, tuple[str, Any]] = {}
         self.pipe = None
         self.family: str | None = None
+        self.last_clip: list | None = None  # a video pipeline's frames of the last render (its first is the image)
 
     # ---- loading ----------------------------------------------------------------------------------------------
     def load(self, subject: Subject) -> Any:
@@ -85,7 +86,11 @@ class Renderer:
         if self.family != family.id:  # another family shares nothing
             self.modules, self.loaded, self.tokenizers, self.family = {}, {}, {}, family.id
         for cname, spec in family.components.items():
-            comp = model.components[cname]
+            comp = model.components.get(cname)
+            if comp is None:  # an optional part this model lacks (Wan 2.1's second expert): None in the pipeline
+                self.modules.pop(cname, None)
+                self.loaded.pop(cname, None)
+                continue
             sig = config_signature(subject.configs[cname])
             ident = ("file", cname, tuple(sorted({(str(r.file.path), r.file.path.stat().st_mtime_ns)
                                                   for r in comp.tensors.values()})))
@@ -110,7 +115,9 @@ class Renderer:
         index = read_json(subject.folder / "model_index.json")
         extra = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, dict))}
         parts = {**self.modules, **{k: v[1] for k, v in self.tokenizers.items()}, "scheduler": scheduler}
-        cls = getattr(diffusers, family.pipeline)
+        own = index.get("_class_name")  # the model's own pipeline where it is one of the family's (FLUX.2 Klein)
+        cls = getattr(diffusers, own if own in family.pipelines else family.pipeline)
+        parts.update({c: None for c in family.components if c not in parts and c in _init_args(cls)})
         if "safety_checker" in cls._optional_components:  # no safety checker: an image it flags would be black
             parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
             extra.pop("requires_safety_checker", None)
@@ -144,6 +151,10 @@ class Renderer:
         module = self.modules[cname]
         own = module.state_dict()
         names = {key_in_module(k, own): k for k in tensors}
+        tied = getattr(module, "_tied_weights_keys", None)  # UMT5's encoder.embed_tokens is shared.weight
+        for target, source in (tied.items() if isinstance(tied, dict) else ()):
+            if target in own and target not in names and source in names:
+                names[target] = names[source]
         missing = [k for k in own if k not in names and _persistent(module, k)]
         if None in names or missing:
             bad = ", ".join([k for m, k in names.items() if m is None][:3] + missing[:3])
@@ -185,23 +196,39 @@ class Renderer:
             return kwargs
 
         generator = torch.Generator("cpu").manual_seed(seed)
-        out = self.pipe(prompt=prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-                        width=size[0], height=size[1], generator=generator, callback_on_step_end=step_end)
-        return out.images[0]
+        kwargs = dict(prompt=prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                      width=size[0], height=size[1], generator=generator, callback_on_step_end=step_end)
+        accepted = _call_args(type(self.pipe))  # FLUX.2 Klein takes no negative prompt
+        if "negative_prompt" not in accepted and negative is None:
+            kwargs.pop("negative_prompt")
+        if hasattr(self.pipe, "video_processor"):  # a video pipeline (Wan): the clip as PIL frames
+            kwargs["output_type"] = "pil"
+        out = self.pipe(**kwargs)
+        frames = getattr(out, "frames", None)
+        self.last_clip = list(frames[0]) if frames is not None else None
+        return self.last_clip[0] if self.last_clip else out.images[0]
 
 
 def key_in_module(key: str, own: dict[str, Any]) -> str | None:
     """A canonical key's name in a module: the same, or without transformers 5's dropped `text_model.` prefix."""
     if key in own:
         return key
-    short = key.removeprefix("text_model.")
-    return short if short in own else None
+    # transformers 5 drops CLIP's `text_model.` and nests a vision-language model's parts (Qwen2.5-VL: files say
+    # `model.layers.*`, `visual.*`; the module `model.language_model.layers.*`, `model.visual.*`)
+    nested = "model.language_model." + key.removeprefix("model.") if key.startswith("model.") else "model." + key
+    return next((k for k in (key.removeprefix("text_model."), nested) if k in own), None)
 
 
 def _persistent(module: Any, name: str) -> bool:
     owner, _, leaf = name.rpartition(".")
     sub = module.get_submodule(owner) if owner else module
     return leaf not in getattr(sub, "_non_persistent_buffers_set", set())
+
+
+def _call_args(cls: type) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__call__).parameters)
 
 
 def _init_args(cls: type) -> set[str]:

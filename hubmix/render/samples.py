@@ -70,7 +70,11 @@ def open_subjects(refs: list[tuple[str, Path]], config_from: str | Path | None =
         if folder is None or not (folder / "model_index.json").is_file():
             raise RenderError(f"{name}: a single file has no tokenizer or scheduler; pass --config-from <a "
                               f"diffusers folder or Hub repo of its family>, e.g. {fam.default_config_repo}")
-        configs = output_configs([m], {c: 0 for c in fam.components}, fam, folder, Summary())
+        if any(c not in m.components for c in fam.components) and folder != m.path:
+            base = open_model(folder)  # a transformer-only file: the text encoder and VAE from the folder
+            m.components = {**{c: base.components[c] for c in fam.components if c in base.components},
+                            **m.components}
+        configs = output_configs([m], {c: 0 for c in fam.components if c in m.components}, fam, folder, Summary())
         subjects.append(Subject(name, m, folder, configs))
     return subjects
 
@@ -143,13 +147,24 @@ def render_grid_of(subjects: list, spec: RenderSpec, out: Path, *, extra: Callab
                                           on_step=on_step)
                     name = f"{stem}-p{pi}-s{seed}.png"
                     img.save(out / name, format="PNG")
+                    clip = save_clip(renderer.last_clip, out / f"{stem}-p{pi}-s{seed}.webp")
                     meta = {"scheduler": type(renderer.pipe.scheduler).__name__,
                             "guidance": spec.guidance_for(subject.family), "steps": spec.steps,
                             "negative_prompt": spec.negative_prompt, "dtype": str(dtype).removeprefix("torch."),
-                            "device": device.type, **(extra(i) if extra else {})}
+                            "device": device.type, **({"clip": clip} if clip else {}), **(extra(i) if extra else {})}
                     images.append(Image(name, names[i], prompt, seed, sizes[i][0], sizes[i][1], meta))
                     bar.update(1)
     return images
+
+
+def save_clip(frames: list | None, path: Path, fps: int = 16) -> str | None:
+    """A video sample's whole clip beside its first frame: an animated, lossless WebP (Wan's 16 frames a second);
+    its file name, or None for an image model."""
+    if not frames or len(frames) < 2:
+        return None
+    frames[0].save(path, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / fps),
+                   loop=0, lossless=True)
+    return path.name
 
 
 def write_index(out: Path, images: list[Image], spec: RenderSpec | None, *, labels: list[str] | None = None,

@@ -15,7 +15,9 @@ from hubmix.errors import HubmixError
 
 DEFAULT_PROMPTS = ("a photo of a cat",)
 DEFAULT_STEPS = 20
-GUIDANCE = {"sdxl": 5.0}  # the family pipelines' own defaults; 7.5 otherwise
+# the family pipelines' own defaults; 7.5 otherwise (Qwen-Image's guidance_scale is unused by its undistilled
+# transformer, as in diffusers)
+GUIDANCE = {"sdxl": 5.0, "wan": 5.0, "flux2": 4.0, "qwen_image": 4.0}
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 

@@ -62,6 +62,24 @@ class Family:
     optional: tuple[str, ...] = ()
     # what an unmarked single file predicts, and which marker keys single files carry (formats/prediction.py)
     prediction: dict[str, Any] = field(default_factory=dict)
+    gguf: dict[str, Any] = field(default_factory=dict)  # its GGUF files: architecture, reshape, keep (ComfyUI-GGUF)
+    # the components an original single file holds (default: all); the others exist in diffusers folders only
+    # (Qwen-Image, Wan, Flux.2: files hold the transformer alone, bare or under `model.diffusion_model.`)
+    single_file: tuple[str, ...] = ()
+    # single-file outputs with several of these components: one file each, named from --out with the suffix
+    # (Wan 2.2 A14B: `transformer` -> `<out>_high_noise.safetensors`, `transformer_2` -> `<out>_low_noise...`)
+    split_files: dict[str, str] = field(default_factory=dict)
+    # pipeline classes of this family a diffusers input's model_index.json may name (Qwen-Image-Edit, FLUX.2 Klein):
+    # an output keeps its input's; any other becomes `pipeline`
+    pipelines: tuple[str, ...] = ()
+
+    @property
+    def single_file_components(self) -> tuple[str, ...]:
+        return self.single_file or tuple(self.components)
+
+    @property
+    def gguf_architecture(self) -> str | None:
+        return self.gguf.get("architecture")
 
     def variant_of(self, main_keys: Iterable[str]) -> str | None:
         """Which variant (Flux dev or schnell) a model is, by a rule over its main component's canonical keys."""
@@ -79,14 +97,15 @@ class Family:
     def matches(self, layout: str, keys: dict[str, int]) -> bool:
         """Whether every detection rule for `layout` holds for `keys` (key -> ndim)."""
         rules = self.detect.get(layout.replace("-", "_"))
-        if not rules:
-            raise ValueError(f"family {self.id} has no detection rules for the {layout} layout")
+        if not rules:  # no file of this layout holds the whole family (transformer-only single files)
+            return False
         return all(_rule_holds(rule, keys) for rule in rules)
 
     def component_of(self, original_key: str) -> str | None:
         """The component an original single-file key belongs to, by its prefix."""
-        for name, spec in self.components.items():
-            if original_key.startswith(spec.prefix):
+        for name in self.single_file_components:
+            spec = self.components.get(name)
+            if spec is not None and original_key.startswith(spec.prefix):
                 return name
         return None
 
@@ -116,7 +135,7 @@ def _data(path: Path) -> Any:
 def _load_family(path: Path) -> Family:
     raw = _data(path)
     comps = {
-        name: ComponentSpec(name=name, library=c["library"], cls=c["class"], layout=c["layout"], prefix=c["prefix"],
+        name: ComponentSpec(name=name, library=c["library"], cls=c["class"], layout=c["layout"], prefix=c.get("prefix", ""),
                             dropped=dict(c.get("dropped") or {}), label=c.get("label"))
         for name, c in raw["components"].items()
     }
@@ -126,7 +145,10 @@ def _load_family(path: Path) -> Family:
                   defaults=raw.get("defaults") or {}, pipeline_extra=raw.get("pipeline_extra") or {},
                   tokenizers=raw.get("tokenizers") or {}, main=raw.get("main") or next(iter(comps)),
                   variants=raw.get("variants") or {}, prediction=raw.get("prediction") or {},
-                  optional=tuple(raw.get("optional") or ()), **_block_list(raw.get("block_list")))
+                  optional=tuple(raw.get("optional") or ()), single_file=tuple(raw.get("single_file") or ()),
+                  split_files=dict(raw.get("split_files") or {}), pipelines=tuple(raw.get("pipelines") or ()),
+                  gguf=raw.get("gguf") or {},
+                  **_block_list(raw.get("block_list")))
 
 
 def _block_list(raw: dict[str, Any] | None) -> dict[str, tuple[str, ...]]:
@@ -190,6 +212,16 @@ def detect_family(layout: str, keys: dict[str, int], where: str) -> Family:
             f"({', '.join(families())}); first keys: {sample or 'none'}"
         )
     raise FamilyError(f"{where}: keys match several families: {', '.join(f.id for f in hits)}")
+
+
+def gguf_family(architecture: str | None, where: str) -> Family:
+    """The family whose GGUF files name `architecture` (ComfyUI-GGUF's general.architecture)."""
+    for fam in families().values():
+        if fam.gguf_architecture is not None and fam.gguf_architecture == architecture:
+            return fam
+    known = ", ".join(sorted(f.gguf_architecture for f in families().values() if f.gguf_architecture))
+    raise FamilyError(f"{where}: a GGUF file of architecture {architecture!r}, which no hubmix family reads "
+                      f"(known: {known})")
 
 
 def detect_main_only(keys: dict[str, int]) -> tuple[Family, str] | None:

@@ -20,7 +20,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from hubmix.errors import InputError
 from hubmix.formats.io.span import ITEMSIZE, Span, address_of, dtype_name, torch_dtype
@@ -368,28 +368,6 @@ def _is_pickle(path: Path) -> bool:
         return False
 
 
-# Quantized formats hubmix does not read, by a key (suffix) that only they have: refused by name, never misread.
-QUANTIZED_KEYS = (
-    (".absmax", "bitsandbytes NF4/FP4 (4-bit) weights"),
-    (".quant_map", "bitsandbytes NF4/FP4 (4-bit) weights"),
-    (".quant_state.bitsandbytes__nf4", "bitsandbytes NF4 (4-bit) weights"),
-    (".quant_state.bitsandbytes__fp4", "bitsandbytes FP4 (4-bit) weights"),
-    (".SCB", "bitsandbytes LLM.int8 weights"),
-    (".scale_weight", "scaled fp8 weights (per-tensor scale_weight)"),
-    (".weight_scale", "scaled fp8 weights (per-tensor weight_scale)"),
-    ("scaled_fp8", "scaled fp8 weights (ComfyUI's scaled_fp8 marker)"),
-)
-
-
-def refuse_quantized(f: WeightFile) -> None:
-    """One line naming the quantized format of a file hubmix cannot merge exactly (dequantize it first)."""
-    for key in f.keys():
-        for suffix, what in QUANTIZED_KEYS:
-            if key.endswith(suffix):
-                raise InputError(f"{f.path}: {what} ({key}): a quantized format hubmix does not read; "
-                                 "dequantize it to fp8/bf16/fp16/fp32 first")
-
-
 _PREOPENED: dict[str, tuple[str, SafetensorsFile]] = {}  # resolved path -> (file version, the file opened ahead)
 
 
@@ -417,19 +395,22 @@ def forget_preopened() -> None:
     _PREOPENED.clear()
 
 
+# Other containers by name: formats.quant.gguf_file registers GGUF's reader (it builds on this module)
+CONTAINERS: dict[str, Callable[[Path], WeightFile]] = {}
+
+
 def open_weight_file(path: str | os.PathLike) -> WeightFile:
     """Open a weight file by its suffix: `.safetensors`, or a torch pickle loaded without executing code."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
     if p.suffix.lower() == ".gguf" or _magic(p) == b"GGUF":
-        raise InputError(f"{p}: a GGUF file (llama.cpp / ComfyUI-GGUF quantized format), which hubmix does not "
-                         "read; use the safetensors original")
+        if "gguf" not in CONTAINERS:
+            raise InputError(f"{p}: a GGUF file, which this build of hubmix does not read; use the safetensors file")
+        return CONTAINERS["gguf"](p)
     if p.suffix == ".safetensors":
         ahead = _PREOPENED.pop(str(p.resolve()), None)
-        f = ahead[1] if ahead is not None and ahead[0] == file_version(p) else SafetensorsFile(p)
-        refuse_quantized(f)
-        return f
+        return ahead[1] if ahead is not None and ahead[0] == file_version(p) else SafetensorsFile(p)
     if p.suffix in PICKLE_SUFFIXES:
         return TorchPickleFile(p)
     raise InputError(f"{p}: unknown weight file type (expected .safetensors, .ckpt, .bin, .pt or .pth)")

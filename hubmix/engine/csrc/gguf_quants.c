@@ -1,0 +1,428 @@
+/* GGUF block quantization and dequantization (hubmix.formats.quant.gguf_blocks calls these through ctypes).
+
+Q8_0, Q5_0 and Q4_0 quantize exactly as the `gguf` package's numpy code does (byte for byte); Q4_K, Q5_K and Q6_K
+port llama.cpp's reference quantizers (ggml-quants.c: quantize_row_q4_K_ref, make_qkx2_quants, make_qx_quants) in
+the same float32 operation order; dequantization computes what `gguf.quants.dequantize` computes. Compiled without
+contraction or fast-math (native.py's flags), so every float operation rounds as the numpy fallback's does. */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#define QK 32
+#define QK_K 256
+#define GROUP_MAX_EPS 1e-15f
+
+static inline float g_u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t g_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* float16 <-> float32, exact, round to nearest even (numpy's astype(float16) and ggml's GGML_FP32_TO_FP16) */
+static inline float g_h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0x1F) return g_u2f(sign | 0x7F800000u | (m << 13));
+    if (e == 0) { float f = (float)m * 0x1.0p-24f; return sign ? -f : f; }
+    return g_u2f(sign | ((e + 112u) << 23) | (m << 13));
+}
+static inline uint16_t g_f2h(float f) {
+    uint32_t x = g_f2u(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+    if (ax > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((ax >> 13) & 0x3FFu));
+    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* rounds to >= 65520: infinity */
+    if (ax < 0x38800000u) { /* a float16 subnormal (or zero): add 0.5 so the FPU rounds at 2^-24 */
+        float r = g_u2f(ax) + 0.5f;
+        return (uint16_t)(sign | (g_f2u(r) - 0x3F000000u));
+    }
+    uint32_t odd = (ax >> 13) & 1u;
+    ax += 0xC8000FFFu + odd; /* rebias the exponent (-112 << 23) and round to nearest even */
+    return (uint16_t)(sign | (ax >> 13));
+}
+
+static inline int nearest_int(float fval) {
+    float val = fval + 12582912.f;
+    int i; memcpy(&i, &val, sizeof(int));
+    return (i & 0x007fffff) - 0x00400000;
+}
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+
+/* ---- the simple types: the gguf package's numpy quantizers, operation for operation ---- */
+
+/* gguf's np_roundf (half away from zero), which floorf lets the compiler vectorize (roundf is a libm call) */
+static inline float np_roundf(float n) {
+    float a = fabsf(n), f = floorf(a), b = f + floorf(2.0f * (a - f));
+    return n < 0.0f ? -b : b;
+}
+
+static void q8_0(const float *x, uint8_t *y) {
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
+    float d = amax / 127.0f, id = d == 0.0f ? 0.0f : 1.0f / d;
+    uint16_t h = g_f2h(d); memcpy(y, &h, 2);
+    for (int j = 0; j < QK; j++) y[2 + j] = (uint8_t)(int8_t)np_roundf(x[j] * id);
+}
+
+/* Q4_0 (nmax 8, 4 bits) and Q5_0 (16, 5 bits): d = the value of largest magnitude / -nmax */
+static float q_0_scale(const float *x, float div, float *id) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < QK; j++) { float a = fabsf(x[j]); if (a > amax) { amax = a; max = x[j]; } }
+    float d = max / div;
+    *id = d == 0.0f ? 0.0f : 1.0f / d;
+    return d;
+}
+
+static void q4_0(const float *x, uint8_t *y) {
+    float id, d = q_0_scale(x, -8.0f, &id);
+    uint16_t h = g_f2h(d); memcpy(y, &h, 2);
+    uint8_t q[QK];
+    for (int j = 0; j < QK; j++) { int v = (int)truncf(x[j] * id + 8.5f); q[j] = (uint8_t)(v > 15 ? 15 : v); }
+    for (int j = 0; j < QK / 2; j++) y[2 + j] = (uint8_t)(q[j] | (q[j + 16] << 4));
+}
+
+static void q5_0(const float *x, uint8_t *y) {
+    float id, d = q_0_scale(x, -16.0f, &id);
+    uint16_t h = g_f2h(d); memcpy(y, &h, 2);
+    uint8_t q[QK]; uint32_t qh = 0;
+    for (int j = 0; j < QK; j++) {
+        int v = (int)truncf(x[j] * id + 16.5f); q[j] = (uint8_t)(v > 31 ? 31 : v);
+        qh |= (uint32_t)(q[j] >> 4) << j;
+    }
+    uint8_t b[4] = {(uint8_t)qh, (uint8_t)(qh >> 8), (uint8_t)(qh >> 16), (uint8_t)(qh >> 24)};
+    memcpy(y + 2, b, 4);
+    for (int j = 0; j < QK / 2; j++) y[6 + j] = (uint8_t)((q[j] & 0x0F) | (q[j + 16] << 4));
+}
+
+/* ---- K-quants: llama.cpp's reference quantizers ---- */
+
+static float make_qkx2_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *the_min,
+                              uint8_t *Laux, float rmin, float rdelta, int nstep) {
+    float min = x[0], max = x[0];
+    float sum_w = weights[0], sum_x = sum_w * x[0];
+    for (int i = 1; i < n; ++i) {
+        if (x[i] < min) min = x[i];
+        if (x[i] > max) max = x[i];
+        float w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if (min > 0) min = 0;
+    if (max == min) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        *the_min = -min;
+        return 0.f;
+    }
+    float iscale = nmax / (max - min);
+    float scale = 1 / iscale;
+    float best_error = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * (x[i] - min));
+        L[i] = (uint8_t)MAX(0, MIN(nmax, l));
+        float diff = scale * L[i] + min - x[i];
+        diff = diff * diff;
+        best_error += weights[i] * diff;
+    }
+    /* the element-wise parts in their own loops (which vectorize), the sums in the C reference's order */
+    float lf[32], wl[32], t[32];
+    for (int is = 0; is <= nstep; ++is) {
+        iscale = (rmin + rdelta * is + nmax) / (max - min);
+        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale * (x[i] - min));
+            l = MAX(0, MIN(nmax, l));
+            Laux[i] = (uint8_t)l;
+            lf[i] = (float)l;
+            wl[i] = weights[i] * lf[i];
+        }
+        for (int i = 0; i < n; ++i) {
+            sum_l += wl[i];
+            sum_l2 += wl[i] * lf[i];
+            sum_xl += wl[i] * x[i];
+        }
+        float D = sum_w * sum_l2 - sum_l * sum_l;
+        if (D > 0) {
+            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+            if (this_min > 0) {
+                this_min = 0;
+                this_scale = sum_xl / sum_l2;
+            }
+            float cur_error = 0;
+            for (int i = 0; i < n; ++i) {
+                float diff = this_scale * lf[i] + this_min - x[i];
+                t[i] = weights[i] * (diff * diff);
+            }
+            for (int i = 0; i < n; ++i) cur_error += t[i];
+            if (cur_error < best_error) {
+                for (int i = 0; i < n; ++i) L[i] = Laux[i];
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    *the_min = -min;
+    return scale;
+}
+
+static inline void get_scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
+    if (j < 4) {
+        *d = q[j] & 63; *m = q[j + 4] & 63;
+    } else {
+        *d = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4));
+    }
+}
+
+/* Q4_K (nmax 15) and Q5_K (nmax 31) share everything but the search range and the packing of L. Block layout:
+   d, dmin (float16), scales[12], then Q5_K's qh[32], then qs[128]. */
+static void qk_scales(const float *x, uint8_t *y, uint8_t *L, int nmax, float rmin, float rdelta, int nstep) {
+    uint8_t Laux[32];
+    float weights[32], mins[QK_K / 32], scales[QK_K / 32];
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < QK_K / 32; ++j) {
+        float sum_x2 = 0;
+        for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
+        float av_x = sqrtf(sum_x2 / 32);
+        for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
+        scales[j] = make_qkx2_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, rmin, rdelta, nstep);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+    float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+    uint8_t *sc = y + 4;
+    for (int j = 0; j < QK_K / 32; ++j) {
+        uint8_t ls = (uint8_t)nearest_int(inv_scale * scales[j]);
+        uint8_t lm = (uint8_t)nearest_int(inv_min * mins[j]);
+        ls = MIN(63, ls);
+        lm = MIN(63, lm);
+        if (j < 4) {
+            sc[j] = ls;
+            sc[j + 4] = lm;
+        } else {
+            sc[j + 4] = (uint8_t)((ls & 0xF) | ((lm & 0xF) << 4));
+            sc[j - 4] |= (uint8_t)((ls >> 4) << 6);
+            sc[j - 0] |= (uint8_t)((lm >> 4) << 6);
+        }
+    }
+    uint16_t hd = g_f2h(max_scale / 63.f), hm = g_f2h(max_min / 63.f);
+    memcpy(y, &hd, 2); memcpy(y + 2, &hm, 2);
+    for (int j = 0; j < QK_K / 32; ++j) {
+        uint8_t s, m;
+        get_scale_min_k4(j, sc, &s, &m);
+        const float d = g_h2f(hd) * s;
+        if (!d) continue;
+        const float dm = g_h2f(hm) * m;
+        for (int ii = 0; ii < 32; ++ii) {
+            int l = nearest_int((x[32 * j + ii] + dm) / d);
+            L[32 * j + ii] = (uint8_t)MAX(0, MIN(nmax, l));
+        }
+    }
+}
+
+static void q4_k(const float *x, uint8_t *y) {
+    uint8_t L[QK_K];
+    qk_scales(x, y, L, 15, -1.f, 0.1f, 20);
+    uint8_t *q = y + 16;
+    for (int j = 0; j < QK_K; j += 64) {
+        for (int l = 0; l < 32; ++l) q[l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 4));
+        q += 32;
+    }
+}
+
+static void q5_k(const float *x, uint8_t *y) {
+    uint8_t L[QK_K];
+    qk_scales(x, y, L, 31, -0.5f, 0.1f, 15);
+    uint8_t *qh = y + 16, *ql = y + 48;
+    memset(qh, 0, QK_K / 8);
+    uint8_t m1 = 1, m2 = 2;
+    for (int n = 0; n < QK_K; n += 64) {
+        for (int j = 0; j < 32; ++j) {
+            int l1 = L[n + j];
+            if (l1 > 15) { l1 -= 16; qh[j] |= m1; }
+            int l2 = L[n + j + 32];
+            if (l2 > 15) { l2 -= 16; qh[j] |= m2; }
+            ql[j] = (uint8_t)(l1 | (l2 << 4));
+        }
+        m1 <<= 2; m2 <<= 2;
+        ql += 32;
+    }
+}
+
+/* make_qx_quants with rmse_type 1 and no importance weights (w = x*x), as quantize_row_q6_K_ref calls it */
+static float make_qx_quants(int n, int nmax, const float *x, int8_t *L) {
+    float max = 0, amax = 0;
+    for (int i = 0; i < n; ++i) {
+        float ax = fabsf(x[i]);
+        if (ax > amax) { amax = ax; max = x[i]; }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = -nmax / max;
+    float sumlx = 0, suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * x[i]);
+        l = MAX(-nmax, MIN(nmax - 1, l));
+        L[i] = (int8_t)(l + nmax);
+        float w = x[i] * x[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    float scale = suml2 ? sumlx / suml2 : 0.0f;
+    float best = scale * sumlx;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        iscale = -(nmax + 0.1f * is) / max;
+        sumlx = suml2 = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale * x[i]);
+            l = MAX(-nmax, MIN(nmax - 1, l));
+            float w = x[i] * x[i];
+            sumlx += w * x[i] * l;
+            suml2 += w * l * l;
+        }
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < n; ++i) {
+                int l = nearest_int(iscale * x[i]);
+                L[i] = (int8_t)(nmax + MAX(-nmax, MIN(nmax - 1, l)));
+            }
+            scale = sumlx / suml2; best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+/* Q6_K: ql[128], qh[64], scales[16] (int8), d (float16) */
+static void q6_k(const float *x, uint8_t *y) {
+    int8_t L[QK_K];
+    float scales[QK_K / 16];
+    float max_scale = 0, max_abs_scale = 0;
+    for (int ib = 0; ib < QK_K / 16; ++ib) {
+        const float scale = make_qx_quants(16, 32, x + 16 * ib, L + 16 * ib);
+        scales[ib] = scale;
+        const float abs_scale = fabsf(scale);
+        if (abs_scale > max_abs_scale) { max_abs_scale = abs_scale; max_scale = scale; }
+    }
+    if (max_abs_scale < GROUP_MAX_EPS) {
+        memset(y, 0, 210);
+        return;
+    }
+    int8_t *ysc = (int8_t *)(y + 192);
+    float iscale = -128.f / max_scale;
+    uint16_t hd = g_f2h(1 / iscale);
+    memcpy(y + 208, &hd, 2);
+    for (int ib = 0; ib < QK_K / 16; ++ib) ysc[ib] = (int8_t)MIN(127, nearest_int(iscale * scales[ib]));
+    for (int j = 0; j < QK_K / 16; ++j) {
+        float d = g_h2f(hd) * ysc[j];
+        if (!d) continue;
+        for (int ii = 0; ii < 16; ++ii) {
+            int l = nearest_int(x[16 * j + ii] / d);
+            l = MAX(-32, MIN(31, l));
+            L[16 * j + ii] = (int8_t)(l + 32);
+        }
+    }
+    uint8_t *ql = y, *qh = y + 128;
+    for (int j = 0; j < QK_K; j += 128) {
+        for (int l = 0; l < 32; ++l) {
+            const uint8_t q1 = L[j + l + 0] & 0xF, q2 = L[j + l + 32] & 0xF;
+            const uint8_t q3 = L[j + l + 64] & 0xF, q4 = L[j + l + 96] & 0xF;
+            ql[l + 0] = (uint8_t)(q1 | (q3 << 4));
+            ql[l + 32] = (uint8_t)(q2 | (q4 << 4));
+            qh[l] = (uint8_t)((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4)
+                              | ((L[j + l + 96] >> 4) << 6));
+        }
+        ql += 64;
+        qh += 32;
+    }
+}
+
+/* ggml type ids (GGMLQuantizationType) */
+enum { T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+/* `blocks` blocks of floats -> their quantized bytes; 0 on success, -1 for a type not covered here */
+int gguf_quantize(int type, const float *x, uint8_t *y, int64_t blocks) {
+    for (int64_t b = 0; b < blocks; b++) {
+        switch (type) {
+            case T_Q8_0: q8_0(x + b * QK, y + b * 34); break;
+            case T_Q4_0: q4_0(x + b * QK, y + b * 18); break;
+            case T_Q5_0: q5_0(x + b * QK, y + b * 22); break;
+            case T_Q4_K: q4_k(x + b * QK_K, y + b * 144); break;
+            case T_Q5_K: q5_k(x + b * QK_K, y + b * 176); break;
+            case T_Q6_K: q6_k(x + b * QK_K, y + b * 210); break;
+            default: return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- dequantization: the gguf package's arithmetic (products in float32, in its order) ---- */
+
+static inline float ld_h(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return g_h2f(h); }
+
+int gguf_dequantize(int type, const uint8_t *x, float *y, int64_t blocks) {
+    for (int64_t b = 0; b < blocks; b++) {
+        switch (type) {
+            case T_Q8_0: {
+                const uint8_t *p = x + b * 34; float d = ld_h(p), *o = y + b * QK;
+                for (int j = 0; j < QK; j++) o[j] = (float)(int8_t)p[2 + j] * d;
+                break;
+            }
+            case T_Q4_0: {
+                const uint8_t *p = x + b * 18; float d = ld_h(p), *o = y + b * QK;
+                for (int j = 0; j < 16; j++) {
+                    o[j] = d * (float)((p[2 + j] & 0xF) - 8);
+                    o[j + 16] = d * (float)((p[2 + j] >> 4) - 8);
+                }
+                break;
+            }
+            case T_Q5_0: {
+                const uint8_t *p = x + b * 22; float d = ld_h(p), *o = y + b * QK;
+                uint32_t qh = (uint32_t)p[2] | (uint32_t)p[3] << 8 | (uint32_t)p[4] << 16 | (uint32_t)p[5] << 24;
+                for (int j = 0; j < 16; j++) {
+                    int lo = (p[6 + j] & 0xF) | (int)((qh >> j) & 1) << 4;
+                    int hi = (p[6 + j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+                    o[j] = d * (float)(lo - 16);
+                    o[j + 16] = d * (float)(hi - 16);
+                }
+                break;
+            }
+            case T_Q4_K: case T_Q5_K: {
+                int five = type == T_Q5_K;
+                const uint8_t *p = x + b * (five ? 176 : 144), *qh = p + 16, *qs = p + (five ? 48 : 16);
+                float d = ld_h(p), dmin = ld_h(p + 2), *o = y + b * QK_K;
+                for (int j = 0; j < 8; j++) {
+                    uint8_t s, m;
+                    get_scale_min_k4(j, p + 4, &s, &m);
+                    float ds = d * (float)s, dm = dmin * (float)m;
+                    const uint8_t *q = qs + (j / 2) * 32;
+                    for (int l = 0; l < 32; l++) {
+                        int v = (j & 1) ? q[l] >> 4 : q[l] & 0xF;
+                        if (five) v |= ((qh[l] >> j) & 1) << 4;
+                        o[j * 32 + l] = ds * (float)v - dm;
+                    }
+                }
+                break;
+            }
+            case T_Q6_K: {
+                const uint8_t *p = x + b * 210, *ql = p, *qh = p + 128;
+                const int8_t *sc = (const int8_t *)(p + 192);
+                float d = ld_h(p + 208), *o = y + b * QK_K;
+                for (int n = 0; n < 2; n++) {  /* two halves of 128 */
+                    for (int l = 0; l < 32; l++) {
+                        int q[4];
+                        q[0] = (ql[n * 64 + l] & 0xF) | ((qh[n * 32 + l] >> 0) & 3) << 4;
+                        q[1] = (ql[n * 64 + l + 32] & 0xF) | ((qh[n * 32 + l] >> 2) & 3) << 4;
+                        q[2] = (ql[n * 64 + l] >> 4) | ((qh[n * 32 + l] >> 4) & 3) << 4;
+                        q[3] = (ql[n * 64 + l + 32] >> 4) | ((qh[n * 32 + l] >> 6) & 3) << 4;
+                        for (int k = 0; k < 4; k++) {
+                            int idx = n * 128 + k * 32 + l;
+                            o[idx] = (d * (float)sc[idx / 16]) * (float)(q[k] - 32);
+                        }
+                    }
+                }
+                break;
+            }
+            default: return -1;
+        }
+    }
+    return 0;
+}
