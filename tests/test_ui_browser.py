@@ -148,3 +148,21 @@ def test_stop_during_a_merge_leaves_nothing(page, tmp_path, monkeypatch):
     page.wait_for_function("document.body.innerText.includes('stopped')")
     _shot(page, tmp_path, "7-stopped")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".stopped")]
+
+
+def test_block_sliders_follow_the_family_and_presets(page, tmp_path):
+    from hubmix.methods.presets import presets
+
+    _set_models(page, THREE)
+    page.click("#check-models")
+    page.get_by_text("Block weights (alpha per UNet block)").click()
+    page.wait_for_selector("#block-25", state="visible")  # sd1: 26 blocks, BASE .. OUT11
+    assert page.locator("#block-13").get_by_text("M00").count() >= 1
+    page.locator("#preset input").fill("GRAD_V")
+    page.locator("#preset input").press("Enter")
+    page.wait_for_function("document.querySelector('#block-alpha textarea, #block-alpha input').value === 'GRAD_V'")
+    page.wait_for_function("document.querySelector('#recipe-yaml textarea').value.includes('block_alpha: GRAD_V')")
+    want = presets()["GRAD_V"][13]
+    got = float(page.locator("#block-13 input[type=number]").input_value())
+    assert got == pytest.approx(want)
+    _shot(page, tmp_path, "8-blocks")

@@ -80,3 +80,18 @@ def test_ui_without_gradio_says_how_to_install(monkeypatch):
     code, out, err = run_cli("ui", "--port", "1")
     assert code == 1 and err.strip() == ("error: the web UI needs Gradio: pip install 'hubmix[ui]' (or pip install "
                                          "'gradio>=5')")
+
+
+def test_block_sliders_are_the_family_blocks_and_presets_fill_them():
+    from hubmix.methods.presets import for_labels, presets
+    from hubmix.ui.form import block_list_text, block_values, first_family
+
+    sd1 = block_values("sd1", "GRAD_V")
+    assert [label for label, _ in sd1][:2] == ["BASE", "IN00"] and len(sd1) == 26
+    assert [v for _, v in sd1] == list(presets()["GRAD_V"])
+    xl = block_values("sdxl", "GRAD_V")
+    assert len(xl) == 20 and tuple(v for _, v in xl) == for_labels(presets()["GRAD_V"], tuple(l for l, _ in xl))
+    assert block_values("flux") == [] and block_values(None) == []
+    r = build_recipe("a\nb", "weighted_sum", block_alpha=block_list_text([v for _, v in xl]))
+    assert r.block_lists["alpha"] == [v for _, v in xl]  # exact: no rounding on the way
+    assert first_family([["x", "error: no", "", ""], ["a", "Stable Diffusion XL (sdxl)", "diffusers", ""]]) == "sdxl"

@@ -13,7 +13,7 @@ from typing import Any
 
 from hubmix.errors import Cancelled, HubmixError
 from hubmix.ui import actions, require_gradio
-from hubmix.ui.form import (CHOICES, DEFAULT_METHOD, component_names, build_recipe, describe_models, form_values,
+from hubmix.ui.form import (CHOICES, DEFAULT_METHOD, block_list_text, block_values, component_names, first_family, build_recipe, describe_models, form_values,
                             method_info, preset_names, recipe_from_yaml, sliders)
 
 CANCELS: "dict[str, threading.Event]" = {}  # session -> the running merge's stop switch
@@ -117,6 +117,12 @@ def build(*, space: bool = False) -> Any:
                                          elem_id="preset")
                     block_alpha = gr.Textbox(label="Block alpha: 26 (SD1/SD2) or 20 (SDXL) comma-separated values "
                                                    "BASE,IN00..,M00,OUT00.., or a preset name", elem_id="block-alpha")
+                    gr.Markdown("One slider per block of the models' family (after *Check models*); moving one "
+                                "writes the list above.")
+                    with gr.Row():
+                        blocks = [gr.Slider(0, 1, value=0.5, step=0.01, label=f"block {i}", visible=False,
+                                            min_width=90, elem_id=f"block-{i}") for i in range(26)]
+                    family_state = gr.State(None)
                 loras = gr.Textbox(label="LoRAs baked in, one REF[:STRENGTH] per line", lines=2, elem_id="loras")
             with gr.Column(scale=2):
                 recipe_yaml = gr.Textbox(label="Recipe (YAML)", lines=16, elem_id="recipe-yaml", interactive=True)
@@ -182,10 +188,30 @@ def build(*, space: bool = False) -> Any:
             return [method_info(name), *ups, *form_to_yaml(models_text, name, *rest)]
         method.input(on_method, [method, models, *form[2:]], [about, *widgets, recipe_yaml, status],
                      api_visibility="private", queue=False)
-        preset.input(lambda p: p, preset, block_alpha, api_visibility="private", queue=False).then(
+        preset.input(on_preset, [preset, family_state], [block_alpha, *blocks], api_visibility="private",
+                     queue=False).then(
             form_to_yaml, form, [recipe_yaml, status], api_visibility="private", queue=False)
-        check.click(_errors(describe_models), models, families, api_visibility="private")
-        models.blur(_errors(describe_models), models, families, api_visibility="private")
+        def on_check(text):
+            rows = describe_models(text)
+            fam = first_family(rows)
+            vals = block_values(fam)
+            ups = [gr.update(visible=i < len(vals), label=vals[i][0] if i < len(vals) else f"block {i}",
+                             elem_id=f"block-{i}") for i in range(len(blocks))]
+            return [rows, fam, *ups]
+        check.click(_errors(on_check), models, [families, family_state, *blocks], api_visibility="private")
+        models.blur(_errors(on_check), models, [families, family_state, *blocks], api_visibility="private")
+
+        def on_block(fam, *values):  # the visible sliders -> the list
+            n = len(block_values(fam))
+            return block_list_text(list(values[:n])) if n else gr.update()
+        for b in blocks:
+            b.input(on_block, [family_state, *blocks], block_alpha, api_visibility="private", queue=False).then(
+                form_to_yaml, form, [recipe_yaml, status], api_visibility="private", queue=False)
+
+        def on_preset(p, fam):  # a preset fills the sliders (the family's blocks) and the list
+            vals = block_values(fam, p or None)
+            return [p or "", *[gr.update(value=vals[i][1]) if i < len(vals) else gr.update()
+                               for i in range(len(blocks))]]
 
         def on_upload(file):
             r = recipe_from_yaml(Path(file).read_text(), source=Path(file).name)

@@ -82,6 +82,14 @@ def parse_models(text: str | None) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+def first_family(rows: list[list[str]]) -> str | None:
+    """The family id of the first model that could be read (rows of describe_models), for block sliders."""
+    for row in rows:
+        if row[1].endswith(")") and "(" in row[1] and not row[1].startswith("error"):
+            return row[1].rsplit("(", 1)[1][:-1]
+    return None
+
+
 def describe_models(text: str | None) -> list[list[str]]:
     """[reference, family, layout, components] for each model, as hubmix's own inspection sees it; a reference that
     cannot be read shows its one-line error instead (nothing else stops)."""
@@ -110,6 +118,24 @@ def block_labels(family: str | None) -> tuple[str, ...]:
         return tuple(get_family(family).block_list)
     except (HubmixError, KeyError):
         return ()
+
+
+def block_values(family: str | None, preset: str | None = None, alpha: float = 0.5) -> list[tuple[str, float]]:
+    """(label, value) per block of `family`: a preset's values (restricted to the family's blocks, as supermerger
+    converts them for SDXL), else `alpha` everywhere; [] for a family without A1111 blocks."""
+    labels = block_labels(family)
+    if not labels:
+        return []
+    if preset:
+        from hubmix.methods.presets import for_labels, presets
+
+        return list(zip(labels, for_labels(presets()[preset], labels)))
+    return [(label, float(alpha)) for label in labels]
+
+
+def block_list_text(values: list[float]) -> str:
+    """Slider values -> the --block-alpha list."""
+    return ",".join(f"{v:.10g}" for v in values)
 
 
 def preset_names() -> list[str]:
@@ -179,11 +205,11 @@ def form_values(recipe: Recipe) -> dict[str, Any]:
     return {"models": "\n".join(model_entry(m)["ref"] for m in recipe.models), "method": recipe.method,
             "params": dict(recipe.params), "components": [c for c in component_names() if c not in copied],
             "dtype": recipe.dtype or "", "layout": recipe.layout or "",
-            "block_alpha": block if isinstance(block, str) or block is None else ",".join(f"{v:g}" for v in block),
+            "block_alpha": block if isinstance(block, str) or block is None else block_list_text(block),
             "loras": "\n".join(loras)}
 
 
 CHOICES = {"dtype": ("",) + DTYPES, "layout": ("",) + LAYOUTS}
 
-__all__ = ["Slider", "sliders", "method_info", "parse_models", "describe_models", "block_labels", "preset_names",
+__all__ = ["Slider", "sliders", "method_info", "parse_models", "describe_models", "block_labels", "block_values", "block_list_text", "first_family", "preset_names",
            "build_recipe", "recipe_from_yaml", "form_values", "CHOICES", "component_names"]
