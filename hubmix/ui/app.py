@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hubmix.errors import Cancelled, HubmixError
+from hubmix.methods import methods
 from hubmix.ui import actions, require_gradio
 from hubmix.ui.form import (CHOICES, DEFAULT_METHOD, block_list_text, block_values, component_names, first_family, build_recipe, describe_models, form_values,
                             method_info, preset_names, recipe_from_yaml, sliders)
@@ -91,7 +92,7 @@ def build(*, space: bool = False) -> Any:
                 check = gr.Button("Check models", elem_id="check-models", size="sm")
                 families = gr.Dataframe(headers=["model", "family", "layout", "components"], interactive=False,
                                         elem_id="families", wrap=True)
-                method = gr.Dropdown(sorted(__import__("hubmix.methods", fromlist=["methods"]).methods()),
+                method = gr.Dropdown(sorted(methods()),
                                      value=DEFAULT_METHOD, label="Method", elem_id="method")
                 about = gr.Markdown(method_info(DEFAULT_METHOD), elem_id="method-info")
                 widgets = []
@@ -188,9 +189,7 @@ def build(*, space: bool = False) -> Any:
             return [method_info(name), *ups, *form_to_yaml(models_text, name, *rest)]
         method.input(on_method, [method, models, *form[2:]], [about, *widgets, recipe_yaml, status],
                      api_visibility="private", queue=False)
-        preset.input(on_preset, [preset, family_state], [block_alpha, *blocks], api_visibility="private",
-                     queue=False).then(
-            form_to_yaml, form, [recipe_yaml, status], api_visibility="private", queue=False)
+
         def on_check(text):
             rows = describe_models(text)
             fam = first_family(rows)
@@ -212,6 +211,9 @@ def build(*, space: bool = False) -> Any:
             vals = block_values(fam, p or None)
             return [p or "", *[gr.update(value=vals[i][1]) if i < len(vals) else gr.update()
                                for i in range(len(blocks))]]
+        preset.input(on_preset, [preset, family_state], [block_alpha, *blocks], api_visibility="private",
+                     queue=False).then(
+            form_to_yaml, form, [recipe_yaml, status], api_visibility="private", queue=False)
 
         def on_upload(file):
             r = recipe_from_yaml(Path(file).read_text(), source=Path(file).name)
