@@ -61,10 +61,12 @@ def _methods_help() -> str:
 @click.argument("models", nargs=-1)
 @click.option("--method", "-m", type=click.Choice(sorted(methods())), help="Merge method.")
 @_apply(_param_options())
-@click.option("--block-alpha", metavar="LIST|PRESET",
+@click.option("--block-alpha", metavar="LIST|PRESET|LABEL=V,...",
               help="alpha per block as A1111/supermerger write it: 26 comma-separated values for SD1.x/SD2.x (BASE, "
                    "IN00..IN11, M00, OUT00..OUT11), 20 for SDXL (BASE, IN00..IN08, M00, OUT00..OUT08), or a "
-                   "supermerger preset name (hubmix methods --presets); BASE is the text encoders.")
+                   "supermerger preset name (hubmix methods --presets); BASE is the text encoders. Any family: "
+                   "LABEL=VALUE pairs with ranges and globs, \"T00-T29=0.3,D*=0.4,BASE=0,*=0.5\" (the most "
+                   "specific pattern wins; --dry lists the labels).")
 @click.option("--block-beta", metavar="LIST|PRESET", help="beta per block, as --block-alpha.")
 @click.option("--lora", "loras", multiple=True, metavar="REF[:STRENGTH]",
               help="Bake a LoRA (kohya/A1111 or diffusers/PEFT file; a path or Hub reference) into the result with "

@@ -46,6 +46,7 @@ class Stats:
     def __init__(self, names: dict[str, list[str]]):
         self.names = names  # component -> model names in method order
         self.groups: dict[tuple[str, str | None], _Acc] = {}
+        self.params: dict[tuple[str, str | None], dict[str, float]] = {}  # the method's values per block
         self._lock = threading.Lock()
 
     def consume(self, job: Job, views: list[torch.Tensor]) -> None:
@@ -66,6 +67,7 @@ class Stats:
             acc.selection = m.candidate_names(len(xs)) if m.candidate_names else (1, 2)
         with self._lock:
             self.groups.setdefault((task.component, task.block), _Acc()).add(acc)
+            self.params.setdefault((task.component, task.block), dict(task.params))
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -78,7 +80,7 @@ class Stats:
                     continue
                 total.add(acc)
                 if block is not None:
-                    blocks[block] = self._row(comp, acc)
+                    blocks[block] = {**self._row(comp, acc), "params": self.params[(c, block)]}
             out[comp] = {"total": self._row(comp, total), "blocks": blocks}
         return out
 
@@ -138,13 +140,17 @@ def _fmt(v: float | None, pct: bool = False) -> str:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"{'component':<15}{'block':<7}{'input':<8}{'cosine':>9}{'rel L2':>9}{'ls scale':>10}  share"]
+    """The table; each block row ends with the parameters its tensors merge with (block lists expanded)."""
+    w = max([6] + [len(b) for data in report.values() for b in data["blocks"]]) + 1
+    lines = [f"{'component':<15}{'block':<{w}}{'input':<8}{'cosine':>9}{'rel L2':>9}{'ls scale':>10}  share / params"]
     for comp, data in report.items():
         rows = [("all", data["total"])] + list(data["blocks"].items())
         for block, row in rows:
             share = ", ".join(f"{n} {_fmt(v, True)}" for n, v in (row.get("share") or {}).items())
+            params = " ".join(f"{k}={v:g}" for k, v in (row.get("params") or {}).items())
+            tail = "  ".join(x for x in (share, params) if x)
             for j, (name, s) in enumerate(row["inputs"].items()):
-                lines.append(f"{comp if block == 'all' and j == 0 else '':<15}{block if j == 0 else '':<7}{name:<8}"
-                             f"{_fmt(s['cosine']):>9}{_fmt(s['rel_l2']):>9}{_fmt(s['ls_scale']):>10}  "
-                             f"{share if j == 0 else ''}")
+                lines.append(f"{comp if block == 'all' and j == 0 else '':<15}{block if j == 0 else '':<{w}}"
+                             f"{name:<8}{_fmt(s['cosine']):>9}{_fmt(s['rel_l2']):>9}{_fmt(s['ls_scale']):>10}  "
+                             f"{tail if j == 0 else ''}")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ machine: no matmul (whose summation order BLAS picks per CPU and thread count) d
 up[i][k] * down[k][j] is exact in float64, a rank's products are added in order k = 0, 1, ... (element-wise float64
 additions), the modules' scaled deltas are added in recipe and file order in float64, and the total is rounded to
 float32 once. The native library computes the same bits in C
-(lora_delta) where it is loaded. LyCORIS kinds (LoHa, LoKr, CP LoCon, full diffs: hubmix.lora.weights) are
+(lora_delta) where it is loaded. LyCORIS kinds (LoHa, LoKr, CP LoCon, full diffs: hubmix.engine.lora_weights) are
 computed in float32 torch and added in the same float64 order. A DoRA module rescales the whole weight, so a tensor
 with one is processed whole (`needs_whole`) and its modules are applied in order on the merged weight.
 """
@@ -43,7 +43,7 @@ class LoraDelta:
         import torch
 
         from hubmix.engine import native
-        from hubmix.lora.weights import module_update
+        from hubmix.engine.lora_weights import module_update
 
         total = None
         for m in self.modules:
@@ -75,7 +75,7 @@ class LoraDelta:
         """`weight` (float32, elements [start, stop) of the merged tensor) with the LoRAs applied."""
         if not self.needs_whole:
             return weight + self.take(start, stop).view(weight.shape)
-        from hubmix.lora.weights import dora, module_update
+        from hubmix.engine.lora_weights import dora, module_update
 
         w = weight.reshape(self.shape)
         pending = None

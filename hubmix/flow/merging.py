@@ -22,6 +22,7 @@ from hubmix.engine.devices import device_budget, plain_cpu, resolve_device
 from hubmix.errors import Cancelled, InputError, RecipeError
 from hubmix.formats.families import Family
 from hubmix.formats.quant.gguf_types import GGUF_DTYPES
+from hubmix.formats.generic import check_same_keys
 from hubmix.hub.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
 from hubmix.flow.outputs import (choose_prediction, config_source, file_metadata, output_configs,
@@ -220,10 +221,17 @@ def _plan(recipe: Recipe, resolver: Resolver, layout: str | None) -> tuple:
     family = check_same_family(models)
     if recipe.family and recipe.family != family.id:
         raise RecipeError(f"{recipe.source}: the recipe is for {recipe.family} models, the inputs are {family.id}")
+    if family.generic:
+        check_same_keys(models)
+        if layout not in (None, "single-file"):
+            raise RecipeError(f"{recipe.output}: an unrecognised architecture is written as one .safetensors file, "
+                              "as its inputs are; give --out NAME.safetensors")
     recipe = recipe.for_family(family)
     donor = _donor(models, family, recipe, layout)
     recipe, notes = expand_block_lists(recipe, family, models)
     tasks, summary, structure = plan_merge(models + donor, recipe, family)
+    if family.generic:
+        summary.add("note", "family not recognised: merged key by key")
     for note in notes:
         summary.add("note", note)
     loras = attach_loras(recipe, resolve_local, models, structure, tasks, summary)  # pinned as recorded

@@ -155,6 +155,12 @@ def plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models
                                       by_comp.get(cname, []), file_metadata(placeholder))
     if layout == "gguf":
         _plan_gguf(router, tmp, target, by_comp, family, configs, recipe, prediction, placeholder, summary)
+    if family.generic:  # one file, model a's keys and metadata, hubmix's recipe added
+        comp = family.components[family.main]
+        router.add_single_file(tmp, {comp.name: (KeyMap(comp, {}), by_comp.get(comp.name, []))},
+                               {**models[structure[comp.name]].metadata, **file_metadata(placeholder)}, summary,
+                               target.name)
+        return router
     if layout in ("single-file", "both"):
         path = tmp if layout == "single-file" else tmp / f"{target.name}.safetensors"
         title = target.stem if layout == "single-file" else target.name

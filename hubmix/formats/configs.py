@@ -19,7 +19,9 @@ Shapes = dict[str, tuple[int, ...]]
 # Inferred config fields that come from family defaults, not from shapes: a borrowed real config overrides these.
 DEFAULT_DERIVED = {"attention_head_dim", "sample_size", "scaling_factor", "force_upcast", "num_attention_heads",
                    "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", "shift_factor", "axes_dims_rope",
-                   "num_heads", "d_kv", "feed_forward_proj", "dense_act_fn", "is_gated_act", "projection_dim"}
+                   "num_heads", "d_kv", "feed_forward_proj", "dense_act_fn", "is_gated_act", "projection_dim",
+                   "axes_dims", "axes_dim_rope", "axes_lens", "rope_theta", "t_scale", "norm_eps",  # DiT families
+                   "multiple_of", "ffn_dim_multiplier"}  # Lumina 2: shapes give the width, not how it was rounded
 
 
 def _indices(shapes: Shapes, pattern: str) -> list[int]:
@@ -333,7 +335,7 @@ def infer_component_configs(family: Family, shapes: dict[str, Shapes], where: st
         if name not in shapes:
             continue
         try:
-            cfg, n = INFER[spec.layout](shapes[name], family.defaults.get(name, {}), shapes)
+            cfg, n = _inferrer(spec.layout)(shapes[name], family.defaults.get(name, {}), shapes)
         except (KeyError, IndexError, StopIteration) as e:
             from hubmix.errors import FamilyError
 
@@ -341,3 +343,16 @@ def infer_component_configs(family: Family, shapes: dict[str, Shapes], where: st
         configs[name] = cfg
         notes[name] = n
     return configs, notes
+
+
+def _inferrer(layout: str) -> Callable[[Shapes, dict[str, Any], dict[str, Shapes]], tuple[dict[str, Any], list[str]]]:
+    """The config inference of a layout: INFER's, or the `infer: module:function` its layouts.yaml entry names
+    (families added as data bring their own module: formats/configs_dit.py)."""
+    if layout in INFER:
+        return INFER[layout]
+    import importlib
+
+    from hubmix.formats.families import layouts
+
+    module, fn = layouts()[layout]["infer"].split(":")
+    return getattr(importlib.import_module(module), fn)

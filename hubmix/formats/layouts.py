@@ -184,16 +184,24 @@ class _Leaf:
     part: tuple[int, tuple[int, ...]] | None = None
 
 
-def _leaf(value: str | dict[str, Any]) -> _Leaf:
+def _leaf(value: str | dict[str, Any], config: dict[str, Any] | None = None) -> _Leaf:
     """A leaf spec: a name, or {name, transform} or {name, part, of}: `of` is a count of equal row-blocks (3 for
-    q/k/v) or a list of relative widths ([1, 1, 1, 4]: q, k, v and an MLP four times as wide)."""
+    q/k/v) or a list of relative widths ([1, 1, 1, 4]: q, k, v and an MLP four times as wide), each a number or a
+    config field ([num_attention_heads, num_kv_heads, num_kv_heads]: grouped-query attention's fused q/k/v)."""
     if isinstance(value, str):
         return _Leaf(value)
     part = None
     if "part" in value:
         of = value["of"]
-        part = (value["part"], tuple(of) if isinstance(of, list) else (1,) * of)
+        widths = tuple(of) if isinstance(of, list) else (1,) * of
+        part = (value["part"], tuple(int((config or {})[w]) if isinstance(w, str) else w for w in widths))
     return _Leaf(value["name"], value.get("transform"), part)
+
+
+def _templated(name: str, config: dict[str, Any]) -> str:
+    """A static rule's name with config values filled in (`all_x_embedder.{all_patch_size[0]}-{all_f_patch_size[0]}`:
+    Z-Image's per-patch-size modules); plain names as they are."""
+    return name.format(**config) if "{" in name else name
 
 
 def _split(key: str, prefix: str) -> str | None:
@@ -231,8 +239,8 @@ class KeyMap:
         # static rules may carry a leaf spec (exact-key transforms); structure rules name a module kind
         self._d2o: dict[str, tuple[str, str | None, _Leaf | None]] = {}
         for d, o in (data.get("static") or {}).items():
-            leaf = _leaf(o)
-            self._d2o[d] = (leaf.name, None, leaf if leaf.transform or leaf.part else None)
+            leaf = _leaf(o, config)
+            self._d2o[_templated(d, config)] = (leaf.name, None, leaf if leaf.transform or leaf.part else None)
         structure = data.get("structure", "none")
         walk = STRUCTURES[structure] if isinstance(structure, str) else lambda cfg: _indexed(structure, cfg)
         for d, o, kind in walk(config):
@@ -240,7 +248,7 @@ class KeyMap:
         self._o2d: dict[str, list[tuple[str, str | None, _Leaf | None]]] = {}
         for d, (o, kind, leaf) in self._d2o.items():
             self._o2d.setdefault(o, []).append((d, kind, leaf))
-        self._modules = {kind: {k: _leaf(v) for k, v in (m or {}).items()}
+        self._modules = {kind: {k: _leaf(v, config) for k, v in (m or {}).items()}
                          for kind, m in (data.get("modules") or {}).items()}
         self._modules_inv: dict[str, dict[str, list[tuple[str, _Leaf]]]] = {}
         for kind, m in self._modules.items():
@@ -332,6 +340,11 @@ class KeyMap:
             return None
         return self.ema["prefix"] + key[len(self.ema["strip"]):].replace(".", "")
 
+    @property
+    def has_blocks(self) -> bool:
+        """Whether the layout labels this component's keys by block (a UNet, a transformer), not as a whole."""
+        return bool(self._blocks)
+
     def block_label(self, key: str) -> str | None:
         """The block a canonical key belongs to, by the layout's rules (A1111's IN00..OUT11, M00, BASE; Flux's IN,
         D00.., S00.., OUT), else the component's own label (CLIP, T5), else None."""
@@ -342,7 +355,8 @@ class KeyMap:
         for pattern, label in self._blocks:
             m = pattern.match(rel)
             if m:
-                return label.format(*(int(g) for g in m.groups()), last_output=self._last_output)
+                groups = (int(g) if g.isdigit() else g for g in m.groups())  # numbers, or key paths (generic)
+                return label.format(*groups, last_output=self._last_output)
         return None
 
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable
 from hubmix.formats.configs import infer_component_configs
 from hubmix.errors import FamilyError, InputError
 from hubmix.formats.families import (ComponentSpec, Family, all_component_names, detect_family, detect_main_only,
-                                     get_family, gguf_family, weight_stem)
+                                     families, generic_family, get_family, gguf_family, weight_stem)
+from hubmix.formats.generic import generic_allowed
 from hubmix.formats.io.readers import PICKLE_SUFFIXES, TensorInfo, WeightFile, open_weight_file, read_regular
 from hubmix.formats.quant import gguf_file  # noqa: F401 - registers the GGUF reader with open_weight_file
 from hubmix.formats.io.span import Span
@@ -340,6 +341,9 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
         family = only[0] if only is not None else gguf_family(arch, str(path))
         prefix = family.components[family.main].prefix  # ComfyUI-GGUF's loader strips it where every key has it
         only = (family, prefix if f.keys() and all(k.startswith(prefix) for k in f.keys()) else "")
+    elif not any(fam.matches("single-file", ndims) for fam in families().values()) and \
+            detect_main_only(ndims) is None and generic_allowed(path, ndims):
+        return _open_generic(f, path)  # no family's keys: any architecture, key by key
     else:
         family = detect_family("single-file", ndims, str(path))
         only = None if family.matches("single-file", ndims) else detect_main_only(ndims)
@@ -391,6 +395,18 @@ def _open_single_file(path: Path, ema: bool) -> LocalModel:
         model.family = get_family(family.id)
     model.inpainting = _is_inpainting(model)
     return model
+
+
+def _open_generic(f: WeightFile, path: Path) -> LocalModel:
+    """The generic family (formats/generic.py): every key of `f` in the one component, as stored."""
+    family = generic_family()
+    spec = family.components[family.main]
+    comp = Component(spec.name, spec, {}, {}, "keys", keymap=KeyMap(spec, {}))
+    for k in f.keys():
+        info = f.info(k)
+        comp.tensors[k] = TensorRef(info.dtype_name, info.shape, f, k)
+    return LocalModel(path, "single-file", family, {spec.name: comp}, [path], metadata=dict(f.metadata),
+                      prediction=from_single_file(f.keys(), f.metadata, None))
 
 
 def _ref(f: WeightFile, key: str, place: Placement, path: Path) -> TensorRef:

@@ -129,6 +129,12 @@ def perturb(module: torch.nn.Module, seed: int, noise: float) -> None:
 def build_pipeline(family: str = "sd1", seed: int = 0, *, base_seed: int = 0, noise: float = 0.02,
                    inpainting: bool = False, tokenizer_dir: str | Path | None = None):
     """A tiny random pipeline of `family`; `seed` picks the noise added to the shared `base_seed` weights."""
+    import importlib.util
+
+    conventional = f"hubmix.formats.tiny_{family.replace('-', '_')}"  # a family's own module: tiny_<family>.py
+    if family not in BUILDERS and family not in CONFIGS and importlib.util.find_spec(conventional) is not None:
+        return importlib.import_module(conventional).build(family, seed, base_seed=base_seed, noise=noise,
+                                                           tokenizer_dir=tokenizer_dir)
     if family in BUILDERS:
         import importlib
 

@@ -246,6 +246,9 @@ def _usage_section(result: Result, family: Any, repo_id: str | None, revision: s
     dtype = TORCH_DTYPE.get(c.get("dtype") or "")
     if c.get("dtype") in QUANT_LOADERS:  # a quantized single file: its own loaders, not diffusers' from_single_file
         return ["## Use it", "", f"`{result.name}.safetensors` is {QUANT_LOADERS[c['dtype']]}", ""]
+    if family.generic:  # no pipeline is known for it
+        return ["## Use it", "", f"`{result.name}.safetensors` has the keys, shapes and dtypes of model a: load it "
+                "as you load that model.", ""]
     out = ["## Use it", "", "```python", "import torch"]
     if result.layout in ("diffusers", "both"):
         args = [f'"{where}"'] + ([f'revision="{revision}"'] if revision and repo_id else []) + (

@@ -111,7 +111,7 @@ def render_lora_samples(tuned: str, base: str, lora: Path, spec: Any, quiet: boo
     """`<stem>.samples/`: base, base + LoRA at each of STRENGTHS, tuned (the LoRA added to the loaded base)."""
     from hubmix.engine.target import atomic_target
     from hubmix.formats.lora import read_lora
-    from hubmix.lora.weights import module_update
+    from hubmix.engine.lora_weights import module_update
     from hubmix.render.samples import open_subjects, render_grid_of, resolve_for_render, write_index
     from hubmix.render.spec import RenderSpec
     from hubmix.flow.result import samples_dir

@@ -33,13 +33,19 @@ def for_labels(values: tuple[float, ...], labels: tuple[str, ...]) -> tuple[floa
     return tuple(by_label[label] for label in labels)
 
 
-def parse_block_list(value: Any, where: str) -> list[float] | str:
+def parse_block_list(value: Any, where: str) -> list[float] | str | dict[str, float]:
     """A block list as given (`"0.5,0,...,1"`, a YAML list of numbers, or a preset name) -> list of numbers or
-    the preset's name; checks the numbers, the count (26 or 20) and the preset name."""
+    the preset's name; checks the numbers, the count (26 or 20) and the preset name. The LABEL=VALUE form
+    (`"IN=1,D*=0.4,*=0.5"` or a mapping) -> {pattern: value} (methods/label_rules.py)."""
+    from hubmix.methods.label_rules import is_label_form, parse_label_rules
+
+    if is_label_form(value):
+        return parse_label_rules(value, where)
     if isinstance(value, str) and "," not in value:
         name = value.strip()
         if name.upper() not in {p.upper() for p in presets()}:
-            raise RecipeError(f"{where}: {value!r} is neither a comma list of 26 or 20 numbers nor a preset "
+            raise RecipeError(f"{where}: {value!r} is neither a comma list of 26 or 20 numbers, LABEL=VALUE pairs, "
+                              f"nor a preset "
                               f"(presets: {', '.join(presets())}; `hubmix methods --presets` lists their values)")
         return next(p for p in presets() if p.upper() == name.upper())
     items = value.split(",") if isinstance(value, str) else value

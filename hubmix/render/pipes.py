@@ -97,9 +97,9 @@ class Renderer:
             state = self.loaded.get(cname)
             if state is None or state.signature != sig:
                 self.modules[cname] = self._build(spec, subject.configs[cname])
-                self._copy(cname, {k: r.load() for k, r in comp.tensors.items()}, fresh=True)
+                self._copy(cname, _weights(comp), fresh=True)
             elif state.weights != ident:
-                self._copy(cname, {k: r.load() for k, r in comp.tensors.items()})
+                self._copy(cname, _weights(comp))
             self.loaded[cname] = _Loaded(sig, ident)
         for tok, cls in family.tokenizers.items():
             folder = subject.folder / tok
@@ -207,6 +207,16 @@ class Renderer:
         frames = getattr(out, "frames", None)
         self.last_clip = list(frames[0]) if frames is not None else None
         return self.last_clip[0] if self.last_clip else out.images[0]
+
+
+def _weights(comp: Any) -> dict[str, torch.Tensor]:
+    """A component's canonical tensors, plus the names the layout repeats (T5's encoder.embed_tokens = shared,
+    a separate parameter in transformers 5's T5EncoderModel)."""
+    tensors = {k: r.load() for k, r in comp.tensors.items()}
+    for name, canon in (comp.keymap.copies if comp.keymap else {}).items():
+        if canon in tensors and name not in tensors:
+            tensors[name] = tensors[canon]
+    return tensors
 
 
 def key_in_module(key: str, own: dict[str, Any]) -> str | None:

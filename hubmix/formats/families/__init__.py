@@ -80,6 +80,7 @@ class Family:
     @property
     def gguf_architecture(self) -> str | None:
         return self.gguf.get("architecture")
+    generic: bool = False  # the key-by-key "family" of unrecognised architectures (keys.yaml), never detected
 
     def variant_of(self, main_keys: Iterable[str]) -> str | None:
         """Which variant (Flux dev or schnell) a model is, by a rule over its main component's canonical keys."""
@@ -148,6 +149,7 @@ def _load_family(path: Path) -> Family:
                   optional=tuple(raw.get("optional") or ()), single_file=tuple(raw.get("single_file") or ()),
                   split_files=dict(raw.get("split_files") or {}), pipelines=tuple(raw.get("pipelines") or ()),
                   gguf=raw.get("gguf") or {},
+                  generic=bool(raw.get("generic")),
                   **_block_list(raw.get("block_list")))
 
 
@@ -160,7 +162,7 @@ def _block_list(raw: dict[str, Any] | None) -> dict[str, tuple[str, ...]]:
 
 
 @cache
-def families() -> dict[str, Family]:
+def _all_families() -> dict[str, Family]:
     found = {}
     for path in sorted(HERE.glob("*.yaml")):
         if path.name == "layouts.yaml":
@@ -170,6 +172,16 @@ def families() -> dict[str, Family]:
     return found
 
 
+def families() -> dict[str, Family]:
+    """The families detection tries (the generic key-by-key one is not among them)."""
+    return {k: f for k, f in _all_families().items() if not f.generic}
+
+
+def generic_family() -> Family:
+    """The key-by-key "family" of architectures hubmix does not know (keys.yaml)."""
+    return next(f for f in _all_families().values() if f.generic)
+
+
 def family_names(short: bool = True) -> list[str]:
     """Every family's name, in file order, from the `name:` line of its YAML file alone (`hubmix --help` shows them
     and must stay cheap); `short` writes "Stable Diffusion XL" as "SDXL"."""
@@ -177,7 +189,10 @@ def family_names(short: bool = True) -> list[str]:
     for path in sorted(HERE.glob("*.yaml")):
         if path.name == "layouts.yaml":
             continue
-        line = next((ln for ln in path.read_text().splitlines() if ln.startswith("name:")), None)
+        lines = path.read_text().splitlines()
+        if "generic: true" in lines:  # the key-by-key "family" is no family a user names
+            continue
+        line = next((ln for ln in lines if ln.startswith("name:")), None)
         if line is not None:
             name = str(yaml.safe_load(line)["name"])
             names.append(name.replace("Stable Diffusion ", "SD") if short else name)
@@ -191,7 +206,7 @@ def layouts() -> dict[str, dict[str, Any]]:
 
 def get_family(family_id: str) -> Family:
     try:
-        return families()[family_id]
+        return _all_families()[family_id]
     except KeyError:
         raise FamilyError(f"unknown model family {family_id!r} (known: {', '.join(families())})") from None
 
@@ -245,7 +260,7 @@ def component_labels() -> list[str]:
 
 def all_component_names() -> Iterable[str]:
     seen: dict[str, None] = {}
-    for fam in families().values():
+    for fam in _all_families().values():
         for name in fam.components:
             seen.setdefault(name)
     return list(seen)
