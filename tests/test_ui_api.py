@@ -63,8 +63,8 @@ def test_merge_endpoint_gives_the_cli_bytes(client, zoo, tmp_path):
     info = client.predict(text, str(tmp_path / "ui"), api_name="/merge")
     assert info["output"] == str(tmp_path / "ui") and info["layout"] == "diffusers"
     assert tree_bytes(tmp_path / "ui") == tree_bytes(tmp_path / "cli")
-    blank = client.predict(text, "", api_name="/merge")  # no output given: a fresh folder of its own
-    again = client.predict(text, "", api_name="/merge")
+    jobs = [client.submit(text, "", api_name="/merge") for _ in range(2)]  # two at once, no output given: queued,
+    blank, again = [j.result() for j in jobs]  # each into a fresh folder of its own
     assert blank["output"] != again["output"]
     assert tree_bytes(Path(blank["output"])) == tree_bytes(tmp_path / "cli")
 

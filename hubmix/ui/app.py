@@ -266,7 +266,7 @@ def build(*, space: bool = False) -> Any:
                 raise gr.Error(f"stopped: {e}", print_exception=False) from None
             return info["text"] + f"\nwrote {info['output']} ({info['layout']}, {info['family']})", info["output"]
         merge_btn.click(_errors(on_merge), [recipe_yaml, out], [summary, result_path], api_visibility="private",
-                        concurrency_limit=None)
+                        concurrency_id="merge")
 
         def on_stop(request: gr.Request):
             ev = CANCELS.get(request.session_hash)
@@ -351,7 +351,7 @@ def _api(gr) -> None:
         b = gr.Button()
     b.click(_errors(lambda t: actions.dry_run(t, plot=False)[0]), y, j, api_name="dry_run")
     b.click(_errors(lambda t, out: actions.merge(t, out or None)), [y, o], j, api_name="merge",
-            concurrency_limit=None)
+            concurrency_id="merge")
     b.click(_errors(lambda t, pr, sd, st, sz: str(actions.samples(t, pr, sd, st, sz)[0])), [y, p, s, n, z], img,
             api_name="samples")
     b.click(_errors(lambda t, va, pr, sd, st, sz: str(actions.sweep(t, va, pr, sd, st, sz))), [y, v, p, s, n, z],
