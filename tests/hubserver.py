@@ -491,25 +491,27 @@ def configure_hf_client(monkeypatch, endpoint: str, hf_home) -> None:
 
 
 REPO = r"(?P<repo>[^/]+/[^/]+?)"
+# Spaces (`hubmix ui --space`) are served like models, in the same name space (a test names them apart)
+KIND = r"(?:models|spaces)"
 _ROUTES = [(methods.split("|"), re.compile(pattern), name) for methods, pattern, name in [
     ("GET", r"/api/whoami-v2", "whoami"),
     ("GET", r"/api/agent-harnesses", "agent_harnesses"),
     ("POST", r"/api/repos/create", "create_repo"),
     ("DELETE", r"/api/repos/delete", "delete_repo"),
     ("POST", r"/api/validate-yaml", "validate_yaml"),
-    ("GET", rf"/api/models/{REPO}(?:/revision/(?P<rev>[^/]+))?", "model_info"),
-    ("GET", rf"/api/models/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "tree"),
-    ("POST", rf"/api/models/{REPO}/paths-info/(?P<rev>[^/]+)", "paths_info"),
-    ("GET", rf"/api/models/{REPO}/refs", "refs"),
-    ("GET", rf"/api/models/{REPO}/commits/(?P<rev>[^/]+)", "commits"),
-    ("POST|DELETE", rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)", "branch"),
-    ("POST", rf"/api/models/{REPO}/tag/(?P<rev>[^/]+)", "tag"),
-    ("POST", rf"/api/models/{REPO}/preupload/(?P<rev>[^/]+)", "preupload"),
-    ("POST", rf"/api/models/{REPO}/commit/(?P<rev>[^/]+)", "commit"),
-    ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", "lfs_batch"),
+    ("GET", rf"/api/{KIND}/{REPO}(?:/revision/(?P<rev>[^/]+))?", "model_info"),
+    ("GET", rf"/api/{KIND}/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "tree"),
+    ("POST", rf"/api/{KIND}/{REPO}/paths-info/(?P<rev>[^/]+)", "paths_info"),
+    ("GET", rf"/api/{KIND}/{REPO}/refs", "refs"),
+    ("GET", rf"/api/{KIND}/{REPO}/commits/(?P<rev>[^/]+)", "commits"),
+    ("POST|DELETE", rf"/api/{KIND}/{REPO}/branch/(?P<branch>[^/]+)", "branch"),
+    ("POST", rf"/api/{KIND}/{REPO}/tag/(?P<rev>[^/]+)", "tag"),
+    ("POST", rf"/api/{KIND}/{REPO}/preupload/(?P<rev>[^/]+)", "preupload"),
+    ("POST", rf"/api/{KIND}/{REPO}/commit/(?P<rev>[^/]+)", "commit"),
+    ("POST", rf"/(?:spaces/)?{REPO}\.git/info/lfs/objects/batch", "lfs_batch"),
     ("PUT", rf"/lfs-upload/{REPO}/(?P<oid>[0-9a-f]{{64}})", "lfs_upload"),
     ("POST", rf"/lfs-verify/{REPO}", "lfs_verify"),
-    ("GET|HEAD", rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
+    ("GET|HEAD", rf"/(?:spaces/)?{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
 ]]
 
 
@@ -625,7 +627,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.user is None:
             raise HubError(401, "Invalid credentials in Authorization header")
         self._json({"type": "user", "id": hashlib.md5(self.user.encode()).hexdigest()[:24], "name": self.user,
-                    "fullname": self.user, "email": f"{self.user}@example.com", "emailVerified": True,
+                    "fullname": self.user, "avatarUrl": f"/avatars/{self.user}.svg",
+                    "email": f"{self.user}@example.com", "emailVerified": True,
                     "isPro": False, "orgs": [{"type": "org", "name": o, "roleInOrg": "write"}
                                              for o in hub.orgs.get(self.user, [])],
                     "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
@@ -635,8 +638,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def h_create_repo(self, hub: HubServer) -> None:
         p = self._payload()  # {"name", "organization", "visibility": "private"|"public" (or legacy "private": bool)}
-        if p.get("type", "model") != "model":
-            raise HubError(400, "The fake hub only serves model repos")
+        if p.get("type", "model") not in ("model", "space"):
+            raise HubError(400, "The fake hub only serves model repos and Spaces")
         if self.user is None:
             raise HubError(401, "You must be authenticated to create a repo")
         namespace = p.get("organization") or self.user

@@ -1,0 +1,73 @@
+"""A Space visitor's work, under the visitor's token only: the action runs in a child process whose environment
+holds the visitor's OAuth token as HF_TOKEN and none of the Space owner's (HF_TOKEN, HUGGING_FACE_HUB_TOKEN and the
+stored login are out of its reach), so nothing the owner can do is done for a visitor, and no token reaches the
+page (the child answers with the action's JSON result or its one-line error)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hubmix.errors import HubmixError
+from hubmix.ui import UIError
+
+TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH")
+ACTIONS = ("dry_run", "samples", "sweep", "card", "push", "remote", "recipe")
+
+
+def visitor_env(token: str) -> dict[str, str]:
+    """The child's environment: the owner's tokens removed, the visitor's set, no stored login to fall back on."""
+    env = {k: v for k, v in os.environ.items() if k not in TOKEN_VARS}
+    empty = tempfile.mkdtemp(prefix="hubmix-visitor-")
+    env.update(HF_TOKEN=token, HF_TOKEN_PATH=str(Path(empty) / "token"),
+               HF_STORED_TOKENS_PATH=str(Path(empty) / "stored_tokens"))
+    return env
+
+
+def as_visitor(token: str | None, action: str, *args: Any) -> Any:
+    """hubmix.ui.actions.<action>(*args) run under `token` alone; its HubmixError comes back as a UIError line."""
+    if not token:
+        raise UIError("sign in with your Hugging Face account first (the button at the top of the page)")
+    if action not in ACTIONS:
+        raise UIError(f"{action}: not an action a visitor can run")
+    proc = subprocess.run([sys.executable, "-m", "hubmix.ui.visitor", action], input=json.dumps(list(args)),
+                          capture_output=True, text=True, env=visitor_env(token))
+    lines = proc.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UIError(f"{action}: the visitor's process failed ({tail[:200]})") from None
+    if "error" in answer:
+        raise UIError(answer["error"])
+    return answer["ok"]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def main(action: str) -> None:
+    from hubmix.ui import actions
+
+    args = json.loads(sys.stdin.read() or "[]")
+    try:
+        result = getattr(actions, action)(*args)
+        print(json.dumps({"ok": _plain(result)}))
+    except HubmixError as e:
+        print(json.dumps({"error": str(e)}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
