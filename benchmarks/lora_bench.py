@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import threading
 import time
@@ -51,12 +52,10 @@ class Peak:
         self._t.join()
 
 
-def build(family: str, root: Path, flux_depth: int | None, limit: int | None) -> tuple[Path, Path, int]:
+def build(family: str, root: Path, flux_depth: int | None, limit: int | None, every_n: int = 1) -> tuple[Path, Path, int]:
     """BASE and TUNED diffusers folders of `family`'s real shapes; returns them and the largest layer's bytes."""
     import torch
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-
     from hubmix.lora.extract import is_layer
 
     modules = {}
@@ -83,6 +82,16 @@ def build(family: str, root: Path, flux_depth: int | None, limit: int | None) ->
         with init_empty_weights():
             modules["transformer"] = diffusers.FluxTransformer2DModel(
                 num_layers=flux_depth or 19, num_single_layers=2 * (flux_depth or 19), guidance_embeds=True)
+        import transformers
+
+        # tiny text encoders and VAE (same in BASE and TUNED, not extracted): a Flux.1 folder has them
+        modules["text_encoder"] = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, projection_dim=32))
+        modules["text_encoder_2"] = transformers.T5EncoderModel(transformers.T5Config(
+            d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=128))
+        modules["vae"] = diffusers.AutoencoderKL(block_out_channels=(32,), latent_channels=16, norm_num_groups=8,
+                                                 down_block_types=("DownEncoderBlock2D",),
+                                                 up_block_types=("UpDecoderBlock2D",))
     gen = torch.Generator().manual_seed(0)
     largest = 0
     for name, module in modules.items():
@@ -91,7 +100,9 @@ def build(family: str, root: Path, flux_depth: int | None, limit: int | None) ->
             (folder / "config.json").write_text(json.dumps(
                 dict(module.config) if hasattr(module.config, "keys") else module.config.to_dict(), default=str))
         base, tuned = {}, {}
-        count = 0
+        count = seen = 0
+        every = every_n if name in ("unet", "transformer") or family == "sdxl" else 1
+        shards = Shards(root, name)
         for key, p in module.state_dict().items():
             shape = tuple(p.shape)
             if not p.is_floating_point():
@@ -99,56 +110,128 @@ def build(family: str, root: Path, flux_depth: int | None, limit: int | None) ->
             b = (torch.randn(shape, generator=gen) * 0.02).to(torch.float16)
             base[key] = b
             t = b
-            if is_layer(key, shape) and (limit is None or count < limit):
+            extracted = is_layer(key, shape) and (family == "sdxl" or name == "transformer")
+            seen += extracted
+            if extracted and (limit is None or count < limit) and (seen - 1) % every == 0:
                 count += 1
                 m, n = shape[0], math.prod(shape[1:])
-                r = min(m, n, 256)  # a decaying spectrum over 256 directions, plus a little full-rank noise
-                s = torch.arange(1, r + 1, dtype=torch.float32) ** -0.7 * 0.01
+                r = min(m, n, 256)  # a decaying spectrum over 256 directions, plus a little full-rank noise,
+                s = torch.arange(1, r + 1, dtype=torch.float32) ** -0.7
+                s *= 0.01 * 0.02 * math.sqrt(m * n) / s.norm()  # the delta's norm 1% of the base weight's (fp16's
+                # rounding of TUNED then adds ~0.05% of its energy; at a fixed small scale it would swamp it)
                 u = torch.linalg.qr(torch.randn(m, r, generator=gen)).Q
                 v = torch.linalg.qr(torch.randn(n, r, generator=gen)).Q
-                d = (u * s) @ v.T + torch.randn(m, n, generator=gen) * 2e-5
+                d = (u * s) @ v.T
+                # full-rank noise holding 10% of the signal's energy (a flat random delta is what no rank-32 LoRA
+                # represents and where hubmix falls back to the exact SVD)
+                d += torch.randn(m, n, generator=gen) * math.sqrt(0.1 * float(s.square().sum()) / (m * n))
                 t = (b.float() + d.reshape(shape)).to(torch.float16)
                 largest = max(largest, m * n * 4)
             tuned[key] = t
-        fname = "diffusion_pytorch_model.safetensors" if name in ("unet", "transformer") else "model.safetensors"
-        save_file(base, str(root / "base" / name / fname))
-        save_file(tuned, str(root / "tuned" / name / fname))
-        del base, tuned
+            if sum(v.numel() for v in base.values()) >= SHARD:
+                shards.flush(base, tuned)
+        shards.flush(base, tuned)
+        shards.close()
     return root / "tuned", root / "base", largest
 
 
-def baseline(tuned: Path, base: Path, components: list[str], rank: int) -> float:
-    """kohya's way: torch.linalg.svd (full matrices) of every layer's float32 delta, then U*S, Vh truncated."""
-    import torch
+SHARD = 1 << 29  # elements per shard (1 GB in fp16): base and tuned of one shard in memory, never a whole model
+
+
+class Shards:
+    """Writes a component of BASE and TUNED as safetensors shards with a diffusers weights index."""
+
+    def __init__(self, root: Path, name: str):
+        self.root, self.name, self.files, self.map = root, name, 0, {}
+        self.stem = "model" if name.startswith("text_encoder") else "diffusion_pytorch_model"
+
+    def flush(self, base: dict, tuned: dict) -> None:
+        from safetensors.torch import save_file
+
+        if not base:
+            return
+        self.files += 1
+        fname = f"{self.stem}-{self.files:05d}-of-XXXXX.safetensors"
+        save_file(base, str(self.root / "base" / self.name / fname))
+        save_file(tuned, str(self.root / "tuned" / self.name / fname))
+        self.map.update(dict.fromkeys(base, fname))
+        base.clear()
+        tuned.clear()
+
+    def close(self) -> None:
+        total = f"{self.files:05d}"
+        for side in ("base", "tuned"):
+            folder = self.root / side / self.name
+            for f in folder.glob("*-of-XXXXX.safetensors"):
+                f.rename(folder / f.name.replace("XXXXX", total))
+            wmap = {k: v.replace("XXXXX", total) for k, v in self.map.items()}
+            (folder / f"{self.stem}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+
+
+def layers(tuned: Path, base: Path, components: list[str]):
+    """(component, key, shape, delta as [out, in*kh*kw] float32) of every changed Linear/Conv layer, lazily."""
     from safetensors import safe_open
 
     from hubmix.lora.extract import is_layer
 
-    start = time.perf_counter()
     for comp in components:
-        f_t = next((tuned / comp).glob("*.safetensors"))
-        f_b = next((base / comp).glob("*.safetensors"))
-        with safe_open(str(f_t), "pt") as t, safe_open(str(f_b), "pt") as b:
-            for key in sorted(t.keys()):
+        wmap = json.loads(next((tuned / comp).glob("*.index.json")).read_text())["weight_map"]
+        for key in sorted(wmap):
+            with safe_open(str(tuned / comp / wmap[key]), "pt") as t, safe_open(str(base / comp / wmap[key]), "pt") as b:
                 shape = tuple(t.get_slice(key).get_shape())
                 if not is_layer(key, shape):
                     continue
                 d = (t.get_tensor(key).float() - b.get_tensor(key).float()).reshape(shape[0], -1)
-                if not d.any():
-                    continue
-                u, s, vh = torch.linalg.svd(d)
-                u = u[:, :rank] @ torch.diag(s[:rank])
-                vh = vh[:rank]
-    return time.perf_counter() - start
+            if d.any():
+                yield comp, key, shape, d
+
+
+def baseline(tuned: Path, base: Path, components: list[str], rank: int, sample: int | None) -> dict:
+    """kohya's way: torch.linalg.svd (full matrices, as sd-scripts' extract_lora_from_models.py calls it) of every
+    layer's float32 delta, then U*S, Vh truncated. With `sample`, only the first `sample` layers of every shape
+    class (by sorted key) are timed and the time is extrapolated per class (count x mean time). On the timed
+    layers it also checks hubmix's factors (lora.svd.truncated, as extract_lora calls it) against the exact
+    energy: the independent oracle of the 0.5% goal."""
+    import zlib
+
+    import torch
+
+    from hubmix.lora.svd import truncated
+
+    classes: dict[tuple, list] = {}  # (rows, cols) -> [count, timed, seconds]
+    worst, checked = 1.0, 0
+    for comp, key, shape, d in layers(tuned, base, components):
+        c = classes.setdefault(tuple(d.shape), [0, 0, 0.0])
+        c[0] += 1
+        if sample is not None and c[1] >= sample:
+            continue
+        start = time.perf_counter()
+        u, s, vh = torch.linalg.svd(d)
+        u = u[:, :rank] @ torch.diag(s[:rank])
+        vh = vh[:rank]
+        c[1] += 1
+        c[2] += time.perf_counter() - start
+        k = min(rank, *d.shape)
+        exact = float(s[:k].square().sum())
+        f = truncated(d, rank, seed=zlib.crc32(key.encode()))
+        worst = min(worst, float(f.s.square().sum()) / exact)
+        checked += 1
+    est = sum(n * t / timed for n, timed, t in classes.values() if timed)
+    return {"exact_svd_s": round(est, 1), "exact_timed_layers": sum(c[1] for c in classes.values()),
+            "extrapolated": sample is not None, "oracle_checked_layers": checked,
+            "oracle_worst_kept_vs_exact": round(worst, 6),
+            "shape_classes": {f"{m}x{n}": {"count": c[0], "timed": c[1], "mean_s": round(c[2] / c[1], 3)}
+                              for (m, n), c in sorted(classes.items()) if c[1]}}
 
 
 def model_index(root: Path, family: str) -> None:
     cls = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}[family]
     comps = [p.name for p in root.iterdir() if p.is_dir()]
-    libs = {"unet": "diffusers", "transformer": "diffusers", "text_encoder": "transformers",
+    libs = {"vae": "diffusers", "unet": "diffusers", "transformer": "diffusers", "text_encoder": "transformers",
             "text_encoder_2": "transformers"}
-    classes = {"unet": "UNet2DConditionModel", "transformer": "FluxTransformer2DModel",
-               "text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+    t5 = family == "flux"
+    classes = {"vae": "AutoencoderKL", "unet": "UNet2DConditionModel", "transformer": "FluxTransformer2DModel",
+               "text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel" if t5 else "CLIPTextModelWithProjection"}
     (root / "model_index.json").write_text(json.dumps({"_class_name": cls, **{c: [libs[c], classes[c]]
                                                                               for c in comps}}))
 
@@ -159,7 +242,7 @@ def run(family: str, args) -> dict:
     root = Path(args.scratch) / family
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
-    tuned, base, largest = build(family, root, args.flux_depth, args.layers)
+    tuned, base, largest = build(family, root, args.flux_depth, args.layers, args.every)
     for r in (tuned, base):
         model_index(r, family)
     built = time.perf_counter() - t0
@@ -170,17 +253,22 @@ def run(family: str, args) -> dict:
         res = extract_lora(str(tuned), str(base), out, ExtractOptions(rank=32, components=comps), overwrite=True,
                            quiet=True)
         ours = time.perf_counter() - t
-    kohya = baseline(tuned, base, comps, 32)
+    base_t = time.perf_counter()
+    kohya = baseline(tuned, base, comps, 32, args.exact_sample)
+    base_t = time.perf_counter() - base_t
     stats = {c: s.to_dict() for c, s in res.components.items()}
-    report = {"family": family, "build_s": round(built, 1), "hubmix_s": round(ours, 1),
-              "kohya_exact_svd_s": round(kohya, 1), "speedup": round(kohya / ours, 2),
+    report = {"family": family, "load_avg": os.getloadavg(), "build_s": round(built, 1), "hubmix_s": round(ours, 1),
+              "kohya_exact_svd_s": kohya.pop("exact_svd_s"), "baseline_wall_s": round(base_t, 1),
+              "speedup": None,
               "layers": sum(s["layers"] for s in stats.values()),
               "randomized": sum(s["randomized"] for s in stats.values()),
               "exact_fallbacks": sum(s["exact"] for s in stats.values()),
               "worst_randomized_vs_exact": min(s["worst_randomized_vs_exact"] for s in stats.values()),
               "peak_rss_anon_mb": round((peak.peak - peak.start) / 2**20, 1),
-              "largest_layer_f32_mb": round(largest / 2**20, 1), "lora_mb": round(out.stat().st_size / 2**20, 1)}
-    shutil.rmtree(root, ignore_errors=True)
+              "largest_layer_f32_mb": round(largest / 2**20, 1), "lora_mb": round(out.stat().st_size / 2**20, 1), **kohya}
+    report["speedup"] = round(report["kohya_exact_svd_s"] / ours, 2)
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
     return report
 
 
@@ -190,6 +278,11 @@ def main() -> None:
     ap.add_argument("--families", default="sdxl,flux")
     ap.add_argument("--flux-depth", type=int, default=4, help="Flux double blocks (single blocks: twice); 19 = full")
     ap.add_argument("--layers", type=int, help="Only the first N layers per component get a delta (quick runs)")
+    ap.add_argument("--exact-sample", type=int, help="Time the exact SVD on the first N layers of every shape class "
+                    "and extrapolate per class (default: every layer)")
+    ap.add_argument("--every", type=int, default=1, help="Only every Nth layer gets a delta (the others are equal "
+                    "in BASE and TUNED: read and skipped by hubmix); 1 = every layer")
+    ap.add_argument("--keep", action="store_true", help="Keep the scratch models")
     args = ap.parse_args()
     for fam in args.families.split(","):
         print(json.dumps(run(fam, args)), flush=True)
