@@ -19,11 +19,16 @@ from pathlib import Path
 import pytest
 
 from hubmix.engine import native, native_build
-from hubmix.engine.native_source import CSRC, helpers_unit
+from hubmix.engine.native_source import CSRC, csrc_text, helpers_unit
 
 ROOT = Path(__file__).resolve().parents[1]
 CC = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler")
+
+
+def small_units(variant: str = "") -> list[str]:
+    """The units every library must hold for Native._prepare: the helpers and the GGUF block functions."""
+    return [helpers_unit() + variant, csrc_text("gguf_quants.c")]
 
 
 @pytest.fixture
@@ -31,7 +36,7 @@ def small(monkeypatch, tmp_path):
     """A fresh Native over the helpers unit alone, cached under tmp_path; the real one is restored after."""
     monkeypatch.setenv("HUBMIX_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(native, "source", lambda: [helpers_unit()])
+    monkeypatch.setattr(native, "source", small_units)
     for name in ("_lib", "_error", "build_seconds"):
         monkeypatch.setattr(native.Native, name, None)
     for name in ("scans", "scan_addresses", "helpers"):
@@ -98,7 +103,7 @@ def test_cc_with_arguments(tmp_path, monkeypatch, small):
 def _cached(variant: str) -> Path:
     """Build the helpers unit (marked with `variant`: a library path this process never loaded, as dlopen hands
     back a loaded path's old handle) into the cache without loading it; `native.source` gives that unit."""
-    units = [helpers_unit() + f"/* {variant} */\n"]
+    units = small_units(f"/* {variant} */\n")
     native.source = lambda: units
     cmd = native_build.compiler()
     return native_build.build(units, cmd, native_build.library_stem(units, cmd))
@@ -149,8 +154,8 @@ _BUILD = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from hubmix.engine import native
-from hubmix.engine.native_source import helpers_unit
-native.source = lambda: [helpers_unit()]
+from hubmix.engine.native_source import csrc_text, helpers_unit
+native.source = lambda: [helpers_unit(), csrc_text("gguf_quants.c")]
 native.Native.library()
 print(native.Native.error())
 """
