@@ -10,7 +10,10 @@ where a randomized SVD cannot be accurate and hubmix falls back to the exact one
 Prints times, their ratio, the worst per-layer energy ratio (randomized / exact), and the peak RssAnon of the
 hubmix run against the largest layer. Deletes the scratch models at the end.
 
-    python benchmarks/lora_bench.py --scratch /work/tmp/lora/bench [--flux-depth 4] [--layers N]
+    python benchmarks/lora_bench.py --scratch /work/tmp/lora/bench [--flux-depth 4] [--sdxl-depth 10] [--layers N]
+
+Times are wall clock and CPU (user + sys of the process, all its threads); on a shared machine the CPU ratio is
+the steadier one. The baseline's time counts the SVD alone, hubmix's the whole extraction (reading included).
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ class Peak:
         self._t.join()
 
 
-def build(family: str, root: Path, flux_depth: int | None, limit: int | None, every_n: int = 1) -> tuple[Path, Path, int]:
+def build(family: str, root: Path, flux_depth: int | None, limit: int | None, every_n: int = 1,
+          sdxl_depth: int = 10) -> tuple[Path, Path, int]:
     """BASE and TUNED diffusers folders of `family`'s real shapes; returns them and the largest layer's bytes."""
     import torch
     from accelerate import init_empty_weights
@@ -68,7 +72,8 @@ def build(family: str, root: Path, flux_depth: int | None, limit: int | None, ev
                 sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                transformer_layers_per_block=(1, 2, sdxl_depth), attention_head_dim=(5, 10, 20),
+                use_linear_projection=True,
                 addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
             modules["text_encoder"] = transformers.CLIPTextModel(transformers.CLIPTextConfig(
                 hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -115,16 +120,7 @@ def build(family: str, root: Path, flux_depth: int | None, limit: int | None, ev
             if extracted and (limit is None or count < limit) and (seen - 1) % every == 0:
                 count += 1
                 m, n = shape[0], math.prod(shape[1:])
-                r = min(m, n, 256)  # a decaying spectrum over 256 directions, plus a little full-rank noise,
-                s = torch.arange(1, r + 1, dtype=torch.float32) ** -0.7
-                s *= 0.01 * 0.02 * math.sqrt(m * n) / s.norm()  # the delta's norm 1% of the base weight's (fp16's
-                # rounding of TUNED then adds ~0.05% of its energy; at a fixed small scale it would swamp it)
-                u = torch.linalg.qr(torch.randn(m, r, generator=gen)).Q
-                v = torch.linalg.qr(torch.randn(n, r, generator=gen)).Q
-                d = (u * s) @ v.T
-                # full-rank noise holding 10% of the signal's energy (a flat random delta is what no rank-32 LoRA
-                # represents and where hubmix falls back to the exact SVD)
-                d += torch.randn(m, n, generator=gen) * math.sqrt(0.1 * float(s.square().sum()) / (m * n))
+                d = synthetic_delta(m, n, gen)
                 t = (b.float() + d.reshape(shape)).to(torch.float16)
                 largest = max(largest, m * n * 4)
             tuned[key] = t
@@ -133,6 +129,50 @@ def build(family: str, root: Path, flux_depth: int | None, limit: int | None, ev
         shards.flush(base, tuned)
         shards.close()
     return root / "tuned", root / "base", largest
+
+
+def synthetic_delta(m: int, n: int, gen):
+    """A fine-tune-like delta: a decaying spectrum over 256 directions plus a little full-rank noise."""
+    import torch
+
+    r = min(m, n, 256)
+    s = torch.arange(1, r + 1, dtype=torch.float32) ** -0.7
+    s *= 0.01 * 0.02 * math.sqrt(m * n) / s.norm()  # the delta's norm 1% of the base weight's (fp16's
+    # rounding of TUNED then adds ~0.05% of its energy; at a fixed small scale it would swamp it)
+    u = torch.linalg.qr(torch.randn(m, r, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(n, r, generator=gen)).Q
+    d = (u * s) @ v.T
+    # full-rank noise holding 10% of the signal's energy (a flat random delta is what no rank-32 LoRA
+    # represents and where hubmix falls back to the exact SVD)
+    d += torch.randn(m, n, generator=gen) * math.sqrt(0.1 * float(s.square().sum()) / (m * n))
+    return d
+
+
+def profile(shapes: list[str], rank: int) -> None:
+    """Per layer shape, CPU seconds (user + sys, this process) of hubmix's checked truncated SVD, of the former
+    check (Gram matrix + eigvalsh) and of kohya's torch.linalg.svd (full matrices), on the synthetic delta."""
+    import torch
+
+    from hubmix.lora.svd import spectrum, threads_for, truncated
+
+    def cpu(f):
+        t = time.process_time()
+        r = f()
+        return r, round(time.process_time() - t, 3)
+
+    gen = torch.Generator().manual_seed(0)
+    for spec in shapes:
+        m, n = map(int, spec.split("x"))
+        a = synthetic_delta(m, n, gen)
+        f, ours = cpu(lambda: truncated(a, rank))
+        with threads_for(a.numel()):
+            e, check = cpu(lambda: spectrum(a))
+        _, kohya = cpu(lambda: torch.linalg.svd(a))
+        exact = float(e[:rank].double().sum())
+        print(json.dumps({"shape": spec, "hubmix_cpu_s": ours, "method": f.method, "check": f.check,
+                          "gram_eigvalsh_cpu_s": check, "kohya_svd_cpu_s": kohya, "speedup_cpu": round(kohya / ours, 1),
+                          "kept_vs_exact": round(f.kept / exact, 5), "ceiling_vs_exact": round(f.exact_kept / exact, 5),
+                          "load_avg": os.getloadavg()}), flush=True)
 
 
 SHARD = 1 << 29  # elements per shard (1 GB in fp16): base and tuned of one shard in memory, never a whole model
@@ -198,29 +238,33 @@ def baseline(tuned: Path, base: Path, components: list[str], rank: int, sample: 
 
     from hubmix.lora.svd import truncated
 
-    classes: dict[tuple, list] = {}  # (rows, cols) -> [count, timed, seconds]
+    classes: dict[tuple, list] = {}  # (rows, cols) -> [count, timed, seconds, cpu seconds]
     worst, checked = 1.0, 0
     for comp, key, shape, d in layers(tuned, base, components):
-        c = classes.setdefault(tuple(d.shape), [0, 0, 0.0])
+        c = classes.setdefault(tuple(d.shape), [0, 0, 0.0, 0.0])
         c[0] += 1
         if sample is not None and c[1] >= sample:
             continue
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         u, s, vh = torch.linalg.svd(d)
         u = u[:, :rank] @ torch.diag(s[:rank])
         vh = vh[:rank]
         c[1] += 1
         c[2] += time.perf_counter() - start
+        c[3] += time.process_time() - cpu
         k = min(rank, *d.shape)
         exact = float(s[:k].square().sum())
         f = truncated(d, rank, seed=zlib.crc32(key.encode()))
         worst = min(worst, float(f.s.square().sum()) / exact)
         checked += 1
-    est = sum(n * t / timed for n, timed, t in classes.values() if timed)
-    return {"exact_svd_s": round(est, 1), "exact_timed_layers": sum(c[1] for c in classes.values()),
+    est = sum(n * t / timed for n, timed, t, _ in classes.values() if timed)
+    est_cpu = sum(n * t / timed for n, timed, _, t in classes.values() if timed)
+    return {"exact_svd_s": round(est, 1), "exact_svd_cpu_s": round(est_cpu, 1),
+            "exact_timed_layers": sum(c[1] for c in classes.values()),
             "extrapolated": sample is not None, "oracle_checked_layers": checked,
             "oracle_worst_kept_vs_exact": round(worst, 6),
-            "shape_classes": {f"{m}x{n}": {"count": c[0], "timed": c[1], "mean_s": round(c[2] / c[1], 3)}
+            "shape_classes": {f"{m}x{n}": {"count": c[0], "timed": c[1], "mean_s": round(c[2] / c[1], 3),
+                                           "mean_cpu_s": round(c[3] / c[1], 3)}
                               for (m, n), c in sorted(classes.items()) if c[1]}}
 
 
@@ -242,31 +286,34 @@ def run(family: str, args) -> dict:
     root = Path(args.scratch) / family
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
-    tuned, base, largest = build(family, root, args.flux_depth, args.layers, args.every)
+    tuned, base, largest = build(family, root, args.flux_depth, args.layers, args.every, args.sdxl_depth)
     for r in (tuned, base):
         model_index(r, family)
     built = time.perf_counter() - t0
     comps = ["unet", "text_encoder", "text_encoder_2"] if family == "sdxl" else ["transformer"]
     out = root / "lora.safetensors"
     with Peak() as peak:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         res = extract_lora(str(tuned), str(base), out, ExtractOptions(rank=32, components=comps), overwrite=True,
                            quiet=True)
-        ours = time.perf_counter() - t
+        ours, ours_cpu = time.perf_counter() - t, time.process_time() - cpu
     base_t = time.perf_counter()
     kohya = baseline(tuned, base, comps, 32, args.exact_sample)
     base_t = time.perf_counter() - base_t
     stats = {c: s.to_dict() for c, s in res.components.items()}
     report = {"family": family, "load_avg": os.getloadavg(), "build_s": round(built, 1), "hubmix_s": round(ours, 1),
-              "kohya_exact_svd_s": kohya.pop("exact_svd_s"), "baseline_wall_s": round(base_t, 1),
-              "speedup": None,
+              "hubmix_cpu_s": round(ours_cpu, 1), "kohya_exact_svd_s": kohya.pop("exact_svd_s"),
+              "kohya_exact_svd_cpu_s": kohya.pop("exact_svd_cpu_s"), "baseline_wall_s": round(base_t, 1),
+              "speedup": None, "speedup_cpu": None,
               "layers": sum(s["layers"] for s in stats.values()),
               "randomized": sum(s["randomized"] for s in stats.values()),
+              "checked_by_spectrum": sum(s["randomized_checked_by_spectrum"] for s in stats.values()),
               "exact_fallbacks": sum(s["exact"] for s in stats.values()),
               "worst_randomized_vs_exact": min(s["worst_randomized_vs_exact"] for s in stats.values()),
               "peak_rss_anon_mb": round((peak.peak - peak.start) / 2**20, 1),
               "largest_layer_f32_mb": round(largest / 2**20, 1), "lora_mb": round(out.stat().st_size / 2**20, 1), **kohya}
     report["speedup"] = round(report["kohya_exact_svd_s"] / ours, 2)
+    report["speedup_cpu"] = round(report["kohya_exact_svd_cpu_s"] / ours_cpu, 2)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return report
@@ -277,13 +324,20 @@ def main() -> None:
     ap.add_argument("--scratch", default="/work/tmp/lora/bench")
     ap.add_argument("--families", default="sdxl,flux")
     ap.add_argument("--flux-depth", type=int, default=4, help="Flux double blocks (single blocks: twice); 19 = full")
+    ap.add_argument("--sdxl-depth", type=int, default=10, help="transformer layers per SDXL 1280-channel block "
+                    "(10 = full; fewer cuts the model's size, every shape class stays)")
     ap.add_argument("--layers", type=int, help="Only the first N layers per component get a delta (quick runs)")
     ap.add_argument("--exact-sample", type=int, help="Time the exact SVD on the first N layers of every shape class "
                     "and extrapolate per class (default: every layer)")
     ap.add_argument("--every", type=int, default=1, help="Only every Nth layer gets a delta (the others are equal "
                     "in BASE and TUNED: read and skipped by hubmix); 1 = every layer")
     ap.add_argument("--keep", action="store_true", help="Keep the scratch models")
+    ap.add_argument("--profile-shapes", help="Only profile one synthetic layer per shape (e.g. 1280x1280,640x5760): "
+                    "hubmix's checked SVD, the Gram + eigvalsh check, kohya's SVD, in CPU seconds")
     args = ap.parse_args()
+    if args.profile_shapes:
+        profile(args.profile_shapes.split(","), 32)
+        return
     for fam in args.families.split(","):
         print(json.dumps(run(fam, args)), flush=True)
 

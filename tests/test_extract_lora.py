@@ -107,25 +107,69 @@ def test_rank_r_is_the_truncated_svd_and_diffs_bake_back(zoo, tmp_path, cli):
     assert moved and all(torch.allclose(got[k], tuned["unet"][k], atol=1e-6) for k in moved)
 
 
-def test_randomized_svd_is_checked_against_the_exact_energy():
+def _spectrum_matrix(gen, m, n, s):
+    u, _ = torch.linalg.qr(torch.randn(m, len(s), generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), generator=gen))
+    return (u * s) @ v.T, u, v
+
+
+def _numpy_top(a, k):
+    sv = np.linalg.svd(a.double().numpy(), compute_uv=False)
+    return float((sv[:k] ** 2).sum()), sv
+
+
+def test_randomized_svd_is_certified_by_the_ceiling_and_flat_spectra_fall_back():
     from hubmix.lora import svd
 
     gen = torch.Generator().manual_seed(0)
-    u, _ = torch.linalg.qr(torch.randn(400, 400, generator=gen))
-    v, _ = torch.linalg.qr(torch.randn(300, 300, generator=gen))
     s = 1.0 / torch.arange(1, 301, dtype=torch.float32) ** 1.5  # a decaying spectrum, as fine-tune deltas have
-    a = (u[:, :300] * s) @ v.T
+    a, u, v = _spectrum_matrix(gen, 400, 300, s)
     f = svd.truncated(a, 16)
-    assert f.method == "randomized"
-    sv = np.linalg.svd(a.double().numpy(), compute_uv=False)
-    exact = float((sv[:16] ** 2).sum())
-    assert abs(f.exact_kept - exact) / exact < 1e-4 and f.kept >= 0.995 * exact
+    assert (f.method, f.check) == ("randomized", "ceiling")
+    exact, sv = _numpy_top(a, 16)
+    assert f.exact_kept >= exact * (1 - 1e-6) and f.kept >= 0.995 * exact  # the ceiling is above numpy's energy
     assert np.allclose(((f.u * f.s) @ f.vh).numpy(), (u[:, :16] * s[:16]) @ v[:, :16].T, atol=2e-4)
     flat = torch.randn(400, 300, generator=gen)  # a flat spectrum: the randomized SVD misses, the exact one runs
     g = svd.truncated(flat, 16)
     assert g.method == "exact"
+    assert abs(g.kept - _numpy_top(flat, 16)[0]) < 1e-4 * g.kept
+    # a plateau over the rank: the randomized factors are accurate, but the residual's norm is as large as the
+    # kept singular values, so the ceiling cannot certify them; the exact spectrum does
+    plateau = torch.cat([torch.ones(40), torch.full((200,), 1e-3)])
+    p, _, _ = _spectrum_matrix(gen, 400, 300, plateau)
+    h = svd.truncated(p, 16)
+    exact = _numpy_top(p, 16)[0]
+    assert (h.method, h.check) == ("randomized", "spectrum")
+    assert abs(h.exact_kept - exact) < 1e-4 * exact and h.kept >= 0.995 * exact
     assert svd.rank_for_energy(torch.tensor(sv ** 2), 0.9, 1000) == int(np.searchsorted(
         np.cumsum(sv ** 2) / (sv ** 2).sum(), 0.9) + 1)
+
+
+@pytest.mark.parametrize("power, noise", [(0.5, 0.0), (0.7, 0.1), (1.0, 0.5), (0.0, 1.0), (2.0, 0.01)])
+def test_energy_ceiling_is_above_the_exact_energy(power, noise):
+    """The certificate's guarantee against numpy's SVD, for good bases (power iterations) and poor ones (none,
+    random): the ceiling is never below the exact top-k energy; Lanczos never overestimates ||R||_2^2 and is
+    within its margin of it."""
+    from hubmix.lora import ceiling, svd
+
+    gen = torch.Generator().manual_seed(int(power * 10 + noise * 100))
+    m, n, k = 300, 200, 12
+    s = torch.arange(1, 201, dtype=torch.float32) ** -power
+    a, _, _ = _spectrum_matrix(gen, m, n, s)
+    a += torch.randn(m, n, generator=gen) * noise * float(s.norm()) / (m * n) ** 0.5
+    exact = _numpy_top(a, k)[0]
+    for iterations in (0, 2):
+        basis = svd.range_basis(a, svd.oversampled(k, m, n), gen, iterations)
+        proj = basis.T @ a
+        top = ceiling.energy_ceiling(a, basis, proj, k, gen)
+        kept = float((torch.linalg.svdvals(proj.double())[:k] ** 2).sum())
+        assert kept * (1 - 1e-6) <= exact <= top * (1 + 1e-6), (iterations, kept, exact, top)
+        r = (a - basis @ proj).double().numpy()
+        norm2 = float(np.linalg.norm(r, 2) ** 2)
+        theta = ceiling.top_eigenvalue(a - basis @ proj, gen)
+        assert (1 - ceiling.EPS) * norm2 <= theta <= norm2 * (1 + 1e-5)
+    random = torch.linalg.qr(torch.randn(m, 24, generator=gen)).Q  # a basis that knows nothing of a
+    assert ceiling.energy_ceiling(a, random, random.T @ a, k, gen) >= exact * (1 - 1e-6)
 
 
 def test_auto_rank_and_errors(zoo, tmp_path, cli):

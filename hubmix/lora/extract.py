@@ -47,13 +47,15 @@ class ComponentStats:
     kept: float = 0.0
     total: float = 0.0
     randomized: int = 0
+    by_spectrum: int = 0  # randomized layers the ceiling could not certify, checked by the exact spectrum instead
     exact: int = 0
-    worst_vs_exact: float = 1.0  # lowest kept / exact-kept ratio of a randomized layer
+    worst_vs_exact: float = 1.0  # lowest kept / exact-kept ratio of a randomized layer (a lower bound of it where
+    # the ceiling certified the layer: kept / ceiling)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": self.layers, "rank_min": min(self.ranks, default=0), "rank_max": max(self.ranks, default=0),
                 "energy_kept": round(self.kept / self.total, 6) if self.total else 1.0,
-                "randomized": self.randomized, "exact": self.exact,
+                "randomized": self.randomized, "randomized_checked_by_spectrum": self.by_spectrum, "exact": self.exact,
                 "worst_randomized_vs_exact": round(self.worst_vs_exact, 6)}
 
 
@@ -201,6 +203,7 @@ def _layer(delta, key: str, shape: tuple[int, ...], module: str, o: ExtractOptio
     stats.total += f.total
     if f.method == "randomized":
         stats.randomized += 1
+        stats.by_spectrum += f.check == "spectrum"
         stats.worst_vs_exact = min(stats.worst_vs_exact, f.kept / f.exact_kept if f.exact_kept else 1.0)
     else:
         stats.exact += 1
