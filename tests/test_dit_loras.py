@@ -1,0 +1,75 @@
+"""`--lora` on Z-Image, Lumina 2, Chroma and FLUX.2 (LoRAs on fused original tensors split row-wise onto the
+diffusers modules included): each baked tensor equals diffusers' own load_lora_weights + fuse_lora on the tiny
+pipeline (its converters' full-size widths patched to the tiny model's where hard-coded) and an independent
+float64 up @ down split by the fused tensor's rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import component_tensors
+from dit_lora_files import fused_by_diffusers, patch_lora_converter, write_lora
+
+# diffusers' Lumina 2 converter reads exactly these original modules, in every refiner/layer block
+LUMINA2_MODULES = r"\.(attention\.(qkv|out)|feed_forward\.w[123]|adaLN_modulation\.1)$"
+# diffusers' sd-scripts Flux converter (Chroma's loader) reads the blocks' attention and MLP linears
+FLUX_MODULES = r"\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.[02]|txt_mlp\.[02]|linear[12])$"
+
+CASES = [  # (family, style, original modules taken, fused originals expected among them)
+    ("z_image", "kohya", None, False),
+    ("lumina2", "comfy_ab", LUMINA2_MODULES, True),  # qkv in grouped-query proportions
+    ("chroma", "kohya_original", FLUX_MODULES, True),  # double blocks' qkv, single blocks' linear1 (q, k, v, mlp)
+    ("chroma", "peft", None, False),
+    ("flux2", "comfy_ab", None, True),  # double blocks' img/txt qkv in thirds
+    ("flux2", "kohya_original", None, True),
+]
+
+
+def _check(got: dict, base: dict, want: dict, strength: float) -> None:
+    changed = {k for k in got if not torch.equal(got[k], base[k])}
+    assert changed == set(want) and len(changed) >= 8
+    for k, delta in want.items():
+        ref = (base[k].double() + strength * delta).float()
+        assert torch.allclose(got[k], ref, rtol=1e-5, atol=1e-6), k
+
+
+@pytest.mark.parametrize("name, style, only, fused", CASES)
+def test_baked_lora_equals_diffusers_fuse(zoo, tmp_path, cli, monkeypatch, name, style, only, fused):
+    a = zoo.diffusers(name, 1)
+    lora = tmp_path / "lora.safetensors"
+    want = write_lora(a, lora, style, only)
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        assert fused == any("qkv" in k or "linear1" in k for k in f.keys())
+    out = tmp_path / "out"
+    code, _, err = cli("merge", a, "--method", "copy", "--lora", f"{lora}:0.7", "-o", out, "-q")
+    assert code == 0, err
+    got, base = component_tensors(out, "transformer"), component_tensors(a, "transformer")
+    _check(got, base, want, 0.7)  # the math
+    patch_lora_converter(monkeypatch, name, a)
+    oracle = fused_by_diffusers(a, lora, 0.7)
+    assert {k for k in base if not torch.equal(oracle[k], base[k])} == set(want)
+    for k in got:
+        assert torch.allclose(got[k], oracle[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_original_fused_qkv_lora_on_a_single_file(zoo, tmp_path, cli):
+    """Z-Image's original `attention.qkv` LoRA (ComfyUI names, alpha) baked into a single-file output: diffusers
+    has no converter for that style, so the oracle is the math; the file's fused qkv gets the LoRA's rows."""
+    from safetensors.torch import load_file
+
+    a = zoo.diffusers("z_image", 1)
+    lora = tmp_path / "lora.safetensors"
+    want = write_lora(a, lora, "comfy", r"\.attention\.qkv$")
+    assert len(want) == 3 * 7  # q, k, v of 2 + 2 refiner blocks and 3 layers
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli("merge", a, "--method", "copy", "--lora", f"{lora}:0.5", "-o", out, "-q")
+    assert code == 0, err
+    got, base = load_file(str(out)), component_tensors(a, "transformer")
+    stems = sorted({k.rsplit(".attention.", 1)[0] for k in want})
+    for stem in stems:
+        parts = [f"{stem}.attention.to_{p}.weight" for p in "qkv"]
+        ref = torch.cat([(base[k].double() + 0.5 * want[k]).float() for k in parts])
+        assert torch.allclose(got[f"{stem}.attention.qkv.weight"], ref, rtol=1e-5, atol=1e-6), stem
+    assert torch.equal(got["layers.0.attention.out.weight"], base["layers.0.attention.to_out.0.weight"])
