@@ -36,13 +36,16 @@ def write_lora(folder: Path, path: Path, style: str, only: str | None = None, ra
     comp = open_model(folder).components["transformer"]
     tensors = component_tensors(folder, "transformer")
     modules: dict[str, list[tuple[tuple, str]]] = {}
+    swapped = set()  # canonical keys whose original stores the two halves the other way round
     for key, w in sorted(tensors.items()):
-        if w.dim() != 2 or not key.endswith(".weight") or not BLOCKS.match(key):
+        if w.dim() != 2 or not key.endswith(".weight") or not (only or BLOCKS.match(key)):
             continue
         place = comp.keymap.to_original(key)
         orig = place.key[len(comp.keymap.prefix):].removesuffix(".weight")
         if only is not None and not re.search(only, orig):
             continue
+        if names == "original" and place.transform == "swap_halves":
+            swapped.add(key)
         mod = orig if names == "original" else key.removesuffix(".weight")
         if spelling.startswith("lora_unet_"):
             mod = mod.replace(".", "_")
@@ -59,6 +62,7 @@ def write_lora(folder: Path, path: Path, style: str, only: str | None = None, ra
             sd[f"{name}.alpha"] = torch.tensor(alpha)
         full = (up.double() @ down.double()) * (alpha / rank if with_alpha else 1.0)
         want.update(zip(keys, full.split(rows)))
+        want.update({k: want[k].roll(want[k].shape[0] // 2, 0) for k in keys if k in swapped})
     save_file(sd, str(path))
     return want
 

@@ -15,6 +15,7 @@ LUMINA2_MODULES = r"\.(attention\.(qkv|out)|feed_forward\.w[123]|adaLN_modulatio
 # diffusers' sd-scripts Flux converter (Chroma's loader) reads the blocks' attention and MLP linears
 FLUX_MODULES = r"\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.[02]|txt_mlp\.[02]|linear[12])$"
 
+FINAL_ADALN = r"^final_layer\.adaLN_modulation\.1$"
 CASES = [  # (family, style, original modules taken, fused originals expected among them)
     ("z_image", "kohya", None, False),
     ("lumina2", "comfy_ab", LUMINA2_MODULES, True),  # qkv in grouped-query proportions
@@ -27,7 +28,7 @@ CASES = [  # (family, style, original modules taken, fused originals expected am
 
 def _check(got: dict, base: dict, want: dict, strength: float) -> None:
     changed = {k for k in got if not torch.equal(got[k], base[k])}
-    assert changed == set(want) and len(changed) >= 8
+    assert changed == set(want) and len(changed) >= (8 if len(want) > 1 else 1)
     for k, delta in want.items():
         ref = (base[k].double() + strength * delta).float()
         assert torch.allclose(got[k], ref, rtol=1e-5, atol=1e-6), k
@@ -73,3 +74,18 @@ def test_original_fused_qkv_lora_on_a_single_file(zoo, tmp_path, cli):
         ref = torch.cat([(base[k].double() + 0.5 * want[k]).float() for k in parts])
         assert torch.allclose(got[f"{stem}.attention.qkv.weight"], ref, rtol=1e-5, atol=1e-6), stem
     assert torch.equal(got["layers.0.attention.out.weight"], base["layers.0.attention.to_out.0.weight"])
+
+
+@pytest.mark.parametrize("name", ["flux", "flux2"])
+def test_final_adaln_lora_swaps_its_halves(zoo, tmp_path, cli, name):
+    """FLUX's original `final_layer.adaLN_modulation.1` holds (shift, scale), diffusers' `norm_out.linear`
+    (scale, shift): a LoRA in original names updates the swapped rows. The oracle is the math: diffusers 0.42's
+    Flux.1 converters swap the halves too (`swap_scale_shift`), its FLUX.2 converter does not."""
+    a = zoo.diffusers(name, 1)
+    lora = tmp_path / "lora.safetensors"
+    want = write_lora(a, lora, "comfy", FINAL_ADALN)
+    assert list(want) == ["norm_out.linear.weight"]
+    out = tmp_path / "out"
+    code, _, err = cli("merge", a, "--method", "copy", "--lora", f"{lora}:0.8", "-o", out, "-q")
+    assert code == 0, err
+    _check(component_tensors(out, "transformer"), component_tensors(a, "transformer"), want, 0.8)

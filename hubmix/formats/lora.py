@@ -228,7 +228,10 @@ def _locate(kind: str, mod: str, components: dict[str, Any], indexes: dict) -> t
     return comp, indexes[comp].get(rest) or ()
 
 
-Targets = tuple[tuple[str, tuple[int, int] | None], ...]  # (canonical key, (first row, rows) of a fused tensor)
+# (canonical key, rows): rows None (the module's weight), (first row, count) of a fused tensor, or SWAP: the
+# original stores the halves the other way round (FLUX's final adaLN: shift, scale vs diffusers' scale, shift)
+Targets = tuple[tuple[str, Any], ...]
+SWAP = (0, -1)
 
 
 def module_index(component: Any) -> dict[str, Targets | None]:
@@ -247,12 +250,15 @@ def module_index(component: Any) -> dict[str, Targets | None]:
             continue
         names = {key[: -len(".weight")]}
         place = keymap.to_original(key) if keymap is not None else None
-        if place is not None and place.transform != "transpose" and place.key.endswith(".weight"):
+        if place is not None and place.transform in (None, "conv1x1", "swap_halves") \
+                and place.key.endswith(".weight"):
             orig = place.key[len(keymap.prefix): -len(".weight")]
-            if place.part is None:
-                names.add(orig)
-            else:
+            if place.part is not None:
                 fused.setdefault(orig, []).append((key, place.part))
+            elif place.transform == "swap_halves" and orig != key[: -len(".weight")]:
+                _add(index, orig, ((key, SWAP),))
+            else:
+                names.add(orig)
         for n in names:
             _add(index, n, ((key, None),))
     for orig, members in fused.items():
@@ -276,17 +282,20 @@ class _Rows:
 
     ref: Any
     start: int
-    count: int
+    count: int  # -1 with start 0 (SWAP): every row, the two halves swapped
     dim: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
         s = list(self.ref.shape)
-        s[self.dim] = self.count
+        s[self.dim] = self.count if self.count >= 0 else s[self.dim]
         return tuple(s)
 
     def load(self):
-        return self.ref.load().narrow(self.dim, self.start, self.count)
+        t = self.ref.load()
+        if self.count < 0:
+            return t.roll(t.shape[self.dim] // 2, self.dim)
+        return t.narrow(self.dim, self.start, self.count)
 
 
 ROW_PARTS = {"lora": ("up",), "loha": ("w1a", "w2a")}  # the parts whose rows are the update's rows
@@ -297,8 +306,8 @@ def _part_rows(name: str, mod: str, kind: str, parts: dict[str, Any], dora: Any,
     """`parts` restricted to `rows` of the fused tensor they update."""
     if kind not in ROW_PARTS or dora is not None or {"t1", "t2"} & set(parts):
         what = "DoRA " if dora is not None else ""
-        raise InputError(f"{name}: {what}{kind} module {mod} updates a fused tensor that the model stores split; "
-                         "only LoRA/LoCon, LoHa and full-diff modules can be split by rows")
+        raise InputError(f"{name}: {what}{kind} module {mod} updates a tensor the model stores split or with its "
+                         "rows reordered; only LoRA/LoCon, LoHa and full-diff modules can be split by rows")
     return {p: _Rows(r, *rows) if p in ROW_PARTS[kind] else r for p, r in parts.items()}
 
 
