@@ -18,6 +18,7 @@ FLUX_MODULES = r"\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.[02]|txt_
 FINAL_ADALN = r"^final_layer\.adaLN_modulation\.1$"
 CASES = [  # (family, style, original modules taken, fused originals expected among them)
     ("z_image", "kohya", None, False),
+    ("z_image", "comfy_diffusers", None, False),  # ai-toolkit: diffusers names under diffusion_model., alpha
     ("lumina2", "comfy_ab", LUMINA2_MODULES, True),  # qkv in grouped-query proportions
     ("chroma", "kohya_original", FLUX_MODULES, True),  # double blocks' qkv, single blocks' linear1 (q, k, v, mlp)
     ("chroma", "peft", None, False),
