@@ -75,6 +75,7 @@ WIDTHS = {
                [f"single_transformer_blocks.0.{m}.weight" for m in ("attn.to_q", "attn.to_k", "attn.to_v",
                                                                      "proj_mlp")]),
 }
+WIDTHS["flux"] = WIDTHS["chroma"]
 
 
 def patch_lora_converter(monkeypatch, family: str, folder: Path) -> None:

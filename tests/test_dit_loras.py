@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import component_tensors
+from conftest import assert_one_line_error, component_tensors
 from dit_lora_files import fused_by_diffusers, patch_lora_converter, write_lora
 
 # diffusers' Lumina 2 converter reads exactly these original modules, in every refiner/layer block
@@ -22,6 +22,7 @@ CASES = [  # (family, style, original modules taken, fused originals expected am
     ("lumina2", "comfy_ab", LUMINA2_MODULES, True),  # qkv in grouped-query proportions
     ("chroma", "kohya_original", FLUX_MODULES, True),  # double blocks' qkv, single blocks' linear1 (q, k, v, mlp)
     ("chroma", "peft", None, False),
+    ("flux", "kohya_original", FLUX_MODULES, True),  # Flux.1: the same split, diffusers' sd-scripts converter
     ("flux2", "comfy_ab", None, True),  # double blocks' img/txt qkv in thirds
     ("flux2", "kohya_original", None, True),
 ]
@@ -90,3 +91,16 @@ def test_final_adaln_lora_swaps_its_halves(zoo, tmp_path, cli, name):
     code, _, err = cli("merge", a, "--method", "copy", "--lora", f"{lora}:0.8", "-o", out, "-q")
     assert code == 0, err
     _check(component_tensors(out, "transformer"), component_tensors(a, "transformer"), want, 0.8)
+
+
+def test_lokr_on_a_fused_tensor_is_refused_by_name(zoo, tmp_path, cli):
+    """A LoKr update does not split by rows: on FLUX.2's fused qkv it is one line naming the module, not a guess."""
+    from safetensors.torch import save_file
+
+    a = zoo.diffusers("flux2", 1)
+    lora = tmp_path / "lokr.safetensors"
+    mod = "lora_unet_double_blocks_0_img_attn_qkv"
+    save_file({f"{mod}.lokr_w1": torch.ones(4, 4), f"{mod}.lokr_w2": torch.ones(24, 8)}, str(lora))
+    code, _, err = cli("merge", a, "--method", "copy", "--lora", lora, "-o", tmp_path / "out", "-q")
+    assert_one_line_error(code, err, "lokr.safetensors", mod, "lokr", "split")
+    assert not (tmp_path / "out").exists()
