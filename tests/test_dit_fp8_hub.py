@@ -15,6 +15,7 @@ from quant_files import comfy_dequantize, comfy_scaled_fp8, save_float
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_fp8 import merge, recast, same
+from test_jobs import hub  # noqa: F401 - the loopback Hub fixture, over this module's `seeded`
 
 TOKEN = "hf_test_token_user"
 
@@ -27,7 +28,7 @@ def _prefixed(src: Path, out: Path, prefix: str = "model.diffusion_model.") -> P
     return out
 
 
-@pytest.mark.parametrize("name", ["wan", "z_image", "flux2"])
+@pytest.mark.parametrize("name", ["wan", "z_image"])
 def test_fp8_inputs_merge_like_their_dequantized_floats(zoo, tmp_path, name):
     """Plain float8 (bare keys) and ComfyUI scaled fp8 (legacy marker, bare; per-row `weight_scale` with
     `_quantization_metadata`, ComfyUI-prefixed) transformer-only files: merged in float32 they give the bytes of the
@@ -80,22 +81,6 @@ def seeded(zoo, tmp_path_factory):
 
 IMAGE = "pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime"
 FAMILIES = ["qwen_image", "chroma", "wan"]
-
-
-@pytest.fixture
-def hub(seeded, monkeypatch, tmp_path):
-    from huggingface_hub.utils import disable_progress_bars
-    from hubserver import configure_hf_client, guard_loopback
-
-    off_loopback = guard_loopback(monkeypatch)
-    configure_hf_client(monkeypatch, seeded.url, tmp_path / "hf_home")
-    monkeypatch.setenv("HUBMIX_CACHE", str(tmp_path / "hubmix-cache"))
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    disable_progress_bars()
-    monkeypatch.setattr("hubmix.hub.remote.POLL_SECONDS", 0.3)
-    yield seeded
-    seeded.runner.wait()
-    assert off_loopback == []
 
 
 @pytest.mark.parametrize("name", ["qwen_image", "chroma"])

@@ -21,10 +21,8 @@ CASES = [  # (family, style, original modules taken, fused originals expected am
     ("z_image", "comfy_diffusers", None, False),  # ai-toolkit: diffusers names under diffusion_model., alpha
     ("lumina2", "comfy_ab", LUMINA2_MODULES, True),  # qkv in grouped-query proportions
     ("chroma", "kohya_original", FLUX_MODULES, True),  # double blocks' qkv, single blocks' linear1 (q, k, v, mlp)
-    ("chroma", "peft", None, False),
     ("flux", "kohya_original", FLUX_MODULES, True),  # Flux.1: the same split, diffusers' sd-scripts converter
     ("flux2", "comfy_ab", None, True),  # double blocks' img/txt qkv in thirds
-    ("flux2", "kohya_original", None, True),
 ]
 
 
