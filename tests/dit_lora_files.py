@@ -30,8 +30,8 @@ STYLES = {
 
 def write_lora(folder: Path, path: Path, style: str, only: str | None = None, rank: int = 4,
                alpha: float = 2.0) -> dict[str, torch.Tensor]:
-    """A LoRA on the 2-D weights of the transformer's blocks (original module names matching `only`, if given);
-    returns the float64 update (scale 1) each canonical key should get."""
+    """A LoRA on the 2-D weights of the transformer's blocks, or, with `only`, on the 2-D weights whose original
+    module name matches it; returns the float64 update (scale 1) each canonical key should get."""
     names, spelling, (down_s, up_s), with_alpha = STYLES[style]
     comp = open_model(folder).components["transformer"]
     tensors = component_tensors(folder, "transformer")

@@ -11,7 +11,8 @@ from conftest import assert_one_line_error, component_tensors
 from dit_lora_files import fused_by_diffusers, patch_lora_converter, write_lora
 
 # diffusers' Lumina 2 converter reads exactly these original modules, in every refiner/layer block
-LUMINA2_MODULES = r"\.(attention\.(qkv|out)|feed_forward\.w[123]|adaLN_modulation\.1)$"
+LUMINA2_MODULES = (r"^(noise_refiner|context_refiner|layers)\.\d+\."
+                   r"(attention\.(qkv|out)|feed_forward\.w[123]|adaLN_modulation\.1)$")
 # diffusers' sd-scripts Flux converter (Chroma's loader) reads the blocks' attention and MLP linears
 FLUX_MODULES = r"\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.[02]|txt_mlp\.[02]|linear[12])$"
 
@@ -20,6 +21,7 @@ CASES = [  # (family, style, original modules taken, fused originals expected am
     ("z_image", "kohya", None, False),
     ("z_image", "comfy_diffusers", None, False),  # ai-toolkit: diffusers names under diffusion_model., alpha
     ("lumina2", "comfy_ab", LUMINA2_MODULES, True),  # qkv in grouped-query proportions
+    ("lumina2", "peft", None, False),
     ("chroma", "kohya_original", FLUX_MODULES, True),  # double blocks' qkv, single blocks' linear1 (q, k, v, mlp)
     ("flux", "kohya_original", FLUX_MODULES, True),  # Flux.1: the same split, diffusers' sd-scripts converter
     ("flux2", "comfy_ab", None, True),  # double blocks' img/txt qkv in thirds
