@@ -153,3 +153,29 @@ def spot_check_lossless(out: Path, inputs: list[Path], dtype, samples: int, extr
             if got.dtype != dtype or not torch.equal(want.view(torch.uint8), got.view(torch.uint8)):
                 bad.append(k)
     return {"same_keys": same, "checked": len(picks), "mismatched": bad}
+
+
+def clean_up(outs: list[Path], inputs: list[Path], keep: bool) -> None:
+    """Remove the outputs (and their temporary siblings); the inputs too unless keep."""
+    import merge_bench as mb
+
+    for out in outs:
+        mb.remove_output(out)
+    if not keep:
+        for p in inputs:
+            p.unlink(missing_ok=True)
+
+
+def medians(rec) -> dict:
+    """label -> the median Measure of a merge_bench.Recorder's runs."""
+    import merge_bench as mb
+
+    return {k: mb.median(v) for k, v in rec.results.items()}
+
+
+def check_line(check: dict) -> str:
+    """spot_check_lossless's answer in words."""
+    bad = f"; MISMATCHED {check['mismatched']}" if check["mismatched"] else ""
+    return (f"keys/shapes {'match' if check['same_keys'] else 'DIFFER from'} the inputs; "
+            f"{check['checked'] - len(check['mismatched'])}/{check['checked']} sampled tensors byte-identical to "
+            f"torch.where on the float32 inputs{bad}")

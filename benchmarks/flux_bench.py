@@ -105,12 +105,9 @@ def run(args: argparse.Namespace) -> None:
             rec.measure("hubmix lossless", [], cmd, env)
             mb.remove_output(out)
     finally:
-        mb.remove_output(out)
-        if not args.keep:
-            for p in paths:
-                p.unlink(missing_ok=True)
+        common.clean_up([out], paths, args.keep)
     noise = common.others_note(busy0, ours0, t0)
-    med = {k: mb.median(v) for k, v in rec.results.items()}
+    med = common.medians(rec)
     size = "full size" if layers == FULL_LAYERS else f"{layers[0]} of 19 double, {layers[1]} of 38 single blocks"
     print(f"\n=== flux: 3 inputs x {in_bytes[0] / 1e9:.2f} GB fp8 (float8_e4m3fn) transformer-only files ({size}), "
           f"output {in_bytes[0] / 1e9:.2f} GB; runs per number: {runs} (median)")
@@ -126,10 +123,7 @@ def run(args: argparse.Namespace) -> None:
         if m is not None:
             ratio = f"{m.wall_s / floor['floor3_s']:.2f}x the I/O floor"
             print(common.measured_row(label, m, ratio, 36, 22, hwm=True))
-    bad = f"; MISMATCHED {check['mismatched']}" if check["mismatched"] else ""
-    print(f"correctness: output keys/shapes {'match' if check['same_keys'] else 'DIFFER from'} the inputs; "
-          f"{check['checked'] - len(check['mismatched'])}/{check['checked']} sampled tensors byte-identical to "
-          f"torch.where on the float32 inputs{bad}")
+    print(f"correctness: output {common.check_line(check)}")
     print(noise)
     if not args.keep:
         print("note: the inputs were deleted (--keep keeps them under the cache)")

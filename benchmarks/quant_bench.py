@@ -64,12 +64,9 @@ def run(args: argparse.Namespace) -> None:
                     check = check_fp8_scaled(out, paths)
                 mb.remove_output(out)
     finally:
-        mb.remove_output(out)
-        if not args.keep:
-            for p in paths:
-                p.unlink(missing_ok=True)
+        common.clean_up([out], paths, args.keep)
     noise = common.others_note(busy0, ours0, t0)
-    med = {k: mb.median(v) for k, v in rec.results.items()}
+    med = common.medians(rec)
     print(f"\n=== quantized outputs: 3 inputs x {in_bytes / 1e9:.2f} GB fp8 Flux transformer-only files (first "
           f"{layers[0]} double and {layers[1]} single blocks, every tensor full size); runs: {args.runs} (median)")
     if build_s is not None:

@@ -110,13 +110,10 @@ def run(args: argparse.Namespace) -> None:
                 rec.measure(name, [], cmd, env)
                 mb.remove_output(out)
     finally:
-        mb.remove_output(out)
         restore_headers(paths)
-        if not args.keep:
-            for p in paths:
-                p.unlink(missing_ok=True)
+        common.clean_up([out], paths, args.keep)
     noise = common.others_note(busy0, ours0, t0)
-    med = {k: mb.median(v) for k, v in rec.results.items()}
+    med = common.medians(rec)
     print(f"\n=== zimage: 3 inputs x {in_bytes / 1e9:.2f} GB bf16 transformer-only files ({args.layers} of 30 layers, "
           f"{args.refiners} + {args.refiners} of 2 + 2 refiners, every tensor full size); runs per number: {runs}")
     if build_s is not None:
@@ -135,10 +132,7 @@ def run(args: argparse.Namespace) -> None:
     if fam and keys:
         print(f"key by key / family path: {keys.wall_s / fam.wall_s:.2f}x (same files, same run)")
     for name, check in checks.items():
-        bad = f"; MISMATCHED {check['mismatched']}" if check["mismatched"] else ""
-        print(f"correctness, {name}: keys/shapes {'match' if check['same_keys'] else 'DIFFER'}; "
-              f"{check['checked'] - len(check['mismatched'])}/{check['checked']} sampled tensors byte-identical to "
-              f"torch.where on the float32 inputs{bad}")
+        print(f"correctness, {name}: {common.check_line(check)}")
     print(noise)
 
 
