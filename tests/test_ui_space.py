@@ -79,9 +79,12 @@ def test_a_visitor_works_under_their_own_token_only(hub, monkeypatch, zoo, tmp_p
         as_visitor(None, "push", "x", "y", False)
     text = yaml.safe_dump({"models": [str(zoo.diffusers("sd1", 1)), str(zoo.diffusers("sd1", 2))],
                            "method": "weighted_sum"})
-    out = actions.merge(text, str(tmp_path / "m"))["output"]
+    out = actions.merge(text)["output"]  # a fresh folder of the page's own
     url = as_visitor(OTHER, "push", out, "", False)  # no repo named: the visitor's namespace
-    assert "/other/m/commit/" in url
-    assert "README.md" in hub.files("other/m")
+    assert "/other/merged/commit/" in url
+    assert "README.md" in hub.files("other/merged")
     with pytest.raises(UIError, match="user/m"):  # the visitor cannot write where only the owner can
         as_visitor(OTHER, "push", out, "user/m", False)
+    elsewhere = actions.merge(text, str(tmp_path / "m"))["output"]  # not the page's: a visitor cannot push it
+    with pytest.raises(UIError, match="not a result of this page"):
+        as_visitor(OTHER, "push", elsewhere, "", False)
