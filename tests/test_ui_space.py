@@ -26,7 +26,7 @@ def hub(monkeypatch, tmp_path):
     assert server.errors == []
 
 
-def test_space_files_pinned_wheel_and_app(hub, monkeypatch):
+def test_space_files_pinned_wheel_and_app(hub, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     code, out, err = run_cli("ui", "--space", "user/hubmix-ui")
     assert code == 0, err
@@ -54,6 +54,20 @@ def test_space_files_pinned_wheel_and_app(hub, monkeypatch):
         assert "hubmix/ui/app.py" in names and "hubmix/formats/families/sd1.yaml" in names
         meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
         assert "Name: hubmix" in z.read(meta).decode()
+    import subprocess
+    import sys
+
+    (tmp_path / "req.txt").write_text(pinned[0] + "\n")  # pip installs exactly that wheel from the pinned URL
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-cache-dir",
+                           "--target", str(tmp_path / "site"), "-r", str(tmp_path / "req.txt")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    from hubmix import __version__
+
+    record = next((tmp_path / "site").glob("hubmix-*.dist-info"))
+    assert record.name == f"hubmix-{__version__}.dist-info"
+    with zipfile.ZipFile(io.BytesIO(wheel)) as z:
+        assert (tmp_path / "site/hubmix/ui/search.py").read_bytes() == z.read("hubmix/ui/search.py")
     from hubmix.ui.space import wheel as build_wheel
 
     assert build_wheel()[1] == wheel  # reproducible: the same bytes again
