@@ -20,6 +20,7 @@ TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "HF_TOKEN_PA
 # action -> the module that holds it; READ_ONLY ones also run for a visitor who has not signed in (with no token)
 ACTIONS = {**dict.fromkeys(("dry_run", "samples", "sweep", "card", "push", "remote", "recipe", "flavors"),
                            "hubmix.ui.actions"), "describe_models": "hubmix.ui.form"}
+LOCAL = {**ACTIONS, "merge": "hubmix.ui.actions"}  # locally also a merge here (in a Space: a Job, "remote")
 READ_ONLY = ("describe_models", "flavors", "recipe")
 RESULTS = ("card", "push")  # their first argument is a result path: only the page's own results may be pushed
 
@@ -47,7 +48,7 @@ def act(space: bool, oauth: Any, action: str, *args: Any) -> Any:
         return as_visitor(token_of(oauth), action, *args)
     import importlib
 
-    return getattr(importlib.import_module(ACTIONS[action]), action)(*args)
+    return getattr(importlib.import_module(LOCAL[action]), action)(*args)
 
 
 def _inside_work(action: str, args: tuple) -> None:
