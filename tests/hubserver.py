@@ -496,6 +496,7 @@ KIND = r"(?:models|spaces)"
 _ROUTES = [(methods.split("|"), re.compile(pattern), name) for methods, pattern, name in [
     ("GET", r"/api/whoami-v2", "whoami"),
     ("GET", r"/api/agent-harnesses", "agent_harnesses"),
+    ("GET", r"/api/models", "list_models"),
     ("POST", r"/api/repos/create", "create_repo"),
     ("DELETE", r"/api/repos/delete", "delete_repo"),
     ("POST", r"/api/validate-yaml", "validate_yaml"),
@@ -661,6 +662,36 @@ class _Handler(BaseHTTPRequestHandler):
 
     def h_validate_yaml(self, hub: HubServer) -> None:
         self._json({"errors": [], "warnings": []})  # create_commit posts README.md here before committing
+
+    def h_list_models(self, hub: HubServer) -> None:
+        """GET /api/models (HfApi.list_models) as the Hub answers it: the short entry per repo (no siblings unless
+        asked), `search` a case-insensitive part of the id, every `filter` a tag (library, pipeline, card tags),
+        `author`, `pipeline_tag`, `sort` descending, `limit`, cursor pages through a Link header."""
+        q = self.query
+        search, filters = q.get("search", [""])[-1].lower(), q.get("filter", [])
+        found = []
+        for repo in hub.repos.values():
+            if repo.private and not hub._can_write(repo, self.user):
+                continue
+            info = hub._model_info(repo, hub._resolve(repo, DEFAULT_BRANCH), blobs=False)
+            if (search in repo.repo_id.lower() and all(f in info["tags"] for f in filters)
+                    and q.get("author", [repo.owner])[-1] == repo.owner
+                    and q.get("pipeline_tag", [info.get("pipeline_tag")])[-1] == info.get("pipeline_tag")):
+                found.append(info)
+        key = q.get("sort", [""])[-1]
+        found.sort(key=lambda i: i["id"])
+        if key:
+            found.sort(key=lambda i: i.get(key) or 0, reverse=True)
+        short = ("_id", "id", "likes", "private", "downloads", "tags", "pipeline_tag", "library_name", "createdAt",
+                 "modelId")
+        entries = [{k: i[k] for k in short if k in i} | {"trendingScore": 0} for i in found]
+        size = min(int(q.get("limit", ["1000"])[-1]), 1000)
+        start = int(q.get("cursor", ["0"])[-1])
+        headers = {}
+        if start + size < len(entries):
+            query = urlencode(self.query | {"cursor": [start + size]}, doseq=True)
+            headers["Link"] = f'<{hub.url}{self.record.path}?{query}>; rel="next"'
+        self._json(entries[start:start + size], headers=headers)
 
     def h_model_info(self, hub: HubServer, repo: str, rev: str = DEFAULT_BRANCH) -> None:
         r = hub._visible_repo(repo, self.user)

@@ -4,12 +4,15 @@ test's folder (HUBMIX_UI_SHOTS=DIR keeps them there too)."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
+import yaml
 
 from conftest import run_cli
 from ui_helpers import tree_bytes, ui_server  # noqa: F401  (fixture)
@@ -59,8 +62,20 @@ def _set_models(page, text: str) -> None:
     box.blur()
 
 
+def _download_recipe(page, want: str) -> str:
+    """The Download recipe button's file (its link follows the recipe box a moment later: retry briefly)."""
+    for _ in range(10):
+        with page.expect_download() as dl:
+            page.click("#recipe-download")
+        got = Path(dl.value.path()).read_text()
+        if got == want:
+            break
+        time.sleep(0.5)
+    return got
+
+
 def test_the_whole_flow_in_a_browser(page, ui_server, tmp_path):  # noqa: F811
-    _, hub, _ = ui_server
+    _, hub, root = ui_server
     # three models: their families show, the recipe follows the form
     _set_models(page, THREE)
     page.locator("#method input").fill("add_difference")
@@ -69,12 +84,23 @@ def test_the_whole_flow_in_a_browser(page, ui_server, tmp_path):  # noqa: F811
     page.wait_for_function("document.querySelector('#recipe-yaml textarea').value.includes('add_difference')")
     text = _yaml(page)
     assert "org/b@v1" in text and "method: add_difference" in text
+    assert _download_recipe(page, text) == text  # the download is the recipe of the form
     _shot(page, tmp_path, "1-models")
-    # dry run: the table
+    # dry run: the table and the plot (the PNG the dry run wrote, shown at its own size)
     _tab(page, "Dry run")
     page.click("#dry-run")
     page.wait_for_function("document.querySelector('#dry-run-table').innerText.includes('unet')")
     assert page.locator("#dry-run-table").is_visible()
+    page.wait_for_function("document.querySelector('#dry-run-plot img')?.naturalWidth > 0")
+    img = page.locator("#dry-run-plot img")
+    shown = page.request.get(urljoin(page.url, img.get_attribute("src"))).body()
+    written = max((root / "work").glob("dry-*/similarity.png"), key=lambda p: p.stat().st_mtime)
+    assert shown == written.read_bytes()
+    from PIL import Image
+
+    with Image.open(io.BytesIO(shown)) as im:
+        size = im.size
+    assert list(size) == img.evaluate("i => [i.naturalWidth, i.naturalHeight]") and size[0] > 100
     _shot(page, tmp_path, "2-dry-run")
     # samples: the gallery of a, b, c and the merge
     _tab(page, "Samples")
@@ -89,10 +115,12 @@ def test_the_whole_flow_in_a_browser(page, ui_server, tmp_path):  # noqa: F811
     page.locator("#out textarea, #out input").first.fill(str(out))
     page.click("#merge")
     page.wait_for_function("document.querySelector('#summary textarea').value.includes('wrote')")
-    (tmp_path / "r.yaml").write_text(text)
-    code, _, err = run_cli("merge", "--recipe", tmp_path / "r.yaml", "--out", tmp_path / "cli", "-q")
+    code, _, err = run_cli("merge", *THREE.split("\n"), "--method", "add_difference", "--out", tmp_path / "cli",
+                           "-q", "--save-recipe", tmp_path / "saved.yaml")
     assert code == 0, err
     assert tree_bytes(out) == tree_bytes(tmp_path / "cli")
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
+    assert saved.pop("output") == str(tmp_path / "cli") and yaml.safe_load(text) == saved  # the CLI's recipe
     _shot(page, tmp_path, "4-merge")
     # push: the card previewed, then the commit on the loopback Hub
     _tab(page, "Push")
@@ -166,3 +194,60 @@ def test_block_sliders_follow_the_family_and_presets(page, tmp_path):
     got = float(page.locator("#block-13 input[type=number]").input_value())
     assert got == pytest.approx(want)
     _shot(page, tmp_path, "8-blocks")
+
+
+def test_an_uploaded_recipe_fills_the_form(page, tmp_path):
+    from hubmix.ui.form import build_recipe
+
+    blocks = ",".join(f"{i / 25:.4g}" for i in range(26))
+    text = build_recipe("org/a\norg/b@v1\norg/d", "add_difference", {"alpha": 0.35}, components=["unet", "vae"],
+                        dtype="fp16", block_alpha=blocks).to_yaml()
+    (tmp_path / "upload.yaml").write_text(text)
+    with page.expect_file_chooser() as chooser:
+        page.click("#recipe-upload")
+    chooser.value.set_files(str(tmp_path / "upload.yaml"))
+    page.wait_for_function("document.querySelector('#models textarea').value.includes('org/d')")
+    page.wait_for_function("document.querySelector('#recipe-yaml textarea').value.includes('0.35')")
+    assert page.locator("#models textarea").input_value() == "org/a\norg/b@v1\norg/d"
+    assert page.locator("#method input").input_value() == "add_difference"
+    assert float(page.locator("#param-alpha input[type=number]").input_value()) == 0.35
+    if not page.locator("#block-alpha").is_visible():  # inside the Block weights accordion
+        page.get_by_text("Block weights (alpha per UNet block)").click()
+    assert page.locator("#block-alpha textarea, #block-alpha input").first.input_value() == blocks
+    assert page.locator("#dtype input").input_value() == "fp16"
+    ticked = page.eval_on_selector_all("#components input[type=checkbox]",
+                                       "bs => bs.filter(b => b.checked).map(b => b.closest('label').innerText.trim())")
+    assert sorted(ticked) == ["unet", "vae"]
+    assert _yaml(page) == text
+    _shot(page, tmp_path, "9-uploaded")
+
+
+def test_hub_search_suggests_models_as_an_id_is_typed(page, ui_server, tmp_path):  # noqa: F811
+    _, hub, _ = ui_server
+    page.locator("#method input").fill("weighted_sum")  # two models make a recipe
+    page.locator("#method input").press("Enter")
+    _set_models(page, "org/a\n")
+    hub.clear_log()
+    box = page.locator("#models textarea")
+    box.click()
+    box.press("Control+End")
+    page.keyboard.type("org/", delay=50)  # "or", "org", "org/": three lines worth searching
+    deadline = time.time() + 30
+    while not any(r.query.get("search") == ["org/"] for r in hub.requests if r.route == "list_models"):
+        assert time.time() < deadline, "no search for the typed line"
+        time.sleep(0.2)
+    suggestions = page.locator("#model-suggestions")
+    suggestions.get_by_text("org/d", exact=True).wait_for()
+    calls = [r.query["search"][0] for r in hub.requests if r.route == "list_models"]
+    assert calls[-1] == "org/" and len(calls) < 3  # debounced: not one Hub call per keystroke
+    assert suggestions.get_by_text("org/v", exact=True).count() == 0  # no diffusers tag on the Hub: not offered
+    _shot(page, tmp_path, "10-suggestions")
+    suggestions.get_by_text("org/d", exact=True).click()
+    page.wait_for_function("document.querySelector('#models textarea').value === 'org/a\\norg/d\\n'")
+    page.wait_for_function("document.querySelector('#families').innerText.includes('org/d')", timeout=30_000)
+    rows = page.locator("#families").inner_text()
+    from hubmix.formats.families import get_family
+
+    assert f"org/d\n{get_family('sd1').name} (sd1)\nsingle-file" in rows, rows  # org/d is zoo.single("sd1", 5)
+    page.wait_for_function("document.querySelector('#recipe-yaml textarea').value.includes('org/d')")
+    _shot(page, tmp_path, "11-picked")

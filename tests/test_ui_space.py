@@ -26,7 +26,7 @@ def hub(monkeypatch, tmp_path):
     assert server.errors == []
 
 
-def test_space_files_pinned_wheel_and_app(hub, monkeypatch):
+def test_space_files_pinned_wheel_and_app(hub, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     code, out, err = run_cli("ui", "--space", "user/hubmix-ui")
     assert code == 0, err
@@ -54,6 +54,20 @@ def test_space_files_pinned_wheel_and_app(hub, monkeypatch):
         assert "hubmix/ui/app.py" in names and "hubmix/formats/families/sd1.yaml" in names
         meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
         assert "Name: hubmix" in z.read(meta).decode()
+    import subprocess
+    import sys
+
+    (tmp_path / "req.txt").write_text(pinned[0] + "\n")  # pip installs exactly that wheel from the pinned URL
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-cache-dir",
+                           "--target", str(tmp_path / "site"), "-r", str(tmp_path / "req.txt")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    from hubmix import __version__
+
+    record = next((tmp_path / "site").glob("hubmix-*.dist-info"))
+    assert record.name == f"hubmix-{__version__}.dist-info"
+    with zipfile.ZipFile(io.BytesIO(wheel)) as z:
+        assert (tmp_path / "site/hubmix/ui/search.py").read_bytes() == z.read("hubmix/ui/search.py")
     from hubmix.ui.space import wheel as build_wheel
 
     assert build_wheel()[1] == wheel  # reproducible: the same bytes again
@@ -79,9 +93,12 @@ def test_a_visitor_works_under_their_own_token_only(hub, monkeypatch, zoo, tmp_p
         as_visitor(None, "push", "x", "y", False)
     text = yaml.safe_dump({"models": [str(zoo.diffusers("sd1", 1)), str(zoo.diffusers("sd1", 2))],
                            "method": "weighted_sum"})
-    out = actions.merge(text, str(tmp_path / "m"))["output"]
+    out = actions.merge(text)["output"]  # a fresh folder of the page's own
     url = as_visitor(OTHER, "push", out, "", False)  # no repo named: the visitor's namespace
-    assert "/other/m/commit/" in url
-    assert "README.md" in hub.files("other/m")
+    assert "/other/merged/commit/" in url
+    assert "README.md" in hub.files("other/merged")
     with pytest.raises(UIError, match="user/m"):  # the visitor cannot write where only the owner can
         as_visitor(OTHER, "push", out, "user/m", False)
+    elsewhere = actions.merge(text, str(tmp_path / "m"))["output"]  # not the page's: a visitor cannot push it
+    with pytest.raises(UIError, match="not a result of this page"):
+        as_visitor(OTHER, "push", elsewhere, "", False)

@@ -8,30 +8,21 @@ gradio_client callers and the page run the same code. Element ids are stable for
 import functools
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from hubmix.errors import Cancelled, HubmixError
 from hubmix.methods import methods
-from hubmix.ui import actions, require_gradio
+from hubmix.ui import actions, require_gradio, search
+from hubmix.ui.api import endpoints, errors as _errors
+from hubmix.ui.visitor import act, token_of
 from hubmix.ui.form import (CHOICES, DEFAULT_METHOD, block_list_text, block_values, component_names, first_family, build_recipe, describe_models, form_values,
                             method_info, preset_names, recipe_from_yaml, sliders)
 
 CANCELS: "dict[str, threading.Event]" = {}  # session -> the running merge's stop switch
 TITLE = "hubmix: merge diffusion models"
-
-
-def _errors(fn):
-    """HubmixErrors -> gr.Error with the CLI's one-line message (the page shows it; API callers get it)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        import gradio as gr
-
-        try:
-            return fn(*args, **kwargs)
-        except HubmixError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-    return wrapper
+DEBOUNCE = 0.3  # seconds a search waits: keystrokes meanwhile collapse into one pending search (always_last)
 
 
 def _form_recipe(models, method, components, dtype, layout, block_alpha, loras, *values) -> Any:
@@ -89,6 +80,8 @@ def build(*, space: bool = False) -> Any:
             with gr.Column(scale=3):
                 models = gr.Textbox(label="Models, one per line (org/name, org/name@rev, org/name/file.safetensors, "
                                           "local paths)", lines=4, elem_id="models")
+                suggestions = gr.Dataset(components=["textbox"], samples=[], label="Hub models (click to add)",
+                                         visible=False, elem_id="model-suggestions", samples_per_page=search.LIMIT)
                 check = gr.Button("Check models", elem_id="check-models", size="sm")
                 families = gr.Dataframe(headers=["model", "family", "layout", "components"], interactive=False,
                                         elem_id="families", wrap=True)
@@ -190,8 +183,10 @@ def build(*, space: bool = False) -> Any:
         method.input(on_method, [method, models, *form[2:]], [about, *widgets, recipe_yaml, status],
                      api_visibility="private", queue=False)
 
-        def on_check(text):
-            rows = describe_models(text)
+        Token = gr.OAuthToken | None  # noqa: N806  Gradio injects the signed-in visitor's token (None: not signed in)
+
+        def on_check(text, oauth: Token):  # in a Space read as the visitor (no token when not signed in)
+            rows = act(space, oauth, "describe_models", text) if space else describe_models(text)
             fam = first_family(rows)
             vals = block_values(fam)
             ups = [gr.update(visible=i < len(vals), label=vals[i][0] if i < len(vals) else f"block {i}",
@@ -199,6 +194,25 @@ def build(*, space: bool = False) -> Any:
             return [rows, fam, *ups]
         check.click(_errors(on_check), models, [families, family_state, *blocks], api_visibility="private")
         models.blur(_errors(on_check), models, [families, family_state, *blocks], api_visibility="private")
+
+        def on_suggest(text, oauth: Token):  # the Hub's model search for the line being typed
+            if search.query_of(text) is None:
+                return gr.Dataset(samples=[], visible=False)
+            time.sleep(DEBOUNCE)
+            try:  # in a Space: the visitor's token or none, never the owner's
+                found = search.suggest(text, token=(token_of(oauth) or False) if space else None)
+            except HubmixError:
+                found = []
+            return gr.Dataset(samples=[[f] for f in found], visible=bool(found))
+        models.input(on_suggest, models, suggestions, trigger_mode="always_last", show_progress="hidden",
+                     concurrency_limit=4, api_visibility="private")
+
+        def on_pick(picked, text):
+            return search.pick(text, picked[0]), gr.Dataset(samples=[], visible=False)
+        suggestions.click(on_pick, [suggestions, models], [models, suggestions], api_visibility="private",
+                          queue=False).then(
+            _errors(on_check), models, [families, family_state, *blocks], api_visibility="private").then(
+            form_to_yaml, form, [recipe_yaml, status], api_visibility="private", queue=False)
 
         def on_block(fam, *values):  # the visible sliders -> the list
             n = len(block_values(fam))
@@ -234,31 +248,24 @@ def build(*, space: bool = False) -> Any:
                            api_visibility="private")
 
         # ---- the actions: the page's buttons (in a Space: as the signed-in visitor, hubmix.ui.visitor) ------
-        def call(request, name, *args):
-            if not space:
-                return getattr(actions, name)(*args)
-            from hubmix.ui.visitor import as_visitor
-
-            return as_visitor(visitor_token(request), name, *args)
-
-        def on_dry(text, request: gr.Request):
-            report, png = call(request, "dry_run", text)
+        def on_dry(text, oauth: Token):
+            report, png = act(space, oauth, "dry_run", text)
             return actions.report_rows(report["report"] or {}), str(png) if png else None
         dry_btn.click(_errors(on_dry), recipe_yaml, [dry_table, dry_plot], api_visibility="private")
 
-        def on_samples(text, p, s, n, z, request: gr.Request):
-            grid, images, _ = call(request, "samples", text, p, s, n, z)
+        def on_samples(text, p, s, n, z, oauth: Token):
+            grid, images, _ = act(space, oauth, "samples", text, p, s, n, z)
             return [tuple(x) for x in images]
         samples_btn.click(_errors(on_samples), [recipe_yaml, prompts, seeds, steps, size], gallery,
                           api_visibility="private")
-        def on_sweep(t, v, p, s, n, z, request: gr.Request):
-            return str(call(request, "sweep", t, v, p, s, n, z))
+        def on_sweep(t, v, p, s, n, z, oauth: Token):
+            return str(act(space, oauth, "sweep", t, v, p, s, n, z))
         sweep_btn.click(_errors(on_sweep),
                         [recipe_yaml, vary, prompts, seeds, steps, size], sweep_grid, api_visibility="private")
 
-        def on_merge(text, target, request: gr.Request, progress=gr.Progress()):
+        def on_merge(text, target, request: gr.Request, oauth: Token, progress=gr.Progress()):
             if space:  # a Job under the visitor's account, pushed to their namespace
-                info = call(request, "remote", text, "", None)
+                info = act(space, oauth, "remote", text, "", None)
                 return json.dumps(info, indent=2), ""
             try:
                 info = _merge_with_progress(text, target, request.session_hash, progress)
@@ -273,18 +280,19 @@ def build(*, space: bool = False) -> Any:
             if ev is not None:
                 ev.set()
         stop_btn.click(on_stop, None, None, api_visibility="private", queue=False)
-        def on_card(path, repo, request: gr.Request):
-            return call(request, "card", path, repo)
+        def on_card(path, repo, oauth: Token):
+            return act(space, oauth, "card", path, repo)
 
-        def on_push(path, repo, priv, br, request: gr.Request):
-            return call(request, "push", path, repo, priv, br)
+        def on_push(path, repo, priv, br, oauth: Token):
+            return act(space, oauth, "push", path, repo, priv, br)
         preview_btn.click(_errors(on_card), [result_path, repo_id], card_md, api_visibility="private")
         push_btn.click(_errors(on_push), [result_path, repo_id, private, branch], commit_url,
                        api_visibility="private")
 
-        def on_remote(text, fl, repo, priv, request: gr.Request):
+        def on_remote(text, fl, repo, priv, oauth: Token):
             if space:
-                yield json.dumps(call(request, "remote", text, repo or "", (fl or "").split(" ")[0] or None), indent=2)
+                yield json.dumps(act(space, oauth, "remote", text, repo or "", (fl or "").split(" ")[0] or None),
+                                 indent=2)
                 return
             lines: "list[str]" = []
             done = threading.Event()
@@ -306,19 +314,12 @@ def build(*, space: bool = False) -> Any:
             yield "\n".join(lines[-200:] + [json.dumps(box["ok"])])
         remote_btn.click(_errors_gen(on_remote), [recipe_yaml, flavor, remote_repo, private], remote_log,
                          api_visibility="private")
-        demo.load(lambda: gr.update(choices=actions.flavors()), None, flavor, api_visibility="private")
+        def on_load(oauth: Token):  # in a Space listed with no token of the owner's
+            return gr.update(choices=act(space, oauth, "flavors"))
+        demo.load(on_load, None, flavor, api_visibility="private")
 
-        _api(gr)
+        endpoints(gr, space)
     return demo
-
-
-def visitor_token(request: Any) -> "str | None":
-    """The signed-in visitor's OAuth token (Gradio keeps it in the session); None when nobody signed in."""
-    try:
-        info = request.session.get("oauth_info") or {}
-    except (AttributeError, AssertionError, KeyError):
-        return None
-    return info.get("access_token")
 
 
 def _safe_download(fn, text):
@@ -338,26 +339,6 @@ def _errors_gen(fn):
         except HubmixError as e:
             raise gr.Error(str(e), print_exception=False) from None
     return wrapper
-
-
-def _api(gr) -> None:
-    """The named endpoints (gradio_client: Client(url).predict(..., api_name="/merge")), on hidden components."""
-    with gr.Column(visible=False):
-        y, o, j = gr.Textbox(), gr.Textbox(), gr.JSON()
-        p, s, n, z, v, img = gr.Textbox(), gr.Textbox(), gr.Number(precision=0), gr.Textbox(), gr.Textbox(), \
-            gr.Image(type="filepath")
-        repo, priv, url, m, meth, pj = gr.Textbox(), gr.Checkbox(), gr.Textbox(), gr.Textbox(), gr.Textbox(), \
-            gr.Textbox()
-        b = gr.Button()
-    b.click(_errors(lambda t: actions.dry_run(t, plot=False)[0]), y, j, api_name="dry_run")
-    b.click(_errors(lambda t, out: actions.merge(t, out or None)), [y, o], j, api_name="merge",
-            concurrency_id="merge")
-    b.click(_errors(lambda t, pr, sd, st, sz: str(actions.samples(t, pr, sd, st, sz)[0])), [y, p, s, n, z], img,
-            api_name="samples")
-    b.click(_errors(lambda t, va, pr, sd, st, sz: str(actions.sweep(t, va, pr, sd, st, sz))), [y, v, p, s, n, z],
-            img, api_name="sweep")
-    b.click(_errors(lambda path, r, pv: actions.push(path, r, pv)), [o, repo, priv], url, api_name="push")
-    b.click(_errors(lambda ms, me, ps: actions.recipe(ms, me, ps)), [m, meth, pj], y, api_name="recipe")
 
 
 def launch(host: str = "127.0.0.1", port: "int | None" = None, share: bool = False, *, space: bool = False,
