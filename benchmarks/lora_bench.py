@@ -8,7 +8,8 @@ where a randomized SVD cannot be accurate and hubmix falls back to the exact one
 - the baseline in the same process: kohya's extraction, an exact `torch.linalg.svd(delta)` per layer (full
   matrices, as sd-scripts' extract_lora_from_models.py calls it) over the same layers.
 Prints times, their ratio, the worst per-layer energy ratio (randomized / exact), and the peak RssAnon of the
-hubmix run against the largest layer. Deletes the scratch models at the end.
+hubmix run against the largest layer. Deletes the scratch models at the end (unless --keep or --build-only;
+`--build-only` then `--reuse` builds on a busy machine and measures later on a quiet one, same options both times).
 
     python benchmarks/lora_bench.py --scratch /work/tmp/lora/bench [--flux-depth 4] [--sdxl-depth 10] [--layers N]
 
@@ -284,12 +285,19 @@ def run(family: str, args) -> dict:
     from hubmix.lora.extract import ExtractOptions, extract_lora
 
     root = Path(args.scratch) / family
-    shutil.rmtree(root, ignore_errors=True)
+    built_json = root / "built.json"
     t0 = time.perf_counter()
-    tuned, base, largest = build(family, root, args.flux_depth, args.layers, args.every, args.sdxl_depth)
-    for r in (tuned, base):
-        model_index(r, family)
+    if args.reuse and built_json.exists():  # models built by an earlier --keep run: measure only
+        tuned, base, largest = root / "tuned", root / "base", json.loads(built_json.read_text())["largest"]
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        tuned, base, largest = build(family, root, args.flux_depth, args.layers, args.every, args.sdxl_depth)
+        for r in (tuned, base):
+            model_index(r, family)
+        built_json.write_text(json.dumps({"largest": largest}))
     built = time.perf_counter() - t0
+    if args.build_only:
+        return {"family": family, "built_in_s": round(built, 1), "scratch": str(root)}
     comps = ["unet", "text_encoder", "text_encoder_2"] if family == "sdxl" else ["transformer"]
     out = root / "lora.safetensors"
     with Peak() as peak:
@@ -332,6 +340,10 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1, help="Only every Nth layer gets a delta (the others are equal "
                     "in BASE and TUNED: read and skipped by hubmix); 1 = every layer")
     ap.add_argument("--keep", action="store_true", help="Keep the scratch models")
+    ap.add_argument("--build-only", action="store_true", help="Build the scratch models and stop (implies --keep)")
+    ap.add_argument("--reuse", action="store_true", help="Measure on the models an earlier --keep / --build-only "
+                    "run left under --scratch (build them only if absent): builds on a busy machine, measures on a "
+                    "quiet one")
     ap.add_argument("--profile-shapes", help="Only profile one synthetic layer per shape (e.g. 1280x1280,640x5760): "
                     "hubmix's checked SVD, the Gram + eigvalsh check, kohya's SVD, in CPU seconds")
     args = ap.parse_args()
