@@ -98,6 +98,12 @@ class QuantCodec:
         into that stored tensor, data in its planned dtype)."""
         raise NotImplementedError
 
+    def kernel_scale(self, stat: float | None) -> float | None:
+        """The scale with which a native merge kernel may store this tensor's codes itself, in the same pass as the
+        merge (float8_e4m3fn of x / scale, saturated at 448: engine.native's fused store); `encode` then gets those
+        codes instead of float32. None (the default): the codec encodes float32 chunks."""
+        return None
+
     def file_tensors(self, prefix: str) -> dict[str, Any]:
         """Tensors the format adds once per output file, as Spans (a marker); `prefix`: the denoiser's key prefix
         in that file ("model.diffusion_model." in a checkpoint, "" in a denoiser-only file)."""
