@@ -127,10 +127,15 @@ def register_codec(codec: QuantCodec) -> QuantCodec:
     return codec
 
 
+_BUILTIN: list[bool] = []  # [True] once the built-in formats are imported (one imported directly fills a registry)
+
+
 def _load_builtin() -> None:
     """Import the built-in formats (each registers itself); kept lazy so `hubmix --help` imports none of them."""
     import importlib
     import importlib.util
+
+    _BUILTIN.append(True)
 
     for name in ("scaled_fp8", "bnb4", "gguf"):  # gguf: the GGUF format, where present
         if importlib.util.find_spec(f"{__name__}.{name}") is not None:
@@ -139,7 +144,7 @@ def _load_builtin() -> None:
 
 def codec(name: str) -> QuantCodec | None:
     """The codec of a --dtype name, None for a plain dtype (fp16, bf16...)."""
-    if not CODECS:
+    if not _BUILTIN:
         _load_builtin()
     return CODECS.get(name)
 
@@ -154,7 +159,7 @@ QUANT_DTYPES = ("fp8_scaled", "nf4")  # codecs; the gguf-* --dtype names write t
 
 def wrap(f: WeightFile) -> WeightFile:
     """`f` itself, or a QuantizedFile view of it when a quantized format claims it."""
-    if not READERS:
+    if not _BUILTIN:
         _load_builtin()
     from hubmix.formats.quant.view import QuantizedFile, refuse
 
