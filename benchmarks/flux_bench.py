@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -37,30 +36,14 @@ MARGIN = 6e9  # disk left to the other users of a shared machine
 
 
 def original_shapes(layers: tuple[int, int] = FULL_LAYERS) -> dict[str, tuple[int, ...]]:
-    """BFL key -> shape of FLUX.1-dev's transformer (or its first double/single blocks), through hubmix's key map
-    (fused tensors summed by rows)."""
+    """BFL key -> shape of FLUX.1-dev's transformer (or its first double/single blocks)."""
     import diffusers
     from accelerate import init_empty_weights
-
-    from hubmix.formats.families import get_family
-    from hubmix.formats.layouts import KeyMap, to_original_shape
 
     with init_empty_weights():
         model = diffusers.FluxTransformer2DModel(guidance_embeds=True, num_layers=layers[0],
                                                  num_single_layers=layers[1])
-    spec = get_family("flux").components["transformer"]
-    import dataclasses
-
-    keymap = KeyMap(dataclasses.replace(spec, prefix=""), dict(model.config))
-    shapes: dict[str, tuple[int, ...]] = {}
-    for key, t in model.state_dict().items():
-        place = keymap.to_original(key)
-        assert place is not None, key
-        shape = to_original_shape(place.transform, tuple(t.shape))
-        if place.part is not None and place.key in shapes:
-            shape = (shapes[place.key][0] + shape[0], *shape[1:])
-        shapes[place.key] = shape
-    return shapes
+    return common.original_shapes("flux", model)
 
 
 def input_paths(cache: Path, layers: tuple[int, int]) -> list[Path]:
@@ -88,27 +71,6 @@ def build(cache: Path, layers: tuple[int, int]) -> tuple[list[Path], float | Non
     return paths, seconds
 
 
-def spot_check(out: Path, inputs: list[Path]) -> dict:
-    """Output keys, shapes, dtype equal the inputs'; sampled tensors byte-identical to torch.where in float32."""
-    from safetensors import safe_open
-
-    fs = [safe_open(str(p), "pt") for p in inputs]
-    with safe_open(str(out), "pt") as fo:
-        keys = sorted(fs[0].keys())
-        same = set(fo.keys()) == set(keys) and all(
-            fo.get_slice(k).get_shape() == fs[0].get_slice(k).get_shape() for k in keys)
-        picks = sorted({keys[i * len(keys) // 8] for i in range(8)} | {"final_layer.adaLN_modulation.1.weight",
-                                                                         "single_blocks.0.linear1.weight"})
-        bad = []
-        for k in picks:
-            a, b, c = (f.get_tensor(k).float() for f in fs)
-            want = torch.where((a - 0.9 * b).abs() <= (a - 1.1 * c).abs(), fs[1].get_tensor(k), fs[2].get_tensor(k))
-            got = fo.get_tensor(k)
-            if got.dtype != DTYPE or not torch.equal(want.view(torch.uint8), got.view(torch.uint8)):
-                bad.append(k)
-    return {"same_keys": same, "checked": len(picks), "mismatched": bad}
-
-
 def run(args: argparse.Namespace) -> None:
     cache = args.cache
     layers = FULL_LAYERS
@@ -124,15 +86,10 @@ def run(args: argparse.Namespace) -> None:
               f"using the first {layers[0]} double and {layers[1]} single blocks (every tensor full size)", flush=True)
     busy0, ours0, t0 = *mb.user_cpu_s(), time.perf_counter()
     paths, build_s = build(cache, layers)
-    work = cache / "out"
-    logs = cache / "logs"
-    work.mkdir(exist_ok=True)
-    logs.mkdir(exist_ok=True)
+    work, env, rec = common.workspace(cache, "flux")
     out = work / "flux-merged.safetensors"
     in_bytes = [p.stat().st_size for p in paths]
-    env = dict(os.environ, HUBMIX_CACHE=str(cache / "hubmix-cache"))
     Path(env["HUBMIX_CACHE"], "sha256.json").unlink(missing_ok=True)
-    rec = mb.Recorder("flux", logs)
     runs = max(1, args.runs)
     try:
         print("flux: I/O floor (cat 3 inputs + write and fsync an output-sized file)", flush=True)
@@ -140,18 +97,17 @@ def run(args: argparse.Namespace) -> None:
         cmd = mb.hubmix_cmd("lossless", paths, out, args.hub_device) + ["--alpha", "0.9", "--beta", "1.1"]
         print("flux: hubmix lossless 3-way (first run hashes the inputs)", flush=True)
         rec.measure("hubmix lossless, cold hash cache", [], cmd, env)
-        check = spot_check(out, paths) if out.exists() else common.failure_stub()
+        check = (common.spot_check_lossless(out, paths, DTYPE, 8, {"final_layer.adaLN_modulation.1.weight",
+                                                                     "single_blocks.0.linear1.weight"})
+                 if out.exists() else common.failure_stub())
         mb.remove_output(out)
         for _ in range(runs):
             rec.measure("hubmix lossless", [], cmd, env)
             mb.remove_output(out)
     finally:
-        mb.remove_output(out)
-        if not args.keep:
-            for p in paths:
-                p.unlink(missing_ok=True)
+        common.clean_up([out], paths, args.keep)
     noise = common.others_note(busy0, ours0, t0)
-    med = {k: mb.median(v) for k, v in rec.results.items()}
+    med = common.medians(rec)
     size = "full size" if layers == FULL_LAYERS else f"{layers[0]} of 19 double, {layers[1]} of 38 single blocks"
     print(f"\n=== flux: 3 inputs x {in_bytes[0] / 1e9:.2f} GB fp8 (float8_e4m3fn) transformer-only files ({size}), "
           f"output {in_bytes[0] / 1e9:.2f} GB; runs per number: {runs} (median)")
@@ -167,27 +123,17 @@ def run(args: argparse.Namespace) -> None:
         if m is not None:
             ratio = f"{m.wall_s / floor['floor3_s']:.2f}x the I/O floor"
             print(common.measured_row(label, m, ratio, 36, 22, hwm=True))
-    bad = f"; MISMATCHED {check['mismatched']}" if check["mismatched"] else ""
-    print(f"correctness: output keys/shapes {'match' if check['same_keys'] else 'DIFFER from'} the inputs; "
-          f"{check['checked'] - len(check['mismatched'])}/{check['checked']} sampled tensors byte-identical to "
-          f"torch.where on the float32 inputs{bad}")
+    print(f"correctness: output {common.check_line(check)}")
     print(noise)
     if not args.keep:
         print("note: the inputs were deleted (--keep keeps them under the cache)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", type=Path, default=Path("~/.cache/hubmix-bench"))
-    ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--keep", action="store_true", help="keep the 36 GB of inputs for another run")
+    ap = common.bench_parser(__doc__, "keep the 36 GB of inputs for another run", device=True)
     ap.add_argument("--full", action="store_true", help="refuse to shrink the model when the disk is short")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    args = ap.parse_args(argv)
-    args.cache = args.cache.expanduser().resolve()
-    args.cache.mkdir(parents=True, exist_ok=True)
+    args = common.parse_bench_args(ap, argv)
     args.hub_device = args.device
-    print(common.machine_line(), flush=True)
     run(args)
 
 

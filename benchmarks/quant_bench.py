@@ -15,7 +15,6 @@ merge on sampled tensors. This prints numbers; it asserts no timings.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,13 +46,9 @@ def check_fp8_scaled(out: Path, inputs: list[Path]) -> str:
 def run(args: argparse.Namespace) -> None:
     layers = tuple(args.layers)
     paths, build_s = fb.build(args.cache, layers)
-    work, logs = args.cache / "out", args.cache / "logs"
-    work.mkdir(exist_ok=True)
-    logs.mkdir(exist_ok=True)
+    work, env, rec = common.workspace(args.cache, "quant")
     out = work / "quant-merged.safetensors"
     in_bytes = paths[0].stat().st_size
-    env = dict(os.environ, HUBMIX_CACHE=str(args.cache / "hubmix-cache"))
-    rec = mb.Recorder("quant", logs)
     busy0, ours0, t0 = *mb.user_cpu_s(), time.perf_counter()
     rows = [("plain fp8 output (baseline)", []), ("--dtype fp8_scaled", ["--dtype", "fp8_scaled"]),
             ("--dtype nf4", ["--dtype", "nf4"])]
@@ -70,12 +65,9 @@ def run(args: argparse.Namespace) -> None:
                     check = check_fp8_scaled(out, paths)
                 mb.remove_output(out)
     finally:
-        mb.remove_output(out)
-        if not args.keep:
-            for p in paths:
-                p.unlink(missing_ok=True)
+        common.clean_up([out], paths, args.keep)
     noise = common.others_note(busy0, ours0, t0)
-    med = {k: mb.median(v) for k, v in rec.results.items()}
+    med = common.medians(rec)
     print(f"\n=== quantized outputs: 3 inputs x {in_bytes / 1e9:.2f} GB fp8 Flux transformer-only files (first "
           f"{layers[0]} double and {layers[1]} single blocks, every tensor full size); runs: {args.runs} (median)")
     if build_s is not None:
@@ -100,17 +92,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", type=Path, default=Path("~/.cache/hubmix-bench"))
+    ap = common.bench_parser(__doc__)
     ap.add_argument("--layers", type=int, nargs=2, default=[2, 4], metavar=("DOUBLE", "SINGLE"),
                     help="double and single blocks kept (FLUX.1 has 19 and 38; every tensor stays full size)")
-    ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args(argv)
-    args.cache = args.cache.expanduser().resolve()
-    args.cache.mkdir(parents=True, exist_ok=True)
-    print(common.machine_line(), flush=True)
-    run(args)
+    run(common.parse_bench_args(ap, argv))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import struct
 import time
 from pathlib import Path
@@ -36,27 +35,12 @@ RENAMES = {"x_pad_token": "x_pad_tokex", "cap_embedder": "cap_embeddex", "adaLN_
 
 
 def original_shapes(layers: int, refiners: int) -> dict[str, tuple[int, ...]]:
-    import dataclasses
-
     import diffusers
     from accelerate import init_empty_weights
 
-    from hubmix.formats.families import get_family
-    from hubmix.formats.layouts import KeyMap, to_original_shape
-
     with init_empty_weights():
         model = diffusers.ZImageTransformer2DModel(n_layers=layers, n_refiner_layers=refiners)
-    spec = get_family("z_image").components["transformer"]
-    keymap = KeyMap(dataclasses.replace(spec, prefix=""), dict(model.config))
-    shapes: dict[str, tuple[int, ...]] = {}
-    for key, t in model.state_dict().items():
-        place = keymap.to_original(key)
-        assert place is not None, key
-        shape = to_original_shape(place.transform, tuple(t.shape))
-        if place.part is not None and place.key in shapes:
-            shape = (shapes[place.key][0] + shape[0], *shape[1:])
-        shapes[place.key] = shape
-    return shapes
+    return common.original_shapes("z_image", model)
 
 
 def build(cache: Path, layers: int, refiners: int) -> tuple[list[Path], float | None]:
@@ -101,37 +85,13 @@ def restore_headers(paths: list[Path]) -> None:
     _edit_headers(paths, {b: a for a, b in RENAMES.items()})
 
 
-def spot_check(out: Path, inputs: list[Path]) -> dict:
-    """Output keys/shapes/dtype equal the inputs'; sampled tensors byte-identical to torch.where in float32."""
-    from safetensors import safe_open
-
-    fs = [safe_open(str(p), "pt") for p in inputs]
-    with safe_open(str(out), "pt") as fo:
-        keys = sorted(fs[0].keys())
-        same = set(fo.keys()) == set(keys) and all(
-            fo.get_slice(k).get_shape() == fs[0].get_slice(k).get_shape() for k in keys)
-        picks = sorted({keys[i * len(keys) // 6] for i in range(6)} | {"layers.0.feed_forward.w1.weight"})
-        bad = []
-        for k in picks:
-            a, b, c = (f.get_tensor(k) for f in fs)
-            want = torch.where((a.float() - 0.9 * b.float()).abs() <= (a.float() - 1.1 * c.float()).abs(), b, c)
-            got = fo.get_tensor(k)
-            if got.dtype != DTYPE or not torch.equal(want.view(torch.uint8), got.view(torch.uint8)):
-                bad.append(k)
-    return {"same_keys": same, "checked": len(picks), "mismatched": bad}
-
-
 def run(args: argparse.Namespace) -> None:
     cache = args.cache
     busy0, ours0, t0 = *mb.user_cpu_s(), time.perf_counter()
     paths, build_s = build(cache, args.layers, args.refiners)
-    work, logs = cache / "out", cache / "logs"
-    work.mkdir(exist_ok=True)
-    logs.mkdir(exist_ok=True)
+    work, env, rec = common.workspace(cache, "zimage")
     out = work / "zimage-merged.safetensors"
     in_bytes = paths[0].stat().st_size
-    env = dict(os.environ, HUBMIX_CACHE=str(cache / "hubmix-cache"))
-    rec = mb.Recorder("zimage", logs)
     runs = max(1, args.runs)
     checks = {}
     try:
@@ -143,19 +103,17 @@ def run(args: argparse.Namespace) -> None:
             prepare(paths)
             mb.forget_hashes(env, paths)
             rec.measure(f"{name}, first merge", [], cmd, env)
-            checks[name] = spot_check(out, paths) if out.exists() else common.failure_stub()
+            checks[name] = (common.spot_check_lossless(out, paths, DTYPE, 6, {"layers.0.feed_forward.w1.weight"})
+                            if out.exists() else common.failure_stub())
             mb.remove_output(out)
             for _ in range(runs):
                 rec.measure(name, [], cmd, env)
                 mb.remove_output(out)
     finally:
-        mb.remove_output(out)
         restore_headers(paths)
-        if not args.keep:
-            for p in paths:
-                p.unlink(missing_ok=True)
+        common.clean_up([out], paths, args.keep)
     noise = common.others_note(busy0, ours0, t0)
-    med = {k: mb.median(v) for k, v in rec.results.items()}
+    med = common.medians(rec)
     print(f"\n=== zimage: 3 inputs x {in_bytes / 1e9:.2f} GB bf16 transformer-only files ({args.layers} of 30 layers, "
           f"{args.refiners} + {args.refiners} of 2 + 2 refiners, every tensor full size); runs per number: {runs}")
     if build_s is not None:
@@ -174,26 +132,16 @@ def run(args: argparse.Namespace) -> None:
     if fam and keys:
         print(f"key by key / family path: {keys.wall_s / fam.wall_s:.2f}x (same files, same run)")
     for name, check in checks.items():
-        bad = f"; MISMATCHED {check['mismatched']}" if check["mismatched"] else ""
-        print(f"correctness, {name}: keys/shapes {'match' if check['same_keys'] else 'DIFFER'}; "
-              f"{check['checked'] - len(check['mismatched'])}/{check['checked']} sampled tensors byte-identical to "
-              f"torch.where on the float32 inputs{bad}")
+        print(f"correctness, {name}: {common.check_line(check)}")
     print(noise)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", type=Path, default=Path("~/.cache/hubmix-bench"))
-    ap.add_argument("--runs", type=int, default=1)
+    ap = common.bench_parser(__doc__, "keep the inputs for another run", device=True)
     ap.add_argument("--layers", type=int, default=2, help="main layers to keep (30 at full size)")
     ap.add_argument("--refiners", type=int, default=2, help="noise and context refiner layers each (2 at full size)")
-    ap.add_argument("--keep", action="store_true", help="keep the inputs for another run")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    args = ap.parse_args(argv)
-    args.cache = args.cache.expanduser().resolve()
-    args.cache.mkdir(parents=True, exist_ok=True)
+    args = common.parse_bench_args(ap, argv)
     args.hub_device = args.device
-    print(common.machine_line(), flush=True)
     run(args)
 
 

@@ -16,6 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch's ops on one thread: the tiny models' tensors are too small to gain from intra-op threads, whose spinning
+# cost several times the CPU time (a busy or 2-core machine); tests of thread counts set them themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 class Zoo:

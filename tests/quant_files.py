@@ -26,15 +26,15 @@ def linear_weights(sd: dict, prefix: str = PREFIX) -> list[str]:
 
 
 def comfy_scaled_fp8(src: Path, out: Path, form: str = "legacy", fp8=torch.float8_e4m3fn, per_row: bool = False,
-                     input_scale: float | None = None) -> Path:
+                     input_scale: float | None = None, prefix: str = PREFIX) -> Path:
     """`src` with the denoiser's Linear weights as ComfyUI scaled fp8: weight = fp8(w / scale), scale = amax/448
-    (per row with `per_row`). form: legacy (scale_weight + scaled_fp8 marker), metadata (_quantization_metadata +
+    (per row with `per_row`), those under `prefix` (a transformer-only file's are bare). form: legacy (scale_weight + scaled_fp8 marker), metadata (_quantization_metadata +
     weight_scale) or tensors (.comfy_quant uint8 JSON + weight_scale)."""
     sd = load_file(str(src))
     meta = dict(_meta(src))
     fmax = torch.finfo(fp8).max
     layers = {}
-    for k in linear_weights(sd):
+    for k in linear_weights(sd, prefix):
         w = sd[k].float()
         amax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
         scale = (amax / fmax).clamp(min=1e-12).float()
@@ -48,7 +48,7 @@ def comfy_scaled_fp8(src: Path, out: Path, form: str = "legacy", fp8=torch.float
         if form == "tensors":
             sd[layer + ".comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
     if form == "legacy":
-        sd[PREFIX + "scaled_fp8"] = torch.empty(0, dtype=fp8)
+        sd[prefix + "scaled_fp8"] = torch.empty(0, dtype=fp8)
     elif form == "metadata":
         meta["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
     save_file(sd, str(out), metadata=meta)

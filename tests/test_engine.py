@@ -37,8 +37,22 @@ def _same_files(a: Path, b: Path) -> None:
         assert f.read_bytes() == (b / f.relative_to(a)).read_bytes(), f
 
 
+@pytest.fixture(scope="module")
+def eager_merges(zoo, tmp_path_factory):
+    """(method, n, dtype) -> (result, folder) of the eager merge, made once for both fused kinds."""
+    root, made = tmp_path_factory.mktemp("eager"), {}
+
+    def get(method, n, dtype):
+        if (method, n, dtype) not in made:
+            out = root / f"{method}{n}-eager"
+            made[(method, n, dtype)] = (_merge(zoo, out, method, n, dtype, Settings(kernels="eager")), out)
+        return made[(method, n, dtype)]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", ["native", "compile"])
-def test_fused_kernels_give_the_eager_bytes(zoo, tmp_path, kind):
+def test_fused_kernels_give_the_eager_bytes(zoo, tmp_path, kind, eager_merges):
     from hubmix.engine import kernels, native
 
     if kind == "compile" and not kernels.compiler_available():
@@ -51,11 +65,11 @@ def test_fused_kernels_give_the_eager_bytes(zoo, tmp_path, kind):
     for method, n, dtype in CASES:
         if kind == "compile" and get_method(method).element is not None:
             continue  # whole-tensor methods are not traced: their statistics and contexts are runtime values
-        eager = _merge(zoo, tmp_path / f"{method}{n}-eager", method, n, dtype, Settings(kernels="eager"))
+        eager, eager_out = eager_merges(method, n, dtype)
         fused = _merge(zoo, tmp_path / f"{method}{n}-{kind}", method, n, dtype, Settings(kernels=kind))
         assert eager.engine["kernels"]["native"] == eager.engine["kernels"]["compiled"] == 0
         assert fused.engine["kernels"][label] > 0 and fused.engine["kernels"]["eager"] == 0, fused.summary.events
-        _same_files(tmp_path / f"{method}{n}-eager", tmp_path / f"{method}{n}-{kind}")
+        _same_files(eager_out, tmp_path / f"{method}{n}-{kind}")
 
 
 def test_native_kernels_match_torch_on_every_dtype_and_special_value():

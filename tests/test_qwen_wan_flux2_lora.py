@@ -29,8 +29,6 @@ def _lora(folder, path, style: str, rank: int = 4, alpha: float = 2.0) -> int:
     for key, w in sorted(component_tensors(folder, "transformer").items()):
         if not LINEAR.search(key) or not re.match(r"(transformer_blocks|blocks|single_transformer_blocks)\.", key):
             continue
-        if style == "original" and comp.keymap.to_original(key).part is not None:
-            continue
         up, down = torch.randn(w.shape[0], rank, generator=gen) * 0.05, torch.randn(rank, w.shape[1],
                                                                                      generator=gen) * 0.05
         mod = key.removesuffix(".weight")

@@ -165,22 +165,24 @@ def read_lora(path: Path, name: str, components: dict[str, Any], strengths: dict
         lack = missing_parts(kind, set(g["parts"]))
         if lack:
             raise InputError(f"{name}: {kind} module {mod} lacks {lack} (has {', '.join(sorted(g['keys']))})")
-        comp, target = _locate(fmt, mod, components, indexes)
+        comp, targets = _locate(fmt, mod, components, indexes)
         if comp in components and comp not in strengths:
             continue  # the recipe bakes this LoRA into other components only
-        if target is None:
+        if not targets:
             unknown += g["keys"]
             continue
         parts = {p: _FileRef(f, k) for p, k in g["parts"].items() if p not in ("alpha", "dora")}
         alpha = float(f.tensor(g["parts"]["alpha"]).float().item()) if "alpha" in g["parts"] else None
         dora = _FileRef(f, g["parts"]["dora"]) if "dora" in g["parts"] else None
         if kind == "full":
-            for p, suffix in (("diff", None), ("diff_b", "bias")):
-                if p in parts:
-                    key = target if suffix is None else target[: -len("weight")] + suffix
-                    m = LoraModule(name, mod, comp, key, kind, {"diff": parts[p]}, 1.0, strengths[comp])
-                    _check_shapes(m, components[comp].tensors.get(key))
-                    modules.append(m)
+            for target, rows in targets:
+                for p, suffix in (("diff", None), ("diff_b", "bias")):
+                    if p in parts:
+                        key = target if suffix is None else target[: -len("weight")] + suffix
+                        diff = parts[p] if rows is None else _Rows(parts[p], *rows)
+                        m = LoraModule(name, mod, comp, key, kind, {"diff": diff}, 1.0, strengths[comp])
+                        _check_shapes(m, components[comp].tensors.get(key))
+                        modules.append(m)
             continue
         shapes = {p: r.shape for p, r in parts.items()}
         rank = rank_of(kind, shapes)
@@ -189,9 +191,11 @@ def read_lora(path: Path, name: str, components: dict[str, Any], strengths: dict
             factor = (alpha if alpha is not None else rank) / rank
         else:  # LyCORIS: no alpha (or none that applies) means scale 1
             factor = alpha / rank if alpha is not None and rank else 1.0
-        m = LoraModule(name, mod, comp, target, kind, parts, factor, strengths[comp], dora)
-        _check_shapes(m, components[comp].tensors[target])
-        modules.append(m)
+        for target, rows in targets:
+            own = parts if rows is None else _part_rows(name, mod, kind, parts, dora, rows)
+            m = LoraModule(name, mod, comp, target, kind, own, factor, strengths[comp], dora)
+            _check_shapes(m, components[comp].tensors[target])
+            modules.append(m)
     if unknown and not skip_unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise InputError(f"{name}: LoRA key {unknown[0]} matches no tensor of these models{more}; "
@@ -199,12 +203,14 @@ def read_lora(path: Path, name: str, components: dict[str, Any], strengths: dict
     return modules, unknown
 
 
-def _locate(kind: str, mod: str, components: dict[str, Any], indexes: dict) -> tuple[str | None, str | None]:
-    """(component, canonical key) a LoRA module updates; (component or None, None) when nothing matches."""
+def _locate(kind: str, mod: str, components: dict[str, Any], indexes: dict) -> tuple[str | None, Targets]:
+    """(component, targets) a LoRA module updates: (canonical key, rows or None) pairs, several when the module
+    is a fused original tensor (FLUX's `qkv`) split into diffusers modules; (component or None, ()) when nothing
+    matches."""
     if kind == "kohya":
         prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if mod.startswith(p)), None)
         if prefix is None:
-            return None, None
+            return None, ()
         comp, rest = KOHYA_PREFIXES[prefix], mod[len(prefix):]
     else:
         head, _, rest = mod.partition(".")
@@ -213,32 +219,96 @@ def _locate(kind: str, mod: str, components: dict[str, Any], indexes: dict) -> t
     if comp == "unet" and comp not in components and "transformer" in components:  # lora_unet_ of a DiT
         comp = "transformer"
     if comp not in components:
-        return comp, None
+        return comp, ()
     if comp not in indexes:
         indexes[comp] = module_index(components[comp])
     c = components[comp]
     if kind == "peft" and c.keymap is not None:
         rest = c.keymap.normalize(rest + ".weight")[: -len(".weight")]
-    return comp, indexes[comp].get(rest)
+    return comp, indexes[comp].get(rest) or ()
 
 
-def module_index(component: Any) -> dict[str, str | None]:
-    """Module name -> canonical weight key for one component, from its own keys: each weight's diffusers module
-    path and its original single-file module path, both dotted and with '.' written '_' (kohya's spelling).
-    A name two modules would share maps to None (ambiguous, reported as unknown)."""
-    index: dict[str, str | None] = {}
+# (canonical key, rows): rows None (the module's weight), (first row, count) of a fused tensor, or SWAP: the
+# original stores the halves the other way round (FLUX's final adaLN: shift, scale vs diffusers' scale, shift)
+Targets = tuple[tuple[str, Any], ...]
+SWAP = (0, -1)
+
+
+def module_index(component: Any) -> dict[str, Targets | None]:
+    """Module name -> the canonical weight key(s) it updates, for one component, from its own keys: each weight's
+    diffusers module path and its original single-file module path, both dotted and with '.' written '_' (kohya's
+    spelling). An original tensor the layout splits into several diffusers weights (`part` in layouts.yaml: a
+    fused qkv) names all of them, each with its rows of the fused tensor. A name two modules would share maps to
+    None (ambiguous, reported as unknown)."""
+    from hubmix.formats.layouts import part_rows
+
+    index: dict[str, Targets | None] = {}
+    fused: dict[str, list[tuple[str, Any]]] = {}
     keymap = component.keymap
     for key in component.tensors:
         if not key.endswith(".weight"):
             continue
         names = {key[: -len(".weight")]}
         place = keymap.to_original(key) if keymap is not None else None
-        if place is not None and place.part is None and place.transform != "transpose" \
+        if place is not None and place.transform in (None, "conv1x1", "swap_halves") \
                 and place.key.endswith(".weight"):
-            names.add(place.key[len(keymap.prefix): -len(".weight")])
-        for n in names | {n.replace(".", "_") for n in names}:
-            index[n] = key if index.get(n, key) == key else None
+            orig = place.key[len(keymap.prefix): -len(".weight")]
+            if place.part is not None:
+                fused.setdefault(orig, []).append((key, place.part))
+            elif place.transform == "swap_halves" and orig != key[: -len(".weight")]:
+                _add(index, orig, ((key, SWAP),))
+            else:
+                names.add(orig)
+        for n in names:
+            _add(index, n, ((key, None),))
+    for orig, members in fused.items():
+        total = sum(component.tensors[k].shape[0] for k, _ in members)
+        rows = [part_rows(part, total) for _, part in members]
+        if any(r is None or r[1] != component.tensors[k].shape[0] for (k, _), r in zip(members, rows)):
+            continue  # parts missing from this model, or widths that do not divide: no module of that name
+        _add(index, orig, tuple((k, r) for (k, _), r in sorted(zip(members, rows), key=lambda kr: kr[1])))
     return index
+
+
+def _add(index: dict, name: str, targets: Targets) -> None:
+    for n in {name, name.replace(".", "_")}:
+        index[n] = targets if index.get(n, targets) == targets else None
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Rows [start, start + count) of a part (dimension `dim`): a fused tensor's LoRA part for one of the
+    diffusers weights it is split into. A row of up @ down (or of a diff) depends on that row of up alone."""
+
+    ref: Any
+    start: int
+    count: int  # -1 with start 0 (SWAP): every row, the two halves swapped
+    dim: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = list(self.ref.shape)
+        s[self.dim] = self.count if self.count >= 0 else s[self.dim]
+        return tuple(s)
+
+    def load(self):
+        t = self.ref.load()
+        if self.count < 0:
+            return t.roll(t.shape[self.dim] // 2, self.dim)
+        return t.narrow(self.dim, self.start, self.count)
+
+
+ROW_PARTS = {"lora": ("up",), "loha": ("w1a", "w2a")}  # the parts whose rows are the update's rows
+
+
+def _part_rows(name: str, mod: str, kind: str, parts: dict[str, Any], dora: Any,
+               rows: tuple[int, int]) -> dict[str, Any]:
+    """`parts` restricted to `rows` of the fused tensor they update."""
+    if kind not in ROW_PARTS or dora is not None or {"t1", "t2"} & set(parts):
+        what = "DoRA " if dora is not None else ""
+        raise InputError(f"{name}: {what}{kind} module {mod} updates a tensor the model stores split or with its "
+                         "rows reordered; only LoRA/LoCon, LoHa and full-diff modules can be split by rows")
+    return {p: _Rows(r, *rows) if p in ROW_PARTS[kind] else r for p, r in parts.items()}
 
 
 def _check_shapes(m: LoraModule, ref: Any) -> None:

@@ -43,7 +43,7 @@ def resolve_license(canonical: dict[str, Any], chosen: str | None) -> tuple[str 
     models = _models(canonical)
     licenses: dict[str, str | None] = {}
     if any(m.get("repo") for m in models):
-        from hubmix.hub.resolve import input_licenses
+        from hubmix.hub.pinning import input_licenses
 
         licenses = input_licenses(models)
     per_input = []
