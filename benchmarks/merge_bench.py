@@ -74,6 +74,7 @@ class Measure:
     wall_s: float
     peak_anon_mib: float | None  # max over time of RssAnon summed over the process tree
     hwm_mib: float | None  # VmHWM (peak RSS, mapped file pages included), summed over the process tree
+    cpu_s: float | None = None  # user + system CPU seconds of the process and its waited children (wait4)
 
 
 # ---- process measurement ------------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status = os.waitpid(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         stop.set()
@@ -129,14 +130,14 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -
     if proc.returncode != 0:
         tail = log.read_text()[-2000:]
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}; log {log}:\n{tail}")
-    return Measure(wall, peak[0] / 1024, peak[1] / 1024)
+    return Measure(wall, peak[0] / 1024, peak[1] / 1024, usage.ru_utime + usage.ru_stime)
 
 
 def median(runs: list[Measure]) -> Measure:
     def med(name):
         vals = [getattr(r, name) for r in runs if getattr(r, name) is not None]
         return statistics.median(vals) if vals else None
-    return Measure(med("wall_s"), med("peak_anon_mib"), med("hwm_mib"))
+    return Measure(med("wall_s"), med("peak_anon_mib"), med("hwm_mib"), med("cpu_s"))
 
 
 # ---- page cache and I/O floor -------------------------------------------------------------------------------------

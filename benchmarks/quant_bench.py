@@ -6,7 +6,8 @@ fp8: a per-tensor amax pass, then the encoding) and as `--dtype nf4`, against th
     python benchmarks/quant_bench.py [--cache DIR] [--layers 2 4] [--runs N] [--keep]
 
 Goal (issue 18): fp8_scaled within 1.5x the I/O floor, peak RssAnon under 1 GB. Every number of a table comes from
-the same run on the same machine; the CPU time other processes took meanwhile is printed beside them. The outputs
+the same run on the same machine; the CPU time other processes took meanwhile is printed beside them, and each
+merge's own CPU time (user + system, wait4's), which other programs' load changes less than its wall time. The outputs
 are checked: the fp8_scaled file's values (weight x scale_weight, ComfyUI's rule) against the plain float32
 merge on sampled tensors. This prints numbers; it asserts no timings.
 """
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
           f"{layers[0]} double and {layers[1]} single blocks, every tensor full size); runs: {args.runs} (median)")
     if build_s is not None:
         print(f"(built the inputs in {build_s:.0f} s)")
-    print(f"{'':34} {'wall s':>8}  {'ratio':<24} {'RssAnon MiB':>11}")
+    print(f"{'':34} {'wall s':>8}  {'ratio':<24} {'RssAnon MiB':>11} {'CPU s':>7}  CPU ratio")
     print(common.floor_row(floor, 3, 34))
     base_s = med.get("plain fp8 output (baseline)")
     for label, _ in rows:
@@ -82,7 +83,10 @@ def run(args: argparse.Namespace) -> None:
         ratio = f"{m.wall_s / floor['floor3_s']:.2f}x floor"
         if base_s is not None and label != rows[0][0]:
             ratio += f", {m.wall_s / base_s.wall_s:.2f}x plain"
-        print(common.measured_row(label, m, ratio, 34, 24))
+        cpu = f" {m.cpu_s:7.1f}" if m.cpu_s is not None else ""
+        if m.cpu_s and base_s is not None and base_s.cpu_s and label != rows[0][0]:
+            cpu += f"  {m.cpu_s / base_s.cpu_s:.2f}x plain"
+        print(common.measured_row(label, m, ratio, 34, 24) + cpu)
     print(check)
     print(noise)
 

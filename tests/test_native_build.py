@@ -1,7 +1,7 @@
 """The native library's build: the compiler's version in the cache key, CC with arguments, a cached library that
 does not load is built again, a killed build leaves no folder (or the next build sweeps it), functions are typed
 before other threads see them, and the C under hubmix/engine/csrc compiles as C. Builds here compile only the
-helpers unit (csrc/scans.c), about a second, into a private cache."""
+helpers units (csrc/scans.c, gguf_quants.c, quant.c), a few seconds, into a private cache."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler")
 
 
 def small_units(variant: str = "") -> list[str]:
-    """The units every library must hold for Native._prepare: the helpers and the GGUF block functions."""
-    return [helpers_unit() + variant, csrc_text("gguf_quants.c")]
+    """The units every library must hold for Native._prepare: the helpers, the GGUF block functions and the
+    quantized outputs' encoders (quant_fused)."""
+    return [helpers_unit() + variant, csrc_text("gguf_quants.c"), csrc_text("quant.c")]
 
 
 @pytest.fixture

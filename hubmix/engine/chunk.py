@@ -125,11 +125,7 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
         return _float32(task, views).to(dtype)
     kernels = kernels or Kernels("eager")
     device = kernels.torch_device
-    params, ctx = task.params, None
-    if task.method.element is not None:  # a whole-tensor method's element pass: flat, with the tensor's statistics
-        views = [v.reshape(-1) for v in views]
-        params = {**params, **(task.stats or {})}
-        ctx = Context(f"{task.component}/{task.key}", job.start)
+    views, params, ctx = element_args(job, views)
     if device.type != "cpu":
         views = [v.to(device) for v in views]
     kernel, kind = kernels.function(task.method, [v.dtype for v in views], dtype)
@@ -142,6 +138,59 @@ def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
     return result.to("cpu") if device.type != "cpu" else result
 
 
+def element_args(job: Job, views: list[Any]) -> tuple[list[Any], dict[str, Any], Context | None]:
+    """A method's views, parameters and context for a chunk: a whole-tensor method's element pass runs on flat views
+    with the tensor's statistics among its parameters and the chunk's context; other methods as they are."""
+    task = job.task
+    if task.method is None or task.method.element is None:
+        return views, task.params, None
+    return ([v.reshape(-1) for v in views], {**task.params, **(task.stats or {})},
+            Context(f"{task.component}/{task.key}", job.start))
+
+
+def quant_kernel(job: Job, views: list[Any], kernels: Kernels) -> tuple[Any, list[Any], dict[str, Any], Context] | None:
+    """(kernel, views, params, context) of a native kernel that does a quantized output's work in the pass that
+    merges the chunk (native.kernel's `quant`: the chunk's amax, or its codes with the codec's kernel_scale), so
+    the float32 results are never stored: the task's own float32 kernel (a conversion for a copy), where its codec
+    takes such codes and the chunk is a plain native merge on the CPU. None otherwise: compute, then encode."""
+    from hubmix.formats.quant import codec
+
+    task = job.task
+    if task.quant is None or task.whole_only or task.lora is not None or task.channels is not None:
+        return None
+    if codec(task.quant).kernel_scale(0.0) is None:  # type: ignore[union-attr]
+        return None
+    dtypes = [v.dtype for v in views]
+    views, params, ctx = element_args(job, views)
+    if task.method is None:
+        name = "convert"
+        if dtype_name(dtypes[0]) == task.dtype_name:  # the input itself: encoded on the writer thread
+            return None
+    elif native.covers(task.method.name, params, len(views)):
+        name = task.method.name
+    else:
+        return None
+    kernel = kernels.native_kernel(name, dtypes, task.dtype_name)
+    if kernel is None:
+        return None
+    kernels.calls["native"] += 1
+    return kernel, views, params, ctx or Context(f"{task.component}/{task.key}", job.start)
+
+
+def compute_quantized(job: Job, fused: tuple[Any, list[Any], dict[str, Any], Context], buf: Any,
+                      counts: list[int] | None) -> Any:
+    """The chunk merged and stored as its codec's codes (scaled fp8: float8_e4m3fn) into `buf` (a Span, or a uint8
+    tensor), in one native pass (`quant_kernel`); with `counts`, the inputs' NaN/inf counted in it too."""
+    kernel, views, params, ctx = fused
+    if isinstance(buf, Span):
+        dest = Span(buf.owner, buf.address, "float8_e4m3fn", (job.numel,))
+    else:
+        import torch
+
+        dest = buf[:job.numel].view(torch.float8_e4m3fn)
+    return kernel(views, params, dest, ctx, counts, job.task.quant_scale)
+
+
 def on_device(job: Job, kernels: Kernels) -> bool:
     """Whether the job's method runs through the GPU's stage (engine.transfer): a method task on a CUDA device;
     copies, LoRA bake-ins and channel merges stay on the CPU."""
@@ -152,11 +201,7 @@ def on_device(job: Job, kernels: Kernels) -> bool:
 def compute_on_device(job: Job, views: list[torch.Tensor], kernels: Kernels):
     """`compute` through the stage: returns at once with `wait()` -> (output chunk in pinned memory, release)."""
     task = job.task
-    params, ctx = task.params, None
-    if task.method.element is not None:  # type: ignore[union-attr]
-        views = [v.reshape(-1) for v in views]
-        params = {**params, **(task.stats or {})}
-        ctx = Context(f"{task.component}/{task.key}", job.start)
+    views, params, ctx = element_args(job, views)
     kernel, _ = kernels.function(task.method, [v.dtype for v in views], task.out_dtype)  # type: ignore[arg-type]
     return kernels.stage.submit(views, lambda dev: kernel(dev, params) if ctx is None else kernel(dev, params, ctx))
 
@@ -171,26 +216,33 @@ def needs_quant_stat(task: Task) -> bool:
 
 def quant_stat(task: Task, by_task: dict[int, list[Job]], submit, kernels: Kernels, spans: bool = False) -> None:
     """The per-tensor statistic a quantized output format needs before its first chunk is encoded: the largest
-    |x| of the merged values (computed here once more, chunk by chunk, as they will be computed again for writing),
-    over every task of the stored tensor (the parts of a fused one). 0 for formats that need none."""
+    |x| of the merged values over every task of the stored tensor (the parts of a fused one), 0 for formats that
+    need none; and the scale native kernels store codes with (codec.kernel_scale). The merged values are computed
+    here chunk by chunk, and again for writing: where a native kernel computes them (`quant_kernel`), this pass
+    keeps only their maximum and the writing pass stores the codes, each in one pass over the inputs."""
     from hubmix.formats.quant import accel, codec
 
     group = task.quant_group or [task]
     stat = 0.0
-    if codec(task.quant).needs_amax:  # type: ignore[arg-type,union-attr]
+    fmt = codec(task.quant)  # type: ignore[arg-type]
+    if fmt.needs_amax:  # type: ignore[union-attr]
         for t in group:  # a whole-tensor method's own statistics come first (the merged values depend on them)
             if needs_stats(t) and by_task.get(id(t)):
                 task_stats(t, by_task[id(t)], submit)
 
         def amax(job: Job) -> float:
+            views = load_views(job, spans)
+            fused = quant_kernel(job, views, kernels)
+            if fused is not None:  # the merge reduced to its amax as it runs: nothing stored
+                kernel, views, params, ctx = fused
+                return kernel(views, params, None, ctx, None, "amax")
             if spans:  # into this worker's scratch buffer: only its maximum is kept
                 from hubmix.engine.native_quant import scratch
 
                 buf = scratch("amax", job.numel * 4)
-                x = compute_span(job, load_views(job, True), kernels, Span(buf.owner, buf.address, "float32",
-                                                                               (job.numel,)))
+                x = compute_span(job, views, kernels, Span(buf.owner, buf.address, "float32", (job.numel,)))
             else:
-                x = compute(job, load_views(job), kernels)
+                x = compute(job, views, kernels)
             fast = accel.call("amax", x)
             return fast if fast is not None else float(x.float().abs().amax()) if x.numel() else 0.0
 
@@ -198,7 +250,7 @@ def quant_stat(task: Task, by_task: dict[int, list[Job]], submit, kernels: Kerne
         values = [f.result() for f in futures]
         stat = float("nan") if any(v != v for v in values) else max(values, default=0.0)
     for t in group:
-        t.quant_stat = stat
+        t.quant_stat, t.quant_scale = stat, fmt.kernel_scale(stat)  # type: ignore[union-attr]
 
 
 def task_stats(task: Task, jobs: list[Job], submit) -> None:

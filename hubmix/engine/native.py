@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import struct
 import threading
 import types
 from typing import TYPE_CHECKING, Any, Callable
 
 from hubmix.engine import native_build
-from hubmix.engine.native_source import csrc_text, helpers_unit, prelude
+from hubmix.engine.native_source import csrc_text, fp8_float32_bits, helpers_unit, prelude  # noqa: F401
 from hubmix.formats.io.span import Span, dtype_name, torch_dtype
 
 if TYPE_CHECKING:
@@ -85,27 +84,6 @@ def _loop(n: int, t: str, body: str) -> str:
                f"F16_BLOCK; float {bufs}; {fill} for (int64_t j = 0; j < m; j++) {{ int64_t i = i0 + j; {reads} "
                f"{body} }} }}")
     return f"\n#ifdef __F16C__\n{blocked}\n#else\n{plain}\n#endif\n"
-
-
-def fp8_float32_bits(name: str) -> list[int]:
-    """The float32 bit pattern of each of the 256 codes of a float8 dtype, as torch's conversion gives them (a NaN
-    keeps its sign and payload, quieted)."""
-    ebits, mbits, bias = (4, 3, 7) if name == "float8_e4m3fn" else (5, 2, 15)
-    out = []
-    for code in range(256):
-        sign = code >> 7
-        e, m = (code >> mbits) & ((1 << ebits) - 1), code & ((1 << mbits) - 1)
-        if (e == 15 and m == 7) if name == "float8_e4m3fn" else (e == 31 and m):  # NaN
-            out.append(sign << 31 | 0x7FC00000 | m << (23 - mbits))
-            continue
-        if name == "float8_e5m2" and e == 31:
-            value = float("inf")
-        elif e == 0:  # subnormal (or zero)
-            value = m / (1 << mbits) * 2.0 ** (1 - bias)
-        else:
-            value = (1 + m / (1 << mbits)) * 2.0 ** (e - bias)
-        out.append(sign << 31 | struct.unpack("<I", struct.pack("<f", value))[0])
-    return out
 
 
 PARTS = 4  # the library is compiled as this many translation units, in parallel on the cores there are
@@ -228,6 +206,8 @@ class Native:
             "hist_low": _typed(lib, "hist_low", [p, p, i64, u32, p], None),
             "block_dots": _typed(lib, "block_dots", [p, p, i64, p], None),
             "lora_delta": _typed(lib, "lora_delta", [p, p, i64, i64, i64, ctypes.c_double, p], ctypes.c_int),
+            "quant_fused": _typed(lib, "quant_fused", [p, ctypes.c_int32, p] + [ctypes.c_int32] * 2 + [p] * 4 + [i64]
+                                  + [ctypes.c_float] * 4 + [i64] + [u32] * 3 + [ctypes.c_float, p], ctypes.c_float),
             **{f"transpose_b{w}": _typed(lib, f"transpose_b{w}", [p, p, i64, i64], None) for w in (1, 2, 4)},
         }
         if _typed(lib, "dot_block", [], i64)() != BLOCK:
@@ -258,7 +238,10 @@ def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any]
     """A function (views, params, out=None, ctx=None, counts=None) -> output chunk for CPU views that are torch
     tensors or spans (dtypes as torch dtypes or their names). The result is written into `out` (a reused flat
     buffer of the output dtype: a tensor, or a span that must be given) when it fits; None when no native kernel
-    fits. With `counts` (a list), the inputs' NaN/inf elements are counted in the same pass and put there."""
+    fits. With `counts` (a list), the inputs' NaN/inf elements are counted in the same pass and put there.
+    `quant` (for a float32 output dtype) fuses a scaled-fp8 output's work into the same pass, without storing the
+    float32 results: "amax" returns their largest |x| (NaN if any is NaN) and stores nothing; a scale stores them as
+    float8_e4m3fn codes of x / scale (saturated at 448, formats.quant.scaled_fp8's encoding) into `out`."""
     names = [dtype_name(d) for d in dtypes]
     out_name = dtype_name(out_dtype)
     if len(set(names)) != 1 or names[0] not in DTYPES or out_name not in DTYPES:
@@ -273,7 +256,7 @@ def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any]
     fns = {}
 
     def run(views: list[Any], params: dict[str, float], out: Any = None, ctx=None,
-            counts: list[int] | None = None) -> Any:
+            counts: list[int] | None = None, quant: str | float | None = None) -> Any:
         coef = ("convert", (0.0,) * 4) if method == "convert" else _coefficients(method, len(views), params)
         if coef is None:  # parameters without a native form (dare with drop 0): the eager code
             return None
@@ -282,34 +265,44 @@ def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any]
         if fn is None:  # typed first, then published (a thread that finds it may call it at once)
             fn = fns.setdefault(name, _typed(lib, f"{name}_{t_in}_{t_out}",
                                              _DARE_ARGTYPES if name in _DARE else _ARGTYPES, None))
+        want = out_name if quant is None else "float8_e4m3fn"  # a scale: the results stored as scaled fp8
         if isinstance(views[0], Span):
             n = views[0].numel
-            assert out is not None and out.numel == n and out.dtype == out_name, "a span merge passes its buffer"
-            ptrs, dest = [v.address for v in views], out.address
+            assert quant == "amax" or (out is not None and out.numel == n and out.dtype == want), \
+                "a span merge passes its buffer"
+            ptrs = [v.address for v in views]
         else:
             import torch
 
             flat = [v.reshape(-1) if v.is_contiguous() else v.contiguous().reshape(-1) for v in views]
             n = flat[0].numel()
-            if out is None or not out.is_contiguous() or dtype_name(out.dtype) != out_name or out.numel() != n:
-                out = torch.empty(n, dtype=torch_dtype(out_name))
-            ptrs, dest = [v.data_ptr() for v in flat], out.data_ptr()
+            if quant != "amax" and (out is None or not out.is_contiguous() or dtype_name(out.dtype) != want
+                                    or out.numel() != n):
+                out = torch.empty(n, dtype=torch_dtype(want))
+            ptrs = [v.data_ptr() for v in flat]
+        dest = 0 if quant == "amax" else out.address if isinstance(out, Span) else out.data_ptr()
         ptrs += [0] * (3 - len(ptrs))
+        dare = (0, 0, 0, 0)
         if name in _DARE:
             from hubmix.methods.dropmask import stream, threshold
 
-            streams = [stream(params["seed"], ctx.key, i) for i in (1, 2)]
-            fn(*ptrs, dest, n, ctx.start, *streams, threshold(params["drop"]), ks[0], ks[1])
-            if counts is not None:
-                counts[:] = [nonfinite_count(v) for v in views]
+            dare = (ctx.start, *(stream(params["seed"], ctx.key, i) for i in (1, 2)), threshold(params["drop"]))
+        found = (ctypes.c_int64 * 3)()
+        scan = Native.scan_addresses[t_in] if counts is not None else None
+        if quant is not None:  # float32 results reduced to their amax, or encoded, step by step (csrc/quant.c)
+            amax = Native.helpers["quant_fused"](ctypes.cast(fn, ctypes.c_void_p), name in _DARE, scan, len(views),
+                                                 sizes[0], *ptrs, dest, n, *ks, *dare,
+                                                 0.0 if quant == "amax" else quant, found)
+        elif name in _DARE:
+            fn(*ptrs, dest, n, *dare, ks[0], ks[1])
         elif counts is not None:
-            found = (ctypes.c_int64 * 3)()
-            Native.helpers["scanned"](ctypes.cast(fn, ctypes.c_void_p), Native.scan_addresses[t_in], len(views),
-                                      *sizes, *ptrs, dest, n, *ks, found)
-            counts[:] = found[:len(views)]
+            Native.helpers["scanned"](ctypes.cast(fn, ctypes.c_void_p), scan, len(views), *sizes, *ptrs, dest, n,
+                                      *ks, found)
         else:
             fn(*ptrs, dest, n, *ks)
-        return out.reshape(views[0].shape)
+        if counts is not None:
+            counts[:] = [nonfinite_count(v) for v in views] if name in _DARE and quant is None else found[:len(views)]
+        return amax if quant == "amax" else out.reshape(views[0].shape)
 
     return run
 

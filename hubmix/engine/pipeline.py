@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from hubmix.engine.chunk import (Job, compute, compute_on_device, compute_span, count_nonfinite, load_views,
-                                 needs_quant_stat, needs_stats, on_device, prefetch, quant_stat, task_stats)
+from hubmix.engine.chunk import (Job, compute, compute_on_device, compute_quantized, compute_span, count_nonfinite,
+                                 load_views, needs_quant_stat, needs_stats, on_device, prefetch, quant_kernel,
+                                 quant_stat, task_stats)
 from hubmix.engine.kernels import Kernels
 from hubmix.engine.plan import Task
 from hubmix.formats.io.span import Span
@@ -138,7 +139,11 @@ def run_merge(jobs: list[Job], write: Callable[[Job, Any], None], kernels: Kerne
         except IndexError:
             buf = Span.allocate(size) if spans else _torch_buffer(size)
         counts = None if nonfinite is None else [0] * len(views)
-        if spans:  # the kernel counts NaN/inf in its own pass over the inputs
+        fused = quant_kernel(job, views, kernels) if job.task.quant_scale is not None else None
+        if fused is not None:  # merged and encoded (scaled fp8) in one native pass, NaN/inf counted in it
+            out = compute_quantized(job, fused, buf, counts)
+            used = True
+        elif spans:  # the kernel counts NaN/inf in its own pass over the inputs
             dest = Span(buf.owner, buf.address, job.task.dtype_name, (job.numel,))
             out = compute_span(job, views, kernels, dest, counts)
             used = out.address == buf.address

@@ -1,27 +1,74 @@
 /* Quantized outputs (hubmix/formats/quant): the encoders' inner loops, byte for byte what their torch code gives.
-   Compiled as a unit of its own after the merge kernels' prelude (csrc/prelude.h), whose fabs32 and st_e4m3 (float32
+   Compiled as a unit of its own after the merge kernels' prelude (csrc/prelude.h), whose st_e4m3 (float32
    -> float8_e4m3fn exactly as c10 rounds) they use; the build is the same (no contraction, no fast-math). */
 #include "prelude.h"
 
-/* The largest |x|, NaN when any x is NaN: torch's x.abs().amax(). */
-float quant_amax_f32(const float *restrict x, int64_t n) {
-    float m = 0.0f;
-    int nan = 0;
+typedef uint32_t __attribute__((may_alias)) bits32;  /* float32 data read as its bits */
+
+/* The largest |x| of n floats given as their bits: the bits of |x| order as their values, NaNs above +inf, so an
+   integer max (which vectorizes; a float max reduction does not without fast-math) finds it. */
+static inline uint32_t abs_bits_max(const bits32 *restrict x, int64_t n, uint32_t m) {
     for (int64_t i = 0; i < n; i++) {
-        float a = fabs32(x[i]);
-        nan |= a != a;
+        uint32_t a = x[i] & 0x7FFFFFFFu;
         m = a > m ? a : m;
     }
-    return nan ? __builtin_nanf("") : m;
+    return m;
+}
+static inline float bits_amax(uint32_t m) { return m > 0x7F800000u ? __builtin_nanf("") : u2f(m); }
+
+/* The largest |x|, NaN when any x is NaN: torch's x.abs().amax(). */
+float quant_amax_f32(const float *restrict x, int64_t n) { return bits_amax(abs_bits_max((const bits32 *)x, n, 0)); }
+
+/* Scaled fp8, (x / s).clamp_(-448, 448).to(torch.float8_e4m3fn) (e4m3_bits saturates: the clamp is its own), of
+   n <= STEP floats given as their bits in t, which gets the codes: 32-bit codes first, then bytes, in two loops
+   (one loop that narrows as it goes runs 2x slower: gcc then spills its registers). */
+#define STEP 4096
+static inline void fp8_scaled(bits32 *restrict t, uint8_t *restrict o, int64_t n, float s) {
+    for (int64_t i = 0; i < n; i++)
+        t[i] = e4m3_bits(u2f(t[i]) / s);
+    for (int64_t i = 0; i < n; i++)
+        o[i] = (uint8_t)t[i];
+}
+void quant_fp8_e4m3(const float *restrict x, uint8_t *restrict o, int64_t n, float s) {
+    float t[STEP];
+    for (int64_t i0 = 0; i0 < n; i0 += STEP) {
+        int64_t m = n - i0 < STEP ? n - i0 : STEP;
+        memcpy(t, x + i0, (size_t)m * 4);
+        fp8_scaled((bits32 *)t, o + i0, m, s);
+    }
 }
 
-/* Scaled fp8: (x / s).clamp_(-448, 448).to(torch.float8_e4m3fn). */
-void quant_fp8_e4m3(const float *restrict x, uint8_t *restrict o, int64_t n, float s) {
-    for (int64_t i = 0; i < n; i++) {
-        float v = x[i] / s;
-        v = v < -448.0f ? -448.0f : (v > 448.0f ? 448.0f : v);
-        st_e4m3(o, i, v);
+/* A merge kernel (hubmix.engine.native's generated K or, with dare, KD functions) run with its float32 output going
+   to a step buffer on the stack, which is then reduced to its amax (o NULL: returned) or encoded as scaled fp8 into
+   o (returns 0): the merged chunk is never stored in float32, and pass 1 of a per-tensor scale writes nothing. With
+   scan, each step's inputs are counted for NaN/inf first (counts[i] += input i's), as `scanned` does. */
+typedef void (*kernel_k)(const void *, const void *, const void *, void *, int64_t, float, float, float, float);
+typedef void (*kernel_kd)(const void *, const void *, const void *, void *, int64_t, int64_t, uint32_t, uint32_t,
+                          uint32_t, float, float);
+typedef int64_t (*scan_fn)(const void *, int64_t);
+float quant_fused(void *kernel, int32_t dare, void *scan, int32_t inputs, int32_t in_size, const void *a,
+                  const void *b, const void *c, uint8_t *o, int64_t n, float k1, float k2, float k3, float k4,
+                  int64_t start, uint32_t s1, uint32_t s2, uint32_t t, float s, int64_t *counts) {
+    const char *x[3] = {(const char *)a, (const char *)b, (const char *)c};
+    float buf[STEP];  /* the kernel's float32 results */
+    uint32_t m = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += STEP) {
+        int64_t len = n - i0 < STEP ? n - i0 : STEP;
+        const void *p[3];
+        for (int i = 0; i < 3; i++) {
+            p[i] = i < inputs ? x[i] + i0 * in_size : 0;
+            if (scan && i < inputs) counts[i] += ((scan_fn)scan)(p[i], len);
+        }
+        if (dare)
+            ((kernel_kd)kernel)(p[0], p[1], p[2], buf, len, start + i0, s1, s2, t, k1, k2);
+        else
+            ((kernel_k)kernel)(p[0], p[1], p[2], buf, len, k1, k2, k3, k4);
+        if (o)
+            fp8_scaled((bits32 *)buf, o + i0, len, s);
+        else
+            m = abs_bits_max((const bits32 *)buf, len, m);
     }
+    return o ? 0.0f : bits_amax(m);
 }
 
 /* The NF4 code of a value in [-1, 1]: how many of the 15 midpoints between code values lie below it
@@ -47,15 +94,7 @@ void quant_nf4(const float *restrict x, uint8_t *restrict o, float *restrict abs
     for (int64_t b = 0; b * bs < n; b++) {
         const float *xb = x + b * bs;
         int64_t m = b < nb ? bs : n - full;
-        float am = 0.0f;
-        int nan = 0;
-        for (int64_t j = 0; j < m; j++) {
-            float a = fabs32(xb[j]);
-            nan |= a != a;
-            am = a > am ? a : am;
-        }
-        if (nan)
-            am = __builtin_nanf("");
+        float am = bits_amax(abs_bits_max((const bits32 *)xb, m, 0));
         float c = am < 1e-38f ? 1e-38f : am;
         if (b < nb) {
             float r = 1.0f / c;

@@ -98,6 +98,12 @@ class QuantCodec:
         into that stored tensor, data in its planned dtype)."""
         raise NotImplementedError
 
+    def kernel_scale(self, stat: float | None) -> float | None:
+        """The scale with which a native merge kernel may store this tensor's codes itself, in the same pass as the
+        merge (float8_e4m3fn of x / scale, saturated at 448: engine.native's fused store); `encode` then gets those
+        codes instead of float32. None (the default): the codec encodes float32 chunks."""
+        return None
+
     def file_tensors(self, prefix: str) -> dict[str, Any]:
         """Tensors the format adds once per output file, as Spans (a marker); `prefix`: the denoiser's key prefix
         in that file ("model.diffusion_model." in a checkpoint, "" in a denoiser-only file)."""
@@ -121,10 +127,15 @@ def register_codec(codec: QuantCodec) -> QuantCodec:
     return codec
 
 
+_BUILTIN: list[bool] = []  # [True] once the built-in formats are imported (one imported directly fills a registry)
+
+
 def _load_builtin() -> None:
     """Import the built-in formats (each registers itself); kept lazy so `hubmix --help` imports none of them."""
     import importlib
     import importlib.util
+
+    _BUILTIN.append(True)
 
     for name in ("scaled_fp8", "bnb4", "gguf"):  # gguf: the GGUF format, where present
         if importlib.util.find_spec(f"{__name__}.{name}") is not None:
@@ -133,7 +144,7 @@ def _load_builtin() -> None:
 
 def codec(name: str) -> QuantCodec | None:
     """The codec of a --dtype name, None for a plain dtype (fp16, bf16...)."""
-    if not CODECS:
+    if not _BUILTIN:
         _load_builtin()
     return CODECS.get(name)
 
@@ -148,7 +159,7 @@ QUANT_DTYPES = ("fp8_scaled", "nf4")  # codecs; the gguf-* --dtype names write t
 
 def wrap(f: WeightFile) -> WeightFile:
     """`f` itself, or a QuantizedFile view of it when a quantized format claims it."""
-    if not READERS:
+    if not _BUILTIN:
         _load_builtin()
     from hubmix.formats.quant.view import QuantizedFile, refuse
 

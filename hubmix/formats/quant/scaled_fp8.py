@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from hubmix.errors import InputError
 from hubmix.formats.io.readers import WeightFile
-from hubmix.formats.io.span import FP8
+from hubmix.formats.io.span import FP8, dtype_name
 from hubmix.formats.quant import (QuantCodec, QuantGroup, QuantReader, StoredTensor, register_codec,
                                   register_reader)
 from hubmix.formats.quant import accel
@@ -160,7 +160,8 @@ class ScaledFp8Codec(QuantCodec):
     def encode(self, key: str, shape: tuple[int, ...], x: torch.Tensor, start: int,
                stat: float | None) -> list[tuple[str, int, Any]]:
         s = fp8_scale(stat or 0.0)
-        q = accel.call("fp8_e4m3", x, s)
+        pre = dtype_name(x.dtype) == "float8_e4m3fn"  # the merge kernel stored the codes (kernel_scale)
+        q = x if pre else accel.call("fp8_e4m3", x, s)
         if q is None:
             import torch
 
@@ -169,6 +170,9 @@ class ScaledFp8Codec(QuantCodec):
         if start == 0:
             pieces.append((scale_key(key), 0, accel.constant(struct.pack("<f", s), "float32", (), x)))
         return pieces
+
+    def kernel_scale(self, stat: float | None) -> float | None:
+        return fp8_scale(stat or 0.0)
 
     def file_tensors(self, prefix: str) -> dict[str, Any]:
         from hubmix.formats.io.span import Span
