@@ -23,6 +23,15 @@ def _lib():
     return LIB
 
 
+def native_unpacker(qtype: str) -> Any:
+    """The native dequantizer of a type as `unpack(raw address, float32 address, blocks)`, or None."""
+    lib = _lib()
+    if lib is None or qtype not in NATIVE_QUANT:
+        return None
+    fn, tid = lib.gguf_dequantize, type_id(qtype)
+    return lambda raw, out, blocks: fn(tid, raw, out, blocks)
+
+
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data_as(ctypes.c_void_p).value or 0
 

@@ -1,0 +1,82 @@
+"""GGUF inputs on the engine's torch-free path: quantized blocks unpacked by the native library on the workers
+(formats.io.span.Packed), byte-identical to the gguf package's dequantization and to the torch path's merge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gguf_files import bare_main, read_reference, write_gguf
+
+gguf = pytest.importorskip("gguf")
+
+KEEP = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+NATIVE_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def _library():
+    from hubmix.engine.native import Native
+
+    assert Native.library() is not None, Native.error()
+
+
+def test_packed_ranges_unpack_to_the_reference(tmp_path):
+    """Every natively dequantized type, over ranges that start and stop inside blocks: gguf's values exactly;
+    a type only the gguf package dequantizes, and a plain one, have no packed form."""
+    _library()
+    from hubmix.formats.io.readers import open_weight_file
+    from hubmix.formats.io.span import Span
+    from hubmix.formats.quant import gguf_file  # noqa: F401 - registers the reader
+
+    rng = np.random.default_rng(5)
+    types = [*NATIVE_TYPES, "Q4_1", "F16"]
+    tensors = {f"t.{t}.weight": (rng.standard_normal((6, 512)) * 0.05).astype(np.float32) for t in types}
+    path = write_gguf(tmp_path / "m.gguf", "flux", tensors, types={f"t.{t}.weight": t for t in types})
+    f = open_weight_file(path)
+    ref = read_reference(path)
+    for t in NATIVE_TYPES:
+        key = f"t.{t}.weight"
+        for start, stop in ((0, 3072), (300, 3000), (257, 258), (512, 512)):
+            p = f.packed(key, start, stop)
+            buf = Span.allocate(max(p.blocks * p.block * 4, 4), "float32")
+            got = bytes(p.into(buf).memoryview())
+            assert got == ref[key].reshape(-1)[start:stop].astype(np.float32).tobytes(), (t, start, stop)
+    assert f.packed("t.Q4_1.weight", 0, 32) is None and f.packed("t.F16.weight", 0, 32) is None
+
+
+@pytest.fixture(scope="module")
+def gguf_trio(zoo, tmp_path_factory):
+    """Three Flux transformers as GGUF files of different quant types (gguf's writer; K-quants where rows allow)."""
+    root = tmp_path_factory.mktemp("gguf-native")
+    paths = []
+    for seed, qtype in ((1, "Q8_0"), (2, "Q5_0"), (3, "Q4_K")):
+        tensors = bare_main(zoo.single("flux", seed=seed))
+        types = {k: "Q4_0" for k, a in tensors.items() if qtype == "Q4_K" and a.ndim == 2 and a.size > 1024
+                 and a.shape[-1] % 256}  # rows K-quants cannot hold: a simple type
+        types.update({k: "F32" for k in tensors if k.startswith(KEEP)})  # as ComfyUI-GGUF's converter keeps them
+        paths.append(write_gguf(root / f"{qtype}.gguf", "flux", tensors, qtype, types=types))
+    return paths
+
+
+@pytest.mark.parametrize("method,n,dtype", [("lossless", 3, "gguf-q8_0"), ("weighted_sum", 2, "bf16"),
+                                            ("add_difference", 3, "gguf-q4_k")])
+def test_gguf_inputs_merge_on_spans_to_the_torch_paths_bytes(gguf_trio, tmp_path, method, n, dtype):
+    """GGUF inputs merge without torch (native dequantization on the workers, small chunks that split tensors),
+    into the bytes the torch path writes with the gguf package's reader semantics."""
+    import hubmix
+    from hubmix.engine.pipeline import Settings
+    from hubmix.recipe import Recipe
+
+    _library()
+    params = {"alpha": 0.9, "beta": 1.1} if method == "lossless" else {"alpha": 0.3}
+    suffix = ".gguf" if dtype.startswith("gguf") else ".safetensors"
+    recipe = Recipe(models=[str(p) for p in gguf_trio[:n]], method=method, params=params, dtype=dtype)
+    outs, engines = [], []
+    for kernels in ("native", "eager"):
+        (tmp_path / kernels).mkdir()
+        res = hubmix.merge(recipe, out=tmp_path / kernels / f"m{suffix}", quiet=True,
+                           settings=Settings(kernels=kernels, quiet=True, max_memory=1 << 20))
+        outs.append(res.output.read_bytes())
+        engines.append(res.engine)
+    assert engines[0]["torch"] is False and engines[1]["torch"] is True
+    assert outs[0] == outs[1]
