@@ -80,3 +80,30 @@ def test_gguf_inputs_merge_on_spans_to_the_torch_paths_bytes(gguf_trio, tmp_path
         engines.append(res.engine)
     assert engines[0]["torch"] is False and engines[1]["torch"] is True
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_K"])
+def test_native_store_gives_the_reference_bytes(qtype):
+    """The span writer's native stores: F16 as numpy's astype, BF16 as the gguf package's (NaN, inf, subnormals,
+    ties), quantized types as gguf/llama.cpp's quantizers (hubmix's eager blocks)."""
+    _library()
+    from hubmix.formats.io.span import Span
+    from hubmix.formats.quant.gguf_blocks import native_quantizer, quantize
+
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(4096) * 0.05).astype(np.float32)
+    if qtype in ("F16", "BF16"):
+        specials = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-8, 6e-5, 65520.0, 3.0e38],
+                            np.float32)
+        x[:specials.size] = specials
+        x[specials.size:specials.size + 4] = np.array([0x3F808000, 0x3F818000, 0x7F800001, 0xFFC00001],
+                                                      np.uint32).view(np.float32)  # bf16 ties, NaN payloads
+        want = (x.astype(np.float16).view(np.uint8) if qtype == "F16"
+                else gguf.quants.BF16.quantize_blocks(x.reshape(1, -1)).reshape(-1))
+    else:
+        want = quantize(x, qtype, native=False)
+    src = Span.of_bytes(x.tobytes(), "float32", (x.size,))
+    bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    out = Span.allocate(x.size // bs * ts)
+    native_quantizer(qtype)(src.address, out.address, x.size // bs)
+    assert bytes(out.memoryview()) == np.asarray(want).tobytes()

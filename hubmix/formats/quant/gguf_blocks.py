@@ -23,6 +23,18 @@ def _lib():
     return LIB
 
 
+NATIVE_STORE = NATIVE_QUANT | {"F16", "BF16"}  # gguf_quantize also stores these (bytes as numpy / gguf give them)
+
+
+def native_quantizer(qtype: str) -> Any:
+    """`quantize(float32 address, output address, blocks)` for a type the native unit stores, or None."""
+    lib = _lib()
+    if lib is None or qtype not in NATIVE_STORE:
+        return None
+    fn, tid = lib.gguf_quantize, type_id(qtype)
+    return lambda x, out, blocks: fn(tid, x, out, blocks)
+
+
 def native_unpacker(qtype: str) -> Any:
     """The native dequantizer of a type as `unpack(raw address, float32 address, blocks)`, or None."""
     lib = _lib()
