@@ -107,3 +107,55 @@ def test_native_store_gives_the_reference_bytes(qtype):
     out = Span.allocate(x.size // bs * ts)
     native_quantizer(qtype)(src.address, out.address, x.size // bs)
     assert bytes(out.memoryview()) == np.asarray(want).tobytes()
+
+
+# ---- one quant mechanism: every quantized --dtype is a registered codec ------------------------------------------
+
+def test_every_quantized_dtype_is_one_registered_codec():
+    """fp8_scaled, nf4 and the gguf-* formats are codecs of one registry, and the CLI's --dtype choices, the recipe's
+    validation and the UI's dropdown read the one list of them."""
+    from hubmix.cli.merge import merge as merge_command
+    from hubmix.formats.quant import CODECS, QUANT_DTYPES, codec
+    from hubmix.recipe import DTYPES
+    from hubmix.ui.form import CHOICES
+
+    assert codec("nf4") is not None and tuple(CODECS) == QUANT_DTYPES
+    assert {"fp8_scaled", "nf4", "gguf-q8_0", "gguf-q4_k", "gguf-bf16"} <= set(QUANT_DTYPES)
+    for name, fmt in CODECS.items():
+        assert fmt.name == name and fmt.describe and fmt.loader and fmt.extension in (".safetensors", ".gguf")
+        assert fmt.layout == ("gguf" if fmt.extension == ".gguf" else "single-file")
+    choices = next(p for p in merge_command.params if p.name == "dtype").type.choices
+    assert tuple(choices) == DTYPES and DTYPES[-len(QUANT_DTYPES):] == QUANT_DTYPES
+    assert CHOICES["dtype"] == ("",) + DTYPES
+
+
+@pytest.mark.parametrize("dtype", ["fp8_scaled", "nf4", "gguf-q8_0", "gguf-q4_k", "gguf-f16"])
+@pytest.mark.parametrize("how", ["folder", "--layout diffusers", "--layout both"])
+def test_quantized_output_into_the_diffusers_layout_is_refused_naming_its_layout(gguf_trio, tmp_path, cli, dtype,
+                                                                                 how):
+    """diffusers has no folder convention for these files: one line naming the layout to use, nothing written."""
+    from conftest import assert_one_line_error
+
+    gguf_out = dtype.startswith("gguf")
+    out = tmp_path / ("folder" if how == "folder" else "m.gguf" if gguf_out else "m.safetensors")
+    args = ["merge", str(gguf_trio[0]), str(gguf_trio[1]), "--method", "weighted_sum", "--dtype", dtype,
+            "--out", str(out), "-q"] + ([] if how == "folder" else how.split())
+    code, _, err = cli(*args)
+    assert_one_line_error(code, err, *((".gguf", "no diffusers layout") if gguf_out else
+                                       (f"--dtype {dtype}", "--layout single-file", ".safetensors")))
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_gguf_card_names_its_loaders(gguf_trio, tmp_path):
+    """The card's usage comes from the codec: the .gguf file and ComfyUI-GGUF / diffusers' GGUF loading."""
+    import hubmix
+    from hubmix.hub.card import build_card
+    from hubmix.flow.result import load_result
+    from hubmix.recipe import Recipe
+
+    recipe = Recipe(models=[str(p) for p in gguf_trio[:2]], method="weighted_sum", params={"alpha": 0.5},
+                    dtype="gguf-q5_0")
+    out = hubmix.merge(recipe, out=tmp_path / "m.gguf", quiet=True).output
+    card = build_card(load_result(out)).text
+    assert "dtype: gguf-q5_0" in card and "`m.gguf`" in card and "ComfyUI-GGUF" in card
+    assert "GGUFQuantizationConfig" in card and "from_pretrained" not in card

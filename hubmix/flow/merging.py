@@ -90,9 +90,11 @@ def choose_layout(recipe: Recipe, out: Path | None) -> str:
             raise RecipeError(f"{out}: a GGUF output is one .gguf file holding the denoiser (no diffusers layout): "
                               f"pass --out NAME.gguf with --dtype {' or '.join(names)} (and no --layout)")
         return "gguf"
-    if recipe.layout:
-        return recipe.layout
-    return "single-file" if out is not None and out.suffix == ".safetensors" else "diffusers"
+    layout = recipe.layout or ("single-file" if out is not None and out.suffix == ".safetensors" else "diffusers")
+    if fmt is not None and layout != fmt.layout:  # diffusers has no folder convention for these files
+        raise RecipeError(f"--dtype {recipe.dtype} writes a {fmt.layout} file (the layout its loaders read), not a "
+                          f"diffusers folder; use --layout {fmt.layout} or an --out ending in {fmt.extension}")
+    return layout
 
 
 def canonical_recipe(recipe: Recipe, family: Family, models: list[LocalModel], idents: list[dict[str, Any]],

@@ -140,10 +140,7 @@ def plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models
     """The output files of `layout` under `tmp` (the target's temporary sibling), with every task routed into them;
     a diffusers layout also gets its non-weight files here. `stage` (engine.target.Staging) stages the further
     files of a split single-file output (`split_targets`); `target` is then the path the user named."""
-    fmt = codec(recipe.dtype) if recipe.dtype in QUANT_DTYPES else None
-    if fmt is not None and layout != fmt.layout:  # diffusers has no folder convention for these files
-        raise RecipeError(f"--dtype {recipe.dtype} writes a {fmt.layout} file (the layout its loaders read), not a "
-                          f"diffusers folder; use --layout {fmt.layout} or an --out ending in {fmt.extension}")
+    assert recipe.dtype not in QUANT_DTYPES or layout == codec(recipe.dtype).layout, "merging.choose_layout refuses"  # type: ignore
     router = Router()
     by_comp: dict[str, list[Task]] = {}
     for t in tasks:
