@@ -49,8 +49,8 @@ def load_views(job: Job, spans: bool = False) -> list[Any]:
     asked (the task must be `span_ready`)."""
     if spans:  # a quantized input: its stored blocks, which the worker unpacks (unpacked)
         if job.task.chunkable:
-            return [r.packed(job.start, job.stop) if r.quant else input_span(r).flat(job.start, job.stop)  # type: ignore
-                    for r in job.task.refs]
+            return [r.packed(job.start, job.stop) if r.quant
+                    else input_span(r).flat(job.start, job.stop) for r in job.task.refs]  # type: ignore[union-attr]
         return [r.packed(0, r.numel, r.shape) if r.quant else input_span(r) for r in job.task.refs]
     if job.task.chunkable:  # a quantized input dequantizes the chunk's range only
         return [r.load_flat(job.start, job.stop) if r.quant else r.load().reshape(-1)[job.start:job.stop]

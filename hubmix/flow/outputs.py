@@ -140,7 +140,8 @@ def plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models
     """The output files of `layout` under `tmp` (the target's temporary sibling), with every task routed into them;
     a diffusers layout also gets its non-weight files here. `stage` (engine.target.Staging) stages the further
     files of a split single-file output (`split_targets`); `target` is then the path the user named."""
-    assert recipe.dtype not in QUANT_DTYPES or layout == codec(recipe.dtype).layout, "merging.choose_layout refuses"  # type: ignore
+    fmt = codec(recipe.dtype) if recipe.dtype in QUANT_DTYPES else None
+    assert fmt is None or layout == fmt.layout, "merging.choose_layout refuses the others"
     router = Router()
     by_comp: dict[str, list[Task]] = {}
     for t in tasks:
