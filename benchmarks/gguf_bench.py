@@ -1,9 +1,9 @@
 """GGUF benchmark on FLUX.1 transformer shapes: two random Q8_0 GGUF transformers (ComfyUI-GGUF's layout, every
 tensor at its real size, depth cut to the first double and single blocks as the Flux benchmark cuts it) merged with
 lossless into GGUF outputs: Q8_0 against the I/O floor (read both inputs, write and fsync an output-sized file),
-Q4_K against Q4_0 (same run), with peak RssAnon of the merge process.
+Q4_K against Q4_0 (same run), with peak RssAnon and the CPU time (user + sys) of the merge process.
 
-    python benchmarks/gguf_bench.py [--cache /work/tmp/gguf] [--layers 3,6] [--runs 1] [--keep]
+    python benchmarks/gguf_bench.py [--cache /work/tmp/gguf] [--layers 3,6] [--runs 1] [--keep] [--baseline DIR]
 
 Inputs: values base = 0.05*randn (norm scales near 1) and model i = base + 0.005*randn (rolled per model), written
 tensor by tensor with hubmix's own GGUF writer (whose Q8_0 blocks are byte-identical to the gguf package's). Every
@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--layers", default="3,6", help="double,single blocks kept (FLUX.1 has 19,38)")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--baseline", type=Path, help="another hubmix checkout whose Q8_0 merge is measured too")
     args = ap.parse_args()
     layers = tuple(int(x) for x in args.layers.split(","))
     cache = args.cache
@@ -85,18 +86,27 @@ def main() -> None:
     paths = build(cache, layers)
     rec = mb.Recorder("gguf", cache / "logs")
     outs = {q: cache / f"merged-{q}.gguf" for q in ("q8_0", "q4_0", "q4_k")}
-    notes = {}
+    notes: dict[str, str] = {}
+    cpu: dict[str, list[float]] = {}
     try:
         in_bytes = paths[0].stat().st_size
         print("I/O floor (cat 2 inputs + write and fsync an output-sized file)", flush=True)
         floor = mb.measure_floor(paths, in_bytes, cache, args.runs)
-        for q, out in outs.items():
+        runs = [(q, q, env) for q in outs]
+        if args.baseline:  # the same merge by another checkout, in the same run
+            runs.insert(0, ("q8_0 baseline", "q8_0", dict(env, PYTHONPATH=str(args.baseline))))
+        for label, q, run_env in runs:
+            out = outs[q]
             cmd = mb.hubmix_cmd("lossless", paths, out, None) + ["--alpha", "0.9", "--beta", "1.1",
                                                                   "--dtype", f"gguf-{q}"]
             for _ in range(args.runs):
-                rec.measure(f"lossless -> gguf-{q}", paths, cmd, env)
+                t = os.times()
+                rec.measure(f"lossless -> gguf-{label}", paths, cmd, run_env)
+                t1 = os.times()  # the merge's CPU time (user + sys): the number a loaded machine does not blur
+                cpu.setdefault(label, []).append(t1.children_user - t.children_user + t1.children_system
+                                             - t.children_system)
                 if out.exists():
-                    notes[q] = notes.get(q) or check(out, paths, q.upper())
+                    notes[label] = notes.get(label) or check(out, paths, q.upper())
                     mb.remove_output(out)
     finally:
         for out in outs.values():
@@ -108,17 +118,19 @@ def main() -> None:
     med = {k: mb.median(v) for k, v in rec.results.items()}
     print(f"\n=== gguf: 2 Q8_0 inputs x {in_bytes / 1e9:.2f} GB (Flux transformer, {layers[0]} of 19 double, "
           f"{layers[1]} of 38 single blocks, every tensor full size); runs per number: {args.runs} (median)")
-    print(f"{'':30} {'wall s':>8}  {'ratio':<26} {'RssAnon MiB':>11}")
+    print(f"{'':30} {'wall s':>8}  {'ratio':<26} {'RssAnon MiB':>11} {'CPU s':>7}  CPU ratio")
     print(common.floor_row(floor, 2, 30))
     q40 = med.get("lossless -> gguf-q4_0")
-    for q in outs:
+    for q in [label for label, _, _ in runs]:
         m = med.get(f"lossless -> gguf-{q}")
         if m is None:
             print(f"lossless -> gguf-{q:<14} FAILED {rec.failures.get(f'lossless -> gguf-{q}')}")
             continue
-        ratio = (f"{m.wall_s / floor['floor2_s']:.2f}x the I/O floor" if q == "q8_0" else
+        ratio = (f"{m.wall_s / floor['floor2_s']:.2f}x the I/O floor" if q.startswith("q8_0") else
                  f"{m.wall_s / q40.wall_s:.2f}x Q4_0's time" if q == "q4_k" and q40 else "")
-        print(common.measured_row("lossless -> gguf-" + q, m, ratio, 30, 26))
+        c = mb.statistics.median(cpu[q])
+        cratio = f"{c / mb.statistics.median(cpu['q4_0']):.2f}x Q4_0's" if q == "q4_k" and "q4_0" in cpu else ""
+        print(common.measured_row("lossless -> gguf-" + q, m, ratio, 30, 26) + f" {c:7.2f}  {cratio}")
     for q, note in notes.items():
         print(f"correctness ({q}): {note}")
     print(noise)

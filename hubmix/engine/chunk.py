@@ -7,6 +7,7 @@ input viewable without torch and the result a copy or a native kernel's.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ from hubmix.engine import native
 from hubmix.engine.kernels import Kernels
 from hubmix.engine.plan import Task
 from hubmix.formats.io.pages import populate
-from hubmix.formats.io.span import Span, dtype_name, is_float
+from hubmix.formats.io.span import Packed, Span, dtype_name, is_float
 from hubmix.formats.layouts import COPYING
 from hubmix.formats.model import TensorRef
 from hubmix.methods.registry import Context
@@ -46,9 +47,11 @@ class Job:
 def load_views(job: Job, spans: bool = False) -> list[Any]:
     """The job's input tensors in storage dtype: whole canonical views, or flat slices for a chunk; as spans when
     asked (the task must be `span_ready`)."""
-    if spans:
-        whole = [input_span(r) for r in job.task.refs]
-        return [s.flat(job.start, job.stop) for s in whole] if job.task.chunkable else whole  # type: ignore[union-attr]
+    if spans:  # a quantized input: its stored blocks, which the worker unpacks (unpacked)
+        if job.task.chunkable:
+            return [r.packed(job.start, job.stop) if r.quant
+                    else input_span(r).flat(job.start, job.stop) for r in job.task.refs]  # type: ignore[union-attr]
+        return [r.packed(0, r.numel, r.shape) if r.quant else input_span(r) for r in job.task.refs]
     if job.task.chunkable:  # a quantized input dequantizes the chunk's range only
         return [r.load_flat(job.start, job.stop) if r.quant else r.load().reshape(-1)[job.start:job.stop]
                 for r in job.task.refs]
@@ -75,8 +78,8 @@ def span_ready(task: Task, kernels: Kernels) -> bool:
 
         if not codec(task.quant).spans:  # type: ignore[union-attr]
             return False
-    if any(r.stored_span() is None for r in task.refs):
-        return False
+    if any((r.packed(0, 0) if r.quant else r.stored_span()) is None for r in task.refs):
+        return False  # a quantized input needs a native dequantizer, a plain one a mapping
     dtypes = [r.dtype_name for r in task.refs]
     if is_float(dtypes[0]) and dtypes[0] not in native.DTYPES:
         return False  # float64: the native NaN/inf scan does not read it (the torch path counts it)
@@ -88,15 +91,21 @@ def span_ready(task: Task, kernels: Kernels) -> bool:
     return kernels.native_kernel(task.method.name, dtypes, task.dtype_name) is not None
 
 
-def compute_span(job: Job, views: list[Span], kernels: Kernels, out: Span, counts: list[int] | None = None) -> Span:
-    """`compute` on spans: the input itself (a copy in its own dtype), else a native kernel's output in `out`.
-    With `counts`, the inputs' NaN/inf elements are counted into it, by the kernel in its own pass."""
+def compute_span(job: Job, job_views: list[Any], kernels: Kernels, out: Span, counts: list[int] | None = None
+                 ) -> Span:
+    """`compute` on spans (and Packed quantized inputs, unpacked first): the input itself (a copy in its own
+    dtype), else a native kernel's output in `out`. With `counts`, the inputs' NaN/inf elements are counted into
+    it, by the kernel in its own pass."""
     task = job.task
+    views = unpacked(job_views)
     names = [v.dtype for v in views]
     if task.method is None:
         if names[0] == task.dtype_name:
             if counts is not None:
                 counts[:] = count_nonfinite(views)
+            if isinstance(job_views[0], Packed):  # unpacked into this worker's scratch: the writer gets a copy
+                ctypes.memmove(out.address, views[0].address, views[0].nbytes)
+                return Span(out.owner, out.address, out.dtype, views[0].shape)
             return views[0]
         kernel = kernels.native_kernel("convert", names, task.dtype_name)
         params: dict[str, float] = {}
@@ -106,6 +115,15 @@ def compute_span(job: Job, views: list[Span], kernels: Kernels, out: Span, count
     assert kernel is not None, f"{task.key}: planned for spans without a native kernel"
     kernels.calls["native"] += 1
     return kernel(views, params, out, Context(f"{task.component}/{task.key}", job.start), counts)
+
+
+def unpacked(views: list[Any]) -> list[Span]:
+    """Packed quantized inputs unpacked to float32 in this worker's scratch memory (one buffer per input
+    position, reused by its next chunk); spans as they are."""
+    from hubmix.engine.native_quant import scratch
+
+    return [v.into(scratch(f"unpacked{i}", v.blocks * v.block * 4)) if isinstance(v, Packed) else v
+            for i, v in enumerate(views)]
 
 
 def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
@@ -323,6 +341,8 @@ def _count_with_torch(v: torch.Tensor) -> int:
 
 def prefetch(views: list[Any]) -> None:
     for v in views:
+        if isinstance(v, Packed):
+            v = v.raw
         if isinstance(v, Span):
             if v.numel:
                 populate(v.address, v.nbytes)

@@ -33,8 +33,8 @@ class OutputFile:
     metadata: dict[str, str]
     planned: dict[str, PlannedTensor] = field(default_factory=dict)
     generated: dict[str, Span] = field(default_factory=dict)
-    writer: Any = None  # a SafetensorsWriter, or a GGUFWriter for a .gguf output
-    gguf: tuple | None = None  # (the family's GGUF rules, the --dtype, model a's dtype of each key) for a .gguf
+    writer: Any = None  # a SafetensorsWriter, or the writer of a codec's own container (a GGUFWriter)
+    writer_of: tuple | None = None  # (the codec, the family's rules for it, model a's dtype of each key)
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,9 @@ class Router:
     def open(self) -> None:
         for f in self.files:
             f.path.parent.mkdir(parents=True, exist_ok=True)
-            if f.gguf is not None:
-                f.writer = _gguf_writer(f)
+            if f.writer_of is not None:
+                fmt, rules, sources = f.writer_of
+                f.writer = fmt.open_writer(f.path, f.planned, f.metadata, rules, sources)
                 continue
             f.writer = SafetensorsWriter(f.path, list(f.planned.values()), f.metadata)
             for key, tensor in f.generated.items():
@@ -187,14 +188,6 @@ class Router:
         for f in self.files:
             if f.writer is not None:
                 f.writer.abort()
-
-
-def _gguf_writer(f: OutputFile) -> Any:
-    from hubmix.formats.quant.gguf_write import GGUFWriter, stored_type
-
-    rules, dtype, sources = f.gguf  # type: ignore[misc]
-    tensors = [stored_type(rules, k, p.shape, sources.get(k, "float32"), dtype) for k, p in sorted(f.planned.items())]
-    return GGUFWriter(f.path, rules["architecture"], dtype, tensors, f.metadata)
 
 
 def keep_high_precision(tasks: list[Task]) -> None:

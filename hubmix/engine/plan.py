@@ -25,7 +25,6 @@ from hubmix.methods import Method, get_method
 from hubmix.formats.io.span import FP8, ITEMSIZE, is_float, torch_dtype
 from hubmix.formats.model import LocalModel, TensorRef
 from hubmix.formats.quant import QUANT_DTYPES, codec
-from hubmix.formats.quant.gguf_types import GGUF_DTYPES
 from hubmix.recipe import Recipe, letter
 
 if TYPE_CHECKING:
@@ -129,9 +128,7 @@ def out_dtype_for(recipe: Recipe, ref: TensorRef, others: list[TensorRef | None]
     float32) counts as bf16, the dtype its loaders compute in. A quantized --dtype is planned by `quant_plan`."""
     if not is_float(ref.dtype_name):
         return ref.dtype_name
-    if recipe.dtype in GGUF_DTYPES:  # a GGUF output quantizes float32 results as it writes them
-        return "float32"
-    if recipe.dtype in QUANT_DTYPES:
+    if recipe.dtype in QUANT_DTYPES:  # a GGUF codec's float32: its writer quantizes results as it writes them
         return codec(recipe.dtype).keep_dtype  # type: ignore[union-attr]
     if recipe.dtype:
         return DTYPE_NAMES[recipe.dtype]

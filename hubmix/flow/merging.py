@@ -21,7 +21,7 @@ from hubmix.cache import write_new
 from hubmix.engine.devices import device_budget, plain_cpu, resolve_device
 from hubmix.errors import Cancelled, InputError, RecipeError
 from hubmix.formats.families import Family
-from hubmix.formats.quant.gguf_types import GGUF_DTYPES
+from hubmix.formats.quant import QUANT_DTYPES, codec
 from hubmix.formats.generic import check_same_keys
 from hubmix.hub.hashing import input_hashes
 from hubmix.engine.kernels import Kernels
@@ -82,15 +82,19 @@ def open_inputs(recipe: Recipe, resolver: Resolver = resolve_local) -> tuple[lis
 
 def choose_layout(recipe: Recipe, out: Path | None) -> str:
     """The output's layout; a GGUF --dtype writes one .gguf file of the denoiser (ComfyUI-GGUF's layout)."""
-    gguf = recipe.dtype in GGUF_DTYPES
+    fmt = codec(recipe.dtype) if recipe.dtype in QUANT_DTYPES else None
+    gguf = fmt is not None and fmt.layout == "gguf"
     if gguf or (out is not None and out.suffix == ".gguf"):
         if not gguf or recipe.layout not in (None, "gguf", "single-file") or out is None or out.suffix != ".gguf":
-            raise RecipeError(f"{out}: a GGUF output is one .gguf file holding the denoiser: pass --out NAME.gguf "
-                              f"with --dtype {' or '.join(sorted(GGUF_DTYPES))} (and no --layout)")
+            names = [n for n in QUANT_DTYPES if codec(n).layout == "gguf"]  # type: ignore[union-attr]
+            raise RecipeError(f"{out}: a GGUF output is one .gguf file holding the denoiser (no diffusers layout): "
+                              f"pass --out NAME.gguf with --dtype {' or '.join(names)} (and no --layout)")
         return "gguf"
-    if recipe.layout:
-        return recipe.layout
-    return "single-file" if out is not None and out.suffix == ".safetensors" else "diffusers"
+    layout = recipe.layout or ("single-file" if out is not None and out.suffix == ".safetensors" else "diffusers")
+    if fmt is not None and layout != fmt.layout:  # diffusers has no folder convention for these files
+        raise RecipeError(f"--dtype {recipe.dtype} writes a {fmt.layout} file (the layout its loaders read), not a "
+                          f"diffusers folder; use --layout {fmt.layout} or an --out ending in {fmt.extension}")
+    return layout
 
 
 def canonical_recipe(recipe: Recipe, family: Family, models: list[LocalModel], idents: list[dict[str, Any]],

@@ -17,7 +17,7 @@ from hubmix.formats.configs import DEFAULT_DERIVED
 from hubmix.formats.families import Family
 from hubmix.formats.layouts import KeyMap
 from hubmix.formats.model import CONFIG_META, LocalModel, check_component_name, read_json
-from hubmix.formats.quant import QUANT_DTYPES
+from hubmix.formats.quant import QUANT_DTYPES, codec
 from hubmix.formats.prediction import Prediction, marker_tensors, single_file_metadata, update_scheduler
 from hubmix.hub.refs import parse_ref
 from hubmix.recipe import Recipe, canonical_json, letter, recipe_hash
@@ -140,9 +140,8 @@ def plan_outputs(tmp: Path, target: Path, layout: str, tasks: list[Task], models
     """The output files of `layout` under `tmp` (the target's temporary sibling), with every task routed into them;
     a diffusers layout also gets its non-weight files here. `stage` (engine.target.Staging) stages the further
     files of a split single-file output (`split_targets`); `target` is then the path the user named."""
-    if recipe.dtype in QUANT_DTYPES and layout != "single-file":
-        raise RecipeError(f"--dtype {recipe.dtype} writes a single file (the layout ComfyUI, Forge and "
-                          f"from_single_file load); use --layout single-file or an --out ending in .safetensors")
+    fmt = codec(recipe.dtype) if recipe.dtype in QUANT_DTYPES else None
+    assert fmt is None or layout == fmt.layout, "merging.choose_layout refuses the others"
     router = Router()
     by_comp: dict[str, list[Task]] = {}
     for t in tasks:
@@ -231,4 +230,4 @@ def _plan_gguf(router: Router, tmp: Path, target: Path, by_comp: dict[str, list[
     f = router.files[-1]
     sources = {r.key: t.refs[0].dtype_name for t in by_comp.get(main, [])
                for r in router.routes.get((main, t.key), []) if r.file is f}
-    f.gguf = (family.gguf, recipe.dtype, sources)
+    f.writer_of = (codec(recipe.dtype), family.gguf, sources)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from hubmix.formats.families import ComponentSpec, Family
 from hubmix.formats.io.readers import TensorInfo, WeightFile
-from hubmix.formats.io.span import Span
+from hubmix.formats.io.span import Packed, Span
 from hubmix.formats.layouts import COPYING, KeyMap, Placement, apply_to_canonical, part_rows
 from hubmix.formats.prediction import Prediction
 
@@ -52,12 +52,26 @@ class TensorRef(TensorInfo):
         ranged = getattr(self.file, "tensor_range", None)
         if ranged is None or self.place.transform in COPYING:
             return self.load().reshape(-1)[start:stop]
-        base = 0
-        if self.place.part is not None:
-            full = self.file.info(self.key).shape
-            first, _ = part_rows(self.place.part, full[0])  # type: ignore[misc]  # checked on open
-            base = first * (math.prod(full[1:]) if len(full) > 1 else 1)
+        base = self._base()
         return ranged(self.key, base + start, base + stop)
+
+    def packed(self, start: int, stop: int, shape: tuple[int, ...] | None = None) -> Packed | None:
+        """Flat elements [start, stop) of a quantized canonical tensor as stored blocks the native library unpacks
+        (formats.io.span.Packed), or None where the reader has none (a type without a native dequantizer, a
+        transform that moves bytes)."""
+        of = getattr(self.file, "packed", None)
+        if of is None or self.quant is None or self.place.transform in COPYING:
+            return None
+        base = self._base()
+        return of(self.key, base + start, base + stop, shape)
+
+    def _base(self) -> int:
+        """The flat element where this canonical tensor starts in its stored one (a fused tensor's part)."""
+        if self.place.part is None:
+            return 0
+        full = self.file.info(self.key).shape
+        first, _ = part_rows(self.place.part, full[0])  # type: ignore[misc]  # checked on open
+        return first * (math.prod(full[1:]) if len(full) > 1 else 1)
 
     def stored_span(self) -> Span | None:
         """The stored bytes as a torch-free span (no copy; a fused tensor's rows narrowed) in the file's shape, or

@@ -13,6 +13,7 @@ from typing import Any
 
 
 from hubmix.formats.families import get_family
+from hubmix.formats.quant import QUANT_DTYPES, codec
 from hubmix.methods import get_method
 from hubmix.recipe import model_entry, recipe_hash
 from hubmix.flow.result import RECIPE_MARK, Result, load_result, samples_dir
@@ -232,20 +233,13 @@ def _blocks_table(component: str, blocks: dict[str, dict[str, float]]) -> list[s
     return out
 
 
-QUANT_LOADERS = {
-    "fp8_scaled": "ComfyUI scaled fp8 (float8_e4m3fn weights with a per-tensor `scale_weight`): load it with "
-                  "ComfyUI's checkpoint or diffusion-model loader (or Forge), which apply the scales.",
-    "nf4": "bitsandbytes NF4 (blocks of 64): load it with Forge, or dequantize it with bitsandbytes' "
-           "`QuantState.from_dict` and `dequantize_4bit`.",
-}
-
-
 def _usage_section(result: Result, family: Any, repo_id: str | None, revision: str | None) -> list[str]:
     c = result.canonical
     where = repo_id or f"./{result.name}"
     dtype = TORCH_DTYPE.get(c.get("dtype") or "")
-    if c.get("dtype") in QUANT_LOADERS:  # a quantized single file: its own loaders, not diffusers' from_single_file
-        return ["## Use it", "", f"`{result.name}.safetensors` is {QUANT_LOADERS[c['dtype']]}", ""]
+    if c.get("dtype") in QUANT_DTYPES:  # a quantized file: its format's own loaders (formats.quant's codec)
+        fmt = codec(c["dtype"])
+        return ["## Use it", "", f"`{result.name}{fmt.extension}` is {fmt.loader}", ""]  # type: ignore[union-attr]
     if family.generic:  # no pipeline is known for it
         return ["## Use it", "", f"`{result.name}.safetensors` has the keys, shapes and dtypes of model a: load it "
                 "as you load that model.", ""]

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from hubmix.formats.quant.gguf_types import GGUF_DTYPES
+from hubmix.formats.quant import QUANT_DTYPES, codec
 from hubmix.errors import InputError
 from hubmix.hub.hashing import file_sha256
 from hubmix.recipe import Recipe, letter, model_entry, recipe_hash
@@ -211,7 +211,7 @@ def reproduce(source: str | Path, *, latest: bool = False, models: dict[str, str
     tmp = Path(tempfile.mkdtemp(prefix="hubmix-reproduce-"))
     try:
         # the rebuild gets the original's own name (file names, the single file's title): --keep is its folder
-        suffix = ".gguf" if recipe.dtype in GGUF_DTYPES else ".safetensors"
+        suffix = codec(recipe.dtype).extension if recipe.dtype in QUANT_DTYPES else ".safetensors"  # type: ignore
         target = (Path(keep) if keep is not None else tmp) / (f"{name}{suffix}" if layout == "single-file"
                                                               else (name or "result"))
         if keep is not None:

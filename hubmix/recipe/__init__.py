@@ -20,13 +20,12 @@ from typing import Any
 import yaml
 
 from hubmix import __version__
-from hubmix.formats.quant.gguf_types import GGUF_DTYPES
 from hubmix.errors import RecipeError
 from hubmix.formats.quant import QUANT_DTYPES
 from hubmix.methods import get_method
 
 RECIPE_VERSION = 1
-DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", *QUANT_DTYPES, *GGUF_DTYPES)  # quantized: formats.quant
+DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", *QUANT_DTYPES)  # quantized: formats.quant's codecs
 LAYOUTS = ("diffusers", "single-file", "both")
 LETTERS = string.ascii_lowercase
 BLOCK_LIST_PARAMS = ("alpha", "beta")  # parameters that take a block list (block_alpha:, --block-alpha)

@@ -24,7 +24,10 @@ static inline float g_h2f(uint16_t h) {
 }
 static inline uint16_t g_f2h(float f) {
     uint32_t x = g_f2u(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
-    if (ax > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((ax >> 13) & 0x3FFu));
+    if (ax > 0x7F800000u) { /* NaN: numpy keeps the payload's top bits (unquieted), and a NaN stays one */
+        uint16_t r = (uint16_t)(0x7C00u | ((ax & 0x7FFFFFu) >> 13));
+        return (uint16_t)(sign | (r == 0x7C00u ? 0x7C01u : r));
+    }
     if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* rounds to >= 65520: infinity */
     if (ax < 0x38800000u) { /* a float16 subnormal (or zero): add 0.5 so the FPU rounds at 2^-24 */
         float r = g_u2f(ax) + 0.5f;
@@ -336,10 +339,28 @@ static void q6_k(const float *x, uint8_t *y) {
 }
 
 /* ggml type ids (GGMLQuantizationType) */
-enum { T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+enum { T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30 };
+
+/* F16 (numpy's astype(float16)) and BF16 (the gguf package's BF16: NaN quieted in its own high half, then rounded
+   to nearest even) of `n` floats: the writer's unquantized types, without numpy */
+static int plain_store(int type, const float *x, uint8_t *y, int64_t n) {
+    if (type == T_F16) {
+        uint16_t *o = (uint16_t *)y;
+        for (int64_t i = 0; i < n; i++) o[i] = g_f2h(x[i]);
+        return 0;
+    }
+    uint16_t *o = (uint16_t *)y;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = g_f2u(x[i]);
+        if ((u & 0x7FFFFFFFu) > 0x7F800000u) u = (u & 0xFFFF0000u) | (64u << 16);
+        o[i] = (uint16_t)((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16);
+    }
+    return 0;
+}
 
 /* `blocks` blocks of floats -> their quantized bytes; 0 on success, -1 for a type not covered here */
 int gguf_quantize(int type, const float *x, uint8_t *y, int64_t blocks) {
+    if (type == T_F16 || type == T_BF16) return plain_store(type, x, y, blocks);
     for (int64_t b = 0; b < blocks; b++) {
         switch (type) {
             case T_Q8_0: q8_0(x + b * QK, y + b * 34); break;

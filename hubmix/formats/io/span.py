@@ -117,6 +117,30 @@ class Span:
         return f"Span({self.dtype}, {list(self.shape)})"
 
 
+class Packed:
+    """A flat element range of a quantized tensor as its stored blocks (`raw`, a uint8 span of the mapped file) and
+    the native function that unpacks them to float32: what a span merge reads of a GGUF input. The engine's workers
+    unpack it into their own scratch memory (`unpack(raw address, float32 address, blocks)`), so dequantizing
+    overlaps the dispatch thread's reading as a plain input's page faults do; `skip` elements of the first block
+    precede the range."""
+
+    __slots__ = ("raw", "blocks", "block", "skip", "shape", "numel", "unpack")
+
+    def __init__(self, raw: Span, blocks: int, block: int, skip: int, shape: tuple[int, ...], unpack: Any):
+        self.raw, self.blocks, self.block, self.skip, self.unpack = raw, blocks, block, skip, unpack
+        self.shape = tuple(shape)
+        self.numel = math.prod(self.shape)
+
+    def into(self, buf: Span) -> Span:
+        """The float32 values, unpacked into `buf` (at least blocks * block float32 elements)."""
+        if self.blocks:
+            self.unpack(self.raw.address, buf.address, self.blocks)
+        return Span(buf.owner, buf.address + 4 * self.skip, "float32", self.shape)
+
+    def __repr__(self) -> str:
+        return f"Packed({self.blocks} blocks, {list(self.shape)})"
+
+
 def int64_range(n: int) -> bytes:
     """0..n-1 as little-endian int64 bytes."""
     import array

@@ -34,6 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from hubmix.formats.quant.gguf_types import GGUF_DTYPES
+
 if TYPE_CHECKING:
     import torch
 
@@ -84,6 +86,14 @@ class QuantCodec:
     keep_dtype = "bfloat16"  # the dtype of the tensors the codec does not quantize
     describe = ""  # one line for --help, the card and docs
     spans = False  # encode() takes torch-free Spans too (through formats.quant.accel's native hooks)
+    extension = ".safetensors"  # of the file it writes
+    layout = "single-file"  # the one output layout it writes (a diffusers folder is refused, naming this one)
+    loader = ""  # the card's "Use it": what the file is and what loads it
+
+    def open_writer(self, path: Any, planned: dict[str, Any], metadata: dict[str, str], rules: dict[str, Any],
+                    sources: dict[str, str]) -> Any:
+        """A writer of its own container (GGUF); the safetensors formats are written by the engine's writer."""
+        return None
 
     def quantizes(self, component: str, key: str, shape: tuple[int, ...], main: bool) -> bool:  # pragma: no cover
         """Whether this output tensor is quantized (`main`: the tensor belongs to the family's denoiser)."""
@@ -137,7 +147,7 @@ def _load_builtin() -> None:
 
     _BUILTIN.append(True)
 
-    for name in ("scaled_fp8", "bnb4", "gguf"):  # gguf: the GGUF format, where present
+    for name in ("scaled_fp8", "bnb4", "gguf_codec"):
         if importlib.util.find_spec(f"{__name__}.{name}") is not None:
             importlib.import_module(f"{__name__}.{name}")
 
@@ -154,7 +164,9 @@ def codec_names() -> tuple[str, ...]:
     return QUANT_DTYPES
 
 
-QUANT_DTYPES = ("fp8_scaled", "nf4")  # codecs; the gguf-* --dtype names write through formats.quant.gguf_write
+# Every registered codec's --dtype name, in --help's order: the one list the CLI's choices, recipe validation, the
+# UI's dtype dropdown and the card read (static, so none of them imports a format; a test checks it is CODECS').
+QUANT_DTYPES = ("fp8_scaled", "nf4", *GGUF_DTYPES)
 
 
 def wrap(f: WeightFile) -> WeightFile:

@@ -186,6 +186,8 @@ class Nf4Codec(QuantCodec):
     block = 64
     spans = True
     describe = "bitsandbytes NF4: 4-bit codes in blocks of 64 with a float32 absmax each (Forge, diffusers)"
+    loader = ("bitsandbytes NF4 (blocks of 64): load it with Forge, or dequantize it with bitsandbytes' "
+              "`QuantState.from_dict` and `dequantize_4bit`.")
 
     def quantizes(self, component: str, key: str, shape: tuple[int, ...], main: bool) -> bool:
         return main and key.endswith(".weight") and len(shape) == 2 and math.prod(shape) >= MIN_QUANT

@@ -23,6 +23,27 @@ def _lib():
     return LIB
 
 
+NATIVE_STORE = NATIVE_QUANT | frozenset({"F16", "BF16"})  # gguf_quantize stores these too (numpy's, gguf's bytes)
+
+
+def native_quantizer(qtype: str) -> Any:
+    """`quantize(float32 address, output address, blocks)` for a type the native unit stores, or None."""
+    return _native("gguf_quantize", qtype, NATIVE_STORE)
+
+
+def native_unpacker(qtype: str) -> Any:
+    """The native dequantizer of a type as `unpack(raw address, float32 address, blocks)`, or None."""
+    return _native("gguf_dequantize", qtype, NATIVE_QUANT)
+
+
+def _native(name: str, qtype: str, covered: frozenset[str]) -> Any:
+    lib = _lib()
+    if lib is None or qtype not in covered:
+        return None
+    fn, tid = getattr(lib, name), type_id(qtype)
+    return lambda src, dst, blocks: fn(tid, src, dst, blocks)
+
+
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data_as(ctypes.c_void_p).value or 0
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from hubmix.errors import InputError
 from hubmix.formats.io.readers import CONTAINERS, MappedFile, TensorInfo
-from hubmix.formats.io.span import Span
+from hubmix.formats.io.span import Packed, Span
 from hubmix.formats.quant.gguf_types import BY_ID, DEQUANTIZED, GGML_TYPES, PLAIN, type_nbytes
 
 if TYPE_CHECKING:
@@ -199,6 +199,20 @@ class GGUFFile(MappedFile):
             return None
         mm = self._map()
         return Span(mm, self._address + self._offsets[key], info.dtype_name, info.shape)
+
+    def packed(self, key: str, start: int, stop: int, shape: tuple[int, ...] | None = None) -> Packed | None:
+        """Flat elements [start, stop) of a quantized tensor as its stored blocks, for the native dequantizer;
+        None for a plain tensor, a type only the gguf package dequantizes, or while the library is not loaded."""
+        from hubmix.formats.quant import gguf_blocks
+
+        qtype = self._types[key]
+        unpack = gguf_blocks.native_unpacker(qtype)
+        if unpack is None:
+            return None
+        _, bs, ts = GGML_TYPES[qtype]
+        b0, b1 = start // bs, -(-stop // bs)
+        raw = Span(self._map(), self._address + self._offsets[key] + b0 * ts, "uint8", ((b1 - b0) * ts,))
+        return Packed(raw, b1 - b0, bs, start - b0 * bs, shape or (stop - start,), unpack)
 
     def tensor(self, key: str) -> torch.Tensor:
         import torch

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hubmix.errors import OutputError
+from hubmix.formats.io.span import Span
 from hubmix.formats.io.writer import PlannedOutput
 from hubmix.formats.quant.gguf_types import GGML_TYPES, GGUF_DTYPES, block_size, type_id, type_nbytes
 
@@ -135,6 +136,7 @@ class GGUFWriter(PlannedOutput):
         self._partial: dict[tuple[str, int], list] = {}  # (key, block) -> [float32 block, elements arrived]
         self._lock = threading.Lock()
         self._pool: Any = None
+        self._local = threading.local()
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             os.ftruncate(self._fd, self.size)
@@ -144,17 +146,18 @@ class GGUFWriter(PlannedOutput):
 
     def write(self, key: str, data: Any, byte_offset: int = 0) -> None:
         """Float32 `data` (a tensor or span) into tensor `key` from float32 element `byte_offset / 4` on."""
-        import numpy as np
-
-        from hubmix.formats.io.span import Span
-
+        t = self.tensors[key]
+        start = byte_offset // 4
         if isinstance(data, Span):
             assert data.dtype == "float32", (key, data.dtype)
+            if self._native_blocks(t, data, start):
+                return
+        import numpy as np
+
+        if isinstance(data, Span):
             x = np.frombuffer(data.memoryview(), np.float32)
         else:
             x = data.detach().reshape(-1).float().numpy()
-        t = self.tensors[key]
-        start = byte_offset // 4
         stop = start + x.size
         if stop > t.numel:
             raise AssertionError(f"{key}: write past the planned end ({stop} > {t.numel})")
@@ -168,6 +171,47 @@ class GGUFWriter(PlannedOutput):
         self._edge(t, x[:first - start], start)
         self._blocks(t, x[first - start:last - start], first)
         self._edge(t, x[last - start:], last)
+
+    def _native_blocks(self, t: GGUFTensor, x: Span, start: int) -> bool:
+        """Whole blocks of a float32 span stored by the native unit (a span merge: no numpy, no torch), a large
+        chunk in parts on several threads; False where the chunk splits a block or the type has no native form."""
+        from hubmix.formats.quant.gguf_blocks import native_quantizer
+
+        _, bs, ts = GGML_TYPES[t.qtype]
+        n = x.numel
+        if start % bs or n % bs or start + n > t.numel:
+            return False
+        if not n:
+            return True
+        if t.qtype == "F32":
+            raw = x.memoryview()
+        else:
+            fn = native_quantizer(t.qtype)
+            if fn is None:
+                return False
+            blocks = n // bs
+            out = self._out_buffer(blocks * ts)
+            parts = min(QUANT_THREADS, n // PART_MIN)
+            step = -(-blocks // max(parts, 1))
+            pieces = [(b, min(step, blocks - b)) for b in range(0, blocks, step)]
+
+            def run(piece: tuple[int, int]) -> None:
+                fn(x.address + piece[0] * bs * 4, out.address + piece[0] * ts, piece[1])
+
+            if parts > 1:
+                list(self._threads().map(run, pieces))
+            else:
+                run(pieces[0])
+            raw = out.memoryview()[:blocks * ts]
+        self._store(t, raw, start, n)
+        return True
+
+    def _out_buffer(self, nbytes: int) -> Span:
+        """This thread's buffer for quantized bytes (reused: fresh pages cost a fault each)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._local.buf = Span.allocate(max(nbytes, 1 << 16))
+        return buf
 
     def _edge(self, t: GGUFTensor, x, start: int) -> None:
         import numpy as np
@@ -194,13 +238,17 @@ class GGUFWriter(PlannedOutput):
             raw = gguf.quants.BF16.quantize_blocks(x.reshape(1, -1)).reshape(-1)  # one vectorized call
         else:
             raw = self._quantize(x, t.qtype)
+        self._store(t, raw, start, x.size)
+
+    def _store(self, t: GGUFTensor, raw, start: int, n: int) -> None:
+        """The stored bytes of `n` elements from element `start` (a block boundary) written in place."""
         _, bs, ts = GGML_TYPES[t.qtype]
         try:
             self._pwrite(raw, self._offsets[t.key] + start // bs * ts)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
         with self._lock:
-            self._written[t.key] += x.size
+            self._written[t.key] += n
 
     def _quantize(self, x, qtype: str):
         """Blocks are independent: a large chunk is quantized in parts on several threads (the native quantizer
@@ -213,13 +261,16 @@ class GGUFWriter(PlannedOutput):
         parts = min(QUANT_THREADS, x.size // PART_MIN)
         if parts < 2:
             return quantize(x, qtype)
+        step = -(-(x.size // bs) // parts) * bs
+        pieces = list(self._threads().map(lambda s: quantize(x[s:s + step], qtype), range(0, x.size, step)))
+        return np.concatenate(pieces)
+
+    def _threads(self) -> Any:
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(QUANT_THREADS, thread_name_prefix="hubmix-gguf")
-        step = -(-(x.size // bs) // parts) * bs
-        pieces = list(self._pool.map(lambda s: quantize(x[s:s + step], qtype), range(0, x.size, step)))
-        return np.concatenate(pieces)
+        return self._pool
 
     def _header(self, metadata: dict[str, str]) -> bytes:
         """The header with these string key-values (set_metadata keeps its length: placeholders)."""

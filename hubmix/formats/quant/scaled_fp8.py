@@ -150,6 +150,8 @@ class ScaledFp8Codec(QuantCodec):
     needs_amax = True
     spans = True
     describe = "ComfyUI scaled fp8: float8_e4m3fn weights with a per-tensor scale_weight (amax/448)"
+    loader = ("ComfyUI scaled fp8 (float8_e4m3fn weights with a per-tensor `scale_weight`): load it with ComfyUI's "
+              "checkpoint or diffusion-model loader (or Forge), which apply the scales.")
 
     def quantizes(self, component: str, key: str, shape: tuple[int, ...], main: bool) -> bool:
         return main and key.endswith(".weight") and len(shape) == 2 and math.prod(shape) >= MIN_QUANT
