@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -245,7 +246,7 @@ def test_hub_search_suggests_models_as_an_id_is_typed(page, ui_server, tmp_path)
     suggestions.get_by_text("org/d", exact=True).click()
     page.wait_for_function("document.querySelector('#models textarea').value === 'org/a\\norg/d\\n'")
     page.wait_for_function("document.querySelector('#families').innerText.includes('org/d')", timeout=30_000)
-    rows = page.locator("#families").inner_text()
+    rows = re.sub(r"\s*\n\s*", "\n", page.locator("#families").inner_text())  # gradio 6.1 puts tabs between cells
     from hubmix.formats.families import get_family
 
     assert f"org/d\n{get_family('sd1').name} (sd1)\nsingle-file" in rows, rows  # org/d is zoo.single("sd1", 5)

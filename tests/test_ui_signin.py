@@ -106,8 +106,14 @@ def test_signed_in_over_http_with_gradios_mocked_login(space, monkeypatch):
     from gradio_client.exceptions import AppError
     from ui_helpers import free_port
 
+    import gradio.oauth
+
     hub, demo, _, result = space
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    # Gradio's mocked sign-in hands out a fixed mock token from 6.x-late on, but the local machine's own token (here
+    # the owner's) in 6.1: make every version's mock a distinct visitor, so the test tells the two tokens apart
+    mocked = gradio.oauth._get_mocked_oauth_info
+    monkeypatch.setattr(gradio.oauth, "_get_mocked_oauth_info", lambda: {**mocked(), "access_token": MOCK})
     demo.queue(default_concurrency_limit=1)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
