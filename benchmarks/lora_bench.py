@@ -82,6 +82,7 @@ def build(family: str, root: Path, flux_depth: int | None, limit: int | None, ev
             modules["text_encoder_2"] = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
                 hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                 projection_dim=1280, hidden_act="gelu"))
+        modules["vae"] = tiny_vae(4)  # an SDXL folder has one (same in BASE and TUNED, not extracted)
     else:
         import diffusers
 
@@ -95,9 +96,7 @@ def build(family: str, root: Path, flux_depth: int | None, limit: int | None, ev
             hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, projection_dim=32))
         modules["text_encoder_2"] = transformers.T5EncoderModel(transformers.T5Config(
             d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=128))
-        modules["vae"] = diffusers.AutoencoderKL(block_out_channels=(32,), latent_channels=16, norm_num_groups=8,
-                                                 down_block_types=("DownEncoderBlock2D",),
-                                                 up_block_types=("UpDecoderBlock2D",))
+        modules["vae"] = tiny_vae(16)
     gen = torch.Generator().manual_seed(0)
     largest = 0
     for name, module in modules.items():
@@ -116,7 +115,7 @@ def build(family: str, root: Path, flux_depth: int | None, limit: int | None, ev
             b = (torch.randn(shape, generator=gen) * 0.02).to(torch.float16)
             base[key] = b
             t = b
-            extracted = is_layer(key, shape) and (family == "sdxl" or name == "transformer")
+            extracted = is_layer(key, shape) and name in EXTRACTED[family]
             seen += extracted
             if extracted and (limit is None or count < limit) and (seen - 1) % every == 0:
                 count += 1
@@ -130,6 +129,16 @@ def build(family: str, root: Path, flux_depth: int | None, limit: int | None, ev
         shards.flush(base, tuned)
         shards.close()
     return root / "tuned", root / "base", largest
+
+
+EXTRACTED = {"sdxl": ("unet", "text_encoder", "text_encoder_2"), "flux": ("transformer",)}
+
+
+def tiny_vae(latent_channels: int):
+    import diffusers
+
+    return diffusers.AutoencoderKL(block_out_channels=(32,), latent_channels=latent_channels, norm_num_groups=8,
+                                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
 
 
 def synthetic_delta(m: int, n: int, gen):
@@ -298,7 +307,7 @@ def run(family: str, args) -> dict:
     built = time.perf_counter() - t0
     if args.build_only:
         return {"family": family, "built_in_s": round(built, 1), "scratch": str(root)}
-    comps = ["unet", "text_encoder", "text_encoder_2"] if family == "sdxl" else ["transformer"]
+    comps = list(EXTRACTED[family])
     out = root / "lora.safetensors"
     with Peak() as peak:
         t, cpu = time.perf_counter(), time.process_time()
