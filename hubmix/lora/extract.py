@@ -137,7 +137,8 @@ def extract_lora(tuned: str, base: str, out: str | Path, options: ExtractOptions
     with tqdm(total=sum(math.prod(w[3].shape) for w in work), unit="w", unit_scale=True, desc="extracting",
               disable=quiet, dynamic_ncols=True) as bar:
         for cname, comp, key, rt, rb in work:
-            delta = rt.load().float() - rb.load().float()
+            delta = rt.load().to(torch.float32, copy=True)  # in place below: two float32 copies at a time, not three
+            delta.sub_(rb.load().float())
             name = f"{cname}/{key}"
             if is_layer(key, rt.shape):
                 if not bool(delta.any()):
