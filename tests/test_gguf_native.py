@@ -59,10 +59,11 @@ def gguf_trio(zoo, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,n,dtype", [("lossless", 3, "gguf-q8_0"), ("weighted_sum", 2, "bf16"),
-                                            ("add_difference", 3, "gguf-q4_k")])
+                                            ("add_difference", 3, "gguf-q4_k"), ("lossless", 2, "fp8_scaled")])
 def test_gguf_inputs_merge_on_spans_to_the_torch_paths_bytes(gguf_trio, tmp_path, method, n, dtype):
-    """GGUF inputs merge without torch (native dequantization on the workers, small chunks that split tensors),
-    into the bytes the torch path writes with the gguf package's reader semantics."""
+    """GGUF inputs merge without torch (dequantized by the merge kernel as it reads them, small chunks that split
+    tensors; GGUF outputs encoded in the same pass, scaled fp8's amax and codes too), into the bytes the torch path
+    writes with the gguf package's reader semantics."""
     import hubmix
     from hubmix.engine.pipeline import Settings
     from hubmix.recipe import Recipe
@@ -85,7 +86,8 @@ def test_gguf_inputs_merge_on_spans_to_the_torch_paths_bytes(gguf_trio, tmp_path
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_K"])
 def test_native_store_gives_the_reference_bytes(qtype):
     """The span writer's native stores: F16 as numpy's astype, BF16 as the gguf package's (NaN, inf, subnormals,
-    ties), quantized types as gguf/llama.cpp's quantizers (hubmix's eager blocks)."""
+    ties), quantized types as gguf/llama.cpp's quantizers (hubmix's eager blocks; Q8_0's vector code on zeros,
+    halfway cases, infinities, subnormals and huge values too)."""
     _library()
     from hubmix.formats.io.span import Span
     from hubmix.formats.quant.gguf_blocks import native_quantizer, quantize
@@ -101,6 +103,13 @@ def test_native_store_gives_the_reference_bytes(qtype):
         want = (x.astype(np.float16).view(np.uint8) if qtype == "F16"
                 else gguf.quants.BF16.quantize_blocks(x.reshape(1, -1)).reshape(-1))
     else:
+        if qtype == "Q8_0":  # blocks of 32: zeros, halfway cases (amax 127: d 1), +-inf, subnormals, huge values
+            x[:32] = 0.0
+            x[32:64] = np.array([127.0, -126.5, *np.arange(-14.5, 15.5, 1.0)], np.float32)
+            x[64:96] = np.linspace(-1, 1, 32, dtype=np.float32)
+            x[70], x[80] = np.inf, -np.inf
+            x[96:128] = np.float32(1e-40) * np.arange(32, dtype=np.float32)
+            x[128:160] = np.float32(3e38) * np.linspace(-1, 1, 32, dtype=np.float32)
         want = quantize(x, qtype, native=False)
     src = Span.of_bytes(x.tobytes(), "float32", (x.size,))
     bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
@@ -159,3 +168,24 @@ def test_gguf_card_names_its_loaders(gguf_trio, tmp_path):
     card = build_card(load_result(out)).text
     assert "dtype: gguf-q5_0" in card and "`m.gguf`" in card and "ComfyUI-GGUF" in card
     assert "GGUFQuantizationConfig" in card and "from_pretrained" not in card
+
+
+def test_non_finite_gguf_blocks_are_counted_as_the_torch_path_counts(gguf_trio, tmp_path, cli):
+    """A Q8_0 block whose float16 scale is inf or NaN dequantizes to 32 non-finite values: the merge kernel that
+    reads the blocks itself counts them as the torch path does, in the same warning."""
+    _library()
+    r = gguf.GGUFReader(str(gguf_trio[0]))
+    picks = [t for t in r.tensors if t.tensor_type.name == "Q8_0"][:2]
+    data = bytearray(gguf_trio[0].read_bytes())
+    for t, scale in zip(picks, (0x7C00, 0x7E00)):  # +inf, NaN as float16
+        data[t.data_offset + 34:t.data_offset + 36] = scale.to_bytes(2, "little")  # the second block's scale
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    lines = {}
+    for kind in ("native", "eager"):
+        code, _, err = cli("merge", gguf_trio[1], bad, "-m", "weighted_sum", "--out", tmp_path / f"{kind}.gguf",
+                           "--dtype", "gguf-q8_0", "-q", "--kernels", kind)
+        assert code == 0, err
+        lines[kind] = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert lines["native"] == lines["eager"] and len(lines["native"]) == 1, lines
+    assert "64 non-finite (NaN/inf) elements in b (bad.gguf) (2 tensors" in lines["native"][0], lines

@@ -48,18 +48,41 @@ static inline int nearest_int(float fval) {
 
 /* ---- the simple types: the gguf package's numpy quantizers, operation for operation ---- */
 
-/* gguf's np_roundf (half away from zero), which floorf lets the compiler vectorize (roundf is a libm call) */
-static inline float np_roundf(float n) {
-    float a = fabsf(n), f = floorf(a), b = f + floorf(2.0f * (a - f));
-    return n < 0.0f ? -b : b;
+/* Q8_0 in 8-lane vectors (gcc/clang vector extensions: SSE/AVX, NEON or scalar code, whatever the target has; a
+   scalar loop runs at a third of the speed: gcc vectorizes neither its float max nor floorf without fast-math).
+   np_roundf8 is gguf's np_roundf (half away from zero) lane by lane, checked against the scalar fabsf/floorf form
+   for all 2^32 inputs: below 2^23 a float's floor is its truncation, larger values, inf and NaN are their own
+   floor, and floor(2 * (a - f)) is 1 exactly when a - f >= 0.5 (a - f is exact). A block's amax skips NaN. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+static inline v8i np_roundf8(v8f n) {
+    v8f a = (v8f)((v8u)n & 0x7FFFFFFFu);
+    v8i small = a < 8388608.0f;
+    v8f t = __builtin_convertvector(__builtin_convertvector(a, v8i), v8f);
+    v8f f = (v8f)(((v8i)t & small) | ((v8i)a & ~small));
+    v8f b = f + (v8f)(((a - f) >= 0.5f) & 0x3F800000);  /* + 1.0f where the fraction is at least a half */
+    return __builtin_convertvector((v8f)((v8i)b ^ ((n < 0.0f) & INT32_MIN)), v8i);  /* -b where n < 0 */
 }
 
-static void q8_0(const float *x, uint8_t *y) {
-    float amax = 0.0f;
-    for (int j = 0; j < QK; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
-    float d = amax / 127.0f, id = d == 0.0f ? 0.0f : 1.0f / d;
+static inline v8f load8(const float *x) { v8f v; memcpy(&v, x, sizeof v); return v; }  /* any alignment */
+
+static void q8_0(const float *x, uint8_t *y) {  /* x is read twice from L1: 1.5x faster than a copy on the stack */
+    v8u m = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int k = 0; k < QK / 8; k++) {
+        v8u a = (v8u)load8(x + 8 * k) & 0x7FFFFFFFu;
+        a &= (v8u)(a <= 0x7F800000u);  /* NaN -> 0 */
+        v8u gt = (v8u)(a > m);
+        m = (a & gt) | (m & ~gt);
+    }
+    uint32_t mb = 0;
+    for (int j = 0; j < 8; j++) mb = m[j] > mb ? m[j] : mb;
+    float d = g_u2f(mb) / 127.0f, id = d == 0.0f ? 0.0f : 1.0f / d;
     uint16_t h = g_f2h(d); memcpy(y, &h, 2);
-    for (int j = 0; j < QK; j++) y[2 + j] = (uint8_t)(int8_t)np_roundf(x[j] * id);
+    for (int k = 0; k < QK / 8; k++) {
+        v8i q = np_roundf8(load8(x + 8 * k) * id);
+        for (int j = 0; j < 8; j++) y[2 + 8 * k + j] = (uint8_t)q[j];
+    }
 }
 
 /* Q4_0 (nmax 8, 4 bits) and Q5_0 (16, 5 bits): d = the value of largest magnitude / -nmax */
@@ -340,6 +363,20 @@ static void q6_k(const float *x, uint8_t *y) {
 
 /* ggml type ids (GGMLQuantizationType) */
 enum { T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30 };
+
+/* Elements per block of a type this unit covers, and its bytes per block in *type_size; 0 for another type */
+int64_t gguf_geometry(int type, int64_t *type_size) {
+    switch (type) {
+        case T_F16: case T_BF16: *type_size = 2; return 1;
+        case T_Q8_0: *type_size = 34; return QK;
+        case T_Q4_0: *type_size = 18; return QK;
+        case T_Q5_0: *type_size = 22; return QK;
+        case T_Q4_K: *type_size = 144; return QK_K;
+        case T_Q5_K: *type_size = 176; return QK_K;
+        case T_Q6_K: *type_size = 210; return QK_K;
+        default: return 0;
+    }
+}
 
 /* F16 (numpy's astype(float16)) and BF16 (the gguf package's BF16: NaN quieted in its own high half, then rounded
    to nearest even) of `n` floats: the writer's unquantized types, without numpy */

@@ -144,11 +144,27 @@ class GGUFWriter(PlannedOutput):
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
 
+    def encodes(self, key: str, start: int) -> str | None:
+        """The stored type of tensor `key` if a merge's workers may hand its chunks from element `start` (a chunk
+        start: a multiple of 4096 from there) as stored blocks they encoded themselves (the native unit's types)."""
+        from hubmix.formats.quant.gguf_blocks import native_quantizer
+
+        t = self.tensors[key]
+        if t.qtype == "F32" or start % block_size(t.qtype) or native_quantizer(t.qtype) is None:
+            return None
+        return t.qtype
+
     def write(self, key: str, data: Any, byte_offset: int = 0) -> None:
-        """Float32 `data` (a tensor or span) into tensor `key` from float32 element `byte_offset / 4` on."""
+        """Float32 `data` (a tensor or span) into tensor `key` from float32 element `byte_offset / 4` on; or a
+        uint8 span: the stored blocks of those elements, encoded by a worker (`encodes`)."""
         t = self.tensors[key]
         start = byte_offset // 4
         if isinstance(data, Span):
+            if data.dtype == "uint8":
+                _, bs, ts = GGML_TYPES[t.qtype]
+                assert start % bs == 0 and data.nbytes % ts == 0, (key, start, data.nbytes)
+                self._store(t, data.memoryview(), start, data.nbytes // ts * bs)
+                return
             assert data.dtype == "float32", (key, data.dtype)
             if self._native_blocks(t, data, start):
                 return
