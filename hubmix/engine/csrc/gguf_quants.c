@@ -271,49 +271,58 @@ static void q5_k(const float *x, uint8_t *y) {
     }
 }
 
-/* make_qx_quants with rmse_type 1 and no importance weights (w = x*x), as quantize_row_q6_K_ref calls it */
-static float make_qx_quants(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
+/* make_qx_quants with rmse_type 1 and no importance weights (w = x*x), as quantize_row_q6_K_ref calls it (n 16,
+   nmax 32), for 8 sub-blocks at once, one per vector lane in the reference's operation order (as
+   make_qkx2_quants8): x holds 128 values, L gets their codes, scales the sub-blocks' scales. */
+static inline v8i clamp_qx8(v8i l) {  /* MAX(-32, MIN(31, l)) */
+    l = (l & ~(l > 31)) | (31 & (l > 31));
+    return (l & ~(l < -32)) | (-32 & (l < -32));
+}
+static void make_qx_quants8(const float *x, int8_t *L, float *scales) {
+    const int n = 16, nmax = 32;
+    v8f xt[16], w[16], zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    v8i Lb[16];
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < 8; ++j) xt[i][j] = x[n * j + i];
+    v8f max = zero, amax = zero;
     for (int i = 0; i < n; ++i) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
+        v8f ax = (v8f)((v8u)xt[i] & 0x7FFFFFFFu);
+        v8i gt = ax > amax;
+        amax = sel8(gt, ax, amax);
+        max = sel8(gt, xt[i], max);
+        w[i] = xt[i] * xt[i];
     }
-    if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
+    v8i flat = amax < GROUP_MAX_EPS;  /* the scalar code returns at once there: codes 0 (+nmax), scale 0 */
+    v8f iscale = (float)-nmax / max, sumlx = zero, suml2 = zero;
     for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * x[i]);
-        l = MAX(-nmax, MIN(nmax - 1, l));
-        L[i] = (int8_t)(l + nmax);
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
+        v8i l = clamp_qx8(nearest_int8(iscale * xt[i]));
+        Lb[i] = l + nmax;
+        v8f lf = __builtin_convertvector(l, v8f);
+        sumlx += w[i] * xt[i] * lf;
+        suml2 += w[i] * lf * lf;
     }
-    float scale = suml2 ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
+    v8f scale = sel8(suml2 != 0, sumlx / suml2, zero), best = scale * sumlx;
     for (int is = -9; is <= 9; ++is) {
         if (is == 0) continue;
-        iscale = -(nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0;
+        float top = -(nmax + 0.1f * is);
+        iscale = top / max;
+        sumlx = suml2 = zero;
+        v8i la[16];
         for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * x[i]);
-            l = MAX(-nmax, MIN(nmax - 1, l));
-            float w = x[i] * x[i];
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
+            la[i] = clamp_qx8(nearest_int8(iscale * xt[i]));
+            v8f lf = __builtin_convertvector(la[i], v8f);
+            sumlx += w[i] * xt[i] * lf;
+            suml2 += w[i] * lf * lf;
         }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; ++i) {
-                int l = nearest_int(iscale * x[i]);
-                L[i] = (int8_t)(nmax + MAX(-nmax, MIN(nmax - 1, l)));
-            }
-            scale = sumlx / suml2; best = scale * sumlx;
-        }
+        v8i better = (suml2 > 0) & (sumlx * sumlx > best * suml2);
+        for (int i = 0; i < n; ++i) Lb[i] = ((la[i] + nmax) & better) | (Lb[i] & ~better);
+        scale = sel8(better, sumlx / suml2, scale);
+        best = sel8(better, scale * sumlx, best);
     }
-    return scale;
+    for (int j = 0; j < 8; ++j) {
+        scales[j] = flat[j] ? 0.f : scale[j];
+        for (int i = 0; i < n; ++i) L[n * j + i] = (int8_t)(flat[j] ? 0 : Lb[i][j]);
+    }
 }
 
 /* Q6_K: ql[128], qh[64], scales[16] (int8), d (float16) */
@@ -321,9 +330,10 @@ static void q6_k(const float *x, uint8_t *y) {
     int8_t L[QK_K];
     float scales[QK_K / 16];
     float max_scale = 0, max_abs_scale = 0;
+    make_qx_quants8(x, L, scales);
+    make_qx_quants8(x + 128, L + 128, scales + 8);
     for (int ib = 0; ib < QK_K / 16; ++ib) {
-        const float scale = make_qx_quants(16, 32, x + 16 * ib, L + 16 * ib);
-        scales[ib] = scale;
+        const float scale = scales[ib];
         const float abs_scale = fabsf(scale);
         if (abs_scale > max_abs_scale) { max_abs_scale = abs_scale; max_scale = scale; }
     }
