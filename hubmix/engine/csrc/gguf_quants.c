@@ -3,7 +3,10 @@
 Q8_0, Q5_0 and Q4_0 quantize exactly as the `gguf` package's numpy code does (byte for byte); Q4_K, Q5_K and Q6_K
 port llama.cpp's reference quantizers (ggml-quants.c: quantize_row_q4_K_ref, make_qkx2_quants, make_qx_quants) in
 the same float32 operation order; dequantization computes what `gguf.quants.dequantize` computes. Compiled without
-contraction or fast-math (native.py's flags), so every float operation rounds as the numpy fallback's does. */
+contraction or fast-math (native.py's flags), so every float operation rounds as the numpy fallback's does. The
+searches run in 8-lane vectors (gcc/clang vector extensions, lowered to whatever SIMD the target has): Q8_0 across
+a block's values, the K-quants' scale searches across sub-blocks, one sub-block per lane, so each lane does the
+scalar reference's operations in its order and the bytes do not change. */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
