@@ -129,7 +129,6 @@ class GGUFWriter(PlannedOutput):
         self.tensors = {t.key: t for t in tensors}
         self._order = list(tensors)
         header, self._offsets = plan_header(arch, self.target, self._order, metadata or {})
-        self._header_len = len(header)
         last = self._order[-1] if self._order else None
         self.size = (self._offsets[last.key] + last.nbytes) if last else len(header)
         self._written = dict.fromkeys(self.tensors, 0)
@@ -137,11 +136,14 @@ class GGUFWriter(PlannedOutput):
         self._lock = threading.Lock()
         self._pool: Any = None
         self._local = threading.local()
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-            os.ftruncate(self._fd, self.size)
-            self._pwrite(header, 0)
+        self._open(header)
+        try:  # the alignment padding after each tensor: a direct write's blocks complete only once all is written
+            for t in self._order:
+                pad = -t.nbytes % ALIGN
+                if pad and t is not last:
+                    self._pwrite(bytes(pad), self._offsets[t.key] + t.nbytes)
         except OSError as e:
+            self.abort()
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
 
     def encodes(self, key: str, start: int) -> str | None:
@@ -299,3 +301,4 @@ class GGUFWriter(PlannedOutput):
         if self._pool is not None:  # idle here: write quantizes synchronously
             self._pool.shutdown()
             self._pool = None
+        super()._stop(cancel)
