@@ -189,3 +189,33 @@ def test_non_finite_gguf_blocks_are_counted_as_the_torch_path_counts(gguf_trio, 
         lines[kind] = [ln for ln in err.splitlines() if ln.startswith("warning:")]
     assert lines["native"] == lines["eager"] and len(lines["native"]) == 1, lines
     assert "64 non-finite (NaN/inf) elements in b (bad.gguf) (2 tensors" in lines["native"][0], lines
+
+
+def test_span_merge_hands_the_writer_blocks_encoded_in_the_merge_pass(gguf_trio, tmp_path, monkeypatch):
+    """On spans, the merge kernel itself encodes every tensor that lands whole in a natively stored GGUF type (the
+    writer thread only writes the blocks), whether or not the native library was loaded when the outputs were
+    planned (a first merge through the library's API plans them before loading it)."""
+    import hubmix
+    from hubmix.engine.pipeline import Settings
+    from hubmix.formats.quant import gguf_blocks
+    from hubmix.formats.quant.gguf_blocks import NATIVE_STORE
+    from hubmix.formats.quant.gguf_write import GGUFWriter
+    from hubmix.recipe import Recipe
+
+    seen: dict[str, set[str]] = {}
+    write = GGUFWriter.write
+
+    def recording(self, key, data, byte_offset=0):
+        seen.setdefault(key, set()).add(data.dtype)
+        return write(self, key, data, byte_offset)
+
+    monkeypatch.setattr(GGUFWriter, "write", recording)
+    monkeypatch.setattr(gguf_blocks, "LIB", None)  # as before the library's first load (the writer falls back too)
+    recipe = Recipe(models=[str(p) for p in gguf_trio[:2]], method="lossless", params={"alpha": 0.9, "beta": 1.1},
+                    dtype="gguf-q8_0")
+    res = hubmix.merge(recipe, out=tmp_path / "m.gguf", quiet=True, settings=Settings(kernels="native", quiet=True))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(res.output)).tensors}
+    stored = {k for k, t in types.items() if t in NATIVE_STORE}
+    assert "Q8_0" in types.values() and stored
+    moved = {k for k in stored if "final_layer.adaLN" in k}  # swapped halves: moved whole, then encoded
+    assert all(seen[k] == {"uint8"} for k in stored - moved), {k: seen[k] for k in stored - moved}

@@ -148,11 +148,12 @@ class GGUFWriter(PlannedOutput):
 
     def encodes(self, key: str, start: int) -> str | None:
         """The stored type of tensor `key` if a merge's workers may hand its chunks from element `start` (a chunk
-        start: a multiple of 4096 from there) as stored blocks they encoded themselves (the native unit's types)."""
-        from hubmix.formats.quant.gguf_blocks import native_quantizer
+        start: a multiple of 4096 from there) as stored blocks they encoded themselves: a type the native unit
+        stores (a merge on spans, the only one that encodes, has the library loaded)."""
+        from hubmix.formats.quant.gguf_blocks import NATIVE_STORE
 
         t = self.tensors[key]
-        if t.qtype == "F32" or start % block_size(t.qtype) or native_quantizer(t.qtype) is None:
+        if t.qtype not in NATIVE_STORE or start % block_size(t.qtype):
             return None
         return t.qtype
 
