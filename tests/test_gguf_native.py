@@ -193,13 +193,13 @@ def test_non_finite_gguf_blocks_are_counted_as_the_torch_path_counts(gguf_trio, 
 
 def test_span_merge_hands_the_writer_blocks_encoded_in_the_merge_pass(gguf_trio, tmp_path, monkeypatch):
     """On spans, the merge kernel itself encodes every tensor that lands whole in a natively stored GGUF type (the
-    writer thread only writes the blocks), whether or not the native library was loaded when the outputs were
-    planned (a first merge through the library's API plans them before loading it)."""
+    writer thread only writes the blocks); the writer offers that before the native library is loaded (a first
+    merge through the library's API plans its outputs before loading it)."""
     import hubmix
     from hubmix.engine.pipeline import Settings
     from hubmix.formats.quant import gguf_blocks
     from hubmix.formats.quant.gguf_blocks import NATIVE_STORE
-    from hubmix.formats.quant.gguf_write import GGUFWriter
+    from hubmix.formats.quant.gguf_write import GGUFTensor, GGUFWriter
     from hubmix.recipe import Recipe
 
     seen: dict[str, set[str]] = {}
@@ -210,7 +210,6 @@ def test_span_merge_hands_the_writer_blocks_encoded_in_the_merge_pass(gguf_trio,
         return write(self, key, data, byte_offset)
 
     monkeypatch.setattr(GGUFWriter, "write", recording)
-    monkeypatch.setattr(gguf_blocks, "LIB", None)  # as before the library's first load (the writer falls back too)
     recipe = Recipe(models=[str(p) for p in gguf_trio[:2]], method="lossless", params={"alpha": 0.9, "beta": 1.1},
                     dtype="gguf-q8_0")
     res = hubmix.merge(recipe, out=tmp_path / "m.gguf", quiet=True, settings=Settings(kernels="native", quiet=True))
@@ -219,3 +218,8 @@ def test_span_merge_hands_the_writer_blocks_encoded_in_the_merge_pass(gguf_trio,
     assert "Q8_0" in types.values() and stored
     moved = {k for k in stored if "final_layer.adaLN" in k}  # swapped halves: moved whole, then encoded
     assert all(seen[k] == {"uint8"} for k in stored - moved), {k: seen[k] for k in stored - moved}
+    w = GGUFWriter(tmp_path / "w.gguf", "flux", "gguf-q8_0", [GGUFTensor("a.weight", "Q8_0", (4, 64)),
+                                                              GGUFTensor("b.weight", "F32", (4,))])
+    monkeypatch.setattr(gguf_blocks, "LIB", None)  # as before the library's first load
+    assert (w.encodes("a.weight", 0), w.encodes("a.weight", 16), w.encodes("b.weight", 0)) == ("Q8_0", None, None)
+    w.abort()
