@@ -51,8 +51,10 @@ def check(out: Path, inputs: list[Path], qtype: str) -> str:
     output type's quantization of that (hubmix's quantizer, byte-identical to gguf's/llama.cpp's), gguf's reader."""
     import gguf
 
+    from hubmix.engine.native import Native
     from hubmix.formats.quant.gguf_blocks import quantize
 
+    Native.library()  # the native quantizers (the numpy port of the K-quants takes minutes on these tensors)
     rs = [gguf.GGUFReader(str(p)) for p in (*inputs, out)]
     by = [{t.name: t for t in r.tensors} for r in rs]
     picks = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",

@@ -240,29 +240,39 @@ def test_reproduce_rebuilds_the_same_gguf_bytes(flux_inputs, tmp_path, cli):
     assert "identical" in text
 
 
-def test_writer_streams_chunks_in_any_order_to_the_same_bytes(tmp_path):
+@pytest.mark.parametrize("direct", ["0", "1"])
+def test_writer_streams_chunks_in_any_order_to_the_same_bytes(tmp_path, monkeypatch, direct):
     """Chunks that split blocks, arrive out of order, and are large enough to be quantized on several threads give
-    the blocks of one quantization of the whole tensor, under a header gguf's reader reads."""
+    the blocks of one quantization of the whole tensor, under a header gguf's reader reads; through the page cache
+    and with O_DIRECT (whose blocks complete only if the alignment padding between tensors is written too)."""
+    from test_writer import _direct_supported
+
     from hubmix.engine.native import Native
     from hubmix.formats.quant.gguf_blocks import quantize
     from hubmix.formats.quant.gguf_write import GGUFTensor, GGUFWriter
 
+    monkeypatch.setenv("HUBMIX_DIRECT_IO", direct)
     Native.library()
     rng = np.random.default_rng(5)
     x = _real_like(rng, 1024, 1024)
-    tensors = [GGUFTensor("a.weight", "Q4_K", (1024, 1024)), GGUFTensor("b.weight", "F32", (7,))]
+    tensors = [GGUFTensor("a.weight", "Q4_K", (1024, 1024)), GGUFTensor("b.weight", "F32", (7,)),
+               GGUFTensor("c.weight", "F32", (3,))]  # b's 28 bytes are padded to 32
     w = GGUFWriter(tmp_path / "w.gguf", "flux", "gguf-q4_k", tensors, {"hubmix.note": "x"})
+    assert (w._direct is not None) == (direct == "1" and _direct_supported(tmp_path))
     flat = x.reshape(-1)
     cuts = [0, 100, 300_000, 300_100, 1024 * 1024]
     for s, e in reversed(list(zip(cuts, cuts[1:]))):
         w.write("a.weight", torch_of(flat[s:e]), s * 4)
     w.write("b.weight", torch_of(np.arange(7, dtype=np.float32)), 0)
+    w.write("c.weight", torch_of(np.arange(3, dtype=np.float32)), 0)
     w.finish()
     r = gguf.GGUFReader(str(tmp_path / "w.gguf"))
     by = {t.name: t for t in r.tensors}
     assert np.asarray(by["a.weight"].data).tobytes() == quantize(flat, "Q4_K").tobytes()
     assert list(np.asarray(by["b.weight"].data)) == list(range(7))
+    assert list(np.asarray(by["c.weight"].data)) == list(range(3))
     assert r.get_field("hubmix.note").contents() == "x"
+    assert (tmp_path / "w.gguf").stat().st_size == w.size
 
 
 def torch_of(a: np.ndarray):

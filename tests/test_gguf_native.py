@@ -59,10 +59,11 @@ def gguf_trio(zoo, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,n,dtype", [("lossless", 3, "gguf-q8_0"), ("weighted_sum", 2, "bf16"),
-                                            ("add_difference", 3, "gguf-q4_k")])
+                                            ("add_difference", 3, "gguf-q4_k"), ("lossless", 2, "fp8_scaled")])
 def test_gguf_inputs_merge_on_spans_to_the_torch_paths_bytes(gguf_trio, tmp_path, method, n, dtype):
-    """GGUF inputs merge without torch (native dequantization on the workers, small chunks that split tensors),
-    into the bytes the torch path writes with the gguf package's reader semantics."""
+    """GGUF inputs merge without torch (dequantized by the merge kernel as it reads them, small chunks that split
+    tensors; GGUF outputs encoded in the same pass, scaled fp8's amax and codes too), into the bytes the torch path
+    writes with the gguf package's reader semantics."""
     import hubmix
     from hubmix.engine.pipeline import Settings
     from hubmix.recipe import Recipe
@@ -85,7 +86,8 @@ def test_gguf_inputs_merge_on_spans_to_the_torch_paths_bytes(gguf_trio, tmp_path
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_K"])
 def test_native_store_gives_the_reference_bytes(qtype):
     """The span writer's native stores: F16 as numpy's astype, BF16 as the gguf package's (NaN, inf, subnormals,
-    ties), quantized types as gguf/llama.cpp's quantizers (hubmix's eager blocks)."""
+    ties), quantized types as gguf/llama.cpp's quantizers (hubmix's eager blocks; Q8_0's vector code on zeros,
+    halfway cases, infinities, subnormals and huge values too)."""
     _library()
     from hubmix.formats.io.span import Span
     from hubmix.formats.quant.gguf_blocks import native_quantizer, quantize
@@ -101,6 +103,13 @@ def test_native_store_gives_the_reference_bytes(qtype):
         want = (x.astype(np.float16).view(np.uint8) if qtype == "F16"
                 else gguf.quants.BF16.quantize_blocks(x.reshape(1, -1)).reshape(-1))
     else:
+        if qtype == "Q8_0":  # blocks of 32: zeros, halfway cases (amax 127: d 1), +-inf, subnormals, huge values
+            x[:32] = 0.0
+            x[32:64] = np.array([127.0, -126.5, *np.arange(-14.5, 15.5, 1.0)], np.float32)
+            x[64:96] = np.linspace(-1, 1, 32, dtype=np.float32)
+            x[70], x[80] = np.inf, -np.inf
+            x[96:128] = np.float32(1e-40) * np.arange(32, dtype=np.float32)
+            x[128:160] = np.float32(3e38) * np.linspace(-1, 1, 32, dtype=np.float32)
         want = quantize(x, qtype, native=False)
     src = Span.of_bytes(x.tobytes(), "float32", (x.size,))
     bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
@@ -159,3 +168,58 @@ def test_gguf_card_names_its_loaders(gguf_trio, tmp_path):
     card = build_card(load_result(out)).text
     assert "dtype: gguf-q5_0" in card and "`m.gguf`" in card and "ComfyUI-GGUF" in card
     assert "GGUFQuantizationConfig" in card and "from_pretrained" not in card
+
+
+def test_non_finite_gguf_blocks_are_counted_as_the_torch_path_counts(gguf_trio, tmp_path, cli):
+    """A Q8_0 block whose float16 scale is inf or NaN dequantizes to 32 non-finite values: the merge kernel that
+    reads the blocks itself counts them as the torch path does, in the same warning."""
+    _library()
+    r = gguf.GGUFReader(str(gguf_trio[0]))
+    picks = [t for t in r.tensors if t.tensor_type.name == "Q8_0"][:2]
+    data = bytearray(gguf_trio[0].read_bytes())
+    for t, scale in zip(picks, (0x7C00, 0x7E00)):  # +inf, NaN as float16
+        data[t.data_offset + 34:t.data_offset + 36] = scale.to_bytes(2, "little")  # the second block's scale
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    lines = {}
+    for kind in ("native", "eager"):
+        code, _, err = cli("merge", gguf_trio[1], bad, "-m", "weighted_sum", "--out", tmp_path / f"{kind}.gguf",
+                           "--dtype", "gguf-q8_0", "-q", "--kernels", kind)
+        assert code == 0, err
+        lines[kind] = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert lines["native"] == lines["eager"] and len(lines["native"]) == 1, lines
+    assert "64 non-finite (NaN/inf) elements in b (bad.gguf) (2 tensors" in lines["native"][0], lines
+
+
+def test_span_merge_hands_the_writer_blocks_encoded_in_the_merge_pass(gguf_trio, tmp_path, monkeypatch):
+    """On spans, the merge kernel itself encodes every tensor that lands whole in a natively stored GGUF type (the
+    writer thread only writes the blocks); the writer offers that before the native library is loaded (a first
+    merge through the library's API plans its outputs before loading it)."""
+    import hubmix
+    from hubmix.engine.pipeline import Settings
+    from hubmix.formats.quant import gguf_blocks
+    from hubmix.formats.quant.gguf_blocks import NATIVE_STORE
+    from hubmix.formats.quant.gguf_write import GGUFTensor, GGUFWriter
+    from hubmix.recipe import Recipe
+
+    seen: dict[str, set[str]] = {}
+    write = GGUFWriter.write
+
+    def recording(self, key, data, byte_offset=0):
+        seen.setdefault(key, set()).add(data.dtype)
+        return write(self, key, data, byte_offset)
+
+    monkeypatch.setattr(GGUFWriter, "write", recording)
+    recipe = Recipe(models=[str(p) for p in gguf_trio[:2]], method="lossless", params={"alpha": 0.9, "beta": 1.1},
+                    dtype="gguf-q8_0")
+    res = hubmix.merge(recipe, out=tmp_path / "m.gguf", quiet=True, settings=Settings(kernels="native", quiet=True))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(res.output)).tensors}
+    stored = {k for k, t in types.items() if t in NATIVE_STORE}
+    assert "Q8_0" in types.values() and stored
+    moved = {k for k in stored if "final_layer.adaLN" in k}  # swapped halves: moved whole, then encoded
+    assert all(seen[k] == {"uint8"} for k in stored - moved), {k: seen[k] for k in stored - moved}
+    w = GGUFWriter(tmp_path / "w.gguf", "flux", "gguf-q8_0", [GGUFTensor("a.weight", "Q8_0", (4, 64)),
+                                                              GGUFTensor("b.weight", "F32", (4,))])
+    monkeypatch.setattr(gguf_blocks, "LIB", None)  # as before the library's first load
+    assert (w.encodes("a.weight", 0), w.encodes("a.weight", 16), w.encodes("b.weight", 0)) == ("Q8_0", None, None)
+    w.abort()

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler")
 
 def small_units(variant: str = "") -> list[str]:
     """The units every library must hold for Native._prepare: the helpers, the GGUF block functions and the
-    quantized outputs' encoders (quant_fused)."""
+    quantized outputs' encoders (fused_run)."""
     return [helpers_unit() + variant, csrc_text("gguf_quants.c"), csrc_text("quant.c")]
 
 

@@ -91,16 +91,18 @@ def span_ready(task: Task, kernels: Kernels) -> bool:
     return kernels.native_kernel(task.method.name, dtypes, task.dtype_name) is not None
 
 
-def compute_span(job: Job, job_views: list[Any], kernels: Kernels, out: Span, counts: list[int] | None = None
-                 ) -> Span:
-    """`compute` on spans (and Packed quantized inputs, unpacked first): the input itself (a copy in its own
-    dtype), else a native kernel's output in `out`. With `counts`, the inputs' NaN/inf elements are counted into
-    it, by the kernel in its own pass."""
+def compute_span(job: Job, job_views: list[Any], kernels: Kernels, out: Span, counts: list[int] | None = None,
+                 store: str | None = None) -> Span:
+    """`compute` on spans (and Packed quantized inputs, which the kernel dequantizes as it reads them): the input
+    itself (a copy in its own dtype), else a native kernel's output in `out`. With `counts`, the inputs' NaN/inf
+    elements are counted into it, by the kernel in its own pass. With `store` (a ggml type, Task.store), `out` is
+    bytes and gets the output as that type's GGUF blocks, encoded in the same pass."""
     task = job.task
-    views = unpacked(job_views)
+    views = unpacked(job_views, direct=True)
     names = [v.dtype for v in views]
     if task.method is None:
-        if names[0] == task.dtype_name:
+        if names[0] == task.dtype_name and store is None:
+            views = unpacked(views)
             if counts is not None:
                 counts[:] = count_nonfinite(views)
             if isinstance(job_views[0], Packed):  # unpacked into this worker's scratch: the writer gets a copy
@@ -114,16 +116,17 @@ def compute_span(job: Job, job_views: list[Any], kernels: Kernels, out: Span, co
         params = task.params
     assert kernel is not None, f"{task.key}: planned for spans without a native kernel"
     kernels.calls["native"] += 1
-    return kernel(views, params, out, Context(f"{task.component}/{task.key}", job.start), counts)
+    return kernel(views, params, out, Context(f"{task.component}/{task.key}", job.start), counts, store)
 
 
-def unpacked(views: list[Any]) -> list[Span]:
+def unpacked(views: list[Any], direct: bool = False) -> list[Any]:
     """Packed quantized inputs unpacked to float32 in this worker's scratch memory (one buffer per input
-    position, reused by its next chunk); spans as they are."""
+    position, reused by its next chunk); spans as they are; with `direct`, the Packed views a native kernel reads
+    as they are (Packed.direct) too."""
     from hubmix.engine.native_quant import scratch
 
-    return [v.into(scratch(f"unpacked{i}", v.blocks * v.block * 4)) if isinstance(v, Packed) else v
-            for i, v in enumerate(views)]
+    return [v.into(scratch(f"unpacked{i}", v.blocks * v.block * 4))
+            if isinstance(v, Packed) and not (direct and v.direct) else v for i, v in enumerate(views)]
 
 
 def compute(job: Job, views: list[torch.Tensor], kernels: Kernels | None = None,
@@ -178,6 +181,7 @@ def quant_kernel(job: Job, views: list[Any], kernels: Kernels) -> tuple[Any, lis
         return None
     if codec(task.quant).kernel_scale(0.0) is None:  # type: ignore[union-attr]
         return None
+    views = unpacked(views, direct=True)  # GGUF blocks read by the kernel itself
     dtypes = [v.dtype for v in views]
     views, params, ctx = element_args(job, views)
     if task.method is None:

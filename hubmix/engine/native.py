@@ -7,9 +7,9 @@ takes. So its bytes equal the eager path's, which the tests check for every kern
 
 Why not only torch.compile: on a small machine inductor needs 4 to 6 seconds per process before its first kernel
 runs (imports, a CPU-ISA probe that compiles and runs test programs, cache loading), as long as a whole SD1.5 merge
-should take. This C source (csrc/, plus the kernels generated here) is compiled once per machine (about 8.5 s on
-2 cores, in parallel parts, with the system's C compiler; hubmix.engine.native_build) into hubmix's cache and then
-loaded with ctypes; ctypes releases the GIL, so worker threads run kernels in parallel. A function is handed to
+should take. This C source (csrc/, plus the kernels native_source generates) is compiled once per machine (about
+8.5 s on 2 cores, in parallel parts, with the system's C compiler; hubmix.engine.native_build) into hubmix's cache
+and then loaded with ctypes; ctypes releases the GIL, so worker threads run kernels in parallel. A function is handed to
 other threads only once its argument types are set.
 Methods without a native kernel (a user's own) are fused by torch.compile instead (hubmix.kernels).
 """
@@ -23,97 +23,13 @@ import types
 from typing import TYPE_CHECKING, Any, Callable
 
 from hubmix.engine import native_build
-from hubmix.engine.native_source import csrc_text, fp8_float32_bits, helpers_unit, prelude  # noqa: F401
-from hubmix.formats.io.span import Span, dtype_name, torch_dtype
+from hubmix.engine.native_source import (DARE, DTYPES, csrc_text, fp8_float32_bits, helpers_unit,  # noqa: F401
+                                         prelude, source)
+from hubmix.formats.io.span import Packed, Span, dtype_name, torch_dtype
+from hubmix.formats.quant.gguf_types import type_id, type_nbytes
 
 if TYPE_CHECKING:
     import torch
-
-# torch's dtype names -> the kernels' names for them (the library itself needs no torch: spans call it too)
-DTYPES = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}
-_BITS = {"f16": "u16", "bf16": "u16", "f32": "float", "e4m3": "uint8_t", "e5m2": "uint8_t"}  # selection copies
-
-# name -> (number of inputs, float32 body computing `r`, or for selections `take` and the two candidates)
-# Each body is the eager torch code of hubmix/methods/basic.py, operation for operation.
-_ARITH = {
-    "weighted_sum": (2, "float r = k1 * fa + k2 * fb;"),  # k1 = 1-alpha, k2 = alpha (slerp: its ka, kb)
-    "add_difference": (3, "float r = fa + k1 * (fb - fc);"),  # k1 = alpha
-    "convert": (1, "float r = fa;"),  # not a method: a copy into another dtype (x.float().to(dtype))
-    # hubmix/methods/arithmetic.py and task_vectors.py
-    "triple_sum": (3, "float r = k1 * fa + k2 * fb + k3 * fc;"),  # k1 = 1-alpha-beta, k2 = alpha, k3 = beta
-    "sum_twice": (3, "float r = k1 * (k2 * fa + k3 * fb) + k4 * fc;"),  # 1-beta, 1-alpha, alpha, beta
-    "train_difference": (3, "float x = fabs32(fb - fa); float d = fb - fc; float w = nan_to_num32(x / (x + "
-                            "fabs32(d))); float r = fa + k1 * d * k2 * w;"),  # k1 = alpha, k2 = 1.8
-    "model_stock3": (3, "float r = k1 * ((fb + fc) / k3) + k2 * fa;"),  # k1 = t, k2 = 1-t, k3 = 2
-    # k1, k2 = the top-k thresholds of b - a and c - a, k3 = lambda
-    "ties3": (3, "float t1 = fb - fa, t2 = fc - fa; float r = fa + k3 * elect2(fabs32(t1) >= k1 ? t1 : 0.0f, "
-                 "fabs32(t2) >= k2 ? t2 : 0.0f);"),
-}
-# DARE: s1, s2 = the mask streams of b and c, t = the drop threshold, k1 = 1-drop, k2 = lambda (KD arguments)
-_DARE = {
-    "dare2": (2, "float d1 = dare_kept(start, i, s1, t) ? (fb - fa) / k1 : 0.0f; float r = fa + k2 * d1;"),
-    "dare3sum": (3, "float d1 = dare_kept(start, i, s1, t) ? (fb - fa) / k1 : 0.0f; "
-                    "float d2 = dare_kept(start, i, s2, t) ? (fc - fa) / k1 : 0.0f; float r = fa + k2 * (d1 + d2);"),
-    "dare3ties": (3, "float d1 = dare_kept(start, i, s1, t) ? (fb - fa) / k1 : 0.0f; "
-                     "float d2 = dare_kept(start, i, s2, t) ? (fc - fa) / k1 : 0.0f; float r = fa + k2 * elect2(d1, d2);"),
-}
-_SELECT = {
-    # k1 = alpha, k2 = beta; two-model forms: k3 = 1-ref_alpha, k4 = ref_alpha, candidates a and b
-    "lossless3": (3, "int take = fabs32(fa - k1 * fb) <= fabs32(fa - k2 * fc);", "b", "c"),
-    "maxdiff3": (3, "int take = fabs32(fa - k1 * fb) > fabs32(fa - k2 * fc);", "b", "c"),
-    "lossless2": (2, "float ref = k3 * fa + k4 * fb; int take = fabs32(ref - k1 * fa) <= fabs32(ref - k2 * fb);",
-                  "a", "b"),
-    "maxdiff2": (2, "float ref = k3 * fa + k4 * fb; int take = fabs32(ref - k1 * fa) > fabs32(ref - k2 * fb);",
-                 "a", "b"),
-}
-_NAMES = ("a", "b", "c")
-
-
-def _loop(n: int, t: str, body: str) -> str:
-    """A kernel's element loop over `n` inputs stored as `t`; `body` reads fa, fb, fc and the index i. float16
-    inputs are converted a block at a time by F16C where the compiler targets it, else loaded through the table."""
-    xs = _NAMES[:n]
-    loads = " ".join(f"float f{x} = ld_{t}({x}, i);" for x in xs)
-    plain = f"for (int64_t i = 0; i < n; i++) {{ {loads} {body} }}"
-    if t != "f16":
-        return plain
-    bufs = ", ".join(f"h{x}[F16_BLOCK]" for x in xs)
-    fill = " ".join(f"ld_f16_block(h{x}, {x}, i0, m);" for x in xs)
-    reads = " ".join(f"float f{x} = h{x}[j];" for x in xs)
-    blocked = (f"for (int64_t i0 = 0; i0 < n; i0 += F16_BLOCK) {{ int64_t m = n - i0 < F16_BLOCK ? n - i0 : "
-               f"F16_BLOCK; float {bufs}; {fill} for (int64_t j = 0; j < m; j++) {{ int64_t i = i0 + j; {reads} "
-               f"{body} }} }}")
-    return f"\n#ifdef __F16C__\n{blocked}\n#else\n{plain}\n#endif\n"
-
-
-PARTS = 4  # the library is compiled as this many translation units, in parallel on the cores there are
-
-
-def source() -> list[str]:
-    """The library's C source as self-contained translation units: the exported helpers (csrc/scans.c), then
-    PARTS units of generated kernels, each after the prelude (csrc/prelude.h). Other units (quantization kernels)
-    may be added to the list: every unit is compiled and linked."""
-    parts = []
-    for t_in in DTYPES.values():
-        for t_out in DTYPES.values():
-            store = f"st_{t_out}(o, i, r);"
-            for name, (n, body) in _ARITH.items():
-                parts.append(f"void {name}_{t_in}_{t_out}(K) {{ {_loop(n, t_in, f'{body} {store}')} }}")
-            for name, (n, body) in _DARE.items():
-                parts.append(f"void {name}_{t_in}_{t_out}(KD) {{ {_loop(n, t_in, f'{body} {store}')} }}")
-            for name, (n, body, x, y) in _SELECT.items():
-                if t_in == t_out:  # copy the stored bits of the value taken; both read unconditionally, so
-                    ctype = _BITS[t_in]  # the select vectorizes when the loads come from f16 blocks
-                    store = (f"{ctype} x = ((const {ctype} *){x})[i], y = ((const {ctype} *){y})[i]; "
-                             f"(({ctype} *)o)[i] = take ? x : y;")
-                else:
-                    store = f"st_{t_out}(o, i, take ? f{x} : f{y});"
-                parts.append(f"void {name}_{t_in}_{t_out}(K) {{ {_loop(n, t_in, f'{body} {store}')} }}")
-    head = prelude()
-    return [helpers_unit(), *(head + "\n".join(parts[i::PARTS]) + "\n" for i in range(PARTS)),
-            csrc_text("gguf_quants.c"),  # GGUF block (de)quantization (formats.quant.gguf_blocks)
-            csrc_text("quant.c")]  # the scaled-fp8 / NF4 outputs' encoders (formats.quant)
-
 
 # Which native kernel computes a method, and its float32 scalars derived from the parameters as torch would.
 def _coefficients(method: str, n: int, p: dict[str, float]) -> tuple[str, tuple[float, float, float, float]] | None:
@@ -206,8 +122,9 @@ class Native:
             "hist_low": _typed(lib, "hist_low", [p, p, i64, u32, p], None),
             "block_dots": _typed(lib, "block_dots", [p, p, i64, p], None),
             "lora_delta": _typed(lib, "lora_delta", [p, p, i64, i64, i64, ctypes.c_double, p], ctypes.c_int),
-            "quant_fused": _typed(lib, "quant_fused", [p, ctypes.c_int32, p] + [ctypes.c_int32] * 2 + [p] * 4 + [i64]
-                                  + [ctypes.c_float] * 4 + [i64] + [u32] * 3 + [ctypes.c_float, p], ctypes.c_float),
+            "fused_run": _typed(lib, "fused_run", [p, ctypes.c_int32, p] + [ctypes.c_int32] * 3 + [p] * 5
+                                + [ctypes.c_int32, i64] + [ctypes.c_float] * 4 + [i64] + [u32] * 3
+                                + [ctypes.c_float, p], ctypes.c_float),
             **{f"transpose_b{w}": _typed(lib, f"transpose_b{w}", [p, p, i64, i64], None) for w in (1, 2, 4)},
         }
         if _typed(lib, "dot_block", [], i64)() != BLOCK:
@@ -231,7 +148,7 @@ def _typed(lib: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any) -> An
 
 _SIZES = {"f16": 2, "bf16": 2, "f32": 4, "e4m3": 1, "e5m2": 1}
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 4
-_DARE_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_uint32] * 3 + [ctypes.c_float] * 2
+DARE_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_uint32] * 3 + [ctypes.c_float] * 2
 
 
 def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any] | None:
@@ -239,9 +156,12 @@ def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any]
     tensors or spans (dtypes as torch dtypes or their names). The result is written into `out` (a reused flat
     buffer of the output dtype: a tensor, or a span that must be given) when it fits; None when no native kernel
     fits. With `counts` (a list), the inputs' NaN/inf elements are counted in the same pass and put there.
-    `quant` (for a float32 output dtype) fuses a scaled-fp8 output's work into the same pass, without storing the
-    float32 results: "amax" returns their largest |x| (NaN if any is NaN) and stores nothing; a scale stores them as
-    float8_e4m3fn codes of x / scale (saturated at 448, formats.quant.scaled_fp8's encoding) into `out`."""
+    `quant` (for a float32 output dtype) fuses a quantized output's work into the same pass, without storing the
+    float32 results: "amax" returns their largest |x| (NaN if any is NaN) and stores nothing; a float scale stores
+    them as float8_e4m3fn codes of x / scale (saturated at 448, formats.quant.scaled_fp8's encoding) into `out`; a
+    ggml type name ("Q8_0") stores them as that type's GGUF blocks into `out` (a uint8 span; the chunk is whole
+    blocks). Views may be Packed GGUF blocks (span.Packed, whole blocks from the first): the float32 kernel then
+    reads them dequantized step by step (csrc/quant.c's fused_run), their values never stored in memory."""
     names = [dtype_name(d) for d in dtypes]
     out_name = dtype_name(out_dtype)
     if len(set(names)) != 1 or names[0] not in DTYPES or out_name not in DTYPES:
@@ -264,36 +184,43 @@ def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any]
         fn = fns.get(name)
         if fn is None:  # typed first, then published (a thread that finds it may call it at once)
             fn = fns.setdefault(name, _typed(lib, f"{name}_{t_in}_{t_out}",
-                                             _DARE_ARGTYPES if name in _DARE else _ARGTYPES, None))
-        want = out_name if quant is None else "float8_e4m3fn"  # a scale: the results stored as scaled fp8
-        if isinstance(views[0], Span):
+                                             DARE_ARGTYPES if name in DARE else _ARGTYPES, None))
+        store = _store_code(quant)
+        packed = [v.type_id if isinstance(v, Packed) else 0 for v in views]
+        if isinstance(views[0], (Span, Packed)):
             n = views[0].numel
-            assert quant == "amax" or (out is not None and out.numel == n and out.dtype == want), \
-                "a span merge passes its buffer"
-            ptrs = [v.address for v in views]
+            want = {STORE_PLAIN: out_name, STORE_FP8: "float8_e4m3fn"}.get(store, "uint8")
+            assert store == STORE_AMAX or (out is not None and out.dtype == want and (
+                out.numel == n if store < 0 else out.nbytes >= type_nbytes(quant, n))), "a span merge passes its buffer"
+            ptrs = [v.raw.address if isinstance(v, Packed) else v.address for v in views]
         else:
             import torch
 
+            assert store <= 0, "GGUF blocks are stored from spans"
+            want = out_name if store == STORE_PLAIN else "float8_e4m3fn"
             flat = [v.reshape(-1) if v.is_contiguous() else v.contiguous().reshape(-1) for v in views]
             n = flat[0].numel()
-            if quant != "amax" and (out is None or not out.is_contiguous() or dtype_name(out.dtype) != want
-                                    or out.numel() != n):
+            if store != STORE_AMAX and (out is None or not out.is_contiguous() or dtype_name(out.dtype) != want
+                                        or out.numel() != n):
                 out = torch.empty(n, dtype=torch_dtype(want))
             ptrs = [v.data_ptr() for v in flat]
-        dest = 0 if quant == "amax" else out.address if isinstance(out, Span) else out.data_ptr()
+        dest = 0 if store == STORE_AMAX else out.address if isinstance(out, Span) else out.data_ptr()
         ptrs += [0] * (3 - len(ptrs))
         dare = (0, 0, 0, 0)
-        if name in _DARE:
+        if name in DARE:
             from hubmix.methods.dropmask import stream, threshold
 
             dare = (ctx.start, *(stream(params["seed"], ctx.key, i) for i in (1, 2)), threshold(params["drop"]))
         found = (ctypes.c_int64 * 3)()
         scan = Native.scan_addresses[t_in] if counts is not None else None
-        if quant is not None:  # float32 results reduced to their amax, or encoded, step by step (csrc/quant.c)
-            amax = Native.helpers["quant_fused"](ctypes.cast(fn, ctypes.c_void_p), name in _DARE, scan, len(views),
-                                                 sizes[0], *ptrs, dest, n, *ks, *dare,
-                                                 0.0 if quant == "amax" else quant, found)
-        elif name in _DARE:
+        if store != STORE_PLAIN or any(packed):  # step by step: dequantized, merged, then reduced or encoded
+            amax = Native.helpers["fused_run"](ctypes.cast(fn, ctypes.c_void_p), name in DARE, scan, len(views),
+                                               *sizes, *ptrs, (ctypes.c_int32 * 3)(*packed, *[0] * (3 - len(packed))),
+                                               dest, store, n, *ks, *dare, quant if store == STORE_FP8 else 0.0,
+                                               found)
+            if amax < 0:
+                raise RuntimeError(f"{method}: a GGUF type the native unit does not cover in {packed} -> {quant}")
+        elif name in DARE:
             fn(*ptrs, dest, n, *dare, ks[0], ks[1])
         elif counts is not None:
             Native.helpers["scanned"](ctypes.cast(fn, ctypes.c_void_p), scan, len(views), *sizes, *ptrs, dest, n,
@@ -301,10 +228,29 @@ def kernel(method: str, dtypes: list[Any], out_dtype: Any) -> Callable[..., Any]
         else:
             fn(*ptrs, dest, n, *ks)
         if counts is not None:
-            counts[:] = [nonfinite_count(v) for v in views] if name in _DARE and quant is None else found[:len(views)]
-        return amax if quant == "amax" else out.reshape(views[0].shape)
+            counts[:] = ([nonfinite_count(v) for v in views] if name in DARE and store == STORE_PLAIN
+                         and not any(packed) else found[:len(views)])
+        if store == STORE_AMAX:
+            return amax
+        if store > 0:  # the blocks' bytes
+            return Span(out.owner, out.address, "uint8", (type_nbytes(quant, n),))  # type: ignore[arg-type]
+        return out.reshape(views[0].shape)
 
     return run
+
+
+STORE_PLAIN, STORE_AMAX, STORE_FP8 = -3, -2, -1  # csrc/quant.c's fused_run stores; a ggml type id stores its blocks
+
+
+def _store_code(quant: str | float | None) -> int:
+    """fused_run's `store` for kernel()'s `quant`."""
+    if quant is None:
+        return STORE_PLAIN
+    if quant == "amax":
+        return STORE_AMAX
+    if isinstance(quant, str):
+        return type_id(quant)
+    return STORE_FP8
 
 
 def nonfinite_count(view: Any) -> int | None:

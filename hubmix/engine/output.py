@@ -136,12 +136,14 @@ class Router:
         return fmt
 
     def wanted(self, tasks: list[Task]) -> list[Task]:
-        """The tasks whose result goes somewhere; those written transposed are marked whole-only."""
+        """The tasks whose result goes somewhere (after open()); those written transposed are marked whole-only,
+        those whose one place is a GGUF tensor the merge pass can encode itself get its type (Task.store)."""
         out = []
         for t in tasks:
             routes = self.routes.get((t.component, t.key))
             if routes:
                 t.whole_only = any(r.transform in COPYING for r in routes)
+                t.store = _native_store(routes, t)
                 out.append(t)
         return out
 
@@ -188,6 +190,17 @@ class Router:
         for f in self.files:
             if f.writer is not None:
                 f.writer.abort()
+
+
+def _native_store(routes: list[Route], task: Task) -> str | None:
+    """The ggml type in which workers store the task's chunks themselves (one native pass: merged, then encoded as
+    GGUF blocks; the writer thread only writes them): where its one place is a tensor of a GGUF file, as it is
+    (not moved), at a block boundary, of a type the native unit stores."""
+    r = routes[0]
+    encodes = getattr(r.file.writer, "encodes", None)
+    if len(routes) != 1 or r.codec is not None or r.transform not in (None, "conv1x1") or encodes is None:
+        return None
+    return encodes(r.key, r.byte_base // task.out_itemsize)
 
 
 def keep_high_precision(tasks: list[Task]) -> None:

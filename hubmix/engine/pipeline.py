@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from tqdm.auto import tqdm
-
 from hubmix.engine.chunk import (Job, compute, compute_on_device, compute_quantized, compute_span, count_nonfinite,
                                  load_views, needs_quant_stat, needs_stats, on_device, prefetch, quant_kernel,
                                  quant_stat, task_stats)
@@ -144,8 +142,10 @@ def run_merge(jobs: list[Job], write: Callable[[Job, Any], None], kernels: Kerne
             out = compute_quantized(job, fused, buf, counts)
             used = True
         elif spans:  # the kernel counts NaN/inf in its own pass over the inputs
-            dest = Span(buf.owner, buf.address, job.task.dtype_name, (job.numel,))
-            out = compute_span(job, views, kernels, dest, counts)
+            store = job.task.store  # a GGUF output: the chunk's blocks, encoded in the same pass
+            dest = (Span(buf.owner, buf.address, "uint8", (buf.nbytes,)) if store is not None
+                    else Span(buf.owner, buf.address, job.task.dtype_name, (job.numel,)))
+            out = compute_span(job, views, kernels, dest, counts, store)
             used = out.address == buf.address
         else:
             if counts is not None:
@@ -166,6 +166,22 @@ def run_merge(jobs: list[Job], write: Callable[[Job, Any], None], kernels: Kerne
 
     _pipeline(jobs, produce, workers=workers, desc=desc, quiet=quiet, in_flight=None, prefetch_views=True,
               stats=True, spans=spans, progress=progress, cancel=cancel, kernels=kernels)
+
+
+class _Quiet:
+    def update(self, n: int) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str, quiet: bool) -> Any:
+    """A tqdm bar of bytes written; a quiet run does not import tqdm (0.1 s: it imports asyncio and metadata)."""
+    if quiet:
+        from contextlib import nullcontext
+
+        return nullcontext(_Quiet())
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True)
 
 
 def _torch_buffer(size: int) -> torch.Tensor:
@@ -222,8 +238,7 @@ def _pipeline(jobs: list[Job], produce, *, workers: int, desc: str, quiet: bool,
             stop.set()
         slots.release()
 
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet,
-              dynamic_ncols=True) as bar:
+    with _progress_bar(total, desc, quiet) as bar:
         wthread = threading.Thread(target=writer, name="hubmix-writer", daemon=True)
         wthread.start()
         try:

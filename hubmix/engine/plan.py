@@ -55,6 +55,7 @@ class Task:
     quant_group: list[Task] | None = None  # tasks whose outputs share one stored tensor (fused qkv): one scale
     quant_stat: float | None = None  # the codec's per-tensor statistic (amax) once computed, shared by the group
     quant_scale: float | None = None  # then its codec.kernel_scale: native kernels store the codes themselves
+    store: str | None = None  # a GGUF output's ggml type that a span merge stores the chunks in (Router.wanted)
 
     @property
     def numel(self) -> int:

@@ -3,7 +3,10 @@
 Q8_0, Q5_0 and Q4_0 quantize exactly as the `gguf` package's numpy code does (byte for byte); Q4_K, Q5_K and Q6_K
 port llama.cpp's reference quantizers (ggml-quants.c: quantize_row_q4_K_ref, make_qkx2_quants, make_qx_quants) in
 the same float32 operation order; dequantization computes what `gguf.quants.dequantize` computes. Compiled without
-contraction or fast-math (native.py's flags), so every float operation rounds as the numpy fallback's does. */
+contraction or fast-math (native.py's flags), so every float operation rounds as the numpy fallback's does. The
+searches run in 8-lane vectors (gcc/clang vector extensions, lowered to whatever SIMD the target has): Q8_0 across
+a block's values, the K-quants' scale searches across sub-blocks, one sub-block per lane, so each lane does the
+scalar reference's operations in its order and the bytes do not change. */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -48,18 +51,41 @@ static inline int nearest_int(float fval) {
 
 /* ---- the simple types: the gguf package's numpy quantizers, operation for operation ---- */
 
-/* gguf's np_roundf (half away from zero), which floorf lets the compiler vectorize (roundf is a libm call) */
-static inline float np_roundf(float n) {
-    float a = fabsf(n), f = floorf(a), b = f + floorf(2.0f * (a - f));
-    return n < 0.0f ? -b : b;
+/* Q8_0 in 8-lane vectors (gcc/clang vector extensions: SSE/AVX, NEON or scalar code, whatever the target has; a
+   scalar loop runs at a third of the speed: gcc vectorizes neither its float max nor floorf without fast-math).
+   np_roundf8 is gguf's np_roundf (half away from zero) lane by lane, checked against the scalar fabsf/floorf form
+   for all 2^32 inputs: below 2^23 a float's floor is its truncation, larger values, inf and NaN are their own
+   floor, and floor(2 * (a - f)) is 1 exactly when a - f >= 0.5 (a - f is exact). A block's amax skips NaN. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+static inline v8i np_roundf8(v8f n) {
+    v8f a = (v8f)((v8u)n & 0x7FFFFFFFu);
+    v8i small = a < 8388608.0f;
+    v8f t = __builtin_convertvector(__builtin_convertvector(a, v8i), v8f);
+    v8f f = (v8f)(((v8i)t & small) | ((v8i)a & ~small));
+    v8f b = f + (v8f)(((a - f) >= 0.5f) & 0x3F800000);  /* + 1.0f where the fraction is at least a half */
+    return __builtin_convertvector((v8f)((v8i)b ^ ((n < 0.0f) & INT32_MIN)), v8i);  /* -b where n < 0 */
 }
 
-static void q8_0(const float *x, uint8_t *y) {
-    float amax = 0.0f;
-    for (int j = 0; j < QK; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
-    float d = amax / 127.0f, id = d == 0.0f ? 0.0f : 1.0f / d;
+static inline v8f load8(const float *x) { v8f v; memcpy(&v, x, sizeof v); return v; }  /* any alignment */
+
+static void q8_0(const float *x, uint8_t *y) {  /* x is read twice from L1: 1.5x faster than a copy on the stack */
+    v8u m = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int k = 0; k < QK / 8; k++) {
+        v8u a = (v8u)load8(x + 8 * k) & 0x7FFFFFFFu;
+        a &= (v8u)(a <= 0x7F800000u);  /* NaN -> 0 */
+        v8u gt = (v8u)(a > m);
+        m = (a & gt) | (m & ~gt);
+    }
+    uint32_t mb = 0;
+    for (int j = 0; j < 8; j++) mb = m[j] > mb ? m[j] : mb;
+    float d = g_u2f(mb) / 127.0f, id = d == 0.0f ? 0.0f : 1.0f / d;
     uint16_t h = g_f2h(d); memcpy(y, &h, 2);
-    for (int j = 0; j < QK; j++) y[2 + j] = (uint8_t)(int8_t)np_roundf(x[j] * id);
+    for (int k = 0; k < QK / 8; k++) {
+        v8i q = np_roundf8(load8(x + 8 * k) * id);
+        for (int j = 0; j < 8; j++) y[2 + 8 * k + j] = (uint8_t)q[j];
+    }
 }
 
 /* Q4_0 (nmax 8, 4 bits) and Q5_0 (16, 5 bits): d = the value of largest magnitude / -nmax */
@@ -94,74 +120,78 @@ static void q5_0(const float *x, uint8_t *y) {
 
 /* ---- K-quants: llama.cpp's reference quantizers ---- */
 
-static float make_qkx2_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *the_min,
-                              uint8_t *Laux, float rmin, float rdelta, int nstep) {
-    float min = x[0], max = x[0];
-    float sum_w = weights[0], sum_x = sum_w * x[0];
-    for (int i = 1; i < n; ++i) {
-        if (x[i] < min) min = x[i];
-        if (x[i] > max) max = x[i];
-        float w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
+/* llama.cpp's make_qkx2_quants for the 8 sub-blocks of 32 values of a super-block at once, one sub-block per vector
+   lane: every lane does the reference's float operations in its order (each sum runs over its own sub-block's
+   values in turn, as the scalar code does), so the results are the scalar code's bits, 6x faster where 8 lanes
+   are native. x holds the 256 values; L gets their codes, scales and mins the sub-blocks' (mins as the_min: -min). */
+static inline v8f sel8(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
+static inline v8i nearest_int8(v8f f) { v8i i = (v8i)(f + 12582912.f); return (i & 0x007fffff) - 0x00400000; }
+static inline v8i clamp8(v8i l, int nmax) {  /* MAX(0, MIN(nmax, l)) */
+    l = (l & ~(l > nmax)) | (nmax & (l > nmax));
+    return l & ~(l < 0);
+}
+static void make_qkx2_quants8(int nmax, const float *x, uint8_t *L, float *scales, float *mins, float rmin,
+                              float rdelta, int nstep) {
+    v8f xt[32], w[32], lf[32];
+    v8i Lb[32], La[32];
+    for (int i = 0; i < 32; ++i)
+        for (int j = 0; j < 8; ++j) xt[i][j] = x[32 * j + i];
+    v8f sum_x2 = {0, 0, 0, 0, 0, 0, 0, 0};  /* the weights: qk_scales' av_x + |x| */
+    for (int i = 0; i < 32; ++i) sum_x2 += xt[i] * xt[i];
+    v8f av_x;
+    for (int j = 0; j < 8; ++j) av_x[j] = sqrtf(sum_x2[j] / 32);
+    for (int i = 0; i < 32; ++i) w[i] = av_x + (v8f)((v8u)xt[i] & 0x7FFFFFFFu);
+    v8f min = xt[0], max = xt[0], sum_w = w[0], sum_x = sum_w * xt[0];
+    for (int i = 1; i < 32; ++i) {
+        min = sel8(xt[i] < min, xt[i], min);
+        max = sel8(xt[i] > max, xt[i], max);
+        sum_w += w[i];
+        sum_x += w[i] * xt[i];
     }
-    if (min > 0) min = 0;
-    if (max == min) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        *the_min = -min;
-        return 0.f;
-    }
-    float iscale = nmax / (max - min);
-    float scale = 1 / iscale;
-    float best_error = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * (x[i] - min));
-        L[i] = (uint8_t)MAX(0, MIN(nmax, l));
-        float diff = scale * L[i] + min - x[i];
+    min = sel8(min > 0, (v8f){0, 0, 0, 0, 0, 0, 0, 0}, min);
+    v8i flat = max == min;  /* the scalar code returns at once there: codes 0, scale 0, its min */
+    v8f flat_min = min, iscale = (float)nmax / (max - min), scale = 1.0f / iscale;
+    v8f best_error = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < 32; ++i) {
+        Lb[i] = clamp8(nearest_int8(iscale * (xt[i] - min)), nmax);
+        v8f diff = scale * __builtin_convertvector(Lb[i], v8f) + min - xt[i];
         diff = diff * diff;
-        best_error += weights[i] * diff;
+        best_error += w[i] * diff;
     }
-    /* the element-wise parts in their own loops (which vectorize), the sums in the C reference's order */
-    float lf[32], wl[32], t[32];
     for (int is = 0; is <= nstep; ++is) {
-        iscale = (rmin + rdelta * is + nmax) / (max - min);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * (x[i] - min));
-            l = MAX(0, MIN(nmax, l));
-            Laux[i] = (uint8_t)l;
-            lf[i] = (float)l;
-            wl[i] = weights[i] * lf[i];
+        float top = rmin + rdelta * is + nmax;
+        iscale = top / (max - min);
+        v8f sum_l = {0, 0, 0, 0, 0, 0, 0, 0}, sum_l2 = sum_l, sum_xl = sum_l;
+        for (int i = 0; i < 32; ++i) {
+            La[i] = clamp8(nearest_int8(iscale * (xt[i] - min)), nmax);
+            lf[i] = __builtin_convertvector(La[i], v8f);
+            v8f wl = w[i] * lf[i];
+            sum_l += wl;
+            sum_l2 += wl * lf[i];
+            sum_xl += wl * xt[i];
         }
-        for (int i = 0; i < n; ++i) {
-            sum_l += wl[i];
-            sum_l2 += wl[i] * lf[i];
-            sum_xl += wl[i] * x[i];
+        v8f D = sum_w * sum_l2 - sum_l * sum_l;
+        v8f this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        v8f this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        v8i pos = this_min > 0;
+        this_min = sel8(pos, (v8f){0, 0, 0, 0, 0, 0, 0, 0}, this_min);
+        this_scale = sel8(pos, sum_xl / sum_l2, this_scale);
+        v8f cur_error = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int i = 0; i < 32; ++i) {
+            v8f diff = this_scale * lf[i] + this_min - xt[i];
+            cur_error += w[i] * (diff * diff);
         }
-        float D = sum_w * sum_l2 - sum_l * sum_l;
-        if (D > 0) {
-            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-            if (this_min > 0) {
-                this_min = 0;
-                this_scale = sum_xl / sum_l2;
-            }
-            float cur_error = 0;
-            for (int i = 0; i < n; ++i) {
-                float diff = this_scale * lf[i] + this_min - x[i];
-                t[i] = weights[i] * (diff * diff);
-            }
-            for (int i = 0; i < n; ++i) cur_error += t[i];
-            if (cur_error < best_error) {
-                for (int i = 0; i < n; ++i) L[i] = Laux[i];
-                best_error = cur_error;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
+        v8i better = (D > 0) & (cur_error < best_error);
+        for (int i = 0; i < 32; ++i) Lb[i] = (La[i] & better) | (Lb[i] & ~better);
+        best_error = sel8(better, cur_error, best_error);
+        scale = sel8(better, this_scale, scale);
+        min = sel8(better, this_min, min);
     }
-    *the_min = -min;
-    return scale;
+    for (int j = 0; j < 8; ++j) {
+        scales[j] = flat[j] ? 0.f : scale[j];
+        mins[j] = flat[j] ? -flat_min[j] : -min[j];
+        for (int i = 0; i < 32; ++i) L[32 * j + i] = flat[j] ? 0 : (uint8_t)Lb[i][j];
+    }
 }
 
 static inline void get_scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
@@ -176,15 +206,10 @@ static inline void get_scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t
 /* Q4_K (nmax 15) and Q5_K (nmax 31) share everything but the search range and the packing of L. Block layout:
    d, dmin (float16), scales[12], then Q5_K's qh[32], then qs[128]. */
 static void qk_scales(const float *x, uint8_t *y, uint8_t *L, int nmax, float rmin, float rdelta, int nstep) {
-    uint8_t Laux[32];
-    float weights[32], mins[QK_K / 32], scales[QK_K / 32];
+    float mins[QK_K / 32], scales[QK_K / 32];
     float max_scale = 0, max_min = 0;
+    make_qkx2_quants8(nmax, x, L, scales, mins, rmin, rdelta, nstep);
     for (int j = 0; j < QK_K / 32; ++j) {
-        float sum_x2 = 0;
-        for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
-        float av_x = sqrtf(sum_x2 / 32);
-        for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
-        scales[j] = make_qkx2_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, rmin, rdelta, nstep);
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
@@ -249,49 +274,58 @@ static void q5_k(const float *x, uint8_t *y) {
     }
 }
 
-/* make_qx_quants with rmse_type 1 and no importance weights (w = x*x), as quantize_row_q6_K_ref calls it */
-static float make_qx_quants(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
+/* make_qx_quants with rmse_type 1 and no importance weights (w = x*x), as quantize_row_q6_K_ref calls it (n 16,
+   nmax 32), for 8 sub-blocks at once, one per vector lane in the reference's operation order (as
+   make_qkx2_quants8): x holds 128 values, L gets their codes, scales the sub-blocks' scales. */
+static inline v8i clamp_qx8(v8i l) {  /* MAX(-32, MIN(31, l)) */
+    l = (l & ~(l > 31)) | (31 & (l > 31));
+    return (l & ~(l < -32)) | (-32 & (l < -32));
+}
+static void make_qx_quants8(const float *x, int8_t *L, float *scales) {
+    const int n = 16, nmax = 32;
+    v8f xt[16], w[16], zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    v8i Lb[16];
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < 8; ++j) xt[i][j] = x[n * j + i];
+    v8f max = zero, amax = zero;
     for (int i = 0; i < n; ++i) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
+        v8f ax = (v8f)((v8u)xt[i] & 0x7FFFFFFFu);
+        v8i gt = ax > amax;
+        amax = sel8(gt, ax, amax);
+        max = sel8(gt, xt[i], max);
+        w[i] = xt[i] * xt[i];
     }
-    if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
+    v8i flat = amax < GROUP_MAX_EPS;  /* the scalar code returns at once there: codes 0 (+nmax), scale 0 */
+    v8f iscale = (float)-nmax / max, sumlx = zero, suml2 = zero;
     for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * x[i]);
-        l = MAX(-nmax, MIN(nmax - 1, l));
-        L[i] = (int8_t)(l + nmax);
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
+        v8i l = clamp_qx8(nearest_int8(iscale * xt[i]));
+        Lb[i] = l + nmax;
+        v8f lf = __builtin_convertvector(l, v8f);
+        sumlx += w[i] * xt[i] * lf;
+        suml2 += w[i] * lf * lf;
     }
-    float scale = suml2 ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
+    v8f scale = sel8(suml2 != 0, sumlx / suml2, zero), best = scale * sumlx;
     for (int is = -9; is <= 9; ++is) {
         if (is == 0) continue;
-        iscale = -(nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0;
+        float top = -(nmax + 0.1f * is);
+        iscale = top / max;
+        sumlx = suml2 = zero;
+        v8i la[16];
         for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * x[i]);
-            l = MAX(-nmax, MIN(nmax - 1, l));
-            float w = x[i] * x[i];
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
+            la[i] = clamp_qx8(nearest_int8(iscale * xt[i]));
+            v8f lf = __builtin_convertvector(la[i], v8f);
+            sumlx += w[i] * xt[i] * lf;
+            suml2 += w[i] * lf * lf;
         }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; ++i) {
-                int l = nearest_int(iscale * x[i]);
-                L[i] = (int8_t)(nmax + MAX(-nmax, MIN(nmax - 1, l)));
-            }
-            scale = sumlx / suml2; best = scale * sumlx;
-        }
+        v8i better = (suml2 > 0) & (sumlx * sumlx > best * suml2);
+        for (int i = 0; i < n; ++i) Lb[i] = ((la[i] + nmax) & better) | (Lb[i] & ~better);
+        scale = sel8(better, sumlx / suml2, scale);
+        best = sel8(better, scale * sumlx, best);
     }
-    return scale;
+    for (int j = 0; j < 8; ++j) {
+        scales[j] = flat[j] ? 0.f : scale[j];
+        for (int i = 0; i < n; ++i) L[n * j + i] = (int8_t)(flat[j] ? 0 : Lb[i][j]);
+    }
 }
 
 /* Q6_K: ql[128], qh[64], scales[16] (int8), d (float16) */
@@ -299,9 +333,10 @@ static void q6_k(const float *x, uint8_t *y) {
     int8_t L[QK_K];
     float scales[QK_K / 16];
     float max_scale = 0, max_abs_scale = 0;
+    make_qx_quants8(x, L, scales);
+    make_qx_quants8(x + 128, L + 128, scales + 8);
     for (int ib = 0; ib < QK_K / 16; ++ib) {
-        const float scale = make_qx_quants(16, 32, x + 16 * ib, L + 16 * ib);
-        scales[ib] = scale;
+        const float scale = scales[ib];
         const float abs_scale = fabsf(scale);
         if (abs_scale > max_abs_scale) { max_abs_scale = abs_scale; max_scale = scale; }
     }
@@ -340,6 +375,20 @@ static void q6_k(const float *x, uint8_t *y) {
 
 /* ggml type ids (GGMLQuantizationType) */
 enum { T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30 };
+
+/* Elements per block of a type this unit covers, and its bytes per block in *type_size; 0 for another type */
+int64_t gguf_geometry(int type, int64_t *type_size) {
+    switch (type) {
+        case T_F16: case T_BF16: *type_size = 2; return 1;
+        case T_Q8_0: *type_size = 34; return QK;
+        case T_Q4_0: *type_size = 18; return QK;
+        case T_Q5_0: *type_size = 22; return QK;
+        case T_Q4_K: *type_size = 144; return QK_K;
+        case T_Q5_K: *type_size = 176; return QK_K;
+        case T_Q6_K: *type_size = 210; return QK_K;
+        default: return 0;
+    }
+}
 
 /* F16 (numpy's astype(float16)) and BF16 (the gguf package's BF16: NaN quieted in its own high half, then rounded
    to nearest even) of `n` floats: the writer's unquantized types, without numpy */

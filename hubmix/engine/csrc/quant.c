@@ -38,37 +38,61 @@ void quant_fp8_e4m3(const float *restrict x, uint8_t *restrict o, int64_t n, flo
     }
 }
 
-/* A merge kernel (hubmix.engine.native's generated K or, with dare, KD functions) run with its float32 output going
-   to a step buffer on the stack, which is then reduced to its amax (o NULL: returned) or encoded as scaled fp8 into
-   o (returns 0): the merged chunk is never stored in float32, and pass 1 of a per-tensor scale writes nothing. With
-   scan, each step's inputs are counted for NaN/inf first (counts[i] += input i's), as `scanned` does. */
+/* A merge kernel (hubmix.engine.native's generated K or, with dare, KD functions) run step by step over n elements,
+   in one pass over its inputs, never storing a float32 chunk in memory:
+   - an input whose packed[i] is a ggml type id is GGUF blocks (the mapped file's bytes), dequantized step by step
+     into a float32 buffer on the stack (the kernel is then the float32 one); the others are read in place;
+   - with scan, each step's inputs are counted for NaN/inf first (counts[i] += input i's, as `scanned` does);
+   - the kernel's results go by `store`: STORE_PLAIN, into o in the kernel's output dtype (out_size bytes each);
+     else as float32 to a step buffer, then reduced to their amax (STORE_AMAX, returned; o unused), encoded as
+     scaled fp8 of x / s (STORE_FP8), or as the blocks of the ggml type `store` (gguf_quantize).
+   n and every step are whole blocks of each packed and stored type (the engine's chunks start at multiples of 4096,
+   a multiple of every block size). Returns -1 for a type the GGUF unit does not cover. */
 typedef void (*kernel_k)(const void *, const void *, const void *, void *, int64_t, float, float, float, float);
 typedef void (*kernel_kd)(const void *, const void *, const void *, void *, int64_t, int64_t, uint32_t, uint32_t,
                           uint32_t, float, float);
 typedef int64_t (*scan_fn)(const void *, int64_t);
-float quant_fused(void *kernel, int32_t dare, void *scan, int32_t inputs, int32_t in_size, const void *a,
-                  const void *b, const void *c, uint8_t *o, int64_t n, float k1, float k2, float k3, float k4,
-                  int64_t start, uint32_t s1, uint32_t s2, uint32_t t, float s, int64_t *counts) {
+int gguf_quantize(int type, const float *x, uint8_t *y, int64_t blocks);
+int gguf_dequantize(int type, const uint8_t *x, float *y, int64_t blocks);
+int64_t gguf_geometry(int type, int64_t *type_size);
+enum { STORE_PLAIN = -3, STORE_AMAX = -2, STORE_FP8 = -1 };
+float fused_run(void *kernel, int32_t dare, void *scan, int32_t inputs, int32_t in_size, int32_t out_size,
+                const void *a, const void *b, const void *c, const int32_t *packed, uint8_t *o, int32_t store,
+                int64_t n, float k1, float k2, float k3, float k4, int64_t start, uint32_t s1, uint32_t s2,
+                uint32_t t, float s, int64_t *counts) {
     const char *x[3] = {(const char *)a, (const char *)b, (const char *)c};
     float buf[STEP];  /* the kernel's float32 results */
+    float in[3][STEP];  /* packed inputs' values */
+    int64_t bs[3] = {1, 1, 1}, ts[3] = {0, 0, 0}, obs = 1, ots = 0;
+    for (int i = 0; i < inputs; i++)
+        if (packed[i] && (bs[i] = gguf_geometry(packed[i], &ts[i])) <= 0) return -1.0f;
+    if (store > 0 && (obs = gguf_geometry(store, &ots)) <= 0) return -1.0f;
     uint32_t m = 0;
     for (int64_t i0 = 0; i0 < n; i0 += STEP) {
         int64_t len = n - i0 < STEP ? n - i0 : STEP;
-        const void *p[3];
-        for (int i = 0; i < 3; i++) {
-            p[i] = i < inputs ? x[i] + i0 * in_size : 0;
-            if (scan && i < inputs) counts[i] += ((scan_fn)scan)(p[i], len);
+        const void *p[3] = {0, 0, 0};
+        for (int i = 0; i < inputs; i++) {
+            if (packed[i]) {
+                gguf_dequantize(packed[i], (const uint8_t *)x[i] + i0 / bs[i] * ts[i], in[i], len / bs[i]);
+                p[i] = in[i];
+            } else {
+                p[i] = x[i] + i0 * in_size;
+            }
+            if (scan) counts[i] += ((scan_fn)scan)(p[i], len);
         }
+        void *dest = store == STORE_PLAIN ? (void *)(o + i0 * out_size) : (void *)buf;
         if (dare)
-            ((kernel_kd)kernel)(p[0], p[1], p[2], buf, len, start + i0, s1, s2, t, k1, k2);
+            ((kernel_kd)kernel)(p[0], p[1], p[2], dest, len, start + i0, s1, s2, t, k1, k2);
         else
-            ((kernel_k)kernel)(p[0], p[1], p[2], buf, len, k1, k2, k3, k4);
-        if (o)
-            fp8_scaled((bits32 *)buf, o + i0, len, s);
-        else
+            ((kernel_k)kernel)(p[0], p[1], p[2], dest, len, k1, k2, k3, k4);
+        if (store == STORE_AMAX)
             m = abs_bits_max((const bits32 *)buf, len, m);
+        else if (store == STORE_FP8)
+            fp8_scaled((bits32 *)buf, o + i0, len, s);
+        else if (store > 0)
+            gguf_quantize(store, buf, o + i0 / obs * ots, len / obs);
     }
-    return o ? 0.0f : bits_amax(m);
+    return store == STORE_AMAX ? bits_amax(m) : 0.0f;
 }
 
 /* The NF4 code of a value in [-1, 1]: how many of the 15 midpoints between code values lie below it

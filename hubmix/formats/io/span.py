@@ -118,18 +118,26 @@ class Span:
 
 
 class Packed:
-    """A flat element range of a quantized tensor as its stored blocks (`raw`, a uint8 span of the mapped file) and
-    the native function that unpacks them to float32: what a span merge reads of a GGUF input. The engine's workers
-    unpack it into their own scratch memory (`unpack(raw address, float32 address, blocks)`), so dequantizing
-    overlaps the dispatch thread's reading as a plain input's page faults do; `skip` elements of the first block
-    precede the range."""
+    """A flat element range of a quantized tensor as its stored blocks (`raw`, a uint8 span of the mapped file, of
+    the ggml type `type_id`) and the native function that unpacks them to float32: what a span merge reads of a GGUF
+    input. A native kernel reads whole blocks of it directly (dequantized step by step in its own pass: `direct`);
+    else the engine's workers unpack it into their own scratch memory (`unpack(raw address, float32 address,
+    blocks)`); `skip` elements of the first block precede the range."""
 
-    __slots__ = ("raw", "blocks", "block", "skip", "shape", "numel", "unpack")
+    __slots__ = ("raw", "blocks", "block", "skip", "shape", "numel", "unpack", "type_id")
+    dtype = "float32"  # what it unpacks to: the dtype a kernel reading it takes
 
-    def __init__(self, raw: Span, blocks: int, block: int, skip: int, shape: tuple[int, ...], unpack: Any):
+    def __init__(self, raw: Span, blocks: int, block: int, skip: int, shape: tuple[int, ...], unpack: Any,
+                 type_id: int):
         self.raw, self.blocks, self.block, self.skip, self.unpack = raw, blocks, block, skip, unpack
         self.shape = tuple(shape)
         self.numel = math.prod(self.shape)
+        self.type_id = type_id
+
+    @property
+    def direct(self) -> bool:
+        """Whole blocks from the first: a native kernel can read it as it is stored."""
+        return self.skip == 0 and self.numel == self.blocks * self.block
 
     def into(self, buf: Span) -> Span:
         """The float32 values, unpacked into `buf` (at least blocks * block float32 elements)."""

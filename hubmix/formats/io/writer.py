@@ -1,4 +1,5 @@
-"""A streaming safetensors writer whose header is planned from the output shapes before any data exists.
+"""A streaming safetensors writer whose header is planned from the output shapes before any data exists, and the
+file handling every planned writer shares (PlannedOutput; the GGUF writer is one too).
 
 Because every tensor's byte range is fixed up front, parts of a tensor can be written in any order and from any
 thread with `pwrite` (a chunk of a large tensor, one third of a fused q/k/v projection), and nothing is buffered.
@@ -91,28 +92,90 @@ def plan_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> tuple
 
 
 class PlannedOutput:
-    """What every planned output writer shares (safetensors, GGUF): metadata rewritten in place at the end at the
-    planned length, every planned tensor checked complete, fsync, and a close that leaves no write in flight. A
-    subclass sets path, _fd and _header_len and gives _header, missing, and its _stop/_complete steps."""
+    """What every planned output writer shares (safetensors, GGUF): the file created at its planned size (`_open`:
+    O_DIRECT for large files where the filesystem allows it, else the page cache with a background thread that
+    starts writeback every FLUSH_STEP bytes), positioned writes from any thread (`_pwrite`), metadata rewritten in
+    place at the end at the planned length, every planned tensor checked complete, fsync, and a close that leaves
+    no write in flight. A subclass sets path and size, calls _open, and gives _header and missing (and its own
+    _stop/_complete steps, calling these). Every byte of the file must be written once (padding too): a direct
+    write completes its blocks only when all their bytes have arrived."""
 
     path: Path
-    _fd: int
-    _header_len: int
+    size: int
+    _fd = -1
+    _header_len = 0
+    _direct: "_DirectBlocks | None" = None
+    _flusher: threading.Thread | None = None
+
+    def _open(self, header: bytes, direct: bool | None = None, background_flush: bool = True) -> None:
+        """Create the file at `self.size` bytes and write the planned header; OutputError naming the file."""
+        self._header_len = len(header)
+        self._io_lock = threading.Lock()
+        self._dirty = 0
+        self._flush_wanted = threading.Event()
+        self._closing = False
+        try:
+            if direct_wanted(self.size, direct):
+                self._fd, self._direct = _open_direct(self.path, self.size, len(header))
+            if self._direct is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # minus the umask
+                os.ftruncate(self._fd, self.size)
+            self._pwrite(header, 0)
+        except OSError as e:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
+        if background_flush and self._direct is None:  # direct writes leave no dirty pages
+            self._flusher = threading.Thread(target=self._flush_loop, name="hubmix-flush", daemon=True)
+            self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            if self._closing:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError:
+                return
 
     def _header(self, metadata: dict[str, str]) -> bytes:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _pwrite(self, buf, pos: int) -> None:
-        _write_all(self._fd, memoryview(buf).cast("B"), pos)
+        """Bytes at a file position (OSError for the caller to name): through the direct blocks, or the page cache,
+        whose dirty bytes wake the flusher every FLUSH_STEP."""
+        view = memoryview(buf).cast("B")
+        if self._direct is not None:
+            with self._io_lock:
+                self._direct.write(self._fd, view, pos)
+            return
+        _write_all(self._fd, view, pos)
+        with self._io_lock:
+            self._dirty += len(view)
+            if self._dirty >= FLUSH_STEP:
+                self._dirty = 0
+                self._flush_wanted.set()
 
     def missing(self) -> list[str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _stop(self, cancel: bool) -> None:
         """End background work (cancel: drop what is pending rather than complete it)."""
+        if self._flusher is not None:
+            self._closing = True
+            self._flush_wanted.set()
+            self._flusher.join()
+            self._flusher = None
+        if cancel and self._direct is not None:
+            self._direct.drain(cancel=True)  # no write may reach a descriptor number reused after the close
 
     def _complete(self) -> None:
         """Write out whatever the writer still holds, before the fsync."""
+        if self._direct is not None:
+            self._direct.finish(self._fd, self.size)
 
     def set_metadata(self, metadata: dict[str, str]) -> None:
         """Rewrite the header's metadata, which must encode to the same length (values known only at the end,
@@ -158,42 +221,11 @@ class SafetensorsWriter(PlannedOutput):
             raise OutputError(f"{self.path}: planned the same tensor twice: {dup[:5]}")
         self.planned = {t.key: t for t in tensors}
         header, offsets = plan_header(tensors, metadata or {})
-        self._header_len = len(header)
         self._offsets = {k: len(header) + off for k, off in offsets.items()}
         self.size = len(header) + sum(t.nbytes for t in tensors)
         self._written = dict.fromkeys(self.planned, 0)
         self._lock = threading.Lock()
-        self._fd = -1
-        self._direct: _DirectBlocks | None = None
-        try:
-            if direct_wanted(self.size, direct):
-                self._fd, self._direct = _open_direct(self.path, self.size, len(header))
-            if self._direct is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # minus the umask
-                os.ftruncate(self._fd, self.size)
-            self._pwrite(header, 0)
-        except OSError as e:
-            if self._fd >= 0:
-                os.close(self._fd)
-            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
-        self._dirty = 0
-        self._flush_wanted = threading.Event()
-        self._closing = False
-        self._flusher = None
-        if background_flush and self._direct is None:  # direct writes leave no dirty pages
-            self._flusher = threading.Thread(target=self._flush_loop, name="hubmix-flush", daemon=True)
-            self._flusher.start()
-
-    def _flush_loop(self) -> None:
-        while True:
-            self._flush_wanted.wait()
-            self._flush_wanted.clear()
-            if self._closing:
-                return
-            try:
-                os.fdatasync(self._fd)
-            except OSError:
-                return
+        self._open(header, direct, background_flush)
 
     def write(self, key: str, data: torch.Tensor | Span, byte_offset: int = 0) -> None:
         """Write `data` (a tensor or span already in the planned dtype) into tensor `key`, starting `byte_offset`
@@ -217,39 +249,12 @@ class SafetensorsWriter(PlannedOutput):
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
         with self._lock:
             self._written[key] += n
-            self._dirty += n
-            if self._dirty >= FLUSH_STEP:
-                self._dirty = 0
-                self._flush_wanted.set()
-
-    def _pwrite(self, buf, pos: int) -> None:
-        if self._direct is not None:
-            with self._lock:
-                self._direct.write(self._fd, memoryview(buf).cast("B"), pos)
-            return
-        _write_all(self._fd, buf, pos)
 
     def _header(self, metadata: dict[str, str]) -> bytes:
         return plan_header(list(self.planned.values()), metadata)[0]
 
     def missing(self) -> list[str]:
         return [k for k, n in self._written.items() if n != self.planned[k].nbytes]
-
-    def _stop_flusher(self) -> None:
-        if self._flusher is not None:
-            self._closing = True
-            self._flush_wanted.set()
-            self._flusher.join()
-            self._flusher = None
-
-    def _stop(self, cancel: bool) -> None:
-        self._stop_flusher()
-        if cancel and self._direct is not None:
-            self._direct.drain(cancel=True)  # no write may reach a descriptor number reused after the close
-
-    def _complete(self) -> None:
-        if self._direct is not None:
-            self._direct.finish(self._fd, self.size)
 
 
 def _write_all(fd: int, buf, pos: int) -> None:

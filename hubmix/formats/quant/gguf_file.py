@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from hubmix.errors import InputError
 from hubmix.formats.io.readers import CONTAINERS, MappedFile, TensorInfo
 from hubmix.formats.io.span import Packed, Span
-from hubmix.formats.quant.gguf_types import BY_ID, DEQUANTIZED, GGML_TYPES, PLAIN, type_nbytes
+from hubmix.formats.quant.gguf_types import BY_ID, DEQUANTIZED, GGML_TYPES, PLAIN, type_id, type_nbytes
 
 if TYPE_CHECKING:
     import torch
@@ -212,7 +212,7 @@ class GGUFFile(MappedFile):
         _, bs, ts = GGML_TYPES[qtype]
         b0, b1 = start // bs, -(-stop // bs)
         raw = Span(self._map(), self._address + self._offsets[key] + b0 * ts, "uint8", ((b1 - b0) * ts,))
-        return Packed(raw, b1 - b0, bs, start - b0 * bs, shape or (stop - start,), unpack)
+        return Packed(raw, b1 - b0, bs, start - b0 * bs, shape or (stop - start,), unpack, type_id(qtype))
 
     def tensor(self, key: str) -> torch.Tensor:
         import torch

@@ -129,7 +129,6 @@ class GGUFWriter(PlannedOutput):
         self.tensors = {t.key: t for t in tensors}
         self._order = list(tensors)
         header, self._offsets = plan_header(arch, self.target, self._order, metadata or {})
-        self._header_len = len(header)
         last = self._order[-1] if self._order else None
         self.size = (self._offsets[last.key] + last.nbytes) if last else len(header)
         self._written = dict.fromkeys(self.tensors, 0)
@@ -137,18 +136,38 @@ class GGUFWriter(PlannedOutput):
         self._lock = threading.Lock()
         self._pool: Any = None
         self._local = threading.local()
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-            os.ftruncate(self._fd, self.size)
-            self._pwrite(header, 0)
+        self._open(header)
+        try:  # the alignment padding after each tensor: a direct write's blocks complete only once all is written
+            for t in self._order:
+                pad = -t.nbytes % ALIGN
+                if pad and t is not last:
+                    self._pwrite(bytes(pad), self._offsets[t.key] + t.nbytes)
         except OSError as e:
+            self.abort()
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
 
+    def encodes(self, key: str, start: int) -> str | None:
+        """The stored type of tensor `key` if a merge's workers may hand its chunks from element `start` (a chunk
+        start: a multiple of 4096 from there) as stored blocks they encoded themselves: a type the native unit
+        stores (a merge on spans, the only one that encodes, has the library loaded)."""
+        from hubmix.formats.quant.gguf_blocks import NATIVE_STORE
+
+        t = self.tensors[key]
+        if t.qtype not in NATIVE_STORE or start % block_size(t.qtype):
+            return None
+        return t.qtype
+
     def write(self, key: str, data: Any, byte_offset: int = 0) -> None:
-        """Float32 `data` (a tensor or span) into tensor `key` from float32 element `byte_offset / 4` on."""
+        """Float32 `data` (a tensor or span) into tensor `key` from float32 element `byte_offset / 4` on; or a
+        uint8 span: the stored blocks of those elements, encoded by a worker (`encodes`)."""
         t = self.tensors[key]
         start = byte_offset // 4
         if isinstance(data, Span):
+            if data.dtype == "uint8":
+                _, bs, ts = GGML_TYPES[t.qtype]
+                assert start % bs == 0 and data.nbytes % ts == 0, (key, start, data.nbytes)
+                self._store(t, data.memoryview(), start, data.nbytes // ts * bs)
+                return
             assert data.dtype == "float32", (key, data.dtype)
             if self._native_blocks(t, data, start):
                 return
@@ -283,3 +302,4 @@ class GGUFWriter(PlannedOutput):
         if self._pool is not None:  # idle here: write quantizes synchronously
             self._pool.shutdown()
             self._pool = None
+        super()._stop(cancel)
