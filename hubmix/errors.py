@@ -30,3 +30,15 @@ class HubError(HubmixError):
 
 class Cancelled(HubmixError):
     """The caller asked a running merge to stop (`hubmix.flow.run.run(cancel=...)`); nothing was written."""
+
+
+def recipe_number(value: object, message: str) -> float:
+    """`value` as a float, or a RecipeError: `message` with `{got}` replaced by the value's repr (NaN for a NaN),
+    for a value that is not a number or is NaN (one check for every number a recipe or LoRA entry holds)."""
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise RecipeError(message.replace("{got}", repr(value))) from None
+    if f != f:
+        raise RecipeError(message.replace("{got}", "NaN"))
+    return f

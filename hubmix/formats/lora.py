@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hubmix.errors import InputError, RecipeError
+from hubmix.errors import InputError, RecipeError, recipe_number
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_transformer_": "transformer", "lora_te_": "text_encoder",
                   "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
@@ -65,13 +65,7 @@ def parse_lora_option(text: str) -> dict[str, Any]:
 
 
 def _number(v: Any, where: str) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise RecipeError(f"{where}: must be a number, got {v!r}") from None
-    if f != f:
-        raise RecipeError(f"{where}: must be a number, got NaN")
-    return f
+    return recipe_number(v, f"{where}: must be a number, got {{got}}")
 
 
 # ---- reading a file -------------------------------------------------------------------------------------------

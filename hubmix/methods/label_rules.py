@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from hubmix.errors import RecipeError
+from hubmix.errors import RecipeError, recipe_number
 
 GLOB_CHARS = "*?["
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
@@ -97,12 +97,7 @@ def parse_label_rules(value: Any, where: str) -> dict[str, float]:
     seen: dict[str, str] = {}
     for k, v in pairs:
         parse_pattern(k, where)
-        try:
-            num = float(v)
-        except (TypeError, ValueError):
-            raise RecipeError(f"{where}: {k}={v!r} is not a number") from None
-        if num != num:
-            raise RecipeError(f"{where}: {k} is NaN")
+        num = recipe_number(v, f"{where}: {k}={{got}} is not a number")
         if k.casefold() in seen:
             raise RecipeError(f"{where}: {k!r} is given twice")
         seen[k.casefold()] = k
