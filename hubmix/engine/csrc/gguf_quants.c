@@ -59,11 +59,17 @@ static inline int nearest_int(float fval) {
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
+/* lane by lane m ? a : b, where m is a comparison's lanes (all ones or all zeros) */
+static inline v8i seli8(v8i m, v8i a, v8i b) { return (a & m) | (b & ~m); }
+static inline v8f sel8(v8i m, v8f a, v8f b) { return (v8f)seli8(m, (v8i)a, (v8i)b); }
+static inline v8i clamp8(v8i l, int lo, int hi) {  /* MAX(lo, MIN(hi, l)) */
+    l = seli8(l > hi, (v8i){0} + hi, l);
+    return seli8(l < lo, (v8i){0} + lo, l);
+}
 static inline v8i np_roundf8(v8f n) {
     v8f a = (v8f)((v8u)n & 0x7FFFFFFFu);
-    v8i small = a < 8388608.0f;
     v8f t = __builtin_convertvector(__builtin_convertvector(a, v8i), v8f);
-    v8f f = (v8f)(((v8i)t & small) | ((v8i)a & ~small));
+    v8f f = sel8(a < 8388608.0f, t, a);
     v8f b = f + (v8f)(((a - f) >= 0.5f) & 0x3F800000);  /* + 1.0f where the fraction is at least a half */
     return __builtin_convertvector((v8f)((v8i)b ^ ((n < 0.0f) & INT32_MIN)), v8i);  /* -b where n < 0 */
 }
@@ -124,12 +130,7 @@ static void q5_0(const float *x, uint8_t *y) {
    lane: every lane does the reference's float operations in its order (each sum runs over its own sub-block's
    values in turn, as the scalar code does), so the results are the scalar code's bits, 6x faster where 8 lanes
    are native. x holds the 256 values; L gets their codes, scales and mins the sub-blocks' (mins as the_min: -min). */
-static inline v8f sel8(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
 static inline v8i nearest_int8(v8f f) { v8i i = (v8i)(f + 12582912.f); return (i & 0x007fffff) - 0x00400000; }
-static inline v8i clamp8(v8i l, int nmax) {  /* MAX(0, MIN(nmax, l)) */
-    l = (l & ~(l > nmax)) | (nmax & (l > nmax));
-    return l & ~(l < 0);
-}
 static void make_qkx2_quants8(int nmax, const float *x, uint8_t *L, float *scales, float *mins, float rmin,
                               float rdelta, int nstep) {
     v8f xt[32], w[32], lf[32];
@@ -153,7 +154,7 @@ static void make_qkx2_quants8(int nmax, const float *x, uint8_t *L, float *scale
     v8f flat_min = min, iscale = (float)nmax / (max - min), scale = 1.0f / iscale;
     v8f best_error = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int i = 0; i < 32; ++i) {
-        Lb[i] = clamp8(nearest_int8(iscale * (xt[i] - min)), nmax);
+        Lb[i] = clamp8(nearest_int8(iscale * (xt[i] - min)), 0, nmax);
         v8f diff = scale * __builtin_convertvector(Lb[i], v8f) + min - xt[i];
         diff = diff * diff;
         best_error += w[i] * diff;
@@ -163,7 +164,7 @@ static void make_qkx2_quants8(int nmax, const float *x, uint8_t *L, float *scale
         iscale = top / (max - min);
         v8f sum_l = {0, 0, 0, 0, 0, 0, 0, 0}, sum_l2 = sum_l, sum_xl = sum_l;
         for (int i = 0; i < 32; ++i) {
-            La[i] = clamp8(nearest_int8(iscale * (xt[i] - min)), nmax);
+            La[i] = clamp8(nearest_int8(iscale * (xt[i] - min)), 0, nmax);
             lf[i] = __builtin_convertvector(La[i], v8f);
             v8f wl = w[i] * lf[i];
             sum_l += wl;
@@ -182,7 +183,7 @@ static void make_qkx2_quants8(int nmax, const float *x, uint8_t *L, float *scale
             cur_error += w[i] * (diff * diff);
         }
         v8i better = (D > 0) & (cur_error < best_error);
-        for (int i = 0; i < 32; ++i) Lb[i] = (La[i] & better) | (Lb[i] & ~better);
+        for (int i = 0; i < 32; ++i) Lb[i] = seli8(better, La[i], Lb[i]);
         best_error = sel8(better, cur_error, best_error);
         scale = sel8(better, this_scale, scale);
         min = sel8(better, this_min, min);
@@ -277,10 +278,6 @@ static void q5_k(const float *x, uint8_t *y) {
 /* make_qx_quants with rmse_type 1 and no importance weights (w = x*x), as quantize_row_q6_K_ref calls it (n 16,
    nmax 32), for 8 sub-blocks at once, one per vector lane in the reference's operation order (as
    make_qkx2_quants8): x holds 128 values, L gets their codes, scales the sub-blocks' scales. */
-static inline v8i clamp_qx8(v8i l) {  /* MAX(-32, MIN(31, l)) */
-    l = (l & ~(l > 31)) | (31 & (l > 31));
-    return (l & ~(l < -32)) | (-32 & (l < -32));
-}
 static void make_qx_quants8(const float *x, int8_t *L, float *scales) {
     const int n = 16, nmax = 32;
     v8f xt[16], w[16], zero = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -298,7 +295,7 @@ static void make_qx_quants8(const float *x, int8_t *L, float *scales) {
     v8i flat = amax < GROUP_MAX_EPS;  /* the scalar code returns at once there: codes 0 (+nmax), scale 0 */
     v8f iscale = (float)-nmax / max, sumlx = zero, suml2 = zero;
     for (int i = 0; i < n; ++i) {
-        v8i l = clamp_qx8(nearest_int8(iscale * xt[i]));
+        v8i l = clamp8(nearest_int8(iscale * xt[i]), -nmax, nmax - 1);
         Lb[i] = l + nmax;
         v8f lf = __builtin_convertvector(l, v8f);
         sumlx += w[i] * xt[i] * lf;
@@ -312,13 +309,13 @@ static void make_qx_quants8(const float *x, int8_t *L, float *scales) {
         sumlx = suml2 = zero;
         v8i la[16];
         for (int i = 0; i < n; ++i) {
-            la[i] = clamp_qx8(nearest_int8(iscale * xt[i]));
+            la[i] = clamp8(nearest_int8(iscale * xt[i]), -nmax, nmax - 1);
             v8f lf = __builtin_convertvector(la[i], v8f);
             sumlx += w[i] * xt[i] * lf;
             suml2 += w[i] * lf * lf;
         }
         v8i better = (suml2 > 0) & (sumlx * sumlx > best * suml2);
-        for (int i = 0; i < n; ++i) Lb[i] = ((la[i] + nmax) & better) | (Lb[i] & ~better);
+        for (int i = 0; i < n; ++i) Lb[i] = seli8(better, la[i] + nmax, Lb[i]);
         scale = sel8(better, sumlx / suml2, scale);
         best = sel8(better, scale * sumlx, best);
     }
